@@ -1,0 +1,91 @@
+"""ClientApp: load this node's partition, apply the global adapter, train/evaluate.
+
+Everything a client needs arrives in each message (the experiment settings as JSON
+under ``config["fedlora"]``); the node itself only says which partition it holds
+(``node_config``: ``partition-id``, ``num-partitions``, optionally ``data-path``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedlora.adapters import get_state, set_state
+from fedlora.build import build_cached
+from fedlora.data import client_examples
+from fedlora.models import resolve_device
+from fedlora.train import evaluate as evaluate_model
+from fedlora.train import train_local
+from strategies.wire import (
+    KEY_ARRAYS,
+    KEY_CONFIG,
+    KEY_EXPERIMENT,
+    KEY_METRICS,
+    KEY_NUM_EXAMPLES,
+    KEY_ROUND,
+    record_to_state,
+    state_to_record,
+)
+
+app = ClientApp()
+
+
+def _setup(msg: Message, context: Context) -> tuple[Any, ...]:
+    """Settings, model (with the global adapter loaded), tokenizer, device, partition."""
+    config = msg.content[KEY_CONFIG]
+    cfg = json.loads(str(config[KEY_EXPERIMENT]))
+    node = context.node_config
+    pid = int(node["partition-id"])
+    num_parts = int(node.get("num-partitions", cfg["federation"]["num_clients"]))
+    if node.get("data-path"):  # a real site points at its own data
+        cfg["data"]["path"] = str(node["data-path"])
+    threads = int(cfg["train"].get("num_threads") or 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    model, tokenizer = build_cached(cfg)
+    device = resolve_device(str(cfg["train"].get("device", "auto")))
+    model.to(device)  # move before any optimizer exists (opacus#820)
+    set_state(model, record_to_state(msg.content[KEY_ARRAYS]))
+    return cfg, model, tokenizer, device, pid, num_parts
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the global adapter on this node's partition; reply with trained parts."""
+    cfg, model, tokenizer, device, pid, num_parts = _setup(msg, context)
+    examples, _ = client_examples(cfg, tokenizer, pid, num_parts)
+    server_round = int(msg.content[KEY_CONFIG][KEY_ROUND])
+    seed = int(cfg["federation"]["seed"]) * 100_003 + server_round * 1_009 + pid
+    result = train_local(model, examples, cfg["train"], device,
+                         tokenizer.pad_token_id, seed)
+    metrics = MetricRecord({
+        KEY_NUM_EXAMPLES: int(result["num_examples"]),
+        "train_loss": result["train_loss"],
+        "steps": int(result["steps"]),
+        "train_time": result["train_time"],
+        "partition-id": pid,
+    })
+    content = RecordDict({KEY_ARRAYS: state_to_record(get_state(model)),
+                          KEY_METRICS: metrics})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global adapter on this node's held-out slice."""
+    cfg, model, tokenizer, device, pid, num_parts = _setup(msg, context)
+    _, examples = client_examples(cfg, tokenizer, pid, num_parts)
+    if not examples:
+        raise ValueError(f"partition {pid} holds no evaluation examples; raise "
+                         "data.client_eval_fraction or set federation.fraction_evaluate=0")
+    result = evaluate_model(model, examples, cfg["model"]["task"], device,
+                            tokenizer.pad_token_id,
+                            int(cfg["train"].get("eval_batch_size", 64)))
+    metrics = {k: v for k, v in result.items() if k != "eval_examples"}
+    metrics[KEY_NUM_EXAMPLES] = int(result["eval_examples"])
+    content = RecordDict({KEY_METRICS: MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,1 @@
+"""Entry points: the Hydra front door, the ServerApp, benchmarks and reports."""

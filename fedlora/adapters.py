@@ -1,0 +1,151 @@
+"""LoRA adapters: settings -> PEFT model, and adapter state <-> named arrays.
+
+One adapted linear layer::
+
+    h = W0 x + s * B (A x)        A: (r, d_in)   B: (d_out, r)   s = alpha / r
+                                                                 (rsLoRA: alpha / sqrt(r))
+
+The *wire state* of a model is the dict of its trainable tensors (the LoRA factors
+and the classification head), keyed by a stable name: the parameter name without
+PEFT's ``base_model.model.`` prefix and without the adapter name, e.g.
+``bert.encoder.layer.0.attention.self.query.lora_A.weight``. Exactly these tensors
+are trained, sent and aggregated; frozen tensors never travel.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedlora.errors import ConfigError, StateMismatchError
+
+ADAPTER_NAME = "default"
+_PREFIX = "base_model.model."
+PEFT_TASK = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
+
+
+def lora_config(adapter_cfg: dict[str, Any], task: str) -> Any:
+    """Build a ``peft.LoraConfig`` from ``adapter.*`` settings.
+
+    Keys: ``r``, ``alpha``, ``dropout``, ``target_modules`` (list or comma string),
+    ``use_rslora``, ``modules_to_save`` (optional extra trainable modules).
+    """
+    from peft import LoraConfig
+
+    targets = adapter_cfg.get("target_modules", ["query", "value"])
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    r = int(adapter_cfg.get("r", 8))
+    if r <= 0:
+        raise ConfigError("adapter.r", r, "the LoRA rank must be a positive integer")
+    return LoraConfig(
+        task_type=PEFT_TASK[task],
+        r=r,
+        lora_alpha=float(adapter_cfg.get("alpha", 2 * r)),
+        lora_dropout=float(adapter_cfg.get("dropout", 0.0)),
+        target_modules=list(targets),
+        use_rslora=bool(adapter_cfg.get("use_rslora", False)),
+        modules_to_save=adapter_cfg.get("modules_to_save") or None,
+    )
+
+
+def lora_scaling(adapter_cfg: dict[str, Any]) -> float:
+    """``s = alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA)."""
+    r = int(adapter_cfg.get("r", 8))
+    alpha = float(adapter_cfg.get("alpha", 2 * r))
+    return alpha / (math.sqrt(r) if adapter_cfg.get("use_rslora") else r)
+
+
+def wrap_with_lora(
+    model: torch.nn.Module, adapter_cfg: dict[str, Any], task: str, seed: int
+) -> torch.nn.Module:
+    """Wrap ``model`` with LoRA; the factors are initialised from ``seed``.
+
+    PEFT's standard init: A Kaiming-uniform, B = 0. The same seed on every party
+    gives bit-identical starting adapters.
+    """
+    from peft import get_peft_model
+
+    config = lora_config(adapter_cfg, task)
+    torch.manual_seed(seed)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        if "not found in the base model" not in str(exc) and "Target module" not in str(
+            exc
+        ):
+            raise
+        names = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n})
+        raise ConfigError(
+            "adapter.target_modules",
+            config.target_modules and sorted(config.target_modules),
+            "no module of the model matches; module names in this model include "
+            + ", ".join(names[:30]),
+        ) from exc
+
+
+def wire_name(param_name: str) -> str:
+    """Parameter name -> wire key (strip PEFT's prefix and the adapter name)."""
+    name = param_name[len(_PREFIX):] if param_name.startswith(_PREFIX) else param_name
+    return name.replace(f".{ADAPTER_NAME}.", ".")
+
+
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The trainable parameters of ``model``, keyed by wire name."""
+    return {
+        wire_name(n): p for n, p in model.named_parameters() if p.requires_grad
+    }
+
+
+def get_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """Copy the trainable tensors out as float32 numpy arrays (the wire state)."""
+    return {
+        k: p.detach().to("cpu", torch.float32).numpy().copy()
+        for k, p in trainable_parameters(model).items()
+    }
+
+
+def check_state(expected: dict[str, tuple[int, ...]], state: dict[str, Any]) -> None:
+    """Raise StateMismatchError unless ``state`` has exactly the expected keys/shapes."""
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise StateMismatchError(
+            f"adapter state keys differ: missing {missing[:5]} ({len(missing)}), "
+            f"unexpected {extra[:5]} ({len(extra)}); were both sides built from the "
+            "same model and adapter settings?"
+        )
+    for k, shape in expected.items():
+        if tuple(np.shape(state[k])) != tuple(shape):
+            raise StateMismatchError(
+                f"{k}: expected shape {tuple(shape)}, got {tuple(np.shape(state[k]))}"
+            )
+
+
+def set_state(model: torch.nn.Module, state: dict[str, np.ndarray]) -> None:
+    """Load a wire state into the trainable tensors of ``model`` (in place)."""
+    params = trainable_parameters(model)
+    check_state({k: tuple(p.shape) for k, p in params.items()}, state)
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(torch.as_tensor(np.asarray(state[k]), dtype=p.dtype))
+
+
+def lora_layers(state: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Group LoRA factor keys by layer: ``{layer: (A_key, B_key)}``."""
+    layers: dict[str, tuple[str, str]] = {}
+    for key in state:
+        if key.endswith(".lora_A.weight"):
+            layer = key[: -len(".lora_A.weight")]
+            b_key = f"{layer}.lora_B.weight"
+            if b_key in state:
+                layers[layer] = (key, b_key)
+    return layers
+
+
+def module_name(layer: str) -> str:
+    """Short module name of a layer key (``...attention.self.query`` -> ``query``)."""
+    return layer.rsplit(".", 1)[-1]

@@ -1,0 +1,52 @@
+"""Aggregation math on wire states (``dict[str, ndarray]``), framework-free.
+
+Client weights: ``p_k = n_k / sum(n)`` (``num_examples``) or ``p_k = 1/K``
+(``uniform``). The arrays keep their dtype: float32 states are accumulated in
+float32 (no up-casting of large adapters), float64 states in float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from fedlora.errors import ConfigError
+
+State = dict[str, np.ndarray]
+WEIGHTINGS = ("num_examples", "uniform")
+
+
+def client_weights(num_examples: Sequence[float], weighting: str) -> np.ndarray:
+    """``p_k`` for each client: proportional to ``n_k`` or uniform; sums to 1."""
+    n = np.asarray(num_examples, dtype=np.float64)
+    if n.size == 0:
+        raise ValueError("no client replies to weight")
+    if weighting == "uniform":
+        return np.full(n.size, 1.0 / n.size)
+    if weighting != "num_examples":
+        raise ConfigError(
+            "strategy.weighting", weighting, f"choose one of {', '.join(WEIGHTINGS)}"
+        )
+    if np.any(n <= 0):
+        raise ValueError(f"example counts must be positive, got {n.tolist()}")
+    return n / n.sum()
+
+
+def weighted_average(states: Sequence[State], weights: np.ndarray) -> State:
+    """``sum_k p_k x_k`` for every key, in the dtype of the inputs."""
+    out: State = {}
+    for key in states[0]:
+        acc = np.zeros_like(states[0][key])
+        for state, p in zip(states, weights, strict=True):
+            acc += state[key] * acc.dtype.type(p)
+        out[key] = acc
+    return out
+
+
+def fedavg_lora(states: Sequence[State], weights: np.ndarray) -> State:
+    """FedAvg-LoRA (FedIT): ``A <- Abar``, ``B <- Bbar``, head averaged.
+
+    Inexact: ``sum p_k B_k A_k - Bbar Abar = sum p_k (B_k - Bbar)(A_k - Abar)``.
+    """
+    return weighted_average(states, weights)

@@ -1,0 +1,252 @@
+"""Data: load a table (local file, hub, or the built-in synthetic task), partition it
+across clients with flwr-datasets partitioners, and tokenise each partition once.
+
+Settings (``data.*``): ``name`` (``synthetic`` builds the offline toy task), ``path``
+(a file, or a folder holding ``{split}.{tsv,csv,jsonl,json,parquet}``), ``hub_id`` /
+``hub_config`` (online users), ``train_split``, ``eval_split``, ``text_column``,
+``label_column``, ``prompt_column``, ``response_column`` (causal LM),
+``max_train_examples``, ``max_eval_examples``, ``client_eval_fraction``, ``seed``.
+Partitioning (``partition.*``): ``type`` = ``iid`` | ``dirichlet`` | ``shard``,
+``alpha``, ``min_partition_size``, ``shards_per_client``, ``seed``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fedlora.errors import ConfigError
+
+Example = dict[str, Any]  # {"input_ids": [...], "attention_mask": [...], "labels": ...}
+FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "json", ".json": "json",
+           ".parquet": "parquet"}
+PARTITIONS = ("iid", "dirichlet", "shard")
+_TOKENISED: dict[str, tuple[list[Example], list[Example]]] = {}
+
+
+# --------------------------------------------------------------------------- loading
+def synthetic_table(n: int, seed: int) -> pd.DataFrame:
+    """A small sentiment-like task: the label is the polarity of one adjective.
+
+    Sentences mix neutral filler with one polar word, so a model must find it.
+    """
+    pos = ["good", "great", "wonderful", "charming", "brilliant", "moving", "fun"]
+    neg = ["bad", "awful", "boring", "dull", "clumsy", "tedious", "weak"]
+    subjects = ["the film", "this movie", "the story", "the cast", "the script"]
+    filler = ["honestly", "overall", "at times", "from start to end", "mostly", ""]
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        adj = rng.choice(pos if label else neg)
+        text = f"{rng.choice(subjects)} is {rng.choice(filler)} {adj}".replace("  ", " ")
+        rows.append({"sentence": text, "label": label,
+                     "prompt": f"Review: {text}\nSentiment:",
+                     "response": " positive" if label else " negative"})
+    return pd.DataFrame(rows)
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """Read one local file by its suffix (tsv, csv, jsonl/json, parquet)."""
+    kind = FORMATS.get(path.suffix.lower())
+    if kind == "tsv":
+        return pd.read_csv(path, sep="\t", quoting=3, keep_default_na=False)
+    if kind == "csv":
+        return pd.read_csv(path, keep_default_na=False)
+    if kind == "json":
+        return pd.read_json(path, lines=path.suffix.lower() == ".jsonl")
+    if kind == "parquet":
+        return pd.read_parquet(path)
+    raise ConfigError("data.path", str(path),
+                      f"unsupported file type; use one of {', '.join(FORMATS)}")
+
+
+def _find_split(folder: Path, split: str) -> Path | None:
+    for suffix in FORMATS:
+        candidate = folder / f"{split}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_splits(data_cfg: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Return ``(train, eval)`` tables as configured (synthetic, local or hub)."""
+    seed = int(data_cfg.get("seed", 0))
+    if data_cfg.get("name") == "synthetic":
+        n = int(data_cfg.get("num_examples", 2000))
+        table = synthetic_table(n + int(data_cfg.get("num_eval_examples", 400)), seed)
+        train, evals = table.iloc[:n], table.iloc[n:]
+    elif data_cfg.get("path"):
+        train, evals = _load_local(data_cfg, seed)
+    elif data_cfg.get("hub_id"):
+        train, evals = _load_hub(data_cfg)
+    else:
+        raise ConfigError("data.path", None, "set data.path to a local file or folder "
+                          "(or data.hub_id for a Hugging Face dataset when online)")
+    train = _subsample(train, data_cfg.get("max_train_examples"), seed)
+    evals = _subsample(evals, data_cfg.get("max_eval_examples"), seed)
+    return train.reset_index(drop=True), evals.reset_index(drop=True)
+
+
+def _load_local(data_cfg: dict[str, Any], seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    path = Path(str(data_cfg["path"])).expanduser()
+    if not path.exists():
+        raise ConfigError("data.path", str(path), "no such file or folder; point it at "
+                          "a data file or at a folder with train/dev files")
+    if path.is_file():
+        table = read_table(path).sample(frac=1.0, random_state=seed)
+        n_eval = max(1, int(0.1 * len(table)))
+        return table.iloc[n_eval:], table.iloc[:n_eval]
+    splits = []
+    for key in ("train_split", "eval_split"):
+        name = str(data_cfg.get(key, "train" if key == "train_split" else "dev"))
+        found = _find_split(path, name)
+        if found is None:
+            raise ConfigError(f"data.{key}", name, f"no {name}.<tsv|csv|jsonl|parquet> in "
+                              f"{path}; set data.{key} to a split that exists")
+        splits.append(read_table(found))
+    return splits[0], splits[1]
+
+
+def _load_hub(data_cfg: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:  # online
+    import datasets
+
+    ds = datasets.load_dataset(data_cfg["hub_id"], data_cfg.get("hub_config"))
+    return (ds[data_cfg.get("train_split", "train")].to_pandas(),
+            ds[data_cfg.get("eval_split", "validation")].to_pandas())
+
+
+def _subsample(table: pd.DataFrame, limit: Any, seed: int) -> pd.DataFrame:
+    if limit is None or int(limit) >= len(table):
+        return table
+    return table.sample(n=int(limit), random_state=seed)
+
+
+def check_columns(table: pd.DataFrame, data_cfg: dict[str, Any], task: str) -> None:
+    """Raise ConfigError naming the column setting when a needed column is absent."""
+    keys = ("text_column", "label_column") if task == "seq_cls" else (
+        "prompt_column", "response_column")
+    for key in keys:
+        column = data_cfg.get(key)
+        if column not in table.columns:
+            raise ConfigError(f"data.{key}", column, "the data has no such column; its "
+                              f"columns are {list(table.columns)}")
+
+
+# ---------------------------------------------------------------------- partitioning
+def partition_indices(
+    labels: np.ndarray, num_partitions: int, part_cfg: dict[str, Any]
+) -> list[np.ndarray]:
+    """Row indices of each client's partition, via flwr-datasets partitioners.
+
+    ``iid``: equal random split. ``dirichlet``: per-label proportions drawn from
+    ``Dir(alpha)``, resampled until every client has ``min_partition_size``.
+    ``shard``: sort by label, cut into shards, ``shards_per_client`` each.
+    """
+    import datasets
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        ShardPartitioner,
+    )
+
+    kind = part_cfg.get("type", "iid")
+    seed = int(part_cfg.get("seed", 0))
+    if num_partitions < 1 or num_partitions > len(labels):
+        raise ConfigError("federation.num_clients", num_partitions,
+                          f"need between 1 and {len(labels)} clients (the number of "
+                          "training examples); lower it or use more data")
+    ds = datasets.Dataset.from_dict({"label": labels, "idx": np.arange(len(labels))})
+    if kind == "iid":
+        part = IidPartitioner(num_partitions)
+    elif kind == "dirichlet":
+        part = DirichletPartitioner(
+            num_partitions, "label", alpha=float(part_cfg.get("alpha", 0.5)),
+            min_partition_size=int(part_cfg.get("min_partition_size", 10)),
+            self_balancing=False, shuffle=True, seed=seed)
+    elif kind == "shard":
+        part = ShardPartitioner(
+            num_partitions, "label",
+            num_shards_per_partition=int(part_cfg.get("shards_per_client", 2)),
+            shuffle=True, seed=seed)
+    else:
+        raise ConfigError("partition.type", kind, f"choose one of {', '.join(PARTITIONS)}")
+    part.dataset = ds
+    try:
+        return [np.asarray(part.load_partition(i)["idx"]) for i in range(num_partitions)]
+    except ValueError as exc:
+        if kind == "dirichlet":
+            raise ConfigError(
+                "partition.min_partition_size", part_cfg.get("min_partition_size"),
+                f"Dir(alpha={part_cfg.get('alpha')}) over {num_partitions} clients and "
+                f"{len(labels)} examples cannot give every client that many examples; "
+                "lower partition.min_partition_size, raise partition.alpha, or use "
+                "fewer clients") from exc
+        raise ConfigError(f"partition.{'shards_per_client' if kind == 'shard' else 'type'}",
+                          part_cfg.get("shards_per_client", kind), str(exc)) from exc
+
+
+# ---------------------------------------------------------------------- tokenising
+def tokenise(table: pd.DataFrame, tokenizer: Any, data_cfg: dict[str, Any],
+             task: str, max_length: int) -> list[Example]:
+    """Tokenise once, without padding (batches are padded dynamically).
+
+    Causal LM: ``input = prompt + response + eos``; labels are -100 on the prompt so
+    the loss covers the response tokens only.
+    """
+    if task == "seq_cls":
+        enc = tokenizer(table[data_cfg["text_column"]].astype(str).tolist(),
+                        truncation=True, max_length=max_length)
+        labels = table[data_cfg["label_column"]].astype(int).tolist()
+        return [{"input_ids": ids, "attention_mask": am, "labels": y}
+                for ids, am, y in zip(enc["input_ids"], enc["attention_mask"], labels)]
+    prompts = tokenizer(table[data_cfg["prompt_column"]].astype(str).tolist(),
+                        add_special_tokens=False)["input_ids"]
+    responses = tokenizer(table[data_cfg["response_column"]].astype(str).tolist(),
+                          add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    out = []
+    for p, r in zip(prompts, responses):
+        ids = (p + r + eos)[:max_length]
+        labels = ([-100] * len(p) + r + eos)[:max_length]
+        out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    return out
+
+
+def client_examples(cfg: dict[str, Any], tokenizer: Any, partition_id: int,
+                    num_partitions: int) -> tuple[list[Example], list[Example]]:
+    """``(train, local_eval)`` tokenised examples of one client, cached in-process.
+
+    The partition is computed from the shared seeds, so every process agrees on it;
+    ``data.client_eval_fraction`` of it is held out for federated evaluation.
+    """
+    key = json.dumps([cfg["data"], cfg["partition"], cfg["model"]["name"],
+                      cfg["model"]["task"], cfg["train"]["max_length"], partition_id,
+                      num_partitions], sort_keys=True, default=str)
+    if key not in _TOKENISED:
+        train, _ = load_splits(cfg["data"])
+        task = cfg["model"]["task"]
+        check_columns(train, cfg["data"], task)
+        labels = (train[cfg["data"]["label_column"]].to_numpy()
+                  if cfg["data"].get("label_column") in train.columns
+                  else np.zeros(len(train), dtype=int))
+        idx = partition_indices(labels, num_partitions, cfg["partition"])[partition_id]
+        rows = train.iloc[idx]
+        n_eval = int(len(rows) * float(cfg["data"].get("client_eval_fraction", 0.1)))
+        examples = tokenise(rows, tokenizer, cfg["data"], task,
+                            int(cfg["train"]["max_length"]))
+        _TOKENISED[key] = (examples[n_eval:], examples[:n_eval])
+    return _TOKENISED[key]
+
+
+def server_examples(cfg: dict[str, Any], tokenizer: Any) -> list[Example]:
+    """The held-out split for the server's centralised evaluation, tokenised."""
+    _, evals = load_splits(cfg["data"])
+    check_columns(evals, cfg["data"], cfg["model"]["task"])
+    return tokenise(evals, tokenizer, cfg["data"], cfg["model"]["task"],
+                    int(cfg["train"]["max_length"]))

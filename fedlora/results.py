@@ -1,0 +1,105 @@
+"""The run directory: per-round metrics, summary, plots and the final PEFT adapter."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedlora.adapters import set_state
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    """Append one round's metrics as a JSON line (flushed, so a crash keeps it)."""
+    with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(_jsonable(record), sort_keys=True) + "\n")
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """All rounds' metrics of a run directory."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def summarise(rounds: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
+    """Final/best accuracy (or loss), traffic totals, mean aggregation error."""
+    trained = [r for r in rounds if r["round"] > 0]
+    key = "eval_accuracy" if any("eval_accuracy" in r for r in rounds) else "eval_loss"
+    values = [r[key] for r in rounds if r.get(key) is not None]
+    best = (max if key == "eval_accuracy" else min)(values) if values else None
+    errors = [r["aggregation_error"] for r in trained
+              if r.get("aggregation_error") is not None]
+    return _jsonable({
+        **extra,
+        "rounds": len(trained),
+        f"final_{key}": values[-1] if values else None,
+        f"best_{key}": best,
+        "total_bytes_up": sum(r.get("bytes_up", 0) for r in trained),
+        "total_bytes_down": sum(r.get("bytes_down", 0) for r in trained),
+        "mean_aggregation_error": float(np.mean(errors)) if errors else None,
+        "failures": sum(r.get("failures", 0) for r in trained),
+    })
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    """Write ``summary.json``."""
+    (Path(run_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def plot_run(run_dir: Path, rounds: list[dict[str, Any]]) -> list[Path]:
+    """Accuracy (or loss) vs round and vs cumulative megabytes, as PNGs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = "eval_accuracy" if any("eval_accuracy" in r for r in rounds) else "eval_loss"
+    rows = [r for r in rounds if r.get(key) is not None]
+    xs_round = [r["round"] for r in rows]
+    cumulative, total = [], 0.0
+    for r in rows:
+        total += (r.get("bytes_up", 0) + r.get("bytes_down", 0)) / 1e6
+        cumulative.append(total)
+    plots = Path(run_dir) / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    written = []
+    for xs, xlabel, name in ((xs_round, "round", "accuracy_vs_round"),
+                             (cumulative, "cumulative MB (up + down)", "accuracy_vs_mb")):
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot(xs, [r[key] for r in rows], marker="o")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"server {key.replace('_', ' ')}")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(plots / f"{name}.png", dpi=100)
+        plt.close(fig)
+        written.append(plots / f"{name}.png")
+    return written
+
+
+def save_adapter(model: torch.nn.Module, state: dict[str, np.ndarray], out: Path) -> Path:
+    """Save ``state`` in PEFT format (``PeftModel.from_pretrained`` loads it)."""
+    set_state(model, state)
+    model.save_pretrained(str(out))
+    return Path(out)

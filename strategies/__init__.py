@@ -1,0 +1,1 @@
+"""Flower server strategies for federated LoRA (thin: the math is in ``fedlora``)."""

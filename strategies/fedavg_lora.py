@@ -1,0 +1,132 @@
+"""FedAvg-LoRA (FedIT): average A and B separately.
+
+Paper: Zhang et al., "Towards Building the Federated GPT: Federated Instruction
+Tuning" (FedIT), https://arxiv.org/abs/2305.05644.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedlora.aggregation import client_weights, fedavg_lora
+from fedlora.comm import num_parameters
+from fedlora.diagnostics import aggregation_error, layer_factors
+from strategies.wire import (
+    KEY_ARRAYS,
+    KEY_METRICS,
+    KEY_NUM_EXAMPLES,
+    payload_bytes,
+    record_to_state,
+    state_to_record,
+)
+
+log = logging.getLogger(__name__)
+State = dict[str, np.ndarray]
+
+
+class FedAvgLoRA(FedAvg):
+    """Flower's FedAvg sampling and messaging, with LoRA-aware aggregation and
+    per-round diagnostics.
+
+    Server update: ``A <- sum p_k A_k``, ``B <- sum p_k B_k`` (and the head).
+    Each round's ``round_log[r]`` holds ``bytes_down``/``bytes_up`` (measured from
+    the serialized messages), ``params_down``/``params_up`` (analytic),
+    ``aggregation_error`` overall and by module, client replies and failures.
+    Subclasses change the method by overriding :meth:`aggregate_states`.
+
+    Parameters
+    ----------
+    weighting : str
+        ``num_examples`` (``p_k = n_k / sum n``) or ``uniform`` (``p_k = 1/K``).
+    scaling : float
+        LoRA scale ``s`` of the adapters (for the aggregation-error diagnostic).
+    """
+
+    name = "fedavg_lora"
+
+    def __init__(self, *, weighting: str = "num_examples", scaling: float = 1.0,
+                 **fedavg_kwargs: Any) -> None:
+        super().__init__(**fedavg_kwargs)
+        client_weights([1.0], weighting)  # validates the name early
+        self.weighting = weighting
+        self.scaling = float(scaling)
+        self.round_log: dict[int, dict[str, Any]] = {}
+        self._sent: State = {}
+
+    # --- the method ------------------------------------------------------------
+    def aggregate_states(self, states: Sequence[State], weights: np.ndarray) -> State:
+        """FedAvg-LoRA: weighted mean of every communicated tensor."""
+        return fedavg_lora(states, weights)
+
+    # --- Flower hooks ------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord,
+                        config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """Sample clients as FedAvg does; remember what was sent and its size."""
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._sent = record_to_state(arrays)
+        self.round_log[server_round] = {
+            "clients_sampled": len(messages),
+            "bytes_down": sum(payload_bytes(m.content) for m in messages),
+            "params_down": num_parameters(self._sent) * len(messages),
+        }
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate the valid replies with :meth:`aggregate_states`; record metrics."""
+        replies = list(replies)
+        ok = [m for m in replies if not m.has_error()]
+        failed = [m for m in replies if m.has_error()]
+        entry = self.round_log.setdefault(server_round, {})
+        entry.update(
+            clients=len(ok), failures=len(failed),
+            failure_reasons=[{"node": m.metadata.src_node_id, "reason": m.error.reason}
+                             for m in failed],
+            bytes_up=sum(payload_bytes(m.content) for m in ok),
+        )
+        for m in failed:
+            log.warning("aggregate_train: node %s failed: %s",
+                        m.metadata.src_node_id, m.error.reason)
+        if not ok:
+            log.warning("aggregate_train: no valid replies in round %s; the global "
+                        "adapter is unchanged", server_round)
+            return None, None
+        states = [record_to_state(m.content[KEY_ARRAYS]) for m in ok]
+        client_metrics = [dict(m.content[KEY_METRICS]) for m in ok]
+        weights = client_weights([c[KEY_NUM_EXAMPLES] for c in client_metrics],
+                                 self.weighting)
+        new = self.aggregate_states(states, weights)
+        overall, by_module = aggregation_error(
+            [self.effective_factors(s) for s in states], weights,
+            self.effective_factors(self._sent), self.effective_factors(new),
+            self.scaling)
+        entry.update(
+            aggregation_error=overall, aggregation_error_by_module=by_module,
+            params_up=sum(num_parameters(s) for s in states),
+            client_replies=client_metrics,
+        )
+        train_loss = float(np.dot(weights, [c.get("train_loss", np.nan)
+                                            for c in client_metrics]))
+        return state_to_record(new), MetricRecord(
+            {"train_loss": train_loss, "aggregation_error": overall})
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        """FedAvg's weighted mean of client evaluations, also kept in round_log."""
+        metrics = super().aggregate_evaluate(server_round, replies)
+        if metrics is not None:
+            self.round_log.setdefault(server_round, {}).update(
+                {f"federated_{k}": v for k, v in metrics.items()})
+        return metrics
+
+    # --- diagnostics -------------------------------------------------------------
+    def effective_factors(self, state: State) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """``{layer: (B, A)}`` whose product is the layer's adapter delta / s."""
+        return layer_factors(state)

@@ -1,0 +1,39 @@
+"""The wire format: adapter states <-> Flower records, and payload sizes.
+
+This is the only place where fedlora states meet Flower's records; the strategies
+and the ClientApp both use it, so both sides agree on keys and dtypes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+KEY_ARRAYS = "arrays"  # the ArrayRecord of a message (Flower's default key)
+KEY_CONFIG = "config"  # the ConfigRecord of a message
+KEY_METRICS = "metrics"  # the MetricRecord of a reply
+KEY_NUM_EXAMPLES = "num-examples"  # aggregation weight, in every train reply
+KEY_ROUND = "server-round"  # injected by Flower's FedAvg into every config
+KEY_EXPERIMENT = "fedlora"  # the experiment settings (JSON) in every config
+
+
+def state_to_record(state: dict[str, np.ndarray]) -> ArrayRecord:
+    """Wire state -> ArrayRecord (float32 contiguous arrays, keys kept)."""
+    return ArrayRecord(
+        {k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in state.items()}
+    )
+
+
+def record_to_state(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """ArrayRecord -> wire state."""
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes that cross the wire for one message's content.
+
+    Flower 1.39 ships a message as its tree of deflated objects (records, arrays,
+    5 MiB array chunks; identical chunks once): we sum exactly those.
+    """
+    return int(sum(len(o.deflate()) for o in get_all_nested_objects(content).values()))
