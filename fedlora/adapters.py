@@ -69,14 +69,15 @@ def wrap_with_lora(
     """
     from peft import get_peft_model
 
+    from peft.utils.error import NoMatchingPeftModuleError
+
     config = lora_config(adapter_cfg, task)
     torch.manual_seed(seed)
     try:
         return get_peft_model(model, config)
-    except ValueError as exc:
-        if "not found in the base model" not in str(exc) and "Target module" not in str(
-            exc
-        ):
+    except (NoMatchingPeftModuleError, ValueError) as exc:
+        if not isinstance(exc, NoMatchingPeftModuleError) and "not found in the base" \
+                not in str(exc):
             raise
         names = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n})
         raise ConfigError(

@@ -165,6 +165,12 @@ def partition_indices(
     if kind == "iid":
         part = IidPartitioner(num_partitions)
     elif kind == "dirichlet":
+        min_size = int(part_cfg.get("min_partition_size", 10))
+        if min_size * num_partitions > len(labels):
+            raise ConfigError(
+                "partition.min_partition_size", min_size,
+                f"{num_partitions} clients x {min_size} > {len(labels)} examples; "
+                "lower partition.min_partition_size or use fewer clients")
         part = DirichletPartitioner(
             num_partitions, "label", alpha=float(part_cfg.get("alpha", 0.5)),
             min_partition_size=int(part_cfg.get("min_partition_size", 10)),

@@ -10,7 +10,8 @@ over all adapted layers together, and per module name (query, value, ...).
 Each numerator/denominator is the norm of a sum of low-rank products
 ``sum_i c_i B_i A_i = U V`` with ``U = [c_1 B_1 .. c_m B_m]`` (d_out, m r) and
 ``V = [A_1; ..; A_m]`` (m r, d_in). We never form the d_out x d_in matrix:
-``||U V||_F^2 = sum((U^T U) * (V V^T))``, which costs O(d (m r)^2).
+``||U V||_F = ||R_u R_v^T||_F`` from thin QR factors of ``U`` and ``V^T``, which
+costs O(d (m r)^2).
 """
 
 from __future__ import annotations
@@ -29,7 +30,11 @@ def sum_of_products_sqnorm(terms: Sequence[tuple[float, np.ndarray, np.ndarray]]
     """``||sum_i c_i B_i A_i||_F^2`` computed in float64 from the factors."""
     u = np.concatenate([c * b.astype(np.float64) for c, b, _ in terms], axis=1)
     v = np.concatenate([a.astype(np.float64) for _, _, a in terms], axis=0)
-    return float(np.sum((u.T @ u) * (v @ v.T)))
+    # U = Q_u R_u, V^T = Q_v R_v  =>  ||U V||_F = ||R_u R_v^T||_F (no squaring of
+    # the condition number, so exact methods read ~1e-16 in float64, not ~1e-8)
+    r_u = np.linalg.qr(u, mode="r")
+    r_v = np.linalg.qr(v.T, mode="r")
+    return float(np.sum((r_u @ r_v.T) ** 2))
 
 
 def layer_factors(state: dict[str, np.ndarray]) -> dict[str, Factors]:

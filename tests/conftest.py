@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny models built in-process (no downloads), small settings."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _minilm_tokenizer() -> Any:
+    from transformers import AutoTokenizer
+
+    from fedlora.models import resolve_model_path
+
+    return AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer BERT (hidden 32) with MiniLM's tokenizer, saved to a folder."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64,
+                        max_position_embeddings=128, num_labels=2)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    _minilm_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama (hidden 32) with MiniLM's word pieces as its vocabulary."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    tok = _minilm_tokenizer()
+    tok.eos_token = "[SEP]"
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                         bos_token_id=tok.cls_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+BASE_SETTINGS: dict[str, Any] = {
+    "model": {"name": "minilm", "task": "seq_cls", "num_labels": 2},
+    "adapter": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["query", "value"],
+                "use_rslora": False},
+    "data": {"name": "synthetic", "num_examples": 200, "num_eval_examples": 40,
+             "text_column": "sentence", "label_column": "label",
+             "prompt_column": "prompt", "response_column": "response",
+             "client_eval_fraction": 0.1, "seed": 0},
+    "partition": {"type": "iid", "alpha": 0.5, "min_partition_size": 5,
+                  "shards_per_client": 2, "seed": 0},
+    "federation": {"num_clients": 2, "rounds": 2, "fraction_train": 1.0,
+                   "fraction_evaluate": 1.0, "min_train_clients": 2, "seed": 0,
+                   "round_timeout": 600},
+    "train": {"optimizer": "adamw", "lr": 1e-2, "weight_decay": 0.0, "local_epochs": 1,
+              "local_steps": None, "batch_size": 16, "eval_batch_size": 32,
+              "max_length": 32, "device": "cpu", "num_threads": 0},
+}
+
+
+@pytest.fixture
+def settings(tiny_bert: Path) -> dict[str, Any]:
+    """Plain experiment settings on the tiny BERT."""
+    cfg = copy.deepcopy(BASE_SETTINGS)
+    cfg["model"]["name"] = str(tiny_bert)
+    return cfg

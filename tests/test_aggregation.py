@@ -1,0 +1,106 @@
+"""FedAvg-LoRA aggregation and the aggregation-error diagnostic (float64 checks)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedlora.aggregation import client_weights, fedavg_lora
+from fedlora.diagnostics import aggregation_error, layer_factors, sum_of_products_sqnorm
+from fedlora.errors import ConfigError
+
+LAYERS = ("enc.0.attn.query", "enc.0.attn.value", "enc.1.attn.query")
+
+
+def random_state(rng, d_out=12, d_in=10, r=3, shared_a=None):
+    state = {}
+    for layer in LAYERS:
+        state[f"{layer}.lora_A.weight"] = (rng.standard_normal((r, d_in))
+                                           if shared_a is None else shared_a[layer])
+        state[f"{layer}.lora_B.weight"] = rng.standard_normal((d_out, r))
+    state["classifier.weight"] = rng.standard_normal((2, d_in))
+    return state
+
+
+def test_weights_are_proportional_to_examples_or_uniform():
+    np.testing.assert_allclose(client_weights([10, 30], "num_examples"), [0.25, 0.75])
+    np.testing.assert_allclose(client_weights([10, 30], "uniform"), [0.5, 0.5])
+    with pytest.raises(ConfigError, match="strategy.weighting"):
+        client_weights([1], "median")
+
+
+def test_fedavg_lora_equals_float64_numpy_reference():
+    rng = np.random.default_rng(0)
+    states = [random_state(rng) for _ in range(4)]
+    counts = [5, 1, 7, 3]
+    out = fedavg_lora(states, client_weights(counts, "num_examples"))
+    for key in states[0]:
+        stacked = np.stack([s[key] for s in states])
+        reference = np.average(stacked, axis=0, weights=counts)
+        np.testing.assert_allclose(out[key], reference, rtol=0, atol=1e-12)
+
+
+def test_fedavg_lora_keeps_float32_without_upcasting():
+    rng = np.random.default_rng(1)
+    states = [{k: v.astype(np.float32) for k, v in random_state(rng).items()}
+              for _ in range(2)]
+    out = fedavg_lora(states, np.array([0.5, 0.5]))
+    assert all(v.dtype == np.float32 for v in out.values())
+
+
+def test_factored_norm_equals_dense_norm():
+    rng = np.random.default_rng(2)
+    terms = [(c, rng.standard_normal((9, 2)), rng.standard_normal((2, 7)))
+             for c in (0.3, -1.2, 2.0)]
+    dense = sum(c * b @ a for c, b, a in terms)
+    assert sum_of_products_sqnorm(terms) == pytest.approx(np.sum(dense**2), rel=1e-12)
+
+
+def test_aggregation_identity_holds():
+    # ideal - Bbar Abar = sum p_k (B_k - Bbar)(A_k - Abar)
+    rng = np.random.default_rng(3)
+    p = client_weights([2, 3, 5], "num_examples")
+    bs = [rng.standard_normal((8, 2)) for _ in p]
+    as_ = [rng.standard_normal((2, 6)) for _ in p]
+    bbar, abar = sum(w * b for w, b in zip(p, bs)), sum(w * a for w, a in zip(p, as_))
+    ideal = sum(w * b @ a for w, b, a in zip(p, bs, as_))
+    residual = sum(w * (b - bbar) @ (a - abar) for w, b, a in zip(p, bs, as_))
+    np.testing.assert_allclose(ideal - bbar @ abar, residual, atol=1e-12)
+
+
+def _error(states, old, weights, scaling=2.0):
+    new = fedavg_lora(states, weights)
+    return aggregation_error([layer_factors(s) for s in states], weights,
+                             layer_factors(old), layer_factors(new), scaling)
+
+
+def test_aggregation_error_is_zero_when_clients_share_a():
+    rng = np.random.default_rng(4)
+    shared = {layer: rng.standard_normal((3, 10)) for layer in LAYERS}
+    old = random_state(rng, shared_a=shared)
+    states = [random_state(rng, shared_a=shared) for _ in range(3)]
+    overall, by_module = _error(states, old, client_weights([1, 2, 3], "num_examples"))
+    assert overall < 1e-12
+    assert set(by_module) == {"query", "value"}
+    assert max(by_module.values()) < 1e-12
+
+
+def test_aggregation_error_is_positive_and_matches_dense_definition():
+    rng = np.random.default_rng(5)
+    old = random_state(rng)
+    states = [random_state(rng) for _ in range(3)]
+    p = client_weights([1, 2, 3], "num_examples")
+    overall, by_module = _error(states, old, p, scaling=2.0)
+    new = fedavg_lora(states, p)
+
+    def delta(s, layer):
+        return 2.0 * s[f"{layer}.lora_B.weight"] @ s[f"{layer}.lora_A.weight"]
+
+    num = den = 0.0
+    for layer in LAYERS:
+        ideal = sum(w * delta(s, layer) for w, s in zip(p, states))
+        num += np.sum((ideal - delta(new, layer)) ** 2)
+        den += np.sum((ideal - delta(old, layer)) ** 2)
+    assert overall > 0.01
+    assert overall == pytest.approx(np.sqrt(num / den), rel=1e-9)
+    assert by_module["value"] > 0
