@@ -8,15 +8,17 @@ under ``config["fedlora"]``); the node itself only says which partition it holds
 from __future__ import annotations
 
 import json
+import zlib
 from typing import Any
 
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlora.adapters import get_state, set_state
+from fedlora.adapters import get_frozen_state, get_state, set_frozen_state, set_state
 from fedlora.build import build_cached
 from fedlora.data import client_examples
+from fedlora.lora_sb import gradient_sums
 from fedlora.models import resolve_device
 from fedlora.train import evaluate as evaluate_model
 from fedlora.train import train_local
@@ -24,9 +26,13 @@ from strategies.wire import (
     KEY_ARRAYS,
     KEY_CONFIG,
     KEY_EXPERIMENT,
+    KEY_FROZEN,
     KEY_METRICS,
     KEY_NUM_EXAMPLES,
+    KEY_PHASE,
     KEY_ROUND,
+    KEY_STATE_FROZEN,
+    PHASE_GRADIENT,
     record_to_state,
     state_to_record,
 )
@@ -49,8 +55,21 @@ def _setup(msg: Message, context: Context) -> tuple[Any, ...]:
     model, tokenizer = build_cached(cfg)
     device = resolve_device(str(cfg["train"].get("device", "auto")))
     model.to(device)  # move before any optimizer exists (opacus#820)
-    set_state(model, record_to_state(msg.content[KEY_ARRAYS]))
+    if KEY_FROZEN in msg.content:  # Fed-SB's B and A arrive once; keep them
+        context.state[KEY_STATE_FROZEN] = msg.content[KEY_FROZEN]
+    if KEY_STATE_FROZEN in context.state:
+        set_frozen_state(model, record_to_state(context.state[KEY_STATE_FROZEN]))
+    if KEY_ARRAYS in msg.content:
+        set_state(model, record_to_state(msg.content[KEY_ARRAYS]))
     return cfg, model, tokenizer, device, pid, num_parts
+
+
+def frozen_digest(model: Any) -> int:
+    """CRC32 of the frozen LoRA factors: equal on every client iff they agree."""
+    crc = 0
+    for key, value in sorted(get_frozen_state(model).items()):
+        crc = zlib.crc32(value.tobytes(), zlib.crc32(key.encode(), crc))
+    return crc
 
 
 @app.train()
@@ -58,6 +77,8 @@ def train(msg: Message, context: Context) -> Message:
     """Train the global adapter on this node's partition; reply with trained parts."""
     cfg, model, tokenizer, device, pid, num_parts = _setup(msg, context)
     examples, _ = client_examples(cfg, tokenizer, pid, num_parts)
+    if msg.content[KEY_CONFIG].get(KEY_PHASE) == PHASE_GRADIENT:
+        return _gradient_reply(msg, cfg, model, tokenizer, device, examples)
     server_round = int(msg.content[KEY_CONFIG][KEY_ROUND])
     seed = int(cfg["federation"]["seed"]) * 100_003 + server_round * 1_009 + pid
     result = train_local(model, examples, cfg["train"], device,
@@ -68,9 +89,21 @@ def train(msg: Message, context: Context) -> Message:
         "steps": int(result["steps"]),
         "train_time": result["train_time"],
         "partition-id": pid,
+        "frozen-crc": frozen_digest(model),
     })
     content = RecordDict({KEY_ARRAYS: state_to_record(get_state(model)),
                           KEY_METRICS: metrics})
+    return Message(content=content, reply_to=msg)
+
+
+def _gradient_reply(msg: Message, cfg: dict[str, Any], model: Any, tokenizer: Any,
+                    device: Any, examples: list[Any]) -> Message:
+    """Fed-SB init round: summed gradients of the adapted base weights."""
+    calib = examples[: int(cfg["strategy"].get("calibration_examples", 64))]
+    grads = gradient_sums(model, calib, int(cfg["train"]["batch_size"]),
+                          tokenizer.pad_token_id, device)
+    content = RecordDict({KEY_ARRAYS: state_to_record(grads),
+                          KEY_METRICS: MetricRecord({KEY_NUM_EXAMPLES: len(calib)})})
     return Message(content=content, reply_to=msg)
 
 

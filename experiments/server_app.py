@@ -21,9 +21,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedlora.validate import validate
 from fedlora import results
-from fedlora.adapters import get_state, lora_scaling, set_state
+from fedlora.adapters import (
+    get_frozen_state,
+    get_state,
+    lora_scaling,
+    set_frozen_state,
+    set_state,
+)
 from fedlora.build import build
-from fedlora.data import server_examples
+from fedlora.data import client_examples, server_examples
+from fedlora.lora_sb import gradient_sums
 from fedlora.models import resolve_device
 from fedlora.train import evaluate
 from strategies.wire import KEY_EXPERIMENT, record_to_state, state_to_record
@@ -67,17 +74,32 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         _progress(row, rounds)
         return MetricRecord({k: v for k, v in metrics.items()})
 
-    # 4. the rounds (Flower's loop)
+    # 4. the method's initialisation (Fed-SB's init round), then Flower's round loop
     train_config = ConfigRecord({KEY_EXPERIMENT: json.dumps(plain)})
+
+    def server_gradient() -> dict[str, Any]:  # Fed-SB init=server_data
+        calib, _ = client_examples(plain, tokenizer, 0, 1)
+        n = int(plain["strategy"].get("calibration_examples", 64))
+        return gradient_sums(model, calib[:n], plain["train"]["batch_size"],
+                             tokenizer.pad_token_id, device)
+
+    initial_arrays = strategy.initialize(grid, state_to_record(initial),
+                                         get_frozen_state(model), train_config,
+                                         server_gradient=server_gradient)
+    if strategy.frozen:
+        set_frozen_state(model, strategy.frozen)
     result = strategy.start(
-        grid=grid, initial_arrays=state_to_record(initial), num_rounds=rounds,
+        grid=grid, initial_arrays=initial_arrays, num_rounds=rounds,
         timeout=float(plain["federation"]["round_timeout"]),
         train_config=train_config, evaluate_config=ConfigRecord(dict(train_config)),
         evaluate_fn=evaluate_fn)
 
     # 5. final adapter (PEFT format), summary and plots
-    final = record_to_state(result.arrays) if len(result.arrays) else initial
-    results.save_adapter(model.to("cpu"), final, run_dir / "adapter")
+    final = (record_to_state(result.arrays) if len(result.arrays)
+             else record_to_state(initial_arrays))
+    export_state, overrides = strategy.export(final)
+    export_model, _ = build({**plain, "adapter": {**plain["adapter"], **overrides}})
+    results.save_adapter(export_model, export_state, run_dir / "adapter")
     rows = results.read_metrics(run_dir)
     summary = results.summarise(rows, {"strategy": strategy.name,
                                        "wall_time": time.perf_counter() - started})

@@ -25,6 +25,8 @@ from fedlora.errors import ConfigError, StateMismatchError
 ADAPTER_NAME = "default"
 _PREFIX = "base_model.model."
 PEFT_TASK = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
+# lora: train A and B; ffa: A frozen (FFA-LoRA); lora_sb: B R A with only R trained
+PARAMETRISATIONS = ("lora", "ffa", "lora_sb")
 
 
 def lora_config(adapter_cfg: dict[str, Any], task: str) -> Any:
@@ -72,9 +74,13 @@ def wrap_with_lora(
     from peft.utils.error import NoMatchingPeftModuleError
 
     config = lora_config(adapter_cfg, task)
+    kind = adapter_cfg.get("parametrisation", "lora")
+    if kind not in PARAMETRISATIONS:
+        raise ConfigError("adapter.parametrisation", kind,
+                          f"choose one of {', '.join(PARAMETRISATIONS)}")
     torch.manual_seed(seed)
     try:
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config)
     except (NoMatchingPeftModuleError, ValueError) as exc:
         if not isinstance(exc, NoMatchingPeftModuleError) and "not found in the base" \
                 not in str(exc):
@@ -86,6 +92,15 @@ def wrap_with_lora(
             "no module of the model matches; module names in this model include "
             + ", ".join(names[:30]),
         ) from exc
+    if kind == "ffa":  # FFA-LoRA: A stays at its seeded init, never trained or sent
+        for name, p in model.named_parameters():
+            if ".lora_A." in name:
+                p.requires_grad_(False)
+    elif kind == "lora_sb":
+        from fedlora.lora_sb import add_r
+
+        add_r(model)
+    return model
 
 
 def wire_name(param_name: str) -> str:
@@ -107,6 +122,27 @@ def get_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
         k: p.detach().to("cpu", torch.float32).numpy().copy()
         for k, p in trainable_parameters(model).items()
     }
+
+
+def frozen_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Frozen LoRA factors (FFA's A; LoRA-SB's A and B), keyed by wire name."""
+    return {wire_name(n): p for n, p in model.named_parameters()
+            if not p.requires_grad and (".lora_A." in n or ".lora_B." in n)}
+
+
+def get_frozen_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """Copy the frozen LoRA factors out as float32 arrays."""
+    return {k: p.detach().to("cpu", torch.float32).numpy().copy()
+            for k, p in frozen_parameters(model).items()}
+
+
+def set_frozen_state(model: torch.nn.Module, state: dict[str, np.ndarray]) -> None:
+    """Load frozen LoRA factors (e.g. Fed-SB's ``B`` and ``A``) into ``model``."""
+    params = frozen_parameters(model)
+    check_state({k: tuple(p.shape) for k, p in params.items()}, state)
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(torch.as_tensor(np.asarray(state[k]), dtype=p.dtype))
 
 
 def check_state(expected: dict[str, tuple[int, ...]], state: dict[str, Any]) -> None:

@@ -11,7 +11,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fedlora.adapters import lora_layers
 from fedlora.errors import ConfigError
+from fedlora.fair import correction
 
 State = dict[str, np.ndarray]
 WEIGHTINGS = ("num_examples", "uniform")
@@ -50,3 +52,30 @@ def fedavg_lora(states: Sequence[State], weights: np.ndarray) -> State:
     Inexact: ``sum p_k B_k A_k - Bbar Abar = sum p_k (B_k - Bbar)(A_k - Abar)``.
     """
     return weighted_average(states, weights)
+
+
+def ffa_lora(states: Sequence[State], weights: np.ndarray) -> State:
+    """FFA-LoRA: ``B <- sum p_k B_k`` (A frozen and shared, never sent).
+
+    Exact: ``sum p_k B_k A = Bbar A``.
+    """
+    return weighted_average(states, weights)
+
+
+def fedsb(states: Sequence[State], weights: np.ndarray) -> State:
+    """Fed-SB: ``R <- sum p_k R_k`` (B, A frozen and shared).
+
+    Exact: ``B Rbar A = sum p_k B R_k A``.
+    """
+    return weighted_average(states, weights)
+
+
+def lora_fair(states: Sequence[State], weights: np.ndarray, lam: float,
+              solver: str) -> State:
+    """LoRA-FAIR: ``A <- Abar``, ``B <- Bbar + dB*`` per layer (see fedlora.fair)."""
+    out = weighted_average(states, weights)
+    for a_key, b_key in lora_layers(out).values():
+        db = correction([s[b_key] for s in states], [s[a_key] for s in states],
+                        weights, lam, solver)
+        out[b_key] = (out[b_key] + db).astype(out[b_key].dtype)
+    return out

@@ -45,6 +45,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 def summarise(rounds: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
     """Final/best accuracy (or loss), traffic totals, mean aggregation error."""
     trained = [r for r in rounds if r["round"] > 0]
+    traffic = rounds  # round 0 carries one-time costs (Fed-SB's init round)
     key = "eval_accuracy" if any("eval_accuracy" in r for r in rounds) else "eval_loss"
     values = [r[key] for r in rounds if r.get(key) is not None]
     best = (max if key == "eval_accuracy" else min)(values) if values else None
@@ -55,8 +56,8 @@ def summarise(rounds: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, 
         "rounds": len(trained),
         f"final_{key}": values[-1] if values else None,
         f"best_{key}": best,
-        "total_bytes_up": sum(r.get("bytes_up", 0) for r in trained),
-        "total_bytes_down": sum(r.get("bytes_down", 0) for r in trained),
+        "total_bytes_up": sum(r.get("bytes_up", 0) for r in traffic),
+        "total_bytes_down": sum(r.get("bytes_down", 0) for r in traffic),
         "mean_aggregation_error": float(np.mean(errors)) if errors else None,
         "failures": sum(r.get("failures", 0) for r in trained),
     })

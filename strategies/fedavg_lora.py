@@ -7,7 +7,7 @@ Tuning" (FedIT), https://arxiv.org/abs/2305.05644.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,7 @@ from strategies.wire import (
 
 log = logging.getLogger(__name__)
 State = dict[str, np.ndarray]
+GradientFn = Callable[[], dict[str, np.ndarray]]
 
 
 class FedAvgLoRA(FedAvg):
@@ -58,6 +59,7 @@ class FedAvgLoRA(FedAvg):
         self.weighting = weighting
         self.scaling = float(scaling)
         self.round_log: dict[int, dict[str, Any]] = {}
+        self.frozen: State = {}  # frozen LoRA factors shared by all parties
         self._sent: State = {}
 
     # --- the method ------------------------------------------------------------
@@ -65,11 +67,31 @@ class FedAvgLoRA(FedAvg):
         """FedAvg-LoRA: weighted mean of every communicated tensor."""
         return fedavg_lora(states, weights)
 
+    def initialize(self, grid: Grid, arrays: ArrayRecord, frozen: State,
+                   config: ConfigRecord, server_gradient: GradientFn | None = None
+                   ) -> ArrayRecord:
+        """Called once by the ServerApp before round 1; returns the initial arrays.
+
+        ``frozen`` holds the model's frozen LoRA factors (built from the shared seed).
+        Methods with an initialisation protocol (Fed-SB) override this.
+        """
+        self.frozen = frozen
+        return arrays
+
+    def personalise(self, messages: list[Message]) -> list[Message]:
+        """Adjust the sampled nodes' train messages (default: unchanged)."""
+        return messages
+
+    def export(self, state: State) -> tuple[State, dict[str, Any]]:
+        """The final adapter as plain PEFT LoRA: ``(state, adapter overrides)``."""
+        return {**self.frozen, **state}, {"parametrisation": "lora"}
+
     # --- Flower hooks ------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord,
                         config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Sample clients as FedAvg does; remember what was sent and its size."""
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        messages = self.personalise(
+            list(super().configure_train(server_round, arrays, config, grid)))
         self._sent = record_to_state(arrays)
         self.round_log[server_round] = {
             "clients_sampled": len(messages),
@@ -129,4 +151,4 @@ class FedAvgLoRA(FedAvg):
     # --- diagnostics -------------------------------------------------------------
     def effective_factors(self, state: State) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """``{layer: (B, A)}`` whose product is the layer's adapter delta / s."""
-        return layer_factors(state)
+        return layer_factors({**self.frozen, **state})

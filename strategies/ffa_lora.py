@@ -1,0 +1,29 @@
+"""FFA-LoRA: A frozen at its shared seeded init; only B (and the head) trained, sent
+and averaged.
+
+Paper: Sun et al., "Improving LoRA in Privacy-preserving Federated Learning",
+ICLR 2024, https://arxiv.org/abs/2403.12313.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from fedlora.aggregation import ffa_lora
+from strategies.fedavg_lora import FedAvgLoRA, State
+
+
+class FFALoRA(FedAvgLoRA):
+    """``B <- sum p_k B_k``; exact because every client shares the same ``A``.
+
+    Clients build ``A`` from ``federation.seed`` (``adapter.parametrisation=ffa``),
+    so ``A`` never crosses the wire: half of LoRA's traffic on square layers.
+    """
+
+    name = "ffa_lora"
+
+    def aggregate_states(self, states: Sequence[State], weights: np.ndarray) -> State:
+        """Weighted mean of ``B`` and the head."""
+        return ffa_lora(states, weights)
