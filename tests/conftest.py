@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +86,33 @@ def settings(tiny_bert: Path) -> dict[str, Any]:
     cfg = copy.deepcopy(BASE_SETTINGS)
     cfg["model"]["name"] = str(tiny_bert)
     return cfg
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def ray_processes() -> int:
+    """Number of Ray daemons running on this machine."""
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return sum(("raylet" in line or "gcs_server" in line) for line in out.splitlines())
+
+
+def run_front_door(out: Path, model: Path, *overrides: str) -> list[dict[str, Any]]:
+    """``python -m experiments.run`` on a tiny model: 3 clients x 2 rounds.
+
+    Asserts it succeeded, showed progress and left no Ray process; returns the rows
+    of ``metrics.jsonl``.
+    """
+    before = ray_processes()
+    cmd = [sys.executable, "-m", "experiments.run", f"hydra.run.dir={out}",
+           f"model.name={model}", "federation.num_clients=3", "federation.rounds=2",
+           "data.num_examples=240", "data.num_eval_examples=60", "train.lr=5e-3",
+           "train.batch_size=16", "simulation.client_num_cpus=1", "quiet=true",
+           *overrides]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[fedlora] round 2/2" in proc.stdout  # progress is shown
+    assert ray_processes() <= before, "Ray processes outlived the run"
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

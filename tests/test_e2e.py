@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,28 +11,12 @@ import torch
 import yaml
 from safetensors.numpy import load_file
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def ray_processes() -> int:
-    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    return sum(("raylet" in line or "gcs_server" in line) for line in out.splitlines())
-
+from tests.conftest import run_front_door
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_bert, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "run"
-    before = ray_processes()
-    cmd = [sys.executable, "-m", "experiments.run", f"hydra.run.dir={out}",
-           f"model.name={tiny_bert}", "federation.num_clients=3", "federation.rounds=2",
-           "data.num_examples=240", "data.num_eval_examples=60", "train.lr=5e-3",
-           "train.batch_size=16", "simulation.client_num_cpus=1", "quiet=true"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "[fedlora] round 2/2" in proc.stdout  # progress is shown
-    assert ray_processes() <= before, "Ray processes outlived the run"
+    run_front_door(out, tiny_bert)
     return out
 
 

@@ -1,0 +1,64 @@
+"""End to end, per method: what is frozen stays identical everywhere, only the
+method's parts travel, and exact methods report ~0 aggregation error."""
+
+from __future__ import annotations
+
+import json
+import zlib
+
+import numpy as np
+import pytest
+import yaml
+
+from fedlora.adapters import get_frozen_state
+from fedlora.build import build
+from tests.conftest import run_front_door
+
+pytestmark = pytest.mark.slow
+
+
+def crc(state):
+    value = 0
+    for key, array in sorted(state.items()):
+        value = zlib.crc32(array.tobytes(), zlib.crc32(key.encode(), value))
+    return value
+
+
+def client_crcs(rows):
+    return {c["frozen-crc"] for r in rows[1:] for c in r["client_replies"]}
+
+
+def test_ffa_lora_a_is_identical_everywhere_and_never_changes(tiny_bert, tmp_path):
+    rows = run_front_door(tmp_path / "run", tiny_bert, "strategy=ffa_lora")
+    cfg = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    server_a = get_frozen_state(build(cfg)[0])
+    assert client_crcs(rows) == {crc(server_a)}  # bit-identical on every client, always
+    for r in rows[1:]:
+        assert r["aggregation_error"] < 1e-5
+        per_client = r["params_up"] / r["clients"]
+        assert per_client == 4 * 32 * 8 + 2 * 32 + 2  # B of 4 layers (32 x 8) + head
+
+
+def test_fedsb_sends_only_r_after_the_initial_broadcast(tiny_bert, tmp_path):
+    rows = run_front_door(tmp_path / "run", tiny_bert, "strategy=fedsb", "adapter.r=8")
+    assert len(client_crcs(rows)) == 1  # the same B and A on every client, every round
+    init, first, second = rows
+    assert init["clients"] == 3 and init["params_up"] == 3 * 4 * 32 * 32  # gradients
+    r_and_head = 4 * 8 * 8 + 2 * 32 + 2
+    for r in (first, second):
+        assert r["aggregation_error"] < 1e-5
+        assert r["params_up"] == r["params_down"] == 3 * r_and_head
+    # B and A (4 layers x 2 x 32 x 8 float32) went down in round 1 only
+    assert first["bytes_down"] - second["bytes_down"] > 3 * 4 * 2 * 32 * 8 * 4 * 0.9
+    assert second["bytes_down"] < 3 * (r_and_head * 4 + 12_000)  # R + head + config
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["total_bytes_up"] >= init["bytes_up"]  # the init round is counted
+
+
+def test_lora_fair_runs_and_exports_a_plain_lora_adapter(tiny_bert, tmp_path):
+    rows = run_front_door(tmp_path / "run", tiny_bert, "strategy=lora_fair",
+                          "strategy.solver=ridge")
+    assert all(r["aggregation_error"] > 0 for r in rows[1:])
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8
+    assert np.isfinite(rows[-1]["eval_loss"])
