@@ -12,9 +12,10 @@ import zlib
 from typing import Any
 
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedlora import privacy
 from fedlora.adapters import get_frozen_state, get_state, set_frozen_state, set_state
 from fedlora.build import build_cached
 from fedlora.data import client_examples
@@ -31,6 +32,7 @@ from strategies.wire import (
     KEY_NUM_EXAMPLES,
     KEY_PHASE,
     KEY_ROUND,
+    KEY_STATE_DP,
     KEY_STATE_FROZEN,
     PHASE_GRADIENT,
     record_to_state,
@@ -81,8 +83,14 @@ def train(msg: Message, context: Context) -> Message:
         return _gradient_reply(msg, cfg, model, tokenizer, device, examples)
     server_round = int(msg.content[KEY_CONFIG][KEY_ROUND])
     seed = int(cfg["federation"]["seed"]) * 100_003 + server_round * 1_009 + pid
-    result = train_local(model, examples, cfg["train"], device,
-                         tokenizer.pad_token_id, seed)
+    extra: dict[str, Any] = {}
+    if cfg["privacy"]["mode"] == "dp_sgd":
+        result, extra = _train_dp(cfg, model, examples, device, tokenizer, seed, context)
+        if result is None:  # the budget would be exceeded: decline this round
+            return _declined(msg, pid, extra)
+    else:
+        result = train_local(model, examples, cfg["train"], device,
+                             tokenizer.pad_token_id, seed)
     metrics = MetricRecord({
         KEY_NUM_EXAMPLES: int(result["num_examples"]),
         "train_loss": result["train_loss"],
@@ -90,9 +98,49 @@ def train(msg: Message, context: Context) -> Message:
         "train_time": result["train_time"],
         "partition-id": pid,
         "frozen-crc": frozen_digest(model),
+        **extra,
     })
     content = RecordDict({KEY_ARRAYS: state_to_record(get_state(model)),
                           KEY_METRICS: metrics})
+    return Message(content=content, reply_to=msg)
+
+
+def _train_dp(cfg: dict[str, Any], model: Any, examples: list[Any], device: Any,
+              tokenizer: Any, seed: int, context: Context
+              ) -> tuple[dict[str, float] | None, dict[str, Any]]:
+    """DP-SGD with the accountant kept in ``context.state`` across rounds.
+
+    Returns ``(None, info)`` when one more round would exceed the target epsilon.
+    """
+    saved = context.state.get(KEY_STATE_DP)
+    dp_plan = (privacy.DPPlan.from_json(str(saved["plan"])) if saved else
+               privacy.plan(cfg["privacy"], cfg["train"], len(examples),
+                            privacy.planned_rounds(cfg)))  # calibrated once
+    history = str(saved["accountant"]) if saved else None
+    spent = (float(privacy.make_accountant(dp_plan.accountant, history)
+                   .get_epsilon(dp_plan.delta)) if history else 0.0)
+    info: dict[str, Any] = {"epsilon": spent, "delta": dp_plan.delta,
+                            "noise_multiplier": dp_plan.noise_multiplier}
+    if privacy.epsilon_after_round(dp_plan, history) > dp_plan.target_epsilon * (1 + 1e-9):
+        return None, info
+    accountant = privacy.make_accountant(dp_plan.accountant, history)
+    result = privacy.train_local_dp(model, examples, cfg["train"], cfg["privacy"],
+                                    dp_plan, accountant, device,
+                                    tokenizer.pad_token_id, seed)
+    context.state[KEY_STATE_DP] = ConfigRecord(
+        {"plan": dp_plan.to_json(), "accountant": privacy.accountant_state(accountant)})
+    info["epsilon"] = float(accountant.get_epsilon(dp_plan.delta))
+    return result, info
+
+
+def _declined(msg: Message, pid: int, info: dict[str, Any]) -> Message:
+    """Reply without arrays: this client sits the round out, with its reason."""
+    reason = (f"privacy budget: epsilon spent {info['epsilon']:.3f}; one more round "
+              "would exceed privacy.target_epsilon")
+    content = RecordDict({
+        KEY_METRICS: MetricRecord({KEY_NUM_EXAMPLES: 0, "declined": 1,
+                                   "partition-id": pid, **info}),
+        KEY_CONFIG: ConfigRecord({"reason": reason})})
     return Message(content=content, reply_to=msg)
 
 

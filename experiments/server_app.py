@@ -59,6 +59,14 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     # 2. the strategy: YAML settings plus runtime values
     strategy = instantiate(cfg.strategy, scaling=lora_scaling(plain["adapter"]))
+    if "wrapper" in cfg.privacy:  # client-level DP around the strategy
+        fed = plain["federation"]
+        sampled = min(fed["num_clients"], max(int(fed["num_clients"] * fed["fraction_train"]),
+                                              fed["min_train_clients"]))
+        strategy = instantiate(cfg.privacy.wrapper, strategy=strategy,
+                               num_sampled_clients=sampled,
+                               num_clients=fed["num_clients"],
+                               delta=plain["privacy"]["target_delta"])
     rounds = int(plain["federation"]["rounds"])
     started = time.perf_counter()
 
@@ -101,8 +109,12 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     export_model, _ = build({**plain, "adapter": {**plain["adapter"], **overrides}})
     results.save_adapter(export_model, export_state, run_dir / "adapter")
     rows = results.read_metrics(run_dir)
-    summary = results.summarise(rows, {"strategy": strategy.name,
-                                       "wall_time": time.perf_counter() - started})
+    extra = {"strategy": strategy.name, "privacy": plain["privacy"]["mode"],
+             "wall_time": time.perf_counter() - started}
+    if plain["privacy"]["mode"] == "dp_sgd":
+        extra["accountant"] = plain["privacy"]["accountant"]
+        extra["target_epsilon"] = plain["privacy"]["target_epsilon"]
+    summary = results.summarise(rows, extra)
     results.write_summary(run_dir, summary)
     results.plot_run(run_dir, rows)
     return summary

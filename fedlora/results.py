@@ -60,7 +60,22 @@ def summarise(rounds: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, 
         "total_bytes_down": sum(r.get("bytes_down", 0) for r in traffic),
         "mean_aggregation_error": float(np.mean(errors)) if errors else None,
         "failures": sum(r.get("failures", 0) for r in trained),
+        **_privacy_summary(rounds),
     })
+
+
+def _privacy_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Final epsilon per client and its maximum (DP-SGD); central epsilon."""
+    out: dict[str, Any] = {}
+    with_eps = [r for r in rounds if r.get("epsilon")]
+    if with_eps:
+        out["epsilon_per_client"] = with_eps[-1]["epsilon"]
+        out["epsilon_max"] = with_eps[-1]["epsilon_max"]
+    central = [r for r in rounds if r.get("central_epsilon") is not None]
+    if central:
+        out["central_epsilon"] = central[-1]["central_epsilon"]
+        out["central_delta"] = central[-1]["central_delta"]
+    return out
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
@@ -96,6 +111,20 @@ def plot_run(run_dir: Path, rounds: list[dict[str, Any]]) -> list[Path]:
         fig.savefig(plots / f"{name}.png", dpi=100)
         plt.close(fig)
         written.append(plots / f"{name}.png")
+    eps_rows = [r for r in rounds if r.get("epsilon_max") is not None]
+    if eps_rows:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        clients = sorted({c for r in eps_rows for c in r["epsilon"]}, key=int)
+        for c in clients:
+            ax.plot([r["round"] for r in eps_rows],
+                    [r["epsilon"].get(c) for r in eps_rows], marker=".", label=c)
+        ax.set_xlabel("round")
+        ax.set_ylabel("epsilon spent (per client)")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(plots / "epsilon_vs_round.png", dpi=100)
+        plt.close(fig)
+        written.append(plots / "epsilon_vs_round.png")
     return written
 
 

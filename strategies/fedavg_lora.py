@@ -20,6 +20,7 @@ from fedlora.comm import num_parameters
 from fedlora.diagnostics import aggregation_error, layer_factors
 from strategies.wire import (
     KEY_ARRAYS,
+    KEY_CONFIG,
     KEY_METRICS,
     KEY_NUM_EXAMPLES,
     payload_bytes,
@@ -60,6 +61,7 @@ class FedAvgLoRA(FedAvg):
         self.scaling = float(scaling)
         self.round_log: dict[int, dict[str, Any]] = {}
         self.frozen: State = {}  # frozen LoRA factors shared by all parties
+        self.epsilon: dict[int, float] = {}  # latest epsilon spent per partition
         self._sent: State = {}
 
     # --- the method ------------------------------------------------------------
@@ -116,8 +118,15 @@ class FedAvgLoRA(FedAvg):
         for m in failed:
             log.warning("aggregate_train: node %s failed: %s",
                         m.metadata.src_node_id, m.error.reason)
+        self._record_privacy(entry, ok)
+        declined = [m for m in ok if KEY_ARRAYS not in m.content]
+        ok = [m for m in ok if KEY_ARRAYS in m.content]
+        entry["clients"] = len(ok)
+        entry["declined"] = [{"partition-id": m.content[KEY_METRICS].get("partition-id"),
+                              "reason": m.content[KEY_CONFIG].get("reason", "")}
+                             for m in declined]
         if not ok:
-            log.warning("aggregate_train: no valid replies in round %s; the global "
+            log.warning("aggregate_train: no client trained in round %s; the global "
                         "adapter is unchanged", server_round)
             return None, None
         states = [record_to_state(m.content[KEY_ARRAYS]) for m in ok]
@@ -138,6 +147,16 @@ class FedAvgLoRA(FedAvg):
                                             for c in client_metrics]))
         return state_to_record(new), MetricRecord(
             {"train_loss": train_loss, "aggregation_error": overall})
+
+    def _record_privacy(self, entry: dict[str, Any], replies: list[Message]) -> None:
+        """Keep each client's latest reported epsilon (DP-SGD) in the round log."""
+        for m in replies:
+            metrics = m.content[KEY_METRICS]
+            if "epsilon" in metrics:
+                self.epsilon[int(metrics["partition-id"])] = float(metrics["epsilon"])
+        if self.epsilon:
+            entry["epsilon"] = {str(k): v for k, v in sorted(self.epsilon.items())}
+            entry["epsilon_max"] = max(self.epsilon.values())
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:

@@ -1,0 +1,203 @@
+"""Sample-level DP-SGD in the clients (Opacus), accounted across rounds.
+
+A client's privacy loss composes over every DP-SGD step it runs in every round it
+takes part in. The noise multiplier is calibrated ONCE for the whole planned run
+(planned participations x local steps per round); the accountant's history (a small
+JSON-safe state) travels between rounds in the client's state; before each round
+the client checks that the round would not take it past its target and declines
+otherwise. Server aggregation is post-processing.
+
+Settings (``privacy.*``): ``target_epsilon``, ``target_delta`` (null: ``0.1 / N_k``,
+below 1/N_k), ``max_grad_norm``, ``clipping`` (flat | per_layer), ``accountant``
+(rdp | prv), ``poisson_sampling``, ``max_physical_batch_size``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedlora.data import Example
+from fedlora.errors import ConfigError
+from fedlora.train import collate, make_optimizer
+
+ACCOUNTANTS = ("rdp", "prv")
+CLIPPINGS = ("flat", "per_layer")
+
+
+@dataclass(frozen=True)
+class DPPlan:
+    """One client's DP-SGD plan, fixed for the whole run."""
+
+    noise_multiplier: float
+    sample_rate: float  # Poisson rate q = 1 / batches per epoch (Opacus' convention)
+    steps_per_round: int
+    planned_rounds: int
+    delta: float
+    target_epsilon: float
+    accountant: str
+
+    def to_json(self) -> str:
+        """Serialise (kept in the client's state between rounds)."""
+        return json.dumps(self.__dict__)
+
+    @classmethod
+    def from_json(cls, text: str) -> DPPlan:
+        """Inverse of :meth:`to_json`."""
+        return cls(**json.loads(text))
+
+
+def check_settings(privacy_cfg: dict[str, Any]) -> None:
+    """Raise ConfigError on impossible DP settings (target, delta, norm, names)."""
+    eps = privacy_cfg.get("target_epsilon")
+    if not isinstance(eps, (int, float)) or eps <= 0:
+        raise ConfigError("privacy.target_epsilon", eps, "must be a number > 0")
+    delta = privacy_cfg.get("target_delta")
+    if delta is not None and not (0 < float(delta) < 1):
+        raise ConfigError("privacy.target_delta", delta, "must be in (0, 1) or null "
+                          "(null: 0.1 / N_k, below 1 / N_k)")
+    if privacy_cfg.get("accountant") not in ACCOUNTANTS:
+        raise ConfigError("privacy.accountant", privacy_cfg.get("accountant"),
+                          "choose rdp or prv")
+    if privacy_cfg.get("clipping") not in CLIPPINGS:
+        raise ConfigError("privacy.clipping", privacy_cfg.get("clipping"),
+                          "choose flat or per_layer")
+    norm = privacy_cfg.get("max_grad_norm")
+    if not isinstance(norm, (int, float)) or norm <= 0:
+        raise ConfigError("privacy.max_grad_norm", norm, "must be a number > 0")
+
+
+def plan(privacy_cfg: dict[str, Any], train_cfg: dict[str, Any], num_examples: int,
+         planned_rounds: int) -> DPPlan:
+    """Calibrate the noise multiplier once for ``planned_rounds`` x local steps.
+
+    ``sigma = get_noise_multiplier(eps, delta, q, steps=planned_rounds * steps)``.
+    """
+    from opacus.accountants.utils import get_noise_multiplier
+
+    check_settings(privacy_cfg)
+    batch = int(train_cfg["batch_size"])
+    batches_per_epoch = max(1, math.ceil(num_examples / batch))
+    steps = (int(train_cfg["local_steps"]) if train_cfg.get("local_steps")
+             else batches_per_epoch * int(train_cfg.get("local_epochs", 1)))
+    delta = privacy_cfg.get("target_delta") or 0.1 / num_examples
+    q = 1.0 / batches_per_epoch
+    sigma = get_noise_multiplier(
+        target_epsilon=float(privacy_cfg["target_epsilon"]), target_delta=float(delta),
+        sample_rate=q, steps=steps * planned_rounds,
+        accountant=privacy_cfg["accountant"])
+    return DPPlan(float(sigma), q, steps, planned_rounds, float(delta),
+                  float(privacy_cfg["target_epsilon"]), privacy_cfg["accountant"])
+
+
+def planned_rounds(cfg: dict[str, Any]) -> int:
+    """Rounds a client expects to train in: ``privacy.planned_rounds`` if set, else
+    ``ceil(rounds * sampled / num_clients)`` (all rounds under full participation).
+    A client sampled more often than planned declines once its budget is spent."""
+    if cfg["privacy"].get("planned_rounds"):
+        return int(cfg["privacy"]["planned_rounds"])
+    fed = cfg["federation"]
+    n = int(fed["num_clients"])
+    sampled = min(n, max(int(n * float(fed["fraction_train"])),
+                         int(fed["min_train_clients"])))
+    return max(1, math.ceil(int(fed["rounds"]) * sampled / n))
+
+
+def make_accountant(name: str, state: str | None = None) -> Any:
+    """A fresh Opacus accountant, or one restored from its JSON state."""
+    from opacus.accountants import create_accountant
+
+    accountant = create_accountant(name)
+    if state:
+        loaded = json.loads(state)
+        loaded["history"] = [tuple(h) for h in loaded["history"]]
+        accountant.load_state_dict(loaded)
+    return accountant
+
+
+def accountant_state(accountant: Any) -> str:
+    """The accountant's history as JSON (``{history, mechanism}``)."""
+    state = accountant.state_dict()
+    return json.dumps({"history": [list(h) for h in state["history"]],
+                       "mechanism": state["mechanism"]})
+
+
+def epsilon_after_round(p: DPPlan, state: str | None) -> float:
+    """Epsilon the client would have spent after one more round of ``p``."""
+    accountant = make_accountant(p.accountant, state)
+    accountant.history.append((p.noise_multiplier, p.sample_rate, p.steps_per_round))
+    return float(accountant.get_epsilon(p.delta))
+
+
+def train_local_dp(model: torch.nn.Module, examples: Sequence[Example],
+                   train_cfg: dict[str, Any], privacy_cfg: dict[str, Any], p: DPPlan,
+                   accountant: Any, device: torch.device, pad_id: int, seed: int
+                   ) -> dict[str, float]:
+    """One round of DP-SGD on the trainable parameters (Opacus, hooks mode).
+
+    Per-example gradients are clipped (flat, or per parameter tensor), summed,
+    noised with ``N(0, (sigma C)^2)`` and divided by the expected batch size.
+    Batches are Poisson-sampled; an empty one is a noise-only step (still
+    accounted). The accountant is updated in place by the optimizer's step hook.
+    """
+    from opacus import PrivacyEngine
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+    params = [q for q in model.parameters() if q.requires_grad]
+    optimizer = make_optimizer(params, train_cfg)
+    engine = PrivacyEngine(accountant=p.accountant)
+    engine.accountant = accountant
+    loader = torch.utils.data.DataLoader(
+        list(examples), batch_size=int(train_cfg["batch_size"]), shuffle=False,
+        collate_fn=lambda batch: collate(batch, pad_id))
+    norm = float(privacy_cfg["max_grad_norm"])
+    per_layer = privacy_cfg["clipping"] == "per_layer"
+    torch.manual_seed(seed)
+    hooks, optimizer, loader = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=loader,
+        noise_multiplier=p.noise_multiplier,
+        max_grad_norm=[norm / math.sqrt(len(params))] * len(params) if per_layer else norm,
+        clipping=privacy_cfg["clipping"], poisson_sampling=bool(
+            privacy_cfg.get("poisson_sampling", True)),
+        grad_sample_mode="hooks", wrap_model=False,
+        noise_generator=torch.Generator(device=device).manual_seed(seed))
+    physical = int(privacy_cfg.get("max_physical_batch_size") or 0)
+    manager: Any = contextlib.nullcontext(loader)
+    if 0 < physical < int(train_cfg["batch_size"]):  # logical batch > memory
+        manager = BatchMemoryManager(data_loader=loader, optimizer=optimizer,
+                                     max_physical_batch_size=physical)
+    model.train()
+    start, steps, seen, loss_sum, forwards = time.perf_counter(), 0, 0, 0.0, 0
+    try:
+        with manager as batches:
+            while steps < p.steps_per_round:
+                for batch in batches:
+                    n = batch["input_ids"].shape[0]
+                    if n == 0:  # empty Poisson batch: noise only (BERT can't run on 0)
+                        for q in params:
+                            q.grad_sample = torch.zeros((0, *q.shape), device=q.device)
+                    else:
+                        batch = {k: v.to(device) for k, v in batch.items()}
+                        loss = model(**batch).loss
+                        loss.backward()
+                        loss_sum += float(loss.detach())
+                        forwards += 1
+                        seen += n
+                    optimizer.step()  # skipped on BatchMemoryManager's partial batches
+                    optimizer.zero_grad(set_to_none=True)
+                    if not getattr(optimizer, "_is_last_step_skipped", False):
+                        steps += 1
+                    if steps >= p.steps_per_round:
+                        break
+    finally:
+        hooks.cleanup()
+    return {"num_examples": float(seen), "steps": float(steps),
+            "train_loss": loss_sum / max(forwards, 1),
+            "train_time": time.perf_counter() - start}
