@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -174,6 +175,10 @@ def train_local_dp(model: torch.nn.Module, examples: Sequence[Example],
         manager = BatchMemoryManager(data_loader=loader, optimizer=optimizer,
                                      max_physical_batch_size=physical)
     model.train()
+    quiet = warnings.catch_warnings()
+    quiet.__enter__()  # Opacus' hook and PRV warnings are expected here; see README
+    warnings.filterwarnings("ignore", message="Full backward hook")
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module="opacus")
     start, steps, seen, loss_sum, forwards = time.perf_counter(), 0, 0, 0.0, 0
     try:
         with manager as batches:
@@ -198,6 +203,7 @@ def train_local_dp(model: torch.nn.Module, examples: Sequence[Example],
                         break
     finally:
         hooks.cleanup()
+        quiet.__exit__(None, None, None)
     return {"num_examples": float(seen), "steps": float(steps),
             "train_loss": loss_sum / max(forwards, 1),
             "train_time": time.perf_counter() - start}

@@ -18,6 +18,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedlora.aggregation import client_weights, fedavg_lora
 from fedlora.comm import num_parameters
 from fedlora.diagnostics import aggregation_error, layer_factors
+from fedlora.updates import check_update, update_norm_outliers
 from strategies.wire import (
     KEY_ARRAYS,
     KEY_CONFIG,
@@ -49,13 +50,17 @@ class FedAvgLoRA(FedAvg):
         ``num_examples`` (``p_k = n_k / sum n``) or ``uniform`` (``p_k = 1/K``).
     scaling : float
         LoRA scale ``s`` of the adapters (for the aggregation-error diagnostic).
+    max_update_norm_ratio : float
+        Reject an update whose norm exceeds this multiple of the round's median
+        update norm (0 disables; needs 3 or more updates).
     """
 
     name = "fedavg_lora"
 
     def __init__(self, *, weighting: str = "num_examples", scaling: float = 1.0,
-                 **fedavg_kwargs: Any) -> None:
+                 max_update_norm_ratio: float = 0.0, **fedavg_kwargs: Any) -> None:
         super().__init__(**fedavg_kwargs)
+        self.max_update_norm_ratio = float(max_update_norm_ratio)
         client_weights([1.0], weighting)  # validates the name early
         self.weighting = weighting
         self.scaling = float(scaling)
@@ -104,33 +109,35 @@ class FedAvgLoRA(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate the valid replies with :meth:`aggregate_states`; record metrics."""
+        """Aggregate the valid replies with :meth:`aggregate_states`; record metrics.
+
+        Error replies count as failures; replies without arrays are clients that
+        declined (privacy budget); malformed updates are rejected with their reason.
+        """
         replies = list(replies)
-        ok = [m for m in replies if not m.has_error()]
-        failed = [m for m in replies if m.has_error()]
         entry = self.round_log.setdefault(server_round, {})
+        ok = [m for m in replies if not m.has_error()]
         entry.update(
-            clients=len(ok), failures=len(failed),
+            failures=len(replies) - len(ok),
             failure_reasons=[{"node": m.metadata.src_node_id, "reason": m.error.reason}
-                             for m in failed],
-            bytes_up=sum(payload_bytes(m.content) for m in ok),
-        )
-        for m in failed:
-            log.warning("aggregate_train: node %s failed: %s",
-                        m.metadata.src_node_id, m.error.reason)
+                             for m in replies if m.has_error()],
+            bytes_up=sum(payload_bytes(m.content) for m in ok))
+        for failure in entry["failure_reasons"]:
+            log.warning("aggregate_train: node %s failed: %s", failure["node"],
+                        failure["reason"])
         self._record_privacy(entry, ok)
-        declined = [m for m in ok if KEY_ARRAYS not in m.content]
-        ok = [m for m in ok if KEY_ARRAYS in m.content]
-        entry["clients"] = len(ok)
-        entry["declined"] = [{"partition-id": m.content[KEY_METRICS].get("partition-id"),
-                              "reason": m.content[KEY_CONFIG].get("reason", "")}
-                             for m in declined]
-        if not ok:
-            log.warning("aggregate_train: no client trained in round %s; the global "
+        entry["declined"] = [
+            {"partition-id": m.content[KEY_METRICS].get("partition-id"),
+             "reason": (m.content[KEY_CONFIG].get("reason", "")
+                        if KEY_CONFIG in m.content else "")}
+            for m in ok if self._declined(m)]
+        states, client_metrics = self._accepted(
+            [m for m in ok if not self._declined(m)], entry)
+        entry["clients"] = len(states)
+        if not states:
+            log.warning("aggregate_train: no usable update in round %s; the global "
                         "adapter is unchanged", server_round)
             return None, None
-        states = [record_to_state(m.content[KEY_ARRAYS]) for m in ok]
-        client_metrics = [dict(m.content[KEY_METRICS]) for m in ok]
         weights = client_weights([c[KEY_NUM_EXAMPLES] for c in client_metrics],
                                  self.weighting)
         new = self.aggregate_states(states, weights)
@@ -148,12 +155,49 @@ class FedAvgLoRA(FedAvg):
         return state_to_record(new), MetricRecord(
             {"train_loss": train_loss, "aggregation_error": overall})
 
+    @staticmethod
+    def _declined(msg: Message) -> bool:
+        return (KEY_ARRAYS not in msg.content and KEY_METRICS in msg.content
+                and bool(msg.content[KEY_METRICS].get("declined")))
+
+    def _accepted(self, replies: list[Message], entry: dict[str, Any]
+                  ) -> tuple[list[State], list[dict[str, Any]]]:
+        """Decode and check every reply; keep the well-formed ones, record the rest."""
+        expected = {k: v.shape for k, v in self._sent.items()}
+        decoded: list[tuple[int, State, dict[str, Any]]] = []
+        rejected: list[dict[str, Any]] = []
+        for m in replies:
+            node = m.metadata.src_node_id
+            try:  # whatever the bytes, decoding must not take the server down
+                state = record_to_state(m.content[KEY_ARRAYS])
+                metrics = dict(m.content[KEY_METRICS])
+                reason = check_update(state, expected, metrics.get(KEY_NUM_EXAMPLES))
+            except Exception as exc:  # noqa: BLE001 - any malformed payload
+                reason = f"undecodable reply: {type(exc).__name__}: {exc}"
+            if reason is None:
+                decoded.append((node, state, metrics))
+            else:
+                rejected.append({"node": node, "reason": reason})
+        outliers = update_norm_outliers([s for _, s, _ in decoded], self._sent,
+                                        self.max_update_norm_ratio)
+        for (node, _, _), reason in zip(decoded, outliers):
+            if reason is not None:
+                rejected.append({"node": node, "reason": reason})
+        kept = [d for d, reason in zip(decoded, outliers) if reason is None]
+        for r in rejected:
+            log.warning("aggregate_train: update of node %s rejected: %s", r["node"],
+                        r["reason"])
+        entry["rejected"] = rejected
+        return [s for _, s, _ in kept], [m for _, _, m in kept]
+
     def _record_privacy(self, entry: dict[str, Any], replies: list[Message]) -> None:
         """Keep each client's latest reported epsilon (DP-SGD) in the round log."""
         for m in replies:
-            metrics = m.content[KEY_METRICS]
-            if "epsilon" in metrics:
+            try:
+                metrics = m.content[KEY_METRICS]
                 self.epsilon[int(metrics["partition-id"])] = float(metrics["epsilon"])
+            except (KeyError, TypeError, ValueError):  # no DP, or a malformed reply
+                continue
         if self.epsilon:
             entry["epsilon"] = {str(k): v for k, v in sorted(self.epsilon.items())}
             entry["epsilon_max"] = max(self.epsilon.values())

@@ -1,0 +1,172 @@
+"""Benchmark: the cost and the utility of DP-SGD.
+
+1. **DP overhead**: local training time of our DP-SGD client (Opacus, hooks) over the
+   same trainer without DP, same model (MiniLM, LoRA r=8 on query/value + head), same
+   SST-2 examples and batches (Poisson sampling off for the comparison), in this
+   process: the ratio ``t_dp / t_plain``.
+2. **Privacy-utility sweep**: SST-2, MiniLM, 3 clients, Dirichlet(0.5), for
+   target epsilon in {1, 3, 8} and no DP, strategies FedAvg-LoRA, FFA-LoRA and Fed-SB
+   (``init=random_orthogonal`` in every arm: a data-free init keeps the arms
+   comparable and the DP ones private), seeds 0..S-1; one Hydra multirun per arm.
+   Reported: mean and standard deviation over seeds of the final dev accuracy.
+
+    HF_HUB_OFFLINE=1 python -m experiments.bench_privacy [--seeds 3] [--out results/bench_privacy.json]
+    HF_HUB_OFFLINE=1 python -m experiments.bench_privacy --quick   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from experiments.report import load_runs
+from experiments.server_app import compose, settings
+from fedlora import privacy
+from fedlora.build import build
+from fedlora.data import client_examples
+from fedlora.train import train_local
+
+REPO = Path(__file__).resolve().parent.parent
+STRATEGIES = ["fedavg_lora", "ffa_lora", "fedsb"]
+EPSILONS = [1.0, 3.0, 8.0]
+
+
+def common(data: Path, quick: bool) -> list[str]:
+    """Overrides shared by every run of the sweep."""
+    size = (["data.max_train_examples=150", "data.max_eval_examples=64",
+             "federation.rounds=1"] if quick else
+            ["data.max_train_examples=1500", "federation.rounds=3"])
+    return ["data=sst2", f"data.path={data}", "data.client_eval_fraction=0",
+            "federation.num_clients=3", "federation.min_train_clients=3",
+            "federation.fraction_evaluate=0", "partition.type=dirichlet",
+            "partition.alpha=0.5", "partition.min_partition_size=20", "quiet=true",
+            *size]
+
+
+def dp_overhead(data: Path, n: int, threads: int) -> dict[str, float]:
+    """Seconds of one local epoch without and with DP-SGD, and their ratio."""
+    torch.set_num_threads(threads)
+    plain = settings(compose(common(data, True) + [
+        f"data.max_train_examples={n}", "privacy=dp_sgd", "privacy.poisson_sampling=false"]))
+    plain["train"]["device"] = "cpu"
+    times = {}
+    for mode in ("plain", "dp"):
+        model, tok = build(plain)
+        examples, _ = client_examples(plain, tok, 0, 1)
+        t0 = time.perf_counter()
+        if mode == "plain":
+            train_local(model, examples, plain["train"], torch.device("cpu"),
+                        tok.pad_token_id, seed=0)
+        else:
+            p = privacy.plan(plain["privacy"], plain["train"], len(examples), 1)
+            privacy.train_local_dp(model, examples, plain["train"], plain["privacy"], p,
+                                   privacy.make_accountant(p.accountant),
+                                   torch.device("cpu"), tok.pad_token_id, seed=0)
+        times[mode] = time.perf_counter() - t0
+    return {"examples": n, "threads": threads, "plain_s": times["plain"],
+            "dp_s": times["dp"], "ratio_dp_over_plain": times["dp"] / times["plain"]}
+
+
+def sweep(data: Path, out: Path, seeds: int, quick: bool) -> dict[str, list[float]]:
+    """One multirun per privacy arm; returns final accuracies per (strategy, arm)."""
+    arms = {"none": ["privacy=none"]}
+    for eps in EPSILONS[:1] if quick else EPSILONS:
+        arms[f"eps={eps:g}"] = ["privacy=dp_sgd", f"privacy.target_epsilon={eps}"]
+    accs: dict[str, list[float]] = {}
+    for arm, extra in arms.items():
+        arm_dir = out / arm
+        for strategy in STRATEGIES:  # one multirun each: only Fed-SB has strategy.init
+            run_dir = arm_dir / strategy
+            if any(run_dir.rglob("summary.json")):  # resumable: finished runs stay
+                continue
+            init = ["strategy.init=random_orthogonal"] if strategy == "fedsb" else []
+            cmd = [sys.executable, "-m", "experiments.run", "-m", f"strategy={strategy}",
+                   f"federation.seed={','.join(str(s) for s in range(seeds))}",
+                   *common(data, quick), *init, *extra, f"hydra.sweep.dir={run_dir}"]
+            print(f"[bench] {arm} {strategy}: {seeds} runs", flush=True)
+            subprocess.run(cmd, cwd=REPO, check=True,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        for name, runs in load_runs(arm_dir).items():
+            accs[f"{name} | {arm}"] = [r["summary"]["final_eval_accuracy"] for r in runs]
+    return accs
+
+
+def report(accs: dict[str, list[float]]) -> str:
+    """Markdown table: strategy x privacy arm, mean +- std of final dev accuracy."""
+    arms = sorted({k.split(" | ")[1] for k in accs}, key=lambda a: (a != "none", a))
+    lines = ["| strategy | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
+    for s in STRATEGIES:
+        cells = []
+        for a in arms:
+            v = np.asarray(accs.get(f"{s} | {a}", []), float) * 100
+            cells.append("-" if v.size == 0 else
+                         f"{v.mean():.1f} ± {v.std(ddof=1) if v.size > 1 else 0:.1f}")
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(accs: dict[str, list[float]], path: Path) -> None:
+    """Accuracy vs epsilon (no DP drawn at the right), mean +- std per strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for s in STRATEGIES:
+        xs, means, stds = [], [], []
+        for a in sorted({k.split(" | ")[1] for k in accs if k.startswith(s + " |")}):
+            v = np.asarray(accs[f"{s} | {a}"]) * 100
+            xs.append(32.0 if a == "none" else float(a.split("=")[1]))
+            means.append(v.mean())
+            stds.append(v.std(ddof=1) if v.size > 1 else 0.0)
+        order = np.argsort(xs)
+        ax.errorbar(np.array(xs)[order], np.array(means)[order], np.array(stds)[order],
+                    marker="o", capsize=3, label=s)
+    ax.set_xscale("log")
+    ax.set_xlabel("target epsilon (32 = no DP)")
+    ax.set_ylabel("final dev accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    """Run both measurements, print and save them."""
+    ap = argparse.ArgumentParser(description="DP overhead and privacy-utility sweep.")
+    ap.add_argument("--data", type=Path, default=REPO.parent / "shared/data/sst2")
+    ap.add_argument("--out", type=Path, default=REPO / "results/bench_privacy.json")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="toy sizes, seconds")
+    ap.add_argument("--overhead-only", action="store_true")
+    args = ap.parse_args()
+    if not args.data.is_dir():
+        raise SystemExit(f"--data {args.data}: no such folder (SST-2 train.tsv/dev.tsv)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"overhead": dp_overhead(args.data, 64 if args.quick else 512,
+                                                      threads=2)}
+    print(f"[bench] DP overhead: {json.dumps(result['overhead'])}", flush=True)
+    if not args.overhead_only:
+        runs_dir = args.out.with_suffix("")
+        accs = sweep(args.data, runs_dir, 2 if args.quick else args.seeds, args.quick)
+        result["final_accuracy"] = accs
+        result["table"] = report(accs)
+        plot(accs, args.out.with_suffix(".png"))
+        print(result["table"])
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"[bench] written: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

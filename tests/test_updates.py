@@ -1,0 +1,145 @@
+"""The server rejects malformed client updates before aggregation, whatever the bytes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedlora.updates import check_update
+from strategies.fedavg_lora import FedAvgLoRA
+from strategies.wire import record_to_state, state_to_record
+
+SHAPES = {"l.lora_A.weight": (2, 6), "l.lora_B.weight": (5, 2), "head.weight": (2, 6)}
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """Messages need a run identity, which Flower's runtime sets; fake one."""
+    for field in ("_run_id", "_task_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, field, 1, raising=False)
+
+
+def state(seed):
+    rng = np.random.default_rng(seed)
+    return {k: rng.standard_normal(v).astype(np.float32) for k, v in SHAPES.items()}
+
+
+def exchange(strategy, global_state, contents):
+    """Send the global state to len(contents) fake nodes; return their replies."""
+    arrays = state_to_record(global_state)
+    strategy._sent = record_to_state(arrays)
+    replies = []
+    for node, content in enumerate(contents, start=1):
+        sent = Message(content=RecordDict({"arrays": arrays}), dst_node_id=node,
+                       message_type="train")
+        reply = Message(content=content, reply_to=sent)
+        reply.metadata.__dict__["_src_node_id"] = node
+        replies.append(reply)
+    return replies
+
+
+def good(seed, n=10):
+    return RecordDict({"arrays": state_to_record(state(seed)),
+                       "metrics": MetricRecord({"num-examples": n, "partition-id": seed})})
+
+
+def test_only_valid_updates_reach_the_global_model():
+    nan = state(2)
+    nan["l.lora_B.weight"][0, 0] = np.nan
+    shape = state(3)
+    shape["head.weight"] = np.zeros((3, 6), np.float32)
+    extra = {**state(4), "sneaky.weight": np.ones(2, np.float32)}
+    contents = [good(0, 10), good(1, 30),
+                RecordDict({"arrays": state_to_record(nan),
+                            "metrics": MetricRecord({"num-examples": 10})}),
+                RecordDict({"arrays": state_to_record(shape),
+                            "metrics": MetricRecord({"num-examples": 10})}),
+                RecordDict({"arrays": state_to_record(extra),
+                            "metrics": MetricRecord({"num-examples": 10})}),
+                RecordDict({"arrays": state_to_record(state(5)),
+                            "metrics": MetricRecord({"num-examples": -3})})]
+    strategy = FedAvgLoRA(min_available_nodes=1)
+    arrays, _ = strategy.aggregate_train(1, exchange(strategy, state(9), contents))
+    out = record_to_state(arrays)
+    for k in SHAPES:  # the example-weighted mean of the two valid updates
+        np.testing.assert_allclose(out[k], 0.25 * state(0)[k] + 0.75 * state(1)[k],
+                                   rtol=1e-6)
+    reasons = [r["reason"] for r in strategy.round_log[1]["rejected"]]
+    assert len(reasons) == 4 and strategy.round_log[1]["clients"] == 2
+    assert any("NaN" in r for r in reasons) and any("shape" in r for r in reasons)
+    assert any("unexpected ['sneaky.weight']" in r for r in reasons)
+    assert any("num-examples" in r for r in reasons)
+
+
+def test_update_norm_outlier_is_rejected_when_enabled():
+    big = {k: v * 1000 for k, v in state(7).items()}
+    contents = [good(s) for s in range(4)] + [
+        RecordDict({"arrays": state_to_record(big),
+                    "metrics": MetricRecord({"num-examples": 10})})]
+    strategy = FedAvgLoRA(min_available_nodes=1, max_update_norm_ratio=5.0)
+    strategy.aggregate_train(1, exchange(strategy, state(9), contents))
+    assert [r["node"] for r in strategy.round_log[1]["rejected"]] == [5]
+
+
+def garbage_contents(rng):
+    """Random and truncated payloads, in many shapes."""
+    n = rng.integers(0, 4)
+    kind = rng.integers(0, 8)
+    if kind == 0:  # random bytes posing as an array
+        arr = Array(dtype="float32", shape=(2, 6), stype="numpy.ndarray",
+                    data=rng.bytes(int(rng.integers(0, 80))))
+        return RecordDict({"arrays": ArrayRecord({"l.lora_A.weight": arr}),
+                           "metrics": MetricRecord({"num-examples": 5})})
+    if kind == 1:  # a real array, truncated
+        real = Array(state(int(n))["l.lora_A.weight"])
+        cut = Array(dtype=real.dtype, shape=real.shape, stype=real.stype,
+                    data=real.data[: int(rng.integers(0, len(real.data)))])
+        return RecordDict({"arrays": ArrayRecord({**{k: Array(v) for k, v in
+                                                     state(1).items()},
+                                                  "l.lora_A.weight": cut}),
+                           "metrics": MetricRecord({"num-examples": 5})})
+    if kind == 2:  # no metrics
+        return RecordDict({"arrays": state_to_record(state(1))})
+    if kind == 3:  # wrong dtype
+        ints = {k: np.ones(v, np.int64) for k, v in SHAPES.items()}
+        return RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in ints.items()}),
+                           "metrics": MetricRecord({"num-examples": 5})})
+    if kind == 4:  # absurd or non-integer example counts
+        count = [0, 10**12, 2.5, -1][int(n)]
+        return RecordDict({"arrays": state_to_record(state(1)),
+                           "metrics": MetricRecord({"num-examples": count})})
+    if kind == 5:  # random shapes
+        shaped = {k: rng.standard_normal(tuple(int(x) for x in rng.integers(1, 5, 2)))
+                  .astype(np.float32) for k in SHAPES}
+        return RecordDict({"arrays": state_to_record(shaped),
+                           "metrics": MetricRecord({"num-examples": 5})})
+    if kind == 6:  # Inf
+        bad = state(1)
+        bad["head.weight"][1, 1] = np.inf
+        return RecordDict({"arrays": state_to_record(bad),
+                           "metrics": MetricRecord({"num-examples": 5})})
+    return RecordDict({"config": ConfigRecord({"x": "y"}),  # wrong records entirely
+                       "metrics": MetricRecord({"num-examples": 5})})
+
+
+def test_fuzzed_payloads_never_crash_the_server_and_are_all_rejected():
+    rng = np.random.default_rng(0)
+    strategy = FedAvgLoRA(min_available_nodes=1)
+    for round_ in range(1, 301):
+        contents = [garbage_contents(rng) for _ in range(2)]
+        arrays, _ = strategy.aggregate_train(round_, exchange(strategy, state(9),
+                                                              contents))
+        assert arrays is None  # nothing reached the global model
+        assert len(strategy.round_log[round_]["rejected"]) == 2
+
+
+def test_check_update_accepts_a_well_formed_update():
+    assert check_update(state(0), SHAPES, 12) is None
+    assert "integer" in check_update(state(0), SHAPES, True)
+
+
+def test_fedavg_is_flowers_base():
+    assert issubclass(FedAvgLoRA, FedAvg)
