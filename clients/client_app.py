@@ -2,7 +2,8 @@
 
 Everything a client needs arrives in each message (the experiment settings as JSON
 under ``config["fedlora"]``); the node itself only says which partition it holds
-(``node_config``: ``partition-id``, ``num-partitions``, optionally ``data-path``).
+(``node_config``: ``partition-id``, ``num-partitions``, optionally ``data-path``) and,
+in a deployment, its data location ``data-dir``, where tokenised partitions are cached.
 """
 
 from __future__ import annotations
@@ -66,6 +67,12 @@ def _setup(msg: Message, context: Context) -> tuple[Any, ...]:
     return cfg, model, tokenizer, device, pid, num_parts
 
 
+def _cache_dir(context: Context) -> str | None:
+    """``<data-dir>/cache`` when the node config names a data location, else None."""
+    data_dir = context.node_config.get("data-dir")
+    return f"{data_dir}/cache" if data_dir else None
+
+
 def frozen_digest(model: Any) -> int:
     """CRC32 of the frozen LoRA factors: equal on every client iff they agree."""
     crc = 0
@@ -78,7 +85,7 @@ def frozen_digest(model: Any) -> int:
 def train(msg: Message, context: Context) -> Message:
     """Train the global adapter on this node's partition; reply with trained parts."""
     cfg, model, tokenizer, device, pid, num_parts = _setup(msg, context)
-    examples, _ = client_examples(cfg, tokenizer, pid, num_parts)
+    examples, _ = client_examples(cfg, tokenizer, pid, num_parts, _cache_dir(context))
     if msg.content[KEY_CONFIG].get(KEY_PHASE) == PHASE_GRADIENT:
         return _gradient_reply(msg, cfg, model, tokenizer, device, examples)
     server_round = int(msg.content[KEY_CONFIG][KEY_ROUND])
@@ -159,7 +166,7 @@ def _gradient_reply(msg: Message, cfg: dict[str, Any], model: Any, tokenizer: An
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global adapter on this node's held-out slice."""
     cfg, model, tokenizer, device, pid, num_parts = _setup(msg, context)
-    _, examples = client_examples(cfg, tokenizer, pid, num_parts)
+    _, examples = client_examples(cfg, tokenizer, pid, num_parts, _cache_dir(context))
     if not examples:
         raise ValueError(f"partition {pid} holds no evaluation examples; raise "
                          "data.client_eval_fraction or set federation.fraction_evaluate=0")

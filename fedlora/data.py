@@ -12,7 +12,9 @@ Partitioning (``partition.*``): ``type`` = ``iid`` | ``dirichlet`` | ``shard``,
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -225,8 +227,10 @@ def tokenise(table: pd.DataFrame, tokenizer: Any, data_cfg: dict[str, Any],
 
 
 def client_examples(cfg: dict[str, Any], tokenizer: Any, partition_id: int,
-                    num_partitions: int) -> tuple[list[Example], list[Example]]:
-    """``(train, local_eval)`` tokenised examples of one client, cached in-process.
+                    num_partitions: int, cache_dir: str | Path | None = None
+                    ) -> tuple[list[Example], list[Example]]:
+    """``(train, local_eval)`` tokenised examples of one client, cached in-process
+    (and in ``cache_dir`` when given: a deployment's fresh ClientApp processes).
 
     The partition is computed from the shared seeds, so every process agrees on it;
     ``data.client_eval_fraction`` of it is held out for federated evaluation.
@@ -234,6 +238,9 @@ def client_examples(cfg: dict[str, Any], tokenizer: Any, partition_id: int,
     key = json.dumps([cfg["data"], cfg["partition"], cfg["model"]["name"],
                       cfg["model"]["task"], cfg["train"]["max_length"], partition_id,
                       num_partitions], sort_keys=True, default=str)
+    cached = read_cache(cache_dir, key) if cache_dir and key not in _TOKENISED else None
+    if cached is not None:
+        _TOKENISED[key] = (cached[0], cached[1])
     if key not in _TOKENISED:
         train, _ = load_splits(cfg["data"])
         task = cfg["model"]["task"]
@@ -247,7 +254,35 @@ def client_examples(cfg: dict[str, Any], tokenizer: Any, partition_id: int,
         examples = tokenise(rows, tokenizer, cfg["data"], task,
                             int(cfg["train"]["max_length"]))
         _TOKENISED[key] = (examples[n_eval:], examples[:n_eval])
+        if cache_dir:
+            write_cache(cache_dir, key, _TOKENISED[key])
     return _TOKENISED[key]
+
+
+def read_cache(cache_dir: str | Path, key: str) -> Any:
+    """The value :func:`write_cache` stored under ``key`` in ``cache_dir``, or None."""
+    path = _cache_file(cache_dir, key)
+    if not path.is_file():
+        return None
+    entry = json.loads(path.read_text())
+    return entry["value"] if entry.get("key") == key else None
+
+
+def write_cache(cache_dir: str | Path, key: str, value: Any) -> None:
+    """Store a JSON-able ``value`` as ``<cache_dir>/tokenised-<sha256(key)>.json``.
+
+    Written to a temporary file and renamed, so a reader never sees half a file.
+    """
+    path = _cache_file(cache_dir, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"key": key, "value": value}))
+    os.replace(tmp, path)
+
+
+def _cache_file(cache_dir: str | Path, key: str) -> Path:
+    digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+    return Path(cache_dir).expanduser() / f"tokenised-{digest}.json"
 
 
 def server_examples(cfg: dict[str, Any], tokenizer: Any) -> list[Example]:
