@@ -89,6 +89,10 @@ def train(msg: Message, context: Context) -> Message:
     if msg.content[KEY_CONFIG].get(KEY_PHASE) == PHASE_GRADIENT:
         return _gradient_reply(msg, cfg, model, tokenizer, device, examples)
     server_round = int(msg.content[KEY_CONFIG][KEY_ROUND])
+    faults = cfg.get("faults") or {}
+    if faults.get("raise_partition") == pid and server_round % int(
+            faults.get("raise_every", 1)) == 0:
+        raise RuntimeError(f"injected fault: partition {pid}, round {server_round}")
     seed = int(cfg["federation"]["seed"]) * 100_003 + server_round * 1_009 + pid
     extra: dict[str, Any] = {}
     if cfg["privacy"]["mode"] == "dp_sgd":

@@ -7,6 +7,7 @@ Tuning" (FedIT), https://arxiv.org/abs/2305.05644.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -53,14 +54,21 @@ class FedAvgLoRA(FedAvg):
     max_update_norm_ratio : float
         Reject an update whose norm exceeds this multiple of the round's median
         update norm (0 disables; needs 3 or more updates).
+    min_replies : int
+        Usable updates a round needs; with fewer, the global adapter is kept.
+    max_failed_rounds : int
+        Consecutive rounds below ``min_replies`` after which the run stops.
     """
 
     name = "fedavg_lora"
 
     def __init__(self, *, weighting: str = "num_examples", scaling: float = 1.0,
-                 max_update_norm_ratio: float = 0.0, **fedavg_kwargs: Any) -> None:
+                 max_update_norm_ratio: float = 0.0, min_replies: int = 1,
+                 max_failed_rounds: int = 3, **fedavg_kwargs: Any) -> None:
         super().__init__(**fedavg_kwargs)
         self.max_update_norm_ratio = float(max_update_norm_ratio)
+        self.min_replies, self.max_failed_rounds = int(min_replies), int(max_failed_rounds)
+        self._failed_rounds = 0  # consecutive rounds with too few usable updates
         client_weights([1.0], weighting)  # validates the name early
         self.weighting = weighting
         self.scaling = float(scaling)
@@ -117,10 +125,13 @@ class FedAvgLoRA(FedAvg):
         replies = list(replies)
         entry = self.round_log.setdefault(server_round, {})
         ok = [m for m in replies if not m.has_error()]
+        missing = max(entry.get("clients_sampled", 0) - len(replies), 0)
         entry.update(
-            failures=len(replies) - len(ok),
-            failure_reasons=[{"node": m.metadata.src_node_id, "reason": m.error.reason}
-                             for m in replies if m.has_error()],
+            failures=len(replies) - len(ok) + missing,
+            failure_reasons=[{"node": m.metadata.src_node_id, "reason": m.error.reason,
+                              "time": time.time()} for m in replies if m.has_error()]
+            + [{"node": None, "reason": "no reply within federation.round_timeout",
+                "time": time.time()}] * missing,
             bytes_up=sum(payload_bytes(m.content) for m in ok))
         for failure in entry["failure_reasons"]:
             log.warning("aggregate_train: node %s failed: %s", failure["node"],
@@ -134,10 +145,20 @@ class FedAvgLoRA(FedAvg):
         states, client_metrics = self._accepted(
             [m for m in ok if not self._declined(m)], entry)
         entry["clients"] = len(states)
-        if not states:
-            log.warning("aggregate_train: no usable update in round %s; the global "
-                        "adapter is unchanged", server_round)
+        if len(states) < max(self.min_replies, 1):
+            self._failed_rounds += 1
+            if self._failed_rounds >= self.max_failed_rounds:
+                raise RuntimeError(
+                    f"round {server_round}: {len(states)} usable updates, fewer than "
+                    f"federation.min_replies={self.min_replies}, for "
+                    f"{self._failed_rounds} rounds in a row; stopping. See "
+                    "failure_reasons/rejected in metrics.jsonl; lower "
+                    "federation.min_replies or fix the clients.")
+            log.warning("aggregate_train: %s usable updates in round %s (< %s); the "
+                        "global adapter is unchanged", len(states), server_round,
+                        self.min_replies)
             return None, None
+        self._failed_rounds = 0
         weights = client_weights([c[KEY_NUM_EXAMPLES] for c in client_metrics],
                                  self.weighting)
         new = self.aggregate_states(states, weights)
@@ -184,6 +205,8 @@ class FedAvgLoRA(FedAvg):
             if reason is not None:
                 rejected.append({"node": node, "reason": reason})
         kept = [d for d, reason in zip(decoded, outliers) if reason is None]
+        # a fixed order (by partition) makes the float sums independent of arrival
+        kept.sort(key=lambda d: (str(d[2].get("partition-id")), d[0]))
         for r in rejected:
             log.warning("aggregate_train: update of node %s rejected: %s", r["node"],
                         r["reason"])

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -91,28 +92,36 @@ def settings(tiny_bert: Path) -> dict[str, Any]:
 REPO = Path(__file__).resolve().parent.parent
 
 
-def ray_processes() -> int:
-    """Number of Ray daemons running on this machine."""
-    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    return sum(("raylet" in line or "gcs_server" in line) for line in out.splitlines())
+def processes_in_group(pgid: int) -> list[str]:
+    """Command lines of the processes still in process group ``pgid``."""
+    out = subprocess.run(["ps", "-eo", "pgid=,args="], capture_output=True,
+                         text=True).stdout
+    return [line for line in out.splitlines() if line.split(None, 1)[0] == str(pgid)]
 
 
 def run_front_door(out: Path, model: Path, *overrides: str) -> list[dict[str, Any]]:
     """``python -m experiments.run`` on a tiny model: 3 clients x 2 rounds.
 
-    Asserts it succeeded, showed progress and left no Ray process; returns the rows
+    Asserts it succeeded, showed progress and left no process behind; returns the rows
     of ``metrics.jsonl``.
     """
-    before = ray_processes()
     cmd = [sys.executable, "-m", "experiments.run", f"hydra.run.dir={out}",
            f"model.name={model}", "federation.num_clients=3", "federation.rounds=2",
            "data.num_examples=240", "data.num_eval_examples=60", "train.lr=5e-3",
            "train.batch_size=16", "simulation.client_num_cpus=1", "quiet=true",
            *overrides]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "[fedlora] round 2/2" in proc.stdout  # progress is shown
-    assert ray_processes() <= before, "Ray processes outlived the run"
+    with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:  # its own process group
+        stdout, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert "[fedlora] round 2/" in stdout  # progress is shown
+    assert "[fedlora] summary" in stdout
+    # Ray's daemons and workers join the run's process group: none may outlive the
+    # run (workers get a few seconds to finish exiting after ray.shutdown)
+    deadline = time.monotonic() + 20
+    while processes_in_group(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not processes_in_group(proc.pid), processes_in_group(proc.pid)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -127,7 +127,7 @@ def garbage_contents(rng):
 
 def test_fuzzed_payloads_never_crash_the_server_and_are_all_rejected():
     rng = np.random.default_rng(0)
-    strategy = FedAvgLoRA(min_available_nodes=1)
+    strategy = FedAvgLoRA(min_available_nodes=1, max_failed_rounds=10**6)
     for round_ in range(1, 301):
         contents = [garbage_contents(rng) for _ in range(2)]
         arrays, _ = strategy.aggregate_train(round_, exchange(strategy, state(9),
@@ -143,3 +143,13 @@ def test_check_update_accepts_a_well_formed_update():
 
 def test_fedavg_is_flowers_base():
     assert issubclass(FedAvgLoRA, FedAvg)
+
+
+def test_too_few_usable_updates_keep_the_model_then_stop_the_run_clearly():
+    strategy = FedAvgLoRA(min_available_nodes=1, min_replies=2, max_failed_rounds=2)
+    assert strategy.aggregate_train(1, exchange(strategy, state(9), [good(0)]))[0] is None
+    ok, _ = strategy.aggregate_train(2, exchange(strategy, state(9), [good(0), good(1)]))
+    assert ok is not None  # the counter resets after a good round
+    strategy.aggregate_train(3, exchange(strategy, state(9), [good(0)]))
+    with pytest.raises(RuntimeError, match="federation.min_replies=2"):
+        strategy.aggregate_train(4, exchange(strategy, state(9), [good(0)]))

@@ -1,0 +1,209 @@
+"""Deployment pieces that need no running federation: the compose file against the
+launcher's commands, the certificate script, the tokenisation cache, process cleanup.
+(End-to-end deployments: test_deploy_e2e.py.)"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from experiments import deploy
+from tests.conftest import REPO
+
+COMPOSE = REPO / "docker-compose.yml"
+AUTH = REPO / "deploy" / "compose.auth.yml"
+FILES = {"--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--root-certificates",
+         "--auth-supernode-private-key"}  # compared by file name
+ADDRESSES = {"--fleet-api-address", "--superlink", "--runtime-api-address"}  # by port
+PROGRAMS = {"flwr/superlink": "flower-superlink", "flwr/supernode": "flower-supernode",
+            "fedlora-app": "flower-superexec"}
+
+
+def compose_services(*files: Path) -> dict[str, dict]:
+    """The services of compose files merged as docker-compose does for ``command``."""
+    services: dict[str, dict] = {}
+    for path in files:
+        for name, svc in yaml.safe_load(path.read_text())["services"].items():
+            services.setdefault(name, {}).update(svc)
+    return services
+
+
+def normalised(argv: list[str]) -> dict[str, object]:
+    """``{flag: value}`` with what differs between hosts masked: paths keep their
+    file name, addresses their port, node configs their keys."""
+    out: dict[str, object] = {}
+    i = 0
+    while i < len(argv):
+        flag = argv[i]
+        value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") \
+            else None
+        i += 1 if value is None else 2
+        if flag in FILES:
+            value = Path(str(value)).name
+        elif flag in ADDRESSES:
+            value = str(value).rsplit(":", 1)[1]
+        elif flag == "--host":
+            value = "<host>"
+        elif flag == "--node-config":
+            value = sorted(kv.split("=")[0] for kv in str(value).split())
+        out[flag] = value
+    return out
+
+
+@pytest.mark.parametrize("auth", [False, True], ids=["tls", "tls+auth"])
+def test_deploy_compose_services_run_the_launchers_commands(auth):
+    files = (COMPOSE, AUTH) if auth else (COMPOSE,)
+    services = compose_services(*files)
+    plan = deploy.Plan(Path("/w"), 2, tls=True, auth=auth, fleet_port=9092,
+                       control_port=9093, node_ports=[9094, 9095])
+    launcher = deploy.commands(plan)
+    assert sorted(services) == sorted(launcher)
+    for name, svc in services.items():
+        image = svc["image"].split(":")[0]
+        assert PROGRAMS[image] == launcher[name][0], name
+        assert normalised([str(a) for a in svc["command"]]) == \
+            normalised(launcher[name][1:]), name
+
+
+def test_deploy_images_use_the_installed_flower_version():
+    import flwr
+
+    services = compose_services(COMPOSE)
+    tags = {re.sub(r"^.*:\$\{FLWR_VERSION:-(.+)\}$", r"\1", svc["image"])
+            for svc in services.values() if svc["image"].startswith("flwr/")}
+    assert tags == {flwr.__version__}
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert f"ARG FLWR_VERSION={flwr.__version__}" in dockerfile
+    assert "FROM flwr/superexec:${FLWR_VERSION}" in dockerfile
+
+
+@pytest.mark.skipif(not shutil.which("docker-compose"),
+                    reason="needs docker-compose (CI installs the Debian package)")
+@pytest.mark.parametrize("auth", [False, True], ids=["tls", "tls+auth"])
+def test_deploy_docker_compose_config_is_valid(auth):
+    files = ["-f", str(COMPOSE)] + (["-f", str(AUTH)] if auth else [])
+    proc = subprocess.run(["docker-compose", *files, "config"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    config = yaml.safe_load(proc.stdout)
+    assert config["services"]["superlink"]["image"].startswith("flwr/superlink:")
+    assert ("--enable-supernode-auth" in config["services"]["superlink"]["command"]) \
+        == auth
+
+
+@pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")),
+                    reason="needs openssl and ssh-keygen")
+def test_deploy_certs_script_makes_a_ca_signed_certificate_and_node_keys(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import (
+        load_ssh_private_key,
+        load_ssh_public_key,
+    )
+
+    subprocess.run(["bash", str(REPO / "deploy" / "certs.sh"), "-o", str(tmp_path),
+                    "-n", "3", "10.9.8.7", "link.example"], check=True, timeout=60,
+                   capture_output=True)
+    verify = subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "ca.crt"),
+                             str(tmp_path / "superlink.crt")], capture_output=True,
+                            text=True)
+    assert verify.returncode == 0, verify.stderr
+    san = subprocess.run(["openssl", "x509", "-noout", "-ext", "subjectAltName", "-in",
+                          str(tmp_path / "superlink.crt")], capture_output=True,
+                         text=True).stdout
+    for name in ("DNS:superlink", "DNS:localhost", "IP Address:127.0.0.1",
+                 "IP Address:10.9.8.7", "DNS:link.example"):
+        assert name in san
+    for i in range(3):
+        public = load_ssh_public_key((tmp_path / f"supernode-{i}.pub").read_bytes())
+        private = load_ssh_private_key((tmp_path / f"supernode-{i}").read_bytes(), None)
+        assert isinstance(public, ec.EllipticCurvePublicKey)
+        assert public.curve.name == "secp384r1"  # what `flwr supernode register` takes
+        assert private.public_key() == public
+        assert (tmp_path / f"supernode-{i}").stat().st_mode & 0o077 == 0  # private
+
+
+def test_deploy_tokenised_partitions_are_cached_at_the_data_location(
+        settings, tmp_path, monkeypatch):
+    from fedlora import data
+    from fedlora.models import load_tokenizer
+
+    tok = load_tokenizer(settings["model"])
+    first = data.client_examples(settings, tok, 1, 2, tmp_path)
+    assert len(list(tmp_path.glob("tokenised-*.json"))) == 1
+    data._TOKENISED.clear()  # what a fresh ClientApp process starts with
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a cached partition was loaded or tokenised again")
+
+    monkeypatch.setattr(data, "load_splits", no_work)
+    monkeypatch.setattr(data, "tokenise", no_work)
+    assert data.client_examples(settings, tok, 1, 2, tmp_path) == first
+    data._TOKENISED.clear()
+    monkeypatch.undo()
+    other = data.client_examples(settings, tok, 0, 2, tmp_path)  # another key
+    assert other != first and len(list(tmp_path.glob("tokenised-*.json"))) == 2
+
+
+def test_deploy_services_stop_kills_process_groups_and_escaped_children(tmp_path):
+    plan = deploy.Plan(tmp_path, 1)
+    services = deploy.Services(plan)
+    escaped = "import subprocess, time; subprocess.Popen(['sleep', '300'], " \
+              "start_new_session=True); time.sleep(300)"
+    services.start("group", ["sh", "-c", "sleep 300 & sleep 300"])
+    services.start("escaper", [sys.executable, "-c", escaped])
+    services.start("stubborn", ["sh", "-c", "trap '' TERM; sleep 300"])
+    time.sleep(1.0)
+    leaders = [psutil.Process(proc.pid) for proc in services.procs.values()]
+    pids = {p.pid for leader in leaders for p in [leader, *leader.children(True)]}
+    assert len(pids) >= 6
+    services.stop(grace=2.0)
+    alive = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(" ".join(psutil.Process(pid).cmdline()))
+        except psutil.NoSuchProcess:
+            pass
+    assert alive == []
+
+
+def test_deploy_launcher_stops_its_services_on_sigterm_before_they_are_ready(tmp_path):
+    """A launcher told to stop (here: while waiting for SuperNodes that cannot
+    connect) still stops everything it started."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.deploy", "--supernodes", "1", "--work",
+         str(tmp_path), "federation.num_clients=1"], cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "supernode-0.log").exists():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) != 0
+    finally:
+        proc.kill()
+        proc.wait()
+    assert leftovers(tmp_path) == []
+
+
+def leftovers(work: Path) -> list[str]:
+    """Live processes that a launcher started for ``work`` (their ``FLWR_HOME``)."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and \
+                    p.environ().get("FLWR_HOME", "").startswith(str(work)):
+                found.append(f"{p.pid} {' '.join(p.cmdline())}")
+        except psutil.Error:
+            pass
+    return found

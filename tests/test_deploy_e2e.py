@@ -1,0 +1,237 @@
+"""End to end: real deployments (SuperLink + SuperNodes over gRPC) of the experiment
+the simulation runs, on 127.0.0.1, with TLS and SuperNode authentication, and across
+network namespaces. Each final adapter must equal the simulation's."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from experiments import deploy
+from tests.conftest import REPO
+from tests.test_deploy import leftovers
+
+# 2 clients x 2 rounds of FedAvg-LoRA: with two clients the average is the same sum in
+# either reply order, so deployment and simulation must agree bit for bit
+EXPERIMENT = ["federation.num_clients=2", "federation.min_train_clients=2",
+              "federation.rounds=2", "data=synthetic", "data.num_examples=240",
+              "data.num_eval_examples=60", "train.lr=5e-3", "train.batch_size=16"]
+NO_FEDERATED_EVAL = ["federation.fraction_evaluate=0"]  # fewer ClientApp processes;
+# federated evaluation never changes the global adapter
+pytestmark = pytest.mark.slow
+
+
+def adapter(run_dir: Path) -> dict[str, np.ndarray]:
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def assert_same_adapter(run_dir: Path, reference: dict[str, np.ndarray]) -> None:
+    got = adapter(run_dir)
+    assert sorted(got) == sorted(reference)
+    for key, value in reference.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text()
+            .splitlines()]
+
+
+def run_python(args: list[str], work: Path, timeout: float = 420,
+               ok: bool = True) -> str:
+    """``python <args>`` from the repository; its output. On timeout it gets SIGTERM
+    (the launcher then stops its services); whatever it left is killed by PID."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        pytest.fail(f"timed out after {timeout} s:\n{out[-4000:]}")
+    finally:
+        proc.kill()
+        left = leftovers(work)
+        for line in left:
+            os.kill(int(line.split()[0]), signal.SIGKILL)
+    assert left == [], f"processes outlived the launcher: {left}"
+    assert (proc.returncode == 0) == ok, out[-6000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def simulated(tiny_bert, tmp_path_factory) -> dict[str, np.ndarray]:
+    """The final adapter of the same experiment on Flower's simulation engine."""
+    out = tmp_path_factory.mktemp("sim") / "run"
+    run_python(["-m", "experiments.run", f"hydra.run.dir={out}",
+                f"model.name={tiny_bert}", "quiet=true", *EXPERIMENT], out)
+    return adapter(out)
+
+
+def test_deploy_grpc_loopback_completes_and_matches_the_simulation(
+        tiny_bert, simulated, tmp_path):
+    work, out = tmp_path / "work", tmp_path / "run"
+    log = run_python(["-m", "experiments.deploy", "--work", str(work),
+                      "--out", str(out), f"model.name={tiny_bert}", *EXPERIMENT], work)
+    assert "[deploy] finished:completed" in log
+    assert "[fedlora] round 2/2" in log  # the ServerApp's progress, followed live
+    for name in (*deploy.RUN_FILES, "plots/accuracy_vs_mb.png", "deployment.json"):
+        assert (out / name).is_file(), name
+    metrics = rows(out)
+    assert [r["round"] for r in metrics] == [0, 1, 2]
+    for r in metrics[1:]:
+        assert r["clients"] == 2 and r["failures"] == 0
+        assert "federated_eval_accuracy" in r and r["bytes_up"] > 0
+    record = json.loads((out / "deployment.json").read_text())
+    assert record["status"] == "finished:completed"
+    assert "Starting Fleet API (gRPC-rere)" in (work / "superlink.log").read_text()
+    for i in range(2):  # each node tokenised its partition once, then read the cache
+        assert len(list((work / f"node-{i}" / "cache").glob("tokenised-*.json"))) == 1
+    assert_same_adapter(out, simulated)
+
+
+def test_deploy_with_tls_and_supernode_auth_matches_the_simulation(
+        tiny_bert, simulated, tmp_path):
+    work, out = tmp_path / "work", tmp_path / "run"
+    log = run_python(["-m", "experiments.deploy", "--auth", "--work", str(work),
+                      "--out", str(out), f"model.name={tiny_bert}", *EXPERIMENT,
+                      *NO_FEDERATED_EVAL], work)
+    assert "TLS on, auth on" in log and "[deploy] finished:completed" in log
+    link = (work / "superlink.log").read_text()
+    assert "Starting Fleet API (gRPC-rere)" in link
+    assert "running on https://" in link  # Control/Runtime API on TLS too
+    assert link.count("[ControlServicer.RegisterNode] Created node_id") == 2
+    assert "authentication is disabled" not in link and "insecure" not in link.lower()
+    for i in range(2):
+        assert "insecure" not in (work / f"supernode-{i}.log").read_text().lower()
+    assert [r["clients"] for r in rows(out)[1:]] == [2, 2]
+    assert_same_adapter(out, simulated)
+
+
+def test_deploy_refuses_a_supernode_without_registered_key_or_without_the_ca(tmp_path):
+    plan = deploy.Plan(tmp_path, 1, auth=True)
+    services = deploy.Services(plan)
+    try:
+        deploy.start(plan, services)  # SuperLink, registered node 0 connects
+        subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f",
+                        str(tmp_path / "stranger.key")], check=True, timeout=30)
+        node = deploy.commands(plan)["supernode-0"]
+        fleet = node[node.index("--superlink") + 1]
+        ca = ["--root-certificates", str(plan.certs / "ca.crt")]
+        attempts = {
+            "unregistered": [*ca, "--auth-supernode-private-key",
+                             str(tmp_path / "stranger.key")],
+            "without-ca": ["--auth-supernode-private-key",
+                           str(plan.certs / "supernode-0")],
+        }
+        for name, flags in attempts.items():
+            port = deploy.free_ports(1)[0]
+            proc = services.start(name, [
+                "flower-supernode", *flags, "--superlink", fleet, "--isolation",
+                "process", "--host", "127.0.0.1", "--port", str(port),
+                "--max-retries", "1", "--max-wait-time", "20"])
+            assert proc.wait(90) != 0, name
+            assert "SuperNode ID" not in services.log(name).read_text()
+        assert "CERTIFICATE_VERIFY_FAILED" in services.log("without-ca").read_text()
+        link = services.log("superlink").read_text()
+        assert "No SuperNode found with the given public key" in link
+        assert link.count("Activated node_id") == 1  # only the registered node
+    finally:
+        services.stop()
+    assert leftovers(tmp_path) == []
+
+
+LAUNCH = """
+import json, signal, sys
+from pathlib import Path
+from experiments import deploy
+spec = json.loads(sys.argv[1])
+deploy.become_subreaper()
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+plan = deploy.Plan(Path(spec["work"]), **spec["plan"])
+deploy.deploy(spec["overrides"], plan, Path(spec["out"]), timeout=600)
+print("[deploy] finished:completed", flush=True)
+"""  # the launcher with a Plan the command line does not offer
+
+
+def test_deploy_reports_a_failed_run_and_stops_everything(tiny_bert, tmp_path):
+    spec = {"work": str(tmp_path / "work"), "out": str(tmp_path / "run"),
+            "plan": {"num_supernodes": 1},
+            "overrides": [f"model.name={tiny_bert}", "federation.num_clients=1",
+                          "federation.min_train_clients=9"]}  # the ServerApp refuses
+    log = run_python(["-c", LAUNCH, json.dumps(spec)], tmp_path / "work", ok=False)
+    assert "ended finished:failed" in log and "min_train_clients=9" in log
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def namespaces():
+    """Three "hosts": network namespaces ``<tag>-link`` (the SuperLink, on a bridge
+    at 10.251.<k>.1) and ``<tag>-n0``, ``<tag>-n1`` (SuperNodes at .10, .11), plus a
+    veth from this namespace (.254) for ``flwr``. Torn down afterwards."""
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        pytest.skip("needs root and iproute2 (ip netns)")
+    tag, k = f"fl{os.getpid() % 10000}", 1 + os.getpid() % 250
+    link, nodes = f"{tag}-link", [f"{tag}-n{i}" for i in range(2)]
+    net = f"10.251.{k}"
+    try:
+        ip("netns", "add", link)
+        ip("-n", link, "link", "set", "lo", "up")
+        ip("-n", link, "link", "add", "br0", "type", "bridge")
+        ip("-n", link, "addr", "add", f"{net}.1/24", "dev", "br0")
+        ip("-n", link, "link", "set", "br0", "up")
+        ends = [(ns, f"v{tag}n{i}", f"{net}.{10 + i}") for i, ns in enumerate(nodes)]
+        for ns in nodes:
+            ip("netns", "add", ns)
+            ip("-n", ns, "link", "set", "lo", "up")
+        for ns, veth, addr in [*ends, (None, f"v{tag}r", f"{net}.254")]:
+            ip("link", "add", veth, "type", "veth", "peer", "name", veth + "b")
+            ip("link", "set", veth + "b", "netns", link)
+            ip("-n", link, "link", "set", veth + "b", "master", "br0", "up")
+            if ns:
+                ip("link", "set", veth, "netns", ns)
+            where = ["-n", ns] if ns else []
+            ip(*where, "addr", "add", f"{addr}/24", "dev", veth)
+            ip(*where, "link", "set", veth, "up")
+        yield {"host": f"{net}.1", "link": link, "nodes": nodes}
+    finally:
+        for ns in [*nodes, link]:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["ip", "link", "del", f"v{tag}r"], capture_output=True)
+
+
+def test_deploy_across_network_namespaces_matches_the_simulation(
+        tiny_bert, simulated, namespaces, tmp_path):
+    work, out = tmp_path / "work", tmp_path / "run"
+    exe = ["ip", "netns", "exec"]
+    prefix = {"superlink": [*exe, namespaces["link"]],
+              "superexec-serverapp": [*exe, namespaces["link"]]}
+    for i, ns in enumerate(namespaces["nodes"]):
+        prefix[f"supernode-{i}"] = prefix[f"superexec-clientapp-{i}"] = [*exe, ns]
+    spec = {"work": str(work), "out": str(out),
+            "plan": {"num_supernodes": 2, "tls": True, "host": namespaces["host"],
+                     "prefix": prefix},
+            "overrides": [f"model.name={tiny_bert}", *EXPERIMENT, *NO_FEDERATED_EVAL]}
+    log = run_python(["-c", LAUNCH, json.dumps(spec)], work)
+    assert "[deploy] finished:completed" in log
+    link = (work / "superlink.log").read_text()
+    net = namespaces["host"].rsplit(".", 1)[0]
+    assert f"Starting Fleet API (gRPC-rere) on {namespaces['host']}:" in link
+    assert f"{net}.254:" in link  # `flwr` reached the Control API from this host
+    assert link.count("Activated node_id") == 2  # the SuperNodes, from theirs
+    commands = json.loads((out / "deployment.json").read_text())["commands"]
+    assert f"--superlink {namespaces['host']}:" in " ".join(commands["supernode-0"])
+    assert_same_adapter(out, simulated)
