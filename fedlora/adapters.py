@@ -118,10 +118,7 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter
 
 def get_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
     """Copy the trainable tensors out as float32 numpy arrays (the wire state)."""
-    return {
-        k: p.detach().to("cpu", torch.float32).numpy().copy()
-        for k, p in trainable_parameters(model).items()
-    }
+    return _copy_out(trainable_parameters(model))
 
 
 def frozen_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -132,13 +129,20 @@ def frozen_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 def get_frozen_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
     """Copy the frozen LoRA factors out as float32 arrays."""
-    return {k: p.detach().to("cpu", torch.float32).numpy().copy()
-            for k, p in frozen_parameters(model).items()}
+    return _copy_out(frozen_parameters(model))
 
 
 def set_frozen_state(model: torch.nn.Module, state: dict[str, np.ndarray]) -> None:
     """Load frozen LoRA factors (e.g. Fed-SB's ``B`` and ``A``) into ``model``."""
-    params = frozen_parameters(model)
+    _copy_in(frozen_parameters(model), state)
+
+
+def _copy_out(params: dict[str, torch.nn.Parameter]) -> dict[str, np.ndarray]:
+    return {k: p.detach().to("cpu", torch.float32).numpy().copy()
+            for k, p in params.items()}
+
+
+def _copy_in(params: dict[str, torch.nn.Parameter], state: dict[str, Any]) -> None:
     check_state({k: tuple(p.shape) for k, p in params.items()}, state)
     with torch.no_grad():
         for k, p in params.items():
@@ -164,11 +168,7 @@ def check_state(expected: dict[str, tuple[int, ...]], state: dict[str, Any]) -> 
 
 def set_state(model: torch.nn.Module, state: dict[str, np.ndarray]) -> None:
     """Load a wire state into the trainable tensors of ``model`` (in place)."""
-    params = trainable_parameters(model)
-    check_state({k: tuple(p.shape) for k, p in params.items()}, state)
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(torch.as_tensor(np.asarray(state[k]), dtype=p.dtype))
+    _copy_in(trainable_parameters(model), state)
 
 
 def lora_layers(state: dict[str, Any]) -> dict[str, tuple[str, str]]:
