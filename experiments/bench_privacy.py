@@ -6,7 +6,7 @@
    process: the ratio ``t_dp / t_plain``.
 2. **Privacy-utility sweep**: SST-2, MiniLM, 3 clients, Dirichlet(0.5), for
    target epsilon in {1, 3, 8} and no DP, strategies FedAvg-LoRA, FFA-LoRA and Fed-SB
-   (600 training phrases, 3 rounds; ``init=random_orthogonal`` in every arm: a data-free init keeps the arms
+   (600 training phrases, 2 rounds, 400 dev phrases; ``init=random_orthogonal`` in every arm: a data-free init keeps the arms
    comparable and the DP ones private), seeds 0..S-1; one Hydra multirun per arm.
    Reported: mean and standard deviation over seeds of the final dev accuracy.
 
@@ -44,7 +44,8 @@ def common(data: Path, quick: bool) -> list[str]:
     """Overrides shared by every run of the sweep."""
     size = (["data.max_train_examples=150", "data.max_eval_examples=64",
              "federation.rounds=1"] if quick else
-            ["data.max_train_examples=600", "federation.rounds=3"])
+            ["data.max_train_examples=600", "data.max_eval_examples=400",
+             "federation.rounds=2"])
     return ["data=sst2", f"data.path={data}", "data.client_eval_fraction=0",
             "federation.num_clients=3", "federation.min_train_clients=3",
             "federation.fraction_evaluate=0", "partition.type=dirichlet",
