@@ -2,6 +2,9 @@
 
 Composes ``conf/``, checks it, runs the federation on Flower's simulation engine and
 leaves everything in Hydra's output directory (``hydra.run.dir=...``).
+
+``resume=<run dir>`` continues that run from its newest valid checkpoint up to
+``federation.rounds`` (see :func:`experiments.server_app.resume_config`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from experiments.server_app import settings
+from experiments.server_app import resume_config, settings
 from experiments.simulation import simulate
 from fedlora.errors import ConfigError
 from fedlora.validate import validate
@@ -24,8 +27,11 @@ from fedlora.validate import validate
 def main(cfg: DictConfig) -> float | None:
     """Run one experiment; returns the final server accuracy (for sweepers)."""
     # 1. check the configuration before any work
+    #    (a resumed run: the checkpoint's settings, more rounds allowed)
     try:
         validate(settings(cfg))
+        if cfg.get("resume"):
+            cfg = resume_config(cfg, list(HydraConfig.get().overrides.task))
     except ConfigError as exc:
         print(f"[fedlora] configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

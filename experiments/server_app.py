@@ -7,10 +7,12 @@ run config's ``overrides``).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shlex
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fedlora.validate import validate
-from fedlora import results
+from fedlora import checkpoint, results
 from fedlora.adapters import (
     get_frozen_state,
     get_state,
@@ -30,13 +31,19 @@ from fedlora.adapters import (
 )
 from fedlora.build import build
 from fedlora.data import client_examples, server_examples
+from fedlora.errors import ConfigError
 from fedlora.lora_sb import gradient_sums
 from fedlora.models import resolve_device
 from fedlora.train import evaluate
+from fedlora.validate import validate
 from strategies.wire import KEY_EXPERIMENT, record_to_state, state_to_record
 
 log = logging.getLogger("fedlora")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+#: the settings a resumed run may change; all others come from the checkpoint
+RESUMABLE = ("federation.rounds", "federation.round_timeout", "train.device",
+             "simulation", "quiet", "faults", "resume")
+_MISSING = object()
 
 
 def settings(cfg: DictConfig) -> dict[str, Any]:
@@ -45,12 +52,28 @@ def settings(cfg: DictConfig) -> dict[str, Any]:
 
 
 def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Run the federation for ``cfg`` and fill ``run_dir``; return the summary."""
+    """Run the federation for ``cfg`` and fill ``run_dir``; return the summary.
+
+    After every round (and after round 0) a checkpoint goes to
+    ``run_dir/checkpoints/`` (see :mod:`fedlora.checkpoint`). With ``resume`` set to
+    a run directory, the run continues from that directory's newest valid
+    checkpoint up to ``federation.rounds``: the global adapter, the strategy's
+    state and the RNG states are restored, the initialisation (Fed-SB's init
+    round) and round 0's evaluation are not repeated, ``metrics.jsonl`` is reset to
+    the checkpoint's rows and the new rounds keep their real numbers.
+    """
     # 1. the global model, from the shared seed, and the server's evaluation data
     plain = settings(cfg)
+    ckpt = None
+    if plain.get("resume"):
+        ckpt = load_resume_checkpoint(plain["resume"])
+        check_resume(plain, ckpt)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    (run_dir / results.METRICS_FILE).unlink(missing_ok=True)
+    if ckpt is None:
+        (run_dir / results.METRICS_FILE).unlink(missing_ok=True)
+    else:  # drop rows the crashed run wrote after its checkpoint (and torn lines)
+        checkpoint.rewrite_lines(run_dir / results.METRICS_FILE, ckpt.state["metrics"])
     model, tokenizer = build(plain)
     device = resolve_device(plain["train"]["device"])
     model.to(device)
@@ -58,31 +81,43 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     initial = get_state(model)
 
     # 2. the strategy: YAML settings plus runtime values
-    strategy = instantiate(cfg.strategy, scaling=lora_scaling(plain["adapter"]))
+    method = instantiate(cfg.strategy, scaling=lora_scaling(plain["adapter"]))
+    strategy = method
     if "wrapper" in cfg.privacy:  # client-level DP around the strategy
         fed = plain["federation"]
-        sampled = min(fed["num_clients"], max(int(fed["num_clients"] * fed["fraction_train"]),
-                                              fed["min_train_clients"]))
-        strategy = instantiate(cfg.privacy.wrapper, strategy=strategy,
+        sampled = min(fed["num_clients"],
+                      max(int(fed["num_clients"] * fed["fraction_train"]),
+                          fed["min_train_clients"]))
+        strategy = instantiate(cfg.privacy.wrapper, strategy=method,
                                num_sampled_clients=sampled,
                                num_clients=fed["num_clients"],
                                delta=plain["privacy"]["target_delta"])
     rounds = int(plain["federation"]["rounds"])
-    started = time.perf_counter()
+    done = ckpt.round if ckpt is not None else 0
+    previous = ckpt.state["metrics"] if ckpt is not None else []
+    elapsed = (previous[-1].get("wall_time") or 0.0) if previous else 0.0
+    started = time.perf_counter() - elapsed  # wall_time goes on from the checkpoint
 
     # 3. centralised evaluation each round, which also writes the round's metrics
-    def evaluate_fn(server_round: int, arrays: Any) -> MetricRecord:
+    #    and the round's checkpoint
+    def evaluate_fn(server_round: int, arrays: Any) -> MetricRecord | None:
+        if ckpt is not None and server_round == 0:
+            return None  # round 0 was evaluated before the checkpoint
+        server_round += done  # Flower counts the rounds of this process from 1
         set_state(model, record_to_state(arrays))
         metrics = evaluate(model, eval_examples, plain["model"]["task"], device,
                            tokenizer.pad_token_id, plain["train"]["eval_batch_size"])
-        row = {"round": server_round, **metrics, "wall_time": time.perf_counter() - started,
+        row = {"round": server_round, **metrics,
+               "wall_time": time.perf_counter() - started,
                "bytes_up": 0, "bytes_down": 0, "clients": 0, "failures": 0,
                "aggregation_error": None, **strategy.round_log.get(server_round, {})}
         results.append_metrics(run_dir, row)
         _progress(row, rounds)
+        save_checkpoint(run_dir, server_round, arrays, strategy, plain)
         return MetricRecord({k: v for k, v in metrics.items()})
 
-    # 4. the method's initialisation (Fed-SB's init round), then Flower's round loop
+    # 4. the method's initialisation (Fed-SB's init round), or the checkpoint's
+    #    state; then Flower's round loop for the rounds still to run
     train_config = ConfigRecord({KEY_EXPERIMENT: json.dumps(plain)})
 
     def server_gradient() -> dict[str, Any]:  # Fed-SB init=server_data
@@ -91,13 +126,22 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         return gradient_sums(model, calib[:n], plain["train"]["batch_size"],
                              tokenizer.pad_token_id, device)
 
-    initial_arrays = strategy.initialize(grid, state_to_record(initial),
-                                         get_frozen_state(model), train_config,
-                                         server_gradient=server_gradient)
+    if ckpt is None:
+        initial_arrays = strategy.initialize(grid, state_to_record(initial),
+                                             get_frozen_state(model), train_config,
+                                             server_gradient=server_gradient)
+    else:
+        prefix = "strategy."
+        strategy.restore_state({k[len(prefix):]: v for k, v in ckpt.arrays.items()
+                                if k.startswith(prefix)}, ckpt.state["strategy"])
+        method.round_offset = done
+        initial_arrays = state_to_record(ckpt.arrays["global"])
+        checkpoint.set_rng_state(ckpt.arrays["rng"], ckpt.state["rng"])
+        print(f"[fedlora] round {done}/{rounds}: resumed from {ckpt.path}", flush=True)
     if strategy.frozen:
         set_frozen_state(model, strategy.frozen)
     result = strategy.start(
-        grid=grid, initial_arrays=initial_arrays, num_rounds=rounds,
+        grid=grid, initial_arrays=initial_arrays, num_rounds=rounds - done,
         timeout=float(plain["federation"]["round_timeout"]),
         train_config=train_config, evaluate_config=ConfigRecord(dict(train_config)),
         evaluate_fn=evaluate_fn)
@@ -118,6 +162,141 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     results.write_summary(run_dir, summary)
     results.plot_run(run_dir, rows)
     return summary
+
+
+# --- checkpoints and resume ---------------------------------------------------------
+def save_checkpoint(run_dir: Path, server_round: int, arrays: Any, strategy: Any,
+                    plain: dict[str, Any]) -> Path:
+    """Checkpoint the end of ``server_round`` (after its metrics row is written).
+
+    Arrays: the global adapter (``global``), the RNG states (``rng``) and the
+    strategy's groups (``strategy.<name>``, e.g. Fed-SB's frozen ``B`` and ``A``).
+    JSON: the settings, the strategy's state, the RNG states and every metrics row
+    so far.
+    """
+    strategy_arrays, strategy_state = strategy.checkpoint_state()
+    rng_arrays, rng_json = checkpoint.rng_state()
+    groups = {"global": record_to_state(arrays), "rng": rng_arrays,
+              **{f"strategy.{k}": v for k, v in strategy_arrays.items()}}
+    state = {"settings": plain, "strategy": strategy_state, "rng": rng_json,
+             "metrics": results.read_metrics(run_dir)}
+    return checkpoint.save(run_dir, server_round, groups, state)
+
+
+def load_resume_checkpoint(resume: str | Path) -> checkpoint.Checkpoint:
+    """The newest valid checkpoint of the run directory ``resume``.
+
+    Raises
+    ------
+    ConfigError
+        ``resume``: when the directory holds no valid checkpoint.
+    """
+    ckpt = checkpoint.load_latest(Path(resume))
+    if ckpt is None:
+        folder = checkpoint.checkpoint_dir(resume)
+        raise ConfigError("resume", str(resume),
+                          f"no valid checkpoint in {folder}; point resume at a run "
+                          "directory, or start a new run without it")
+    return ckpt
+
+
+def _resumable(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in RESUMABLE)
+
+
+def _select(tree: Any, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return _MISSING
+        tree = tree[part]
+    return tree
+
+
+def _differences(new: Any, old: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two settings trees."""
+    if isinstance(new, dict) and isinstance(old, dict):
+        return [d for k in sorted(set(new) | set(old), key=str)
+                for d in _differences(new.get(k, _MISSING), old.get(k, _MISSING),
+                                      f"{prefix}{k}.")]
+    return [] if new == old else [prefix.rstrip(".")]
+
+
+def check_resume(plain: dict[str, Any], ckpt: checkpoint.Checkpoint) -> None:
+    """Refuse a resume that could not continue the checkpointed run faithfully.
+
+    Raises
+    ------
+    ConfigError
+        ``resume`` with ``privacy.mode=dp_sgd`` (each client's accountant lives in
+        its node's per-run state, which the new run starts empty, so the privacy
+        already spent would be forgotten); ``federation.rounds`` below the rounds
+        the checkpoint holds; a setting outside :data:`RESUMABLE` that differs
+        from the checkpoint's.
+    """
+    if plain["privacy"]["mode"] == "dp_sgd":
+        raise ConfigError(
+            "resume", plain.get("resume"),
+            "privacy.mode=dp_sgd runs cannot be resumed: every client's DP-SGD "
+            "accountant lives in its node's state, which a new (simulated or "
+            "deployed) run starts empty, so the privacy spent so far would be "
+            "forgotten. Start a new run instead")
+    rounds = int(plain["federation"]["rounds"])
+    if rounds < ckpt.round:
+        raise ConfigError("federation.rounds", rounds,
+                          f"the checkpoint {ckpt.path} already holds {ckpt.round} "
+                          f"rounds; ask for at least {ckpt.round}")
+    changed = [k for k in _differences(plain, ckpt.state["settings"])
+               if not _resumable(k)]
+    if changed:
+        raise ConfigError("resume", plain.get("resume"),
+                          f"these settings differ from the checkpoint's: "
+                          f"{', '.join(changed)}; a resumed run may change only "
+                          f"{', '.join(RESUMABLE)}")
+
+
+def resume_config(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """The configuration of a resumed run: the checkpoint's settings, except the
+    keys in :data:`RESUMABLE`, which come from ``cfg`` (e.g. more rounds).
+
+    ``overrides`` are the command line's overrides: one that sets a key outside
+    :data:`RESUMABLE` to a value other than the checkpoint's is refused, rather than
+    silently ignored. Passing the original run's overrides again is fine.
+
+    Raises
+    ------
+    ConfigError
+        No valid checkpoint in ``resume``; a conflicting override; or any reason
+        of :func:`check_resume`.
+    """
+    current = settings(cfg)
+    ckpt = load_resume_checkpoint(current["resume"])
+    saved = ckpt.state["settings"]
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~").split("@", 1)[0]
+        if "=" not in override or key.startswith("hydra") or _resumable(key):
+            continue
+        new, old = _select(current, key), _select(saved, key)
+        if new != old:
+            raise ConfigError(
+                key, None if new is _MISSING else new,
+                f"the run being resumed ({current['resume']}) has "
+                f"{key}={None if old is _MISSING else old!r}, and a resumed run keeps "
+                f"its settings except {', '.join(RESUMABLE)}; drop the override or "
+                "start a new run")
+    merged = copy.deepcopy(saved)
+    for key in RESUMABLE:
+        value = _select(current, key)
+        parts = key.split(".")
+        node = merged
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        if value is _MISSING:
+            node.pop(parts[-1], None)
+        else:
+            node[parts[-1]] = copy.deepcopy(value)
+    check_resume(merged, ckpt)
+    validate(merged)
+    return OmegaConf.create(merged)
 
 
 def _progress(row: dict[str, Any], rounds: int) -> None:
@@ -149,5 +328,7 @@ def main(grid: Grid, context: Context) -> None:
     """Deployment entry point: ``flwr run . <connection> --run-config ...``."""
     overrides = shlex.split(str(context.run_config.get("overrides", "")))
     cfg = compose(overrides)
+    if cfg.get("resume"):  # resume=<run dir> among the overrides
+        cfg = resume_config(cfg, overrides)
     run_server(grid, cfg, Path(str(context.run_config.get("output-dir",
                                                           "outputs/deployment"))))

@@ -25,7 +25,8 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
     ``initialize``, ``export``, ...) are the wrapped strategy's.
 
     Epsilon: one subsampled Gaussian release per round with sampling rate
-    ``m / num_clients``, composed by Opacus' RDP accountant at ``delta``.
+    ``m / num_clients``, composed by Opacus' RDP accountant at ``delta``. A
+    checkpoint keeps the accountant's history, so a resumed run goes on composing.
     """
 
     def __init__(self, strategy: FedAvgLoRA, noise_multiplier: float,
@@ -51,7 +52,20 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
             self.rdp.step(noise_multiplier=self.noise_multiplier,
                           sample_rate=self.sample_rate)
             epsilon = float(self.rdp.get_epsilon(self.delta))
-            self.strategy.round_log.setdefault(server_round, {}).update(
+            real_round = server_round + self.strategy.round_offset
+            self.strategy.round_log.setdefault(real_round, {}).update(
                 central_epsilon=epsilon, central_delta=self.delta,
                 central_accountant="rdp")
         return arrays, metrics
+
+    def checkpoint_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The wrapped strategy's checkpoint state plus the RDP history."""
+        arrays, state = self.strategy.checkpoint_state()
+        state["central_rdp_history"] = [list(h) for h in self.rdp.history]
+        return arrays, state
+
+    def restore_state(self, arrays: dict[str, Any], state: dict[str, Any]) -> None:
+        """Restore the wrapped strategy and the RDP history (releases so far)."""
+        self.strategy.restore_state(arrays, state)
+        self.rdp.history = [(float(sigma), float(q), int(steps))
+                            for sigma, q, steps in state.get("central_rdp_history", [])]

@@ -58,6 +58,14 @@ class FedAvgLoRA(FedAvg):
         Usable updates a round needs; with fewer, the global adapter is kept.
     max_failed_rounds : int
         Consecutive rounds below ``min_replies`` after which the run stops.
+
+    Attributes
+    ----------
+    round_offset : int
+        Rounds completed before Flower's loop started (a resumed run). Flower numbers
+        its rounds from 1; every hook adds this offset first, so the messages'
+        ``server-round`` (the clients' training seeds), ``round_log`` and the
+        metrics carry the run's real round numbers.
     """
 
     name = "fedavg_lora"
@@ -67,7 +75,8 @@ class FedAvgLoRA(FedAvg):
                  max_failed_rounds: int = 3, **fedavg_kwargs: Any) -> None:
         super().__init__(**fedavg_kwargs)
         self.max_update_norm_ratio = float(max_update_norm_ratio)
-        self.min_replies, self.max_failed_rounds = int(min_replies), int(max_failed_rounds)
+        self.min_replies = int(min_replies)
+        self.max_failed_rounds = int(max_failed_rounds)
         self._failed_rounds = 0  # consecutive rounds with too few usable updates
         client_weights([1.0], weighting)  # validates the name early
         self.weighting = weighting
@@ -76,6 +85,7 @@ class FedAvgLoRA(FedAvg):
         self.frozen: State = {}  # frozen LoRA factors shared by all parties
         self.epsilon: dict[int, float] = {}  # latest epsilon spent per partition
         self._sent: State = {}
+        self.round_offset = 0
 
     # --- the method ------------------------------------------------------------
     def aggregate_states(self, states: Sequence[State], weights: np.ndarray) -> State:
@@ -101,10 +111,38 @@ class FedAvgLoRA(FedAvg):
         """The final adapter as plain PEFT LoRA: ``(state, adapter overrides)``."""
         return {**self.frozen, **state}, {"parametrisation": "lora"}
 
+    # --- checkpoints -------------------------------------------------------------
+    def checkpoint_state(self) -> tuple[dict[str, State], dict[str, Any]]:
+        """What a checkpoint must keep to continue: ``(array groups, JSON state)``.
+
+        Arrays: the frozen factors (``{"frozen": ...}``). JSON: the method's name,
+        the latest epsilon per partition and the count of consecutive failed rounds.
+        Subclasses extend both and :meth:`restore_state`.
+        """
+        return ({"frozen": dict(self.frozen)},
+                {"name": self.name, "failed_rounds": self._failed_rounds,
+                 "epsilon": {str(k): v for k, v in sorted(self.epsilon.items())}})
+
+    def restore_state(self, arrays: dict[str, State], state: dict[str, Any]) -> None:
+        """Take back what :meth:`checkpoint_state` saved (instead of ``initialize``).
+
+        Raises
+        ------
+        ValueError
+            If the checkpoint was written by another method.
+        """
+        if state.get("name") != self.name:
+            raise ValueError(f"the checkpoint was written by strategy "
+                             f"{state.get('name')!r}, not {self.name!r}")
+        self.frozen = dict(arrays.get("frozen", {}))
+        self._failed_rounds = int(state.get("failed_rounds", 0))
+        self.epsilon = {int(k): float(v) for k, v in state.get("epsilon", {}).items()}
+
     # --- Flower hooks ------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord,
                         config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Sample clients as FedAvg does; remember what was sent and its size."""
+        server_round += self.round_offset
         messages = self.personalise(
             list(super().configure_train(server_round, arrays, config, grid)))
         self._sent = record_to_state(arrays)
@@ -122,6 +160,7 @@ class FedAvgLoRA(FedAvg):
         Error replies count as failures; replies without arrays are clients that
         declined (privacy budget); malformed updates are rejected with their reason.
         """
+        server_round += self.round_offset
         replies = list(replies)
         entry = self.round_log.setdefault(server_round, {})
         ok = [m for m in replies if not m.has_error()]
@@ -201,10 +240,11 @@ class FedAvgLoRA(FedAvg):
                 rejected.append({"node": node, "reason": reason})
         outliers = update_norm_outliers([s for _, s, _ in decoded], self._sent,
                                         self.max_update_norm_ratio)
-        for (node, _, _), reason in zip(decoded, outliers):
+        for (node, _, _), reason in zip(decoded, outliers, strict=True):
             if reason is not None:
                 rejected.append({"node": node, "reason": reason})
-        kept = [d for d, reason in zip(decoded, outliers) if reason is None]
+        kept = [d for d, reason in zip(decoded, outliers, strict=True)
+                if reason is None]
         # a fixed order (by partition) makes the float sums independent of arrival
         kept.sort(key=lambda d: (str(d[2].get("partition-id")), d[0]))
         for r in rejected:
@@ -225,9 +265,16 @@ class FedAvgLoRA(FedAvg):
             entry["epsilon"] = {str(k): v for k, v in sorted(self.epsilon.items())}
             entry["epsilon_max"] = max(self.epsilon.values())
 
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
+                           config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """FedAvg's evaluation messages, with the real round as ``server-round``."""
+        return super().configure_evaluate(server_round + self.round_offset, arrays,
+                                          config, grid)
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
         """FedAvg's weighted mean of client evaluations, also kept in round_log."""
+        server_round += self.round_offset
         metrics = super().aggregate_evaluate(server_round, replies)
         if metrics is not None:
             self.round_log.setdefault(server_round, {}).update(
@@ -235,6 +282,7 @@ class FedAvgLoRA(FedAvg):
         return metrics
 
     # --- diagnostics -------------------------------------------------------------
-    def effective_factors(self, state: State) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def effective_factors(self, state: State
+                          ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """``{layer: (B, A)}`` whose product is the layer's adapter delta / s."""
         return layer_factors({**self.frozen, **state})

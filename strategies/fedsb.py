@@ -17,7 +17,12 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedlora.aggregation import fedsb
 from fedlora.errors import ConfigError
-from fedlora.lora_sb import init_from_gradient, init_random_orthogonal, keys, to_plain_lora
+from fedlora.lora_sb import (
+    init_from_gradient,
+    init_random_orthogonal,
+    keys,
+    to_plain_lora,
+)
 from strategies.fedavg_lora import FedAvgLoRA, GradientFn, State
 from strategies.wire import (
     KEY_ARRAYS,
@@ -47,7 +52,9 @@ class FedSB(FedAvgLoRA):
     - ``random_orthogonal``: orthonormal ``B``, ``A`` and ``R0 = 0``; no data.
 
     ``B`` and ``A`` reach each node once (in its first train message); after that
-    only ``R`` and the head travel.
+    only ``R`` and the head travel. A resumed run (:meth:`restore_state`) takes
+    ``B`` and ``A`` from the checkpoint instead of initialising again, and sends them
+    to every node once more: a new Flower run starts each node's state empty.
     """
 
     name = "fedsb"
@@ -56,21 +63,49 @@ class FedSB(FedAvgLoRA):
                  calibration_examples: int = 64, seed: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if init not in INITS:
-            raise ConfigError("strategy.init", init, f"choose one of {', '.join(INITS)}")
+            raise ConfigError("strategy.init", init,
+                              f"choose one of {', '.join(INITS)}")
         self.init, self.init_eta, self.seed = init, float(init_eta), int(seed)
         self.calibration_examples = int(calibration_examples)
         self._has_frozen: set[int] = set()
 
-    def aggregate_states(self, states: Sequence[State], weights: np.ndarray) -> State:
+    def aggregate_states(self, states: Sequence[State], weights: np.ndarray
+                         ) -> State:
         """Weighted mean of ``R`` and the head."""
         return fedsb(states, weights)
+
+    def checkpoint_state(self) -> tuple[dict[str, State], dict[str, Any]]:
+        """FedAvg-LoRA's state (``frozen`` holds ``B`` and ``A``), plus the init
+        method and the ids of the nodes that hold ``B`` and ``A``."""
+        arrays, state = super().checkpoint_state()
+        state.update(init=self.init, has_frozen=sorted(self._has_frozen))
+        return arrays, state
+
+    def restore_state(self, arrays: dict[str, State], state: dict[str, Any]) -> None:
+        """Take back ``B`` and ``A``; no node is assumed to hold them.
+
+        The saved ``has_frozen`` is not restored on purpose: the resumed run is a
+        new Flower run, whose nodes (same ids in a deployment, new ones in a
+        simulation) start with empty state, so each gets ``B`` and ``A`` again in
+        its first train message.
+
+        Raises
+        ------
+        ValueError
+            If the checkpoint holds no frozen factors (not a Fed-SB checkpoint).
+        """
+        super().restore_state(arrays, state)
+        if not self.frozen:
+            raise ValueError("the checkpoint holds no Fed-SB factors B and A")
+        self._has_frozen = set()
 
     def initialize(self, grid: Grid, arrays: ArrayRecord, frozen: State,
                    config: ConfigRecord, server_gradient: GradientFn | None = None
                    ) -> ArrayRecord:
         """Compute the LoRA-SB factors; return the initial arrays (``R0``, head)."""
         state = record_to_state(arrays)
-        layers = [k[: -len(".lora_R.weight")] for k in state if k.endswith(".lora_R.weight")]
+        layers = [k[: -len(".lora_R.weight")] for k in state
+                  if k.endswith(".lora_R.weight")]
         if self.init == "random_orthogonal":
             rng = np.random.default_rng(self.seed)
             factors = {layer: init_random_orthogonal(
@@ -84,7 +119,8 @@ class FedSB(FedAvgLoRA):
                 grads = server_gradient()
             else:
                 grads = self._gradient_round(grid, config)
-            factors = {layer: init_from_gradient(grads[layer], state[keys(layer)[1]].shape[0],
+            factors = {layer: init_from_gradient(grads[layer],
+                                                 state[keys(layer)[1]].shape[0],
                                                  self.init_eta) for layer in layers}
         self.frozen = {}
         for layer, (b, r0, a) in factors.items():
@@ -133,14 +169,16 @@ class FedSB(FedAvgLoRA):
                                 if not m.has_error())
         return super().aggregate_train(server_round, replies)
 
-    def effective_factors(self, state: State) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def effective_factors(self, state: State
+                          ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """``{layer: (B R, A)}``: the delta is ``s B R A``."""
         out = {}
         for key in state:
             if key.endswith(".lora_R.weight"):
                 b_key, r_key, a_key = keys(key[: -len(".lora_R.weight")])
                 out[key[: -len(".lora_R.weight")]] = (
-                    self.frozen[b_key].astype(np.float64) @ state[r_key], self.frozen[a_key])
+                    self.frozen[b_key].astype(np.float64) @ state[r_key],
+                    self.frozen[a_key])
         return out
 
     def export(self, state: State) -> tuple[State, dict[str, Any]]:

@@ -1,0 +1,287 @@
+"""Checkpoints and resume: the checkpoint files, the strategies' state, the refusals,
+and (slow) a run resumed after round 2, also after being killed, ends exactly as an
+uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord
+from flwr.supercore.task_identity import TaskIdentity
+from safetensors.numpy import load_file
+
+from fedlora import checkpoint
+from fedlora.errors import ConfigError
+from strategies.fedavg_lora import FedAvgLoRA
+from strategies.fedsb import FedSB
+from strategies.wire import KEY_CONFIG, KEY_ROUND, state_to_record
+from tests.conftest import REPO, processes_in_group, run_front_door
+
+
+def arrays(seed: int) -> dict[str, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    f32 = np.float32
+    return {"global": {"l.lora_B.weight": rng.standard_normal((5, 2)).astype(f32),
+                       "l.lora_A.weight": rng.standard_normal((2, 6)).astype(f32),
+                       "a.head.weight": rng.standard_normal(4).astype(f32)},
+            "strategy.frozen": {"x": rng.standard_normal((3, 3))},  # float64
+            "rng": {"key": rng.integers(0, 2**32, 624, dtype=np.uint32)},
+            "empty": {}}
+
+
+def test_round_trip_is_bit_exact(tmp_path):
+    state = {"metrics": [{"round": 0, "eval_loss": 0.5, "missing": None}],
+             "strategy": {"epsilon": {"0": 1.5}}, "nan": float("nan")}
+    checkpoint.save(tmp_path, 3, arrays(0), state)
+    ckpt = checkpoint.load_latest(tmp_path)
+    assert ckpt is not None and ckpt.round == 3
+    assert ckpt.path == tmp_path / "checkpoints" / "round-000003.manifest.json"
+    assert set(ckpt.arrays) == set(arrays(0))  # the empty group comes back empty
+    for group, named in arrays(0).items():
+        assert list(ckpt.arrays[group]) == list(named)  # in the saved order
+        for name, value in named.items():
+            got = ckpt.arrays[group][name]
+            assert got.dtype == value.dtype and np.array_equal(got, value)
+    assert ckpt.state["metrics"] == state["metrics"]
+    assert np.isnan(ckpt.state["nan"])
+    assert checkpoint.load_latest(tmp_path / "elsewhere") is None
+
+
+def _tear_payload(folder: Path) -> None:  # a crash mid-write of the arrays
+    path = folder / "round-000002.safetensors"
+    path.write_bytes(path.read_bytes()[:-7])
+
+
+def _flip_state_byte(folder: Path) -> None:  # silent corruption of the JSON state
+    path = folder / "round-000002.json"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _tear_manifest(folder: Path) -> None:
+    path = folder / "round-000002.manifest.json"
+    path.write_bytes(path.read_bytes()[:10])
+
+
+def _no_manifest(folder: Path) -> None:  # a crash before the manifest was written
+    (folder / "round-000002.manifest.json").unlink()
+
+
+@pytest.mark.parametrize("damage", [_tear_payload, _flip_state_byte, _tear_manifest,
+                                    _no_manifest])
+def test_torn_or_corrupted_newest_checkpoint_falls_back_to_the_previous(tmp_path,
+                                                                         damage):
+    checkpoint.save(tmp_path, 1, arrays(1), {"round": 1})
+    checkpoint.save(tmp_path, 2, arrays(2), {"round": 2})
+    damage(tmp_path / "checkpoints")
+    ckpt = checkpoint.load_latest(tmp_path)
+    assert ckpt is not None and ckpt.round == 1 and ckpt.state == {"round": 1}
+    assert np.array_equal(ckpt.arrays["global"]["l.lora_B.weight"],
+                          arrays(1)["global"]["l.lora_B.weight"])
+    with pytest.raises(checkpoint.CheckpointError):
+        checkpoint.load(tmp_path / "checkpoints" / "round-000002.manifest.json")
+    (tmp_path / "checkpoints" / "round-000001.safetensors").write_bytes(b"")
+    assert checkpoint.load_latest(tmp_path) is None  # nothing valid is left
+
+
+def test_only_the_last_two_are_kept_and_an_abandoned_timeline_goes(tmp_path):
+    folder = tmp_path / "checkpoints"
+    for r in range(4):
+        checkpoint.save(tmp_path, r, arrays(r), {"round": r})
+    (folder / ".round-000004.json.123.tmp").write_text("debris of a dead writer")
+    checkpoint.save(tmp_path, 4, arrays(4), {"round": 4})
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "round-000003.json", "round-000003.manifest.json", "round-000003.safetensors",
+        "round-000004.json", "round-000004.manifest.json", "round-000004.safetensors"]
+    # resumed from round 2 (say 3 and 4 were torn): the new round 3 replaces the
+    # old timeline, and round 2 stays as the fallback
+    checkpoint.save(tmp_path, 2, arrays(2), {"round": 2})
+    checkpoint.save(tmp_path, 3, arrays(7), {"round": 3})
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "round-000002.json", "round-000002.manifest.json", "round-000002.safetensors",
+        "round-000003.json", "round-000003.manifest.json", "round-000003.safetensors"]
+    assert checkpoint.load_latest(tmp_path).state == {"round": 3}
+
+
+def test_rng_states_round_trip():
+    saved = checkpoint.rng_state()
+    expected = (random.random(), np.random.normal(), torch.rand(3))
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    checkpoint.set_rng_state(saved[0], json.loads(json.dumps(saved[1])))
+    assert (random.random(), np.random.normal()) == expected[:2]
+    assert torch.equal(torch.rand(3), expected[2])
+
+
+def test_rewrite_lines_replaces_extra_and_torn_rows(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"round": 0}\n{"round": 1}\n{"round": 2, "eval_lo')
+    checkpoint.rewrite_lines(path, [{"round": 0}, {"round": 1}])
+    assert path.read_text() == '{"round": 0}\n{"round": 1}\n'
+
+
+# --- the strategies' side ----------------------------------------------------------
+class FakeGrid:
+    def get_node_ids(self):
+        return [11, 12, 13]
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """Messages need a run identity, which Flower's runtime sets; fake one."""
+    for field in ("_run_id", "_task_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, field, 1, raising=False)
+
+
+def test_round_offset_keeps_the_real_round_numbers(task_identity):
+    strategy = FedAvgLoRA(min_available_nodes=1)
+    strategy.round_offset = 2
+    record = state_to_record(arrays(0)["global"])
+    messages = list(strategy.configure_train(1, record, ConfigRecord(), FakeGrid()))
+    assert {m.content[KEY_CONFIG][KEY_ROUND] for m in messages} == {3}
+    assert list(strategy.round_log) == [3]
+    messages = list(strategy.configure_evaluate(1, record, ConfigRecord(), FakeGrid()))
+    assert {m.content[KEY_CONFIG][KEY_ROUND] for m in messages} == {3}
+
+
+def test_fedsb_state_round_trips_and_every_node_gets_the_factors_again():
+    frozen = {"l.lora_B.weight": np.arange(6.0).reshape(3, 2),
+              "l.lora_A.weight": np.ones((2, 4))}
+    old = FedSB(min_available_nodes=1, init="random_orthogonal")
+    old.frozen, old._has_frozen, old._failed_rounds = frozen, {11, 12}, 1
+    old.epsilon = {0: 1.25}
+    groups, state = old.checkpoint_state()
+    assert state["has_frozen"] == [11, 12]
+    new = FedSB(min_available_nodes=1, init="random_orthogonal")
+    new.restore_state(groups, json.loads(json.dumps(state)))
+    assert new.frozen.keys() == frozen.keys()
+    assert all(np.array_equal(new.frozen[k], v) for k, v in frozen.items())
+    assert new._failed_rounds == 1 and new.epsilon == {0: 1.25}
+    assert new._has_frozen == set()  # a new Flower run: nodes start empty
+    with pytest.raises(ValueError, match="fedavg_lora"):
+        FedAvgLoRA().restore_state(groups, state)
+
+
+# --- resume configuration -----------------------------------------------------------
+def checkpointed_run(tmp_path, overrides):
+    from experiments.server_app import compose, settings
+
+    plain = settings(compose(overrides))
+    checkpoint.save(tmp_path, 2, {"global": {}}, {"settings": plain, "metrics": []})
+    return tmp_path
+
+
+def test_resume_takes_the_checkpoints_settings_and_more_rounds(tmp_path):
+    from experiments.server_app import compose, resume_config
+
+    run = checkpointed_run(tmp_path, ["strategy=fedsb", "train.lr=0.01"])
+    cfg = resume_config(compose([f"resume={run}", "federation.rounds=7"]),
+                        [f"resume={run}", "federation.rounds=7"])
+    assert cfg.federation.rounds == 7 and cfg.resume == str(run)
+    assert cfg.strategy._target_ == "strategies.fedsb.FedSB" and cfg.train.lr == 0.01
+    with pytest.raises(ConfigError, match=r"train\.lr"):  # not silently ignored
+        resume_config(compose([f"resume={run}", "train.lr=0.5"]),
+                      [f"resume={run}", "train.lr=0.5"])
+    with pytest.raises(ConfigError, match=r"federation\.rounds"):
+        resume_config(compose([f"resume={run}", "federation.rounds=1"]), [])
+    with pytest.raises(ConfigError, match="no valid checkpoint"):
+        resume_config(compose([f"resume={tmp_path / 'nothing'}"]), [])
+
+
+def test_resume_refuses_dp_sgd_naming_the_key(tmp_path):
+    from experiments.server_app import compose, resume_config
+
+    run = checkpointed_run(tmp_path, ["privacy=dp_sgd"])
+    with pytest.raises(ConfigError, match=r"^resume=.*privacy\.mode=dp_sgd"):
+        resume_config(compose([f"resume={run}", "privacy=dp_sgd"]),
+                      [f"resume={run}", "privacy=dp_sgd"])
+
+
+# --- end to end ----------------------------------------------------------------
+FEDSB = ("strategy=fedsb", "adapter.r=8")  # the most server state: B, A, init round
+ADAPTER = Path("adapter") / "adapter_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_bert, tmp_path_factory):
+    """Fed-SB, 4 rounds in one go: the reference."""
+    out = tmp_path_factory.mktemp("ckpt") / "full"
+    return out, run_front_door(out, tiny_bert, *FEDSB, "federation.rounds=4")
+
+
+def assert_same_run(out: Path, rows: list[dict], reference: tuple[Path, list[dict]]):
+    ref_dir, ref_rows = reference
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
+    for got, want in zip(rows, ref_rows, strict=True):  # bit-identical on CPU
+        for key in ("eval_loss", "eval_accuracy", "federated_eval_loss",
+                    "aggregation_error", "clients"):
+            assert got.get(key) == want.get(key), (got["round"], key)
+    got, want = load_file(str(out / ADAPTER)), load_file(str(ref_dir / ADAPTER))
+    assert got.keys() == want.keys()
+    for k in want:
+        assert np.array_equal(got[k], want[k]), k
+    assert json.loads((out / "summary.json").read_text())["rounds"] == 4
+    assert checkpoint.load_latest(out).round == 4
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.manifest.json")) == [
+        "round-000003.manifest.json", "round-000004.manifest.json"]
+
+
+@pytest.mark.slow
+def test_a_2_round_run_resumed_to_4_rounds_matches_an_uninterrupted_run(
+        uninterrupted, tiny_bert, tmp_path):
+    out = tmp_path / "run"
+    first = run_front_door(out, tiny_bert, *FEDSB)  # federation.rounds=2
+    assert checkpoint.load_latest(out).round == 2
+    rows = run_front_door(out, tiny_bert, *FEDSB, f"resume={out}",
+                          "federation.rounds=4")
+    assert rows[:3] == first  # the old rows are kept as they were
+    assert_same_run(out, rows, uninterrupted)
+    # B and A travel to every node again (a new run), R alone as before
+    assert rows[3]["bytes_down"] > uninterrupted[1][3]["bytes_down"]
+
+
+@pytest.mark.slow
+def test_a_run_killed_after_round_2_resumes_to_the_same_result(
+        uninterrupted, tiny_bert, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "experiments.run", f"hydra.run.dir={out}",
+           f"model.name={tiny_bert}", "federation.num_clients=3",
+           "federation.rounds=4", "data.num_examples=240", "data.num_eval_examples=60",
+           "train.lr=5e-3", "train.batch_size=16", "simulation.client_num_cpus=1",
+           "quiet=true", *FEDSB]  # run_front_door's settings
+    manifest = out / "checkpoints" / "round-000002.manifest.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    log = tmp_path / "killed.log"
+    with open(log, "w") as fh, subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT,
+            start_new_session=True) as proc:
+        deadline = time.monotonic() + 900
+        while (not manifest.exists() and proc.poll() is None
+               and time.monotonic() < deadline):
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)  # the run, Ray and its workers
+    assert manifest.exists(), log.read_text()[-3000:]
+    deadline = time.monotonic() + 20
+    while processes_in_group(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not processes_in_group(proc.pid)
+    assert checkpoint.load_latest(out).round in (2, 3)  # 4 would mean no kill
+    # the worst moment: the next round's row written, its checkpoint not, torn
+    with open(out / "metrics.jsonl", "a") as fh:
+        fh.write('{"round": 3, "eval_loss": 9.9}\n{"round": 4, "eval_lo')
+    (out / "checkpoints" / "round-000003.manifest.json").unlink(missing_ok=True)
+    rows = run_front_door(out, tiny_bert, *FEDSB, f"resume={out}",
+                          "federation.rounds=4")
+    assert_same_run(out, rows, uninterrupted)
