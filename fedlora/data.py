@@ -29,6 +29,7 @@ FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "json", ".json": "json",
            ".parquet": "parquet"}
 PARTITIONS = ("iid", "dirichlet", "shard")
 _TOKENISED: dict[str, tuple[list[Example], list[Example]]] = {}
+_PARTITIONED: dict[str, tuple[pd.DataFrame, list[np.ndarray]]] = {}
 
 
 # --------------------------------------------------------------------------- loading
@@ -242,14 +243,9 @@ def client_examples(cfg: dict[str, Any], tokenizer: Any, partition_id: int,
     if cached is not None:
         _TOKENISED[key] = (cached[0], cached[1])
     if key not in _TOKENISED:
-        train, _ = load_splits(cfg["data"])
+        train, parts = _partitioned(cfg, num_partitions)
         task = cfg["model"]["task"]
-        check_columns(train, cfg["data"], task)
-        labels = (train[cfg["data"]["label_column"]].to_numpy()
-                  if cfg["data"].get("label_column") in train.columns
-                  else np.zeros(len(train), dtype=int))
-        idx = partition_indices(labels, num_partitions, cfg["partition"])[partition_id]
-        rows = train.iloc[idx]
+        rows = train.iloc[parts[partition_id]]
         n_eval = int(len(rows) * float(cfg["data"].get("client_eval_fraction", 0.1)))
         examples = tokenise(rows, tokenizer, cfg["data"], task,
                             int(cfg["train"]["max_length"]))
@@ -283,6 +279,24 @@ def write_cache(cache_dir: str | Path, key: str, value: Any) -> None:
 def _cache_file(cache_dir: str | Path, key: str) -> Path:
     digest = hashlib.sha256(key.encode()).hexdigest()[:32]
     return Path(cache_dir).expanduser() / f"tokenised-{digest}.json"
+
+
+def _partitioned(cfg: dict[str, Any], num_partitions: int
+                 ) -> tuple[pd.DataFrame, list[np.ndarray]]:
+    """The training table and every client's row indices, computed once per process
+    (a simulation worker serves many partitions)."""
+    key = json.dumps([cfg["data"], cfg["partition"], cfg["model"]["task"],
+                      num_partitions], sort_keys=True, default=str)
+    if key not in _PARTITIONED:
+        train, _ = load_splits(cfg["data"])
+        check_columns(train, cfg["data"], cfg["model"]["task"])
+        labels = (train[cfg["data"]["label_column"]].to_numpy()
+                  if cfg["data"].get("label_column") in train.columns
+                  else np.zeros(len(train), dtype=int))
+        _PARTITIONED.clear()  # one experiment per process at a time
+        _PARTITIONED[key] = (train, partition_indices(labels, num_partitions,
+                                                      cfg["partition"]))
+    return _PARTITIONED[key]
 
 
 def server_examples(cfg: dict[str, Any], tokenizer: Any) -> list[Example]:
