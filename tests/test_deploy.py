@@ -176,18 +176,18 @@ def test_deploy_services_stop_kills_process_groups_and_escaped_children(tmp_path
     assert alive == []
 
 
-def test_deploy_launcher_stops_its_services_on_sigterm_before_they_are_ready(tmp_path):
-    """A launcher told to stop (here: while waiting for SuperNodes that cannot
-    connect) still stops everything it started."""
+def test_deploy_launcher_stops_its_services_when_terminated(tmp_path):
+    """SIGTERM while the launcher starts its services: it still stops them all."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "experiments.deploy", "--supernodes", "1", "--work",
-         str(tmp_path), "federation.num_clients=1"], cwd=REPO,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        [sys.executable, "-m", "experiments.deploy", "--work", str(tmp_path),
+         "federation.num_clients=1", "federation.min_train_clients=1"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
         while not (tmp_path / "supernode-0.log").exists():
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.2)
+        assert len(leftovers(tmp_path)) >= 3  # SuperLink, SuperExec, SuperNode
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) != 0
     finally:

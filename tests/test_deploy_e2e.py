@@ -1,6 +1,8 @@
 """End to end: real deployments (SuperLink + SuperNodes over gRPC) of the experiment
-the simulation runs, on 127.0.0.1, with TLS and SuperNode authentication, and across
-network namespaces. Each final adapter must equal the simulation's."""
+the simulation runs, on 127.0.0.1 and across network namespaces with TLS and
+SuperNode authentication; each final adapter must equal the simulation's. Also: nodes
+without a registered key or without the CA are refused, a failed run is reported,
+and no process outlives the launcher."""
 
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ from experiments import deploy
 from tests.conftest import REPO
 from tests.test_deploy import leftovers
 
-# 2 clients x 2 rounds of FedAvg-LoRA: with two clients the average is the same sum in
-# either reply order, so deployment and simulation must agree bit for bit
+# 2 clients x 2 rounds of FedAvg-LoRA. The same seeds, one torch thread per client and
+# replies aggregated in partition order: deployment and simulation agree bit for bit
 EXPERIMENT = ["federation.num_clients=2", "federation.min_train_clients=2",
               "federation.rounds=2", "data=synthetic", "data.num_examples=240",
               "data.num_eval_examples=60", "train.lr=5e-3", "train.batch_size=16"]
@@ -100,29 +102,12 @@ def test_deploy_grpc_loopback_completes_and_matches_the_simulation(
     assert_same_adapter(out, simulated)
 
 
-def test_deploy_with_tls_and_supernode_auth_matches_the_simulation(
-        tiny_bert, simulated, tmp_path):
-    work, out = tmp_path / "work", tmp_path / "run"
-    log = run_python(["-m", "experiments.deploy", "--auth", "--work", str(work),
-                      "--out", str(out), f"model.name={tiny_bert}", *EXPERIMENT,
-                      *NO_FEDERATED_EVAL], work)
-    assert "TLS on, auth on" in log and "[deploy] finished:completed" in log
-    link = (work / "superlink.log").read_text()
-    assert "Starting Fleet API (gRPC-rere)" in link
-    assert "running on https://" in link  # Control/Runtime API on TLS too
-    assert link.count("[ControlServicer.RegisterNode] Created node_id") == 2
-    assert "authentication is disabled" not in link and "insecure" not in link.lower()
-    for i in range(2):
-        assert "insecure" not in (work / f"supernode-{i}.log").read_text().lower()
-    assert [r["clients"] for r in rows(out)[1:]] == [2, 2]
-    assert_same_adapter(out, simulated)
-
-
 def test_deploy_refuses_a_supernode_without_registered_key_or_without_the_ca(tmp_path):
     plan = deploy.Plan(tmp_path, 1, auth=True)
     services = deploy.Services(plan)
     try:
-        deploy.start(plan, services)  # SuperLink, registered node 0 connects
+        deploy.start(plan, services)  # SuperLink; node 0 registered, connects
+        assert "SuperNode ID" in services.log("supernode-0").read_text()
         subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f",
                         str(tmp_path / "stranger.key")], check=True, timeout=30)
         node = deploy.commands(plan)["supernode-0"]
@@ -174,7 +159,8 @@ def test_deploy_reports_a_failed_run_and_stops_everything(tiny_bert, tmp_path):
 
 
 def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, f"ip {' '.join(args)}: {proc.stderr}"
 
 
 @pytest.fixture
@@ -213,8 +199,9 @@ def namespaces():
         subprocess.run(["ip", "link", "del", f"v{tag}r"], capture_output=True)
 
 
-def test_deploy_across_network_namespaces_matches_the_simulation(
+def test_deploy_across_network_namespaces_with_tls_and_auth_matches_the_simulation(
         tiny_bert, simulated, namespaces, tmp_path):
+    """Three hosts (network namespaces), TLS and SuperNode authentication on."""
     work, out = tmp_path / "work", tmp_path / "run"
     exe = ["ip", "netns", "exec"]
     prefix = {"superlink": [*exe, namespaces["link"]],
@@ -222,7 +209,7 @@ def test_deploy_across_network_namespaces_matches_the_simulation(
     for i, ns in enumerate(namespaces["nodes"]):
         prefix[f"supernode-{i}"] = prefix[f"superexec-clientapp-{i}"] = [*exe, ns]
     spec = {"work": str(work), "out": str(out),
-            "plan": {"num_supernodes": 2, "tls": True, "host": namespaces["host"],
+            "plan": {"num_supernodes": 2, "auth": True, "host": namespaces["host"],
                      "prefix": prefix},
             "overrides": [f"model.name={tiny_bert}", *EXPERIMENT, *NO_FEDERATED_EVAL]}
     log = run_python(["-c", LAUNCH, json.dumps(spec)], work)
@@ -230,8 +217,14 @@ def test_deploy_across_network_namespaces_matches_the_simulation(
     link = (work / "superlink.log").read_text()
     net = namespaces["host"].rsplit(".", 1)[0]
     assert f"Starting Fleet API (gRPC-rere) on {namespaces['host']}:" in link
+    assert f"Uvicorn running on https://{namespaces['host']}:" in link  # TLS
     assert f"{net}.254:" in link  # `flwr` reached the Control API from this host
+    assert link.count("[ControlServicer.RegisterNode] Created node_id") == 2
     assert link.count("Activated node_id") == 2  # the SuperNodes, from theirs
+    assert "authentication is disabled" not in link and "insecure" not in link.lower()
+    for i in range(2):
+        assert "insecure" not in (work / f"supernode-{i}.log").read_text().lower()
     commands = json.loads((out / "deployment.json").read_text())["commands"]
     assert f"--superlink {namespaces['host']}:" in " ".join(commands["supernode-0"])
+    assert [r["clients"] for r in rows(out)[1:]] == [2, 2]
     assert_same_adapter(out, simulated)

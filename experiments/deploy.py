@@ -1,0 +1,490 @@
+"""Local deployment without Docker: a SuperLink and N SuperNodes as processes.
+
+    python -m experiments.deploy [--tls] [--auth] [--out DIR] [--work DIR]
+                                 [--timeout S] [hydra overrides ...]
+
+It starts the services of ``docker-compose.yml`` with the same flags
+(:func:`commands`): ``superlink`` (Fleet API on gRPC, Control/Runtime API on HTTP),
+``superexec-serverapp`` (runs the ServerApp), and for each of the
+``federation.num_clients`` nodes ``supernode-i`` (node config ``partition-id=i
+num-partitions=N data-dir=<work>/node-i``) and ``superexec-clientapp-i`` (one
+ClientApp process per message). Then it submits the
+experiment with ``flwr run . <connection> --run-config <toml>`` (the Hydra overrides
+and the output directory), waits for ``finished:completed``, checks the run directory
+and stops every process it started, by PID, also when the run fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent  # flower-superlink & co. of this environment
+CONNECTION = "fedlora"
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json",
+             "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+             "plots/accuracy_vs_round.png")
+ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # no `uv sync` at run time
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+@dataclass
+class Plan:
+    """Where one local deployment's services listen and keep their files.
+
+    Attributes
+    ----------
+    work : Path
+        Logs, certificates, the nodes' data locations and the Flower homes.
+    num_supernodes : int
+        SuperNodes to start; node ``i`` holds partition ``i`` of ``num_supernodes``.
+    tls, auth : bool
+        TLS with a fresh CA; SuperNode authentication (implies TLS).
+    host : str
+        The SuperLink's address, bound and dialled.
+    fleet_port, control_port, node_ports : int, int, list of int
+        Fleet API, Control/Runtime API, SuperNodes' Runtime APIs (0: free ports).
+    prefix : dict
+        Service name -> command prefix, e.g. ``["ip", "netns", "exec", "ns0"]``.
+    """
+
+    work: Path
+    num_supernodes: int
+    tls: bool = False
+    auth: bool = False
+    host: str = "127.0.0.1"
+    fleet_port: int = 0
+    control_port: int = 0
+    node_ports: list[int] = field(default_factory=list)
+    prefix: dict[str, list[str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.work = Path(self.work).resolve()
+        self.tls = self.tls or self.auth  # Flower's node authentication needs TLS
+        if not self.fleet_port:
+            self.fleet_port, self.control_port, *self.node_ports = free_ports(
+                2 + self.num_supernodes)
+
+    @property
+    def certs(self) -> Path:
+        return self.work / "certs"
+
+    @property
+    def control_address(self) -> str:
+        return f"{self.host}:{self.control_port}"
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports that were free on 127.0.0.1 (bound to port 0)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def commands(plan: Plan) -> dict[str, list[str]]:
+    """Each service's command line; ``docker-compose.yml`` runs the same flags.
+
+    Returns
+    -------
+    dict
+        ``{service name: argv}`` for ``superlink``, ``superexec-serverapp``,
+        ``supernode-<i>`` and ``superexec-clientapp-<i>``.
+    """
+    certs, n = plan.certs, plan.num_supernodes
+    fleet = f"{plan.host}:{plan.fleet_port}"
+    server_tls = (["--ssl-ca-certfile", f"{certs}/ca.crt",
+                   "--ssl-certfile", f"{certs}/superlink.crt",
+                   "--ssl-keyfile", f"{certs}/superlink.key"]
+                  if plan.tls else ["--insecure"])
+    client_tls = (["--root-certificates", f"{certs}/ca.crt"] if plan.tls
+                  else ["--insecure"])
+    out = {
+        "superlink": ["flower-superlink", *server_tls, "--isolation", "process",
+                      "--host", plan.host, "--port", str(plan.control_port),
+                      "--fleet-api-address", fleet,
+                      "--disable-runtime-dependency-installation",
+                      *(["--enable-supernode-auth"] if plan.auth else [])],
+        "superexec-serverapp": ["flower-superexec", *client_tls,
+                                "--runtime-api-address", plan.control_address],
+    }
+    for i, port in enumerate(plan.node_ports):
+        key = ["--auth-supernode-private-key", f"{certs}/supernode-{i}"]
+        out[f"supernode-{i}"] = [
+            "flower-supernode", *client_tls, *(key if plan.auth else []),
+            "--superlink", fleet, "--isolation", "process",
+            "--host", "127.0.0.1", "--port", str(port),
+            "--node-config",
+            f'partition-id={i} num-partitions={n} data-dir="{plan.work}/node-{i}"']
+        out[f"superexec-clientapp-{i}"] = [
+            "flower-superexec", "--insecure", "--runtime-api-address",
+            f"127.0.0.1:{port}"]
+    return out
+
+
+class Services:
+    """The processes this launcher started; :meth:`stop` ends each one by PID.
+
+    Every service leads its own process group, so stopping it also stops the
+    ServerApp/ClientApp processes its SuperExec started.
+    """
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def env(self, home: str) -> dict[str, str]:
+        """This environment plus quiet Flower settings and its own ``FLWR_HOME``."""
+        path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+        return {**os.environ, **ENV, "PATH": path,
+                "FLWR_HOME": str(self.plan.work / home)}
+
+    def start(self, name: str, argv: list[str],
+              home: str | None = None) -> subprocess.Popen[bytes]:
+        """Start ``argv`` (after the plan's prefix for ``name``), logging to
+        ``<work>/<name>.log``, with ``FLWR_HOME=<work>/<home or name>``."""
+        (self.plan.work / (home or name)).mkdir(parents=True, exist_ok=True)
+        with open(self.log(name), "ab") as log:
+            proc = subprocess.Popen([*self.plan.prefix.get(name, []), *argv],
+                                    stdout=log, stderr=subprocess.STDOUT,
+                                    env=self.env(home or name), cwd=self.plan.work,
+                                    start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> Path:
+        return self.plan.work / f"{name}.log"
+
+    def check_alive(self) -> None:
+        """Raise, with the end of its log, when a service has exited."""
+        for name in commands(self.plan).keys() & self.procs.keys():
+            if (proc := self.procs[name]).poll() is not None:
+                raise RuntimeError(f"{name} exited with code {proc.returncode}:\n"
+                                   + tail(self.log(name)))
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM every service's process group, SIGKILL what is left after
+        ``grace`` seconds, and reap the processes that were theirs."""
+        family = [p for proc in self.procs.values() for p in _descendants(proc.pid)]
+        for proc in reversed(self.procs.values()):  # apps first, SuperLink last
+            _signal_group(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(proc.pid, signal.SIGKILL)
+                proc.wait()
+        for p in family:  # left their group (a new session) or outlived it
+            _kill_and_reap(p)
+        self.procs.clear()
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _descendants(pid: int) -> list[Any]:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _kill_and_reap(proc: Any, timeout: float = 5.0) -> None:
+    """SIGKILL a ``psutil.Process``; wait until it is gone or a zombie, and reap it
+    if it became our child (see :func:`become_subreaper`)."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    try:
+        proc.kill()
+        while time.monotonic() < deadline:
+            try:
+                if os.waitpid(proc.pid, os.WNOHANG)[0]:
+                    return
+            except ChildProcessError:
+                if proc.status() == psutil.STATUS_ZOMBIE:
+                    return
+            time.sleep(0.05)
+    except psutil.NoSuchProcess:
+        pass
+
+
+def become_subreaper() -> None:
+    """Adopt orphaned descendants (Linux), so :meth:`Services.stop` can reap them."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        pass
+
+
+def tail(path: Path, chars: int = 3000) -> str:
+    """The last ``chars`` characters of a log file."""
+    return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+
+def wait_for(what: str, ready: Callable[[], bool], services: Services,
+             timeout: float) -> None:
+    """Poll ``ready()`` until true; raise if a service dies or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        services.check_alive()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not ready after {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def port_open(host: str, port: int) -> bool:
+    """Whether a TCP connection to ``host:port`` succeeds."""
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def flwr(services: Services, *args: str, timeout: float = 120) -> dict[str, Any]:
+    """Run ``flwr <args> --format json`` with the launcher's ``FLWR_HOME``; its JSON."""
+    proc = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], cwd=ROOT,
+                          env=services.env("cli"), capture_output=True, text=True,
+                          timeout=timeout)
+    try:
+        out = json.loads(proc.stdout[proc.stdout.index("{"):])
+    except ValueError:
+        out = {}
+    if not out.get("success"):
+        raise RuntimeError(f"flwr {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}")
+    return out
+
+
+def write_connection(plan: Plan) -> None:
+    """``[superlink.fedlora]`` in the CLI's ``$FLWR_HOME/config.toml``."""
+    security = (f'root-certificates = "{plan.certs}/ca.crt"' if plan.tls
+                else "insecure = true")
+    home = plan.work / "cli"
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "{plan.control_address}"\n{security}\n')
+
+
+def make_certs(plan: Plan) -> None:
+    """CA, SuperLink certificate (valid for ``plan.host``) and SuperNode keys."""
+    subprocess.run(["bash", str(ROOT / "deploy" / "certs.sh"), "-o", str(plan.certs),
+                    "-n", str(plan.num_supernodes), plan.host],
+                   check=True, capture_output=True, timeout=60)
+
+
+def start(plan: Plan, services: Services, timeout: float = 120) -> None:
+    """Start the SuperLink, register the SuperNodes' keys (``auth``), start the
+    SuperNodes and the SuperExecs; return once every SuperNode is connected."""
+    plan.work.mkdir(parents=True, exist_ok=True)
+    if plan.tls:
+        make_certs(plan)
+    write_connection(plan)
+    cmds = commands(plan)
+    services.start("superlink", cmds["superlink"])
+    wait_for("SuperLink", lambda: port_open(plan.host, plan.control_port)
+             and port_open(plan.host, plan.fleet_port), services, timeout)
+    services.start("superexec-serverapp", cmds["superexec-serverapp"])
+    for i in range(plan.num_supernodes) if plan.auth else ():
+        flwr(services, "supernode", "register", f"{plan.certs}/supernode-{i}.pub",
+             CONNECTION)
+    for i in range(plan.num_supernodes):
+        services.start(f"supernode-{i}", cmds[f"supernode-{i}"])
+        services.start(f"superexec-clientapp-{i}", cmds[f"superexec-clientapp-{i}"])
+    for i in range(plan.num_supernodes):
+        wait_for(f"supernode-{i}", lambda i=i: "SuperNode ID" in tail(
+            services.log(f"supernode-{i}"), 100_000), services, timeout)
+
+
+def run_experiment(plan: Plan, services: Services, overrides: list[str], out: Path,
+                   timeout: float) -> dict[str, Any]:
+    """``flwr run`` the experiment, wait for it to finish; return its ``flwr ls`` row.
+
+    Raises if the run does not end as ``finished:completed`` within ``timeout``.
+    """
+    (out / "summary.json").unlink(missing_ok=True)
+    run_config = plan.work / "run-config.toml"
+    run_config.write_text(f"overrides = {json.dumps(shlex.join(overrides))}\n"
+                          f"output-dir = {json.dumps(str(out))}\n")
+    run_id = flwr(services, "run", str(ROOT), CONNECTION, "--run-config",
+                  str(run_config))["run-id"]
+    print(f"[deploy] run {run_id} submitted; its log: {services.log('run')}",
+          flush=True)
+    follower = services.start("run", [str(BIN / "flwr"), "log", str(run_id),
+                                      CONNECTION, "--stream"], home="cli")
+    shown = 0
+
+    def show_progress() -> None:  # the ServerApp's "[fedlora] round ..." lines
+        nonlocal shown
+        lines = tail(services.log("run"), 10**8).splitlines()
+        for line in lines[shown:]:
+            if line.startswith("[fedlora]"):
+                print(line, flush=True)
+        shown = len(lines)
+
+    # `flwr ls` costs a second of CPU: ask every 15 s, and as soon as the ServerApp
+    # process (a child of superexec-serverapp) has come and gone
+    deadline, asked = time.monotonic() + timeout, time.monotonic()
+    seen = ended = False
+    while True:
+        time.sleep(1)
+        show_progress()
+        services.check_alive()
+        running = bool(_descendants(services.procs["superexec-serverapp"].pid))
+        ended, seen = ended or (seen and not running), seen or running
+        if ended or time.monotonic() - asked > 15:
+            asked = time.monotonic()
+            row = flwr(services, "ls", CONNECTION, "--run-id", str(run_id))["runs"][0]
+            if row["status"].startswith("finished"):
+                break
+        if time.monotonic() > deadline:
+            flwr(services, "stop", str(run_id), CONNECTION)
+            raise TimeoutError(f"run {run_id} still running after {timeout} s")
+    try:
+        follower.wait(15)  # the log stream ends with the run
+    except subprocess.TimeoutExpired:
+        pass
+    show_progress()
+    if row["status"] != "finished:completed":
+        raise RuntimeError(f"run {run_id} ended {row['status']}: "
+                           f"{row.get('status-details')}\n" + tail(services.log("run")))
+    return row
+
+
+def check_run_dir(out: Path) -> None:
+    """Raise if the run directory lacks a file of the contract."""
+    missing = [name for name in RUN_FILES if not (out / name).is_file()]
+    if missing:
+        raise RuntimeError(f"run directory {out} lacks {', '.join(missing)}")
+
+
+def deploy(overrides: list[str], plan: Plan, out: Path,
+           timeout: float = 3600) -> dict[str, Any]:
+    """Start the deployment, run the experiment, check ``out``, stop everything.
+
+    Parameters
+    ----------
+    overrides : list of str
+        Hydra overrides of ``conf/``, passed to the ServerApp in the run config.
+    plan : Plan
+        The services to start.
+    out : Path
+        The run directory the ServerApp fills.
+    timeout : float
+        Seconds the run may take.
+
+    Returns
+    -------
+    dict
+        The run's ``summary.json``; ``out/deployment.json`` records the run id,
+        status, commands and timings.
+
+    Raises
+    ------
+    RuntimeError, TimeoutError
+        A service died, the run did not end ``finished:completed`` in time, or the
+        run directory is incomplete. Every started process is stopped first.
+    """
+    out = Path(out).resolve()
+    services = Services(plan)
+    started = time.perf_counter()
+    try:
+        start(plan, services)
+        ready = time.perf_counter()
+        row = run_experiment(plan, services, overrides, out, timeout)
+        check_run_dir(out)
+    finally:
+        services.stop()
+    record = {"run_id": row["run-id"], "status": row["status"],
+              "startup_seconds": ready - started,
+              "run_seconds": time.perf_counter() - ready,
+              "work": str(plan.work), "commands": commands(plan)}
+    (out / "deployment.json").write_text(json.dumps(record, indent=2))
+    return json.loads((out / "summary.json").read_text())
+
+
+def experiment(overrides: list[str]) -> dict[str, Any]:
+    """``conf/`` composed with ``overrides`` and checked, as the ServerApp will."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from fedlora.validate import validate
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose(config_name="config", overrides=overrides)
+    plain: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore
+    validate(plain)
+    return plain
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: see the module docstring."""
+    from fedlora.errors import ConfigError
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/")
+    parser.add_argument("--tls", action="store_true", help="TLS with a fresh CA")
+    parser.add_argument("--auth", action="store_true",
+                        help="SuperNode authentication (implies --tls)")
+    parser.add_argument("--out", type=Path, help="run directory "
+                        "(default: outputs/deployment/<date>_<time>)")
+    parser.add_argument("--work", type=Path, help="logs, certificates, node data "
+                        "and Flower homes (default: a new temporary folder)")
+    parser.add_argument("--timeout", type=float, default=3600,
+                        help="seconds the run may take")
+    args = parser.parse_args(argv)
+    try:
+        cfg = experiment(args.overrides)
+    except ConfigError as exc:
+        print(f"[deploy] configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    become_subreaper()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop services first
+    n = int(cfg["federation"]["num_clients"])  # the strategy waits for all of them
+    work = args.work or Path(tempfile.mkdtemp(prefix="fedlora-deploy-"))
+    out = args.out or ROOT / "outputs/deployment" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    plan = Plan(work, n, tls=args.tls, auth=args.auth)
+    print(f"[deploy] {n} SuperNodes, TLS {'on' if plan.tls else 'off'}, "
+          f"auth {'on' if plan.auth else 'off'}; logs in {plan.work}", flush=True)
+    try:
+        summary = deploy(args.overrides, plan, out, args.timeout)
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"[deploy] {exc}\n[deploy] logs in {plan.work}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(f"[deploy] finished:completed; run directory {out}")
+    print("[fedlora] summary: " + json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()
