@@ -20,6 +20,7 @@ from torch import nn
 
 from fedlora.adapters import ADAPTER_NAME, wire_name
 from fedlora.data import Example
+from fedlora.errors import ConfigError
 from fedlora.train import batches
 
 Factors = tuple[np.ndarray, np.ndarray, np.ndarray]  # B (d_out, r), R (r, r), A (r, d_in)
@@ -35,8 +36,12 @@ def lora_layers_of(model: nn.Module) -> dict[str, nn.Module]:
 
 def add_r(model: nn.Module) -> nn.Module:
     """Insert a trainable ``R`` (zeros) into every LoRA layer; freeze ``A`` and ``B``."""
-    for layer in lora_layers_of(model).values():
+    for name, layer in lora_layers_of(model).items():
         r = layer.r[ADAPTER_NAME]
+        base = layer.get_base_layer().weight
+        if r > min(base.shape):  # B's columns / A's rows could not be orthonormal
+            raise ConfigError("adapter.r", r, f"LoRA-SB needs r <= min(d_out, d_in) = "
+                              f"{min(base.shape)} for {name}; lower adapter.r")
         ref = layer.lora_A[ADAPTER_NAME].weight
         lin = nn.Linear(r, r, bias=False, device=ref.device, dtype=ref.dtype)
         nn.init.zeros_(lin.weight)

@@ -115,3 +115,9 @@ def test_unknown_parametrisation_names_the_key(settings):
     settings["adapter"]["parametrisation"] = "dora"
     with pytest.raises(ConfigError, match="adapter.parametrisation"):
         build(settings)
+
+
+def test_lora_sb_rank_larger_than_the_layer_names_the_key(settings):
+    settings["adapter"].update(parametrisation="lora_sb", r=40, alpha=40)  # hidden 32
+    with pytest.raises(ConfigError, match="adapter.r"):
+        build(settings)
