@@ -70,7 +70,6 @@ def wrap_with_lora(
     gives bit-identical starting adapters.
     """
     from peft import get_peft_model
-
     from peft.utils.error import NoMatchingPeftModuleError
 
     config = lora_config(adapter_cfg, task)

@@ -213,14 +213,14 @@ def tokenise(table: pd.DataFrame, tokenizer: Any, data_cfg: dict[str, Any],
                         truncation=True, max_length=max_length)
         labels = table[data_cfg["label_column"]].astype(int).tolist()
         return [{"input_ids": ids, "attention_mask": am, "labels": y}
-                for ids, am, y in zip(enc["input_ids"], enc["attention_mask"], labels)]
+                for ids, am, y in zip(enc["input_ids"], enc["attention_mask"], labels, strict=True)]
     prompts = tokenizer(table[data_cfg["prompt_column"]].astype(str).tolist(),
                         add_special_tokens=False)["input_ids"]
     responses = tokenizer(table[data_cfg["response_column"]].astype(str).tolist(),
                           add_special_tokens=False)["input_ids"]
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     out = []
-    for p, r in zip(prompts, responses):
+    for p, r in zip(prompts, responses, strict=True):
         ids = (p + r + eos)[:max_length]
         labels = ([-100] * len(p) + r + eos)[:max_length]
         out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})

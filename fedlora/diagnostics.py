@@ -58,7 +58,7 @@ def aggregation_error(
     num: dict[str, float] = defaultdict(float)
     den: dict[str, float] = defaultdict(float)
     for layer in new:
-        ideal = [(scaling * p, c[layer][0], c[layer][1]) for c, p in zip(clients, weights)]
+        ideal = [(scaling * p, c[layer][0], c[layer][1]) for c, p in zip(clients, weights, strict=True)]
         mod = module_name(layer)
         num[mod] += sum_of_products_sqnorm(ideal + [(-scaling, *new[layer])])
         den[mod] += sum_of_products_sqnorm(ideal + [(-scaling, *old[layer])])

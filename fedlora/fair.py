@@ -24,12 +24,12 @@ SOLVERS = ("ridge", "gd")
 def _ideal_dot(bs: Sequence[np.ndarray], as_: Sequence[np.ndarray], p: np.ndarray,
                a: np.ndarray) -> np.ndarray:
     """``ideal @ a^T`` (d_out, r') from the factors."""
-    return sum(w * (b @ (ak @ a.T)) for w, b, ak in zip(p, bs, as_))
+    return sum(w * (b @ (ak @ a.T)) for w, b, ak in zip(p, bs, as_, strict=True))
 
 
 def _ideal_sqnorm(bs: Sequence[np.ndarray], as_: Sequence[np.ndarray],
                   p: np.ndarray) -> float:
-    u = np.concatenate([w * b for w, b in zip(p, bs)], axis=1)
+    u = np.concatenate([w * b for w, b in zip(p, bs, strict=True)], axis=1)
     v = np.concatenate(list(as_), axis=0)
     return float(np.sum((u.T @ u) * (v @ v.T)))
 
@@ -39,8 +39,8 @@ def ridge_correction(bs: Sequence[np.ndarray], as_: Sequence[np.ndarray], p: np.
     """Closed form ``dB = (ideal - Bbar Abar) Abar^T (Abar Abar^T + lambda I)^-1``."""
     bs64 = [b.astype(np.float64) for b in bs]
     as64 = [a.astype(np.float64) for a in as_]
-    abar = sum(w * a for w, a in zip(p, as64))
-    bbar = sum(w * b for w, b in zip(p, bs64))
+    abar = sum(w * a for w, a in zip(p, as64, strict=True))
+    bbar = sum(w * b for w, b in zip(p, bs64, strict=True))
     gram = abar @ abar.T
     rhs = _ideal_dot(bs64, as64, p, abar) - bbar @ gram  # (ideal - Bbar Abar) Abar^T
     lhs = gram + lam * np.eye(gram.shape[0])
@@ -60,8 +60,8 @@ def gd_correction(bs: Sequence[np.ndarray], as_: Sequence[np.ndarray], p: np.nda
     """
     bs64 = [b.astype(np.float64) for b in bs]
     as64 = [a.astype(np.float64) for a in as_]
-    abar = sum(w * a for w, a in zip(p, as64))
-    bbar = sum(w * b for w, b in zip(p, bs64))
+    abar = sum(w * a for w, a in zip(p, as64, strict=True))
+    bbar = sum(w * b for w, b in zip(p, bs64, strict=True))
     gram = abar @ abar.T
     c = _ideal_dot(bs64, as64, p, abar)
     ideal_norm = float(np.sqrt(max(_ideal_sqnorm(bs64, as64, p), 0.0)))

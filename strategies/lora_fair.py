@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from fedlora.aggregation import lora_fair
-from fedlora.fair import SOLVERS
 from fedlora.errors import ConfigError
+from fedlora.fair import SOLVERS
 from strategies.fedavg_lora import FedAvgLoRA, State
 
 

@@ -62,9 +62,9 @@ def test_aggregation_identity_holds():
     p = client_weights([2, 3, 5], "num_examples")
     bs = [rng.standard_normal((8, 2)) for _ in p]
     as_ = [rng.standard_normal((2, 6)) for _ in p]
-    bbar, abar = sum(w * b for w, b in zip(p, bs)), sum(w * a for w, a in zip(p, as_))
-    ideal = sum(w * b @ a for w, b, a in zip(p, bs, as_))
-    residual = sum(w * (b - bbar) @ (a - abar) for w, b, a in zip(p, bs, as_))
+    bbar, abar = sum(w * b for w, b in zip(p, bs, strict=False)), sum(w * a for w, a in zip(p, as_, strict=False))
+    ideal = sum(w * b @ a for w, b, a in zip(p, bs, as_, strict=False))
+    residual = sum(w * (b - bbar) @ (a - abar) for w, b, a in zip(p, bs, as_, strict=False))
     np.testing.assert_allclose(ideal - bbar @ abar, residual, atol=1e-12)
 
 
@@ -98,7 +98,7 @@ def test_aggregation_error_is_positive_and_matches_dense_definition():
 
     num = den = 0.0
     for layer in LAYERS:
-        ideal = sum(w * delta(s, layer) for w, s in zip(p, states))
+        ideal = sum(w * delta(s, layer) for w, s in zip(p, states, strict=False))
         num += np.sum((ideal - delta(new, layer)) ** 2)
         den += np.sum((ideal - delta(old, layer)) ** 2)
     assert overall > 0.01

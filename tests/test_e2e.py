@@ -13,6 +13,7 @@ from safetensors.numpy import load_file
 
 from tests.conftest import run_front_door
 
+
 @pytest.fixture(scope="module")
 def run_dir(tiny_bert, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "run"

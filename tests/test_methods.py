@@ -33,7 +33,7 @@ def effective(state, layer, frozen=None):
 
 def max_gap(states, new, p, frozen=None):
     """max |sum p_k E_k - E_new| over all layers."""
-    return max(np.abs(sum(w * effective(s, layer, frozen) for w, s in zip(p, states))
+    return max(np.abs(sum(w * effective(s, layer, frozen) for w, s in zip(p, states, strict=False))
                       - effective(new, layer, frozen)).max() for layer in LAYERS)
 
 
@@ -76,8 +76,8 @@ def cos(x, y):
 @pytest.mark.parametrize("solver", ["gd", "ridge"])
 def test_lora_fair_cosine_between_plain_average_and_projection_bound(seed, solver, p):
     bs, as_ = fair_problem(np.random.default_rng(seed))
-    ideal = sum(w * b @ a for w, b, a in zip(p, bs, as_))
-    abar, bbar = sum(w * a for w, a in zip(p, as_)), sum(w * b for w, b in zip(p, bs))
+    ideal = sum(w * b @ a for w, b, a in zip(p, bs, as_, strict=False))
+    abar, bbar = sum(w * a for w, a in zip(p, as_, strict=False)), sum(w * b for w, b in zip(p, bs, strict=False))
     db = (gd_correction if solver == "gd" else ridge_correction)(bs, as_, p, 0.01)
     bound = cos(ideal, ideal @ np.linalg.pinv(abar) @ abar)
     corrected, plain = cos(ideal, (bbar + db) @ abar), cos(ideal, bbar @ abar)
@@ -97,8 +97,8 @@ def test_lora_fair_larger_lambda_gives_smaller_correction(solver, rng, p):
 def test_ridge_solver_matches_a_dense_numpy_solve(rng, p):
     bs, as_ = fair_problem(rng)
     lam = 0.05
-    ideal = sum(w * b @ a for w, b, a in zip(p, bs, as_))
-    abar, bbar = sum(w * a for w, a in zip(p, as_)), sum(w * b for w, b in zip(p, bs))
+    ideal = sum(w * b @ a for w, b, a in zip(p, bs, as_, strict=False))
+    abar, bbar = sum(w * a for w, a in zip(p, as_, strict=False)), sum(w * b for w, b in zip(p, bs, strict=False))
     # normal equations of min ||ideal - (Bbar + dB) Abar||^2 + lam ||dB||^2
     lhs = abar @ abar.T + lam * np.eye(R)
     reference = np.linalg.solve(lhs, ((ideal - bbar @ abar) @ abar.T).T).T
@@ -107,7 +107,7 @@ def test_ridge_solver_matches_a_dense_numpy_solve(rng, p):
 
 def test_lora_fair_aggregation_corrects_b_and_averages_a(rng, p):
     states = [{"x.lora_A.weight": a, "x.lora_B.weight": b, "head": rng.standard_normal(2)}
-              for b, a in zip(*fair_problem(rng))]
+              for b, a in zip(*fair_problem(rng), strict=False)]
     out = lora_fair(states, p, 0.01, "ridge")
     avg = fedavg_lora(states, p)
     np.testing.assert_allclose(out["x.lora_A.weight"], avg["x.lora_A.weight"])
