@@ -6,11 +6,12 @@
    process: the ratio ``t_dp / t_plain``.
 2. **Privacy-utility sweep**: SST-2, MiniLM, 3 clients, Dirichlet(0.5), for
    target epsilon in {1, 3, 8} and no DP, strategies FedAvg-LoRA, FFA-LoRA and Fed-SB
-   (600 training phrases, 2 rounds, 400 dev phrases; ``init=random_orthogonal`` in every arm: a data-free init keeps the arms
+   (600 training phrases, 2 rounds, 400 dev phrases; ``init=random_orthogonal``
+   in every arm: a data-free init keeps the arms
    comparable and the DP ones private), seeds 0..S-1; one Hydra multirun per arm.
    Reported: mean and standard deviation over seeds of the final dev accuracy.
 
-    HF_HUB_OFFLINE=1 python -m experiments.bench_privacy [--seeds 3] [--out results/bench_privacy.json]
+    HF_HUB_OFFLINE=1 python -m experiments.bench_privacy [--seeds 3] [--out PATH]
     HF_HUB_OFFLINE=1 python -m experiments.bench_privacy --quick   # smoke test
 """
 
@@ -42,22 +43,47 @@ EPSILONS = [1.0, 3.0, 8.0]
 
 def common(data: Path, quick: bool) -> list[str]:
     """Overrides shared by every run of the sweep."""
-    size = (["data.max_train_examples=150", "data.max_eval_examples=64",
-             "federation.rounds=1"] if quick else
-            ["data.max_train_examples=600", "data.max_eval_examples=400",
-             "federation.rounds=2"])
-    return ["data=sst2", f"data.path={data}", "data.client_eval_fraction=0",
-            "federation.num_clients=3", "federation.min_train_clients=3",
-            "federation.fraction_evaluate=0", "partition.type=dirichlet",
-            "partition.alpha=0.5", "partition.min_partition_size=20", "quiet=true",
-            *size]
+    size = (
+        [
+            "data.max_train_examples=150",
+            "data.max_eval_examples=64",
+            "federation.rounds=1",
+        ]
+        if quick
+        else [
+            "data.max_train_examples=600",
+            "data.max_eval_examples=400",
+            "federation.rounds=2",
+        ]
+    )
+    return [
+        "data=sst2",
+        f"data.path={data}",
+        "data.client_eval_fraction=0",
+        "federation.num_clients=3",
+        "federation.min_train_clients=3",
+        "federation.fraction_evaluate=0",
+        "partition.type=dirichlet",
+        "partition.alpha=0.5",
+        "partition.min_partition_size=20",
+        "quiet=true",
+        *size,
+    ]
 
 
 def dp_overhead(data: Path, n: int, threads: int) -> dict[str, float]:
     """Seconds of one local epoch without and with DP-SGD, and their ratio."""
     torch.set_num_threads(threads)
-    plain = settings(compose(common(data, True) + [
-        f"data.max_train_examples={n}", "privacy=dp_sgd", "privacy.poisson_sampling=false"]))
+    plain = settings(
+        compose(
+            common(data, True)
+            + [
+                f"data.max_train_examples={n}",
+                "privacy=dp_sgd",
+                "privacy.poisson_sampling=false",
+            ]
+        )
+    )
     plain["train"]["device"] = "cpu"
     times = {}
     for mode in ("plain", "dp"):
@@ -65,16 +91,35 @@ def dp_overhead(data: Path, n: int, threads: int) -> dict[str, float]:
         examples, _ = client_examples(plain, tok, 0, 1)
         t0 = time.perf_counter()
         if mode == "plain":
-            train_local(model, examples, plain["train"], torch.device("cpu"),
-                        tok.pad_token_id, seed=0)
+            train_local(
+                model,
+                examples,
+                plain["train"],
+                torch.device("cpu"),
+                tok.pad_token_id,
+                seed=0,
+            )
         else:
             p = privacy.plan(plain["privacy"], plain["train"], len(examples), 1)
-            privacy.train_local_dp(model, examples, plain["train"], plain["privacy"], p,
-                                   privacy.make_accountant(p.accountant),
-                                   torch.device("cpu"), tok.pad_token_id, seed=0)
+            privacy.train_local_dp(
+                model,
+                examples,
+                plain["train"],
+                plain["privacy"],
+                p,
+                privacy.make_accountant(p.accountant),
+                torch.device("cpu"),
+                tok.pad_token_id,
+                seed=0,
+            )
         times[mode] = time.perf_counter() - t0
-    return {"examples": n, "threads": threads, "plain_s": times["plain"],
-            "dp_s": times["dp"], "ratio_dp_over_plain": times["dp"] / times["plain"]}
+    return {
+        "examples": n,
+        "threads": threads,
+        "plain_s": times["plain"],
+        "dp_s": times["dp"],
+        "ratio_dp_over_plain": times["dp"] / times["plain"],
+    }
 
 
 def sweep(data: Path, out: Path, seeds: int, quick: bool) -> dict[str, list[float]]:
@@ -90,14 +135,26 @@ def sweep(data: Path, out: Path, seeds: int, quick: bool) -> dict[str, list[floa
             if any(run_dir.rglob("summary.json")):  # resumable: finished runs stay
                 continue
             init = ["strategy.init=random_orthogonal"] if strategy == "fedsb" else []
-            cmd = [sys.executable, "-m", "experiments.run", "-m", f"strategy={strategy}",
-                   f"federation.seed={','.join(str(s) for s in range(seeds))}",
-                   *common(data, quick), *init, *extra, f"hydra.sweep.dir={run_dir}"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "experiments.run",
+                "-m",
+                f"strategy={strategy}",
+                f"federation.seed={','.join(str(s) for s in range(seeds))}",
+                *common(data, quick),
+                *init,
+                *extra,
+                f"hydra.sweep.dir={run_dir}",
+            ]
             print(f"[bench] {arm} {strategy}: {seeds} runs", flush=True)
-            subprocess.run(cmd, cwd=REPO, check=True,
-                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            subprocess.run(
+                cmd, cwd=REPO, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+            )
         for name, runs in load_runs(arm_dir).items():
-            accs[f"{name} | {arm}"] = [r["summary"]["final_eval_accuracy"] for r in runs]
+            accs[f"{name} | {arm}"] = [
+                r["summary"]["final_eval_accuracy"] for r in runs
+            ]
     return accs
 
 
@@ -109,8 +166,11 @@ def report(accs: dict[str, list[float]]) -> str:
         cells = []
         for a in arms:
             v = np.asarray(accs.get(f"{s} | {a}", []), float) * 100
-            cells.append("-" if v.size == 0 else
-                         f"{v.mean():.1f} ± {v.std(ddof=1) if v.size > 1 else 0:.1f}")
+            cells.append(
+                "-"
+                if v.size == 0
+                else f"{v.mean():.1f} ± {v.std(ddof=1) if v.size > 1 else 0:.1f}"
+            )
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -131,8 +191,14 @@ def plot(accs: dict[str, list[float]], path: Path) -> None:
             means.append(v.mean())
             stds.append(v.std(ddof=1) if v.size > 1 else 0.0)
         order = np.argsort(xs)
-        ax.errorbar(np.array(xs)[order], np.array(means)[order], np.array(stds)[order],
-                    marker="o", capsize=3, label=s)
+        ax.errorbar(
+            np.array(xs)[order],
+            np.array(means)[order],
+            np.array(stds)[order],
+            marker="o",
+            capsize=3,
+            label=s,
+        )
     ax.set_xscale("log")
     ax.set_xlabel("target epsilon (32 = no DP)")
     ax.set_ylabel("final dev accuracy (%)")
@@ -153,10 +219,13 @@ def main() -> None:
     ap.add_argument("--overhead-only", action="store_true")
     args = ap.parse_args()
     if not args.data.is_dir():
-        raise SystemExit(f"--data {args.data}: no such folder (SST-2 train.tsv/dev.tsv)")
+        raise SystemExit(
+            f"--data {args.data}: no such folder (SST-2 train.tsv/dev.tsv)"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"overhead": dp_overhead(args.data, 64 if args.quick else 512,
-                                                      threads=2)}
+    result: dict[str, Any] = {
+        "overhead": dp_overhead(args.data, 64 if args.quick else 512, threads=2)
+    }
     print(f"[bench] DP overhead: {json.dumps(result['overhead'])}", flush=True)
     if not args.overhead_only:
         runs_dir = args.out.with_suffix("")

@@ -22,8 +22,14 @@ from fedlora.comm import (
 )
 
 
-def table(model: str, methods: list[str], ranks: dict[str, int], clients: int,
-          rounds: int, dtype_bytes: int = 4) -> list[dict[str, float]]:
+def table(
+    model: str,
+    methods: list[str],
+    ranks: dict[str, int],
+    clients: int,
+    rounds: int,
+    dtype_bytes: int = 4,
+) -> list[dict[str, float]]:
     """One row per method: per-client/round parameters and bytes, run totals."""
     shapes = layer_shapes(model)
     rows = []
@@ -31,14 +37,22 @@ def table(model: str, methods: list[str], ranks: dict[str, int], clients: int,
         r = ranks[method]
         per_round = round_parameters(shapes, r, method)
         once_up, once_down = one_time_parameters(shapes, r, method)
-        rows.append({
-            "method": method, "r": r, "params_per_client_round": per_round,
-            "MB_per_client_round": per_round * dtype_bytes / 1e6,
-            "MB_per_round_all_clients_up": per_round * dtype_bytes * clients / 1e6,
-            "one_time_MB_per_client": (once_up + once_down) * dtype_bytes / 1e6,
-            "total_GB_run_up_and_down": (2 * per_round * rounds + once_up + once_down)
-            * dtype_bytes * clients / 1e9,
-        })
+        rows.append(
+            {
+                "method": method,
+                "r": r,
+                "params_per_client_round": per_round,
+                "MB_per_client_round": per_round * dtype_bytes / 1e6,
+                "MB_per_round_all_clients_up": per_round * dtype_bytes * clients / 1e6,
+                "one_time_MB_per_client": (once_up + once_down) * dtype_bytes / 1e6,
+                "total_GB_run_up_and_down": (
+                    2 * per_round * rounds + once_up + once_down
+                )
+                * dtype_bytes
+                * clients
+                / 1e9,
+            }
+        )
     return rows
 
 
@@ -59,14 +73,21 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"{args.model}: {len(layer_shapes(args.model))} adapted matrices, "
-          f"{args.clients} clients, {args.rounds} round(s), float32")
-    print(f"{'method':<12} {'r':>4} {'params/client/round':>20} {'MB/client/round':>16} "
-          f"{'one-time MB/client':>19} {'run GB (up+down)':>17}")
+    print(
+        f"{args.model}: {len(layer_shapes(args.model))} adapted matrices, "
+        f"{args.clients} clients, {args.rounds} round(s), float32"
+    )
+    print(
+        f"{'method':<12} {'r':>4} {'params/client/round':>20} {'MB/client/round':>16} "
+        f"{'one-time MB/client':>19} {'run GB (up+down)':>17}"
+    )
     for row in rows:
-        print(f"{row['method']:<12} {row['r']:>4} {row['params_per_client_round']:>20,} "
-              f"{row['MB_per_client_round']:>16.1f} {row['one_time_MB_per_client']:>19.1f} "
-              f"{row['total_GB_run_up_and_down']:>17.2f}")
+        print(
+            f"{row['method']:<12} {row['r']:>4} {row['params_per_client_round']:>20,} "
+            f"{row['MB_per_client_round']:>16.1f} "
+            f"{row['one_time_MB_per_client']:>19.1f} "
+            f"{row['total_GB_run_up_and_down']:>17.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -33,9 +33,14 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # flower-superlink & co. of this environment
 CONNECTION = "fedlora"
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json",
-             "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
-             "plots/accuracy_vs_round.png")
+RUN_FILES = (
+    "config.yaml",
+    "metrics.jsonl",
+    "summary.json",
+    "adapter/adapter_config.json",
+    "adapter/adapter_model.safetensors",
+    "plots/accuracy_vs_round.png",
+)
 ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -80,7 +85,8 @@ class Plan:
         self.tls = self.tls or self.auth  # Flower's node authentication needs TLS
         if not self.fleet_port:
             self.fleet_port, self.control_port, *self.node_ports = free_ports(
-                2 + self.num_supernodes)
+                2 + self.num_supernodes
+            )
 
     @property
     def certs(self) -> Path:
@@ -114,32 +120,66 @@ def commands(plan: Plan) -> dict[str, list[str]]:
     """
     certs, n = plan.certs, plan.num_supernodes
     fleet = f"{plan.host}:{plan.fleet_port}"
-    server_tls = (["--ssl-ca-certfile", f"{certs}/ca.crt",
-                   "--ssl-certfile", f"{certs}/superlink.crt",
-                   "--ssl-keyfile", f"{certs}/superlink.key"]
-                  if plan.tls else ["--insecure"])
-    client_tls = (["--root-certificates", f"{certs}/ca.crt"] if plan.tls
-                  else ["--insecure"])
+    server_tls = (
+        [
+            "--ssl-ca-certfile",
+            f"{certs}/ca.crt",
+            "--ssl-certfile",
+            f"{certs}/superlink.crt",
+            "--ssl-keyfile",
+            f"{certs}/superlink.key",
+        ]
+        if plan.tls
+        else ["--insecure"]
+    )
+    client_tls = (
+        ["--root-certificates", f"{certs}/ca.crt"] if plan.tls else ["--insecure"]
+    )
     out = {
-        "superlink": ["flower-superlink", *server_tls, "--isolation", "process",
-                      "--host", plan.host, "--port", str(plan.control_port),
-                      "--fleet-api-address", fleet,
-                      "--disable-runtime-dependency-installation",
-                      *(["--enable-supernode-auth"] if plan.auth else [])],
-        "superexec-serverapp": ["flower-superexec", *client_tls,
-                                "--runtime-api-address", plan.control_address],
+        "superlink": [
+            "flower-superlink",
+            *server_tls,
+            "--isolation",
+            "process",
+            "--host",
+            plan.host,
+            "--port",
+            str(plan.control_port),
+            "--fleet-api-address",
+            fleet,
+            "--disable-runtime-dependency-installation",
+            *(["--enable-supernode-auth"] if plan.auth else []),
+        ],
+        "superexec-serverapp": [
+            "flower-superexec",
+            *client_tls,
+            "--runtime-api-address",
+            plan.control_address,
+        ],
     }
     for i, port in enumerate(plan.node_ports):
         key = ["--auth-supernode-private-key", f"{certs}/supernode-{i}"]
         out[f"supernode-{i}"] = [
-            "flower-supernode", *client_tls, *(key if plan.auth else []),
-            "--superlink", fleet, "--isolation", "process",
-            "--host", "127.0.0.1", "--port", str(port),
+            "flower-supernode",
+            *client_tls,
+            *(key if plan.auth else []),
+            "--superlink",
+            fleet,
+            "--isolation",
+            "process",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
             "--node-config",
-            f'partition-id={i} num-partitions={n} data-dir="{plan.work}/node-{i}"']
+            f'partition-id={i} num-partitions={n} data-dir="{plan.work}/node-{i}"',
+        ]
         out[f"superexec-clientapp-{i}"] = [
-            "flower-superexec", "--insecure", "--runtime-api-address",
-            f"127.0.0.1:{port}"]
+            "flower-superexec",
+            "--insecure",
+            "--runtime-api-address",
+            f"127.0.0.1:{port}",
+        ]
     return out
 
 
@@ -157,19 +197,28 @@ class Services:
     def env(self, home: str) -> dict[str, str]:
         """This environment plus quiet Flower settings and its own ``FLWR_HOME``."""
         path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
-        return {**os.environ, **ENV, "PATH": path,
-                "FLWR_HOME": str(self.plan.work / home)}
+        return {
+            **os.environ,
+            **ENV,
+            "PATH": path,
+            "FLWR_HOME": str(self.plan.work / home),
+        }
 
-    def start(self, name: str, argv: list[str],
-              home: str | None = None) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, argv: list[str], home: str | None = None
+    ) -> subprocess.Popen[bytes]:
         """Start ``argv`` (after the plan's prefix for ``name``), logging to
         ``<work>/<name>.log``, with ``FLWR_HOME=<work>/<home or name>``."""
         (self.plan.work / (home or name)).mkdir(parents=True, exist_ok=True)
         with open(self.log(name), "ab") as log:
-            proc = subprocess.Popen([*self.plan.prefix.get(name, []), *argv],
-                                    stdout=log, stderr=subprocess.STDOUT,
-                                    env=self.env(home or name), cwd=self.plan.work,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                [*self.plan.prefix.get(name, []), *argv],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env(home or name),
+                cwd=self.plan.work,
+                start_new_session=True,
+            )
         self.procs[name] = proc
         return proc
 
@@ -180,8 +229,10 @@ class Services:
         """Raise, with the end of its log, when a service has exited."""
         for name in commands(self.plan).keys() & self.procs.keys():
             if (proc := self.procs[name]).poll() is not None:
-                raise RuntimeError(f"{name} exited with code {proc.returncode}:\n"
-                                   + tail(self.log(name)))
+                raise RuntimeError(
+                    f"{name} exited with code {proc.returncode}:\n"
+                    + tail(self.log(name))
+                )
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM every service's process group, SIGKILL what is left after
@@ -252,8 +303,9 @@ def tail(path: Path, chars: int = 3000) -> str:
     return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
 
-def wait_for(what: str, ready: Callable[[], bool], services: Services,
-             timeout: float) -> None:
+def wait_for(
+    what: str, ready: Callable[[], bool], services: Services, timeout: float
+) -> None:
     """Poll ``ready()`` until true; raise if a service dies or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
     while not ready():
@@ -274,11 +326,16 @@ def port_open(host: str, port: int) -> bool:
 
 def flwr(services: Services, *args: str, timeout: float = 120) -> dict[str, Any]:
     """Run ``flwr <args> --format json`` with the launcher's ``FLWR_HOME``; its JSON."""
-    proc = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], cwd=ROOT,
-                          env=services.env("cli"), capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [str(BIN / "flwr"), *args, "--format", "json"],
+        cwd=ROOT,
+        env=services.env("cli"),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     try:
-        out = json.loads(proc.stdout[proc.stdout.index("{"):])
+        out = json.loads(proc.stdout[proc.stdout.index("{") :])
     except ValueError:
         out = {}
     if not out.get("success"):
@@ -288,20 +345,33 @@ def flwr(services: Services, *args: str, timeout: float = 120) -> dict[str, Any]
 
 def write_connection(plan: Plan) -> None:
     """``[superlink.fedlora]`` in the CLI's ``$FLWR_HOME/config.toml``."""
-    security = (f'root-certificates = "{plan.certs}/ca.crt"' if plan.tls
-                else "insecure = true")
+    security = (
+        f'root-certificates = "{plan.certs}/ca.crt"' if plan.tls else "insecure = true"
+    )
     home = plan.work / "cli"
     home.mkdir(parents=True, exist_ok=True)
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "{plan.control_address}"\n{security}\n')
+        f'address = "{plan.control_address}"\n{security}\n'
+    )
 
 
 def make_certs(plan: Plan) -> None:
     """CA, SuperLink certificate (valid for ``plan.host``) and SuperNode keys."""
-    subprocess.run(["bash", str(ROOT / "deploy" / "certs.sh"), "-o", str(plan.certs),
-                    "-n", str(plan.num_supernodes), plan.host],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            "bash",
+            str(ROOT / "deploy" / "certs.sh"),
+            "-o",
+            str(plan.certs),
+            "-n",
+            str(plan.num_supernodes),
+            plan.host,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
 
 
 def start(plan: Plan, services: Services, timeout: float = 120) -> None:
@@ -313,36 +383,60 @@ def start(plan: Plan, services: Services, timeout: float = 120) -> None:
     write_connection(plan)
     cmds = commands(plan)
     services.start("superlink", cmds["superlink"])
-    wait_for("SuperLink", lambda: port_open(plan.host, plan.control_port)
-             and port_open(plan.host, plan.fleet_port), services, timeout)
+    wait_for(
+        "SuperLink",
+        lambda: (
+            port_open(plan.host, plan.control_port)
+            and port_open(plan.host, plan.fleet_port)
+        ),
+        services,
+        timeout,
+    )
     services.start("superexec-serverapp", cmds["superexec-serverapp"])
     for i in range(plan.num_supernodes) if plan.auth else ():
-        flwr(services, "supernode", "register", f"{plan.certs}/supernode-{i}.pub",
-             CONNECTION)
+        flwr(
+            services,
+            "supernode",
+            "register",
+            f"{plan.certs}/supernode-{i}.pub",
+            CONNECTION,
+        )
     for i in range(plan.num_supernodes):
         services.start(f"supernode-{i}", cmds[f"supernode-{i}"])
         services.start(f"superexec-clientapp-{i}", cmds[f"superexec-clientapp-{i}"])
     for i in range(plan.num_supernodes):
-        wait_for(f"supernode-{i}", lambda i=i: "SuperNode ID" in tail(
-            services.log(f"supernode-{i}"), 100_000), services, timeout)
+        wait_for(
+            f"supernode-{i}",
+            lambda i=i: "SuperNode ID" in tail(services.log(f"supernode-{i}"), 100_000),
+            services,
+            timeout,
+        )
 
 
-def run_experiment(plan: Plan, services: Services, overrides: list[str], out: Path,
-                   timeout: float) -> dict[str, Any]:
+def run_experiment(
+    plan: Plan, services: Services, overrides: list[str], out: Path, timeout: float
+) -> dict[str, Any]:
     """``flwr run`` the experiment, wait for it to finish; return its ``flwr ls`` row.
 
     Raises if the run does not end as ``finished:completed`` within ``timeout``.
     """
     (out / "summary.json").unlink(missing_ok=True)
     run_config = plan.work / "run-config.toml"
-    run_config.write_text(f"overrides = {json.dumps(shlex.join(overrides))}\n"
-                          f"output-dir = {json.dumps(str(out))}\n")
-    run_id = flwr(services, "run", str(ROOT), CONNECTION, "--run-config",
-                  str(run_config))["run-id"]
-    print(f"[deploy] run {run_id} submitted; its log: {services.log('run')}",
-          flush=True)
-    follower = services.start("run", [str(BIN / "flwr"), "log", str(run_id),
-                                      CONNECTION, "--stream"], home="cli")
+    run_config.write_text(
+        f"overrides = {json.dumps(shlex.join(overrides))}\n"
+        f"output-dir = {json.dumps(str(out))}\n"
+    )
+    run_id = flwr(
+        services, "run", str(ROOT), CONNECTION, "--run-config", str(run_config)
+    )["run-id"]
+    print(
+        f"[deploy] run {run_id} submitted; its log: {services.log('run')}", flush=True
+    )
+    follower = services.start(
+        "run",
+        [str(BIN / "flwr"), "log", str(run_id), CONNECTION, "--stream"],
+        home="cli",
+    )
     shown = 0
 
     def show_progress() -> None:  # the ServerApp's "[fedlora] round ..." lines
@@ -377,8 +471,10 @@ def run_experiment(plan: Plan, services: Services, overrides: list[str], out: Pa
         pass
     show_progress()
     if row["status"] != "finished:completed":
-        raise RuntimeError(f"run {run_id} ended {row['status']}: "
-                           f"{row.get('status-details')}\n" + tail(services.log("run")))
+        raise RuntimeError(
+            f"run {run_id} ended {row['status']}: "
+            f"{row.get('status-details')}\n" + tail(services.log("run"))
+        )
     return row
 
 
@@ -389,8 +485,9 @@ def check_run_dir(out: Path) -> None:
         raise RuntimeError(f"run directory {out} lacks {', '.join(missing)}")
 
 
-def deploy(overrides: list[str], plan: Plan, out: Path,
-           timeout: float = 3600) -> dict[str, Any]:
+def deploy(
+    overrides: list[str], plan: Plan, out: Path, timeout: float = 3600
+) -> dict[str, Any]:
     """Start the deployment, run the experiment, check ``out``, stop everything.
 
     Parameters
@@ -426,10 +523,14 @@ def deploy(overrides: list[str], plan: Plan, out: Path,
         check_run_dir(out)
     finally:
         services.stop()
-    record = {"run_id": row["run-id"], "status": row["status"],
-              "startup_seconds": ready - started,
-              "run_seconds": time.perf_counter() - ready,
-              "work": str(plan.work), "commands": commands(plan)}
+    record = {
+        "run_id": row["run-id"],
+        "status": row["status"],
+        "startup_seconds": ready - started,
+        "run_seconds": time.perf_counter() - ready,
+        "work": str(plan.work),
+        "commands": commands(plan),
+    }
     (out / "deployment.json").write_text(json.dumps(record, indent=2))
     return json.loads((out / "summary.json").read_text())
 
@@ -455,14 +556,23 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/")
     parser.add_argument("--tls", action="store_true", help="TLS with a fresh CA")
-    parser.add_argument("--auth", action="store_true",
-                        help="SuperNode authentication (implies --tls)")
-    parser.add_argument("--out", type=Path, help="run directory "
-                        "(default: outputs/deployment/<date>_<time>)")
-    parser.add_argument("--work", type=Path, help="logs, certificates, node data "
-                        "and Flower homes (default: a new temporary folder)")
-    parser.add_argument("--timeout", type=float, default=3600,
-                        help="seconds the run may take")
+    parser.add_argument(
+        "--auth", action="store_true", help="SuperNode authentication (implies --tls)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="run directory (default: outputs/deployment/<date>_<time>)",
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        help="logs, certificates, node data "
+        "and Flower homes (default: a new temporary folder)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=3600, help="seconds the run may take"
+    )
     args = parser.parse_args(argv)
     try:
         cfg = experiment(args.overrides)
@@ -475,8 +585,11 @@ def main(argv: list[str] | None = None) -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="fedlora-deploy-"))
     out = args.out or ROOT / "outputs/deployment" / time.strftime("%Y-%m-%d_%H-%M-%S")
     plan = Plan(work, n, tls=args.tls, auth=args.auth)
-    print(f"[deploy] {n} SuperNodes, TLS {'on' if plan.tls else 'off'}, "
-          f"auth {'on' if plan.auth else 'off'}; logs in {plan.work}", flush=True)
+    print(
+        f"[deploy] {n} SuperNodes, TLS {'on' if plan.tls else 'off'}, "
+        f"auth {'on' if plan.auth else 'off'}; logs in {plan.work}",
+        flush=True,
+    )
     try:
         summary = deploy(args.overrides, plan, out, args.timeout)
     except (RuntimeError, TimeoutError) as exc:

@@ -28,8 +28,12 @@ def load_runs(root: Path) -> dict[str, list[dict[str, Any]]]:
     for summary_file in sorted(root.rglob("summary.json")):
         summary = json.loads(summary_file.read_text())
         runs[summary["strategy"]].append(
-            {"summary": summary, "rows": read_metrics(summary_file.parent),
-             "dir": str(summary_file.parent)})
+            {
+                "summary": summary,
+                "rows": read_metrics(summary_file.parent),
+                "dir": str(summary_file.parent),
+            }
+        )
     if not runs:
         raise SystemExit(f"no runs (summary.json) found under {root}")
     return dict(runs)
@@ -46,20 +50,30 @@ def _mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
 
 def markdown(runs: dict[str, list[dict[str, Any]]]) -> str:
     """The comparison table (accuracy in %, traffic in MB up + down)."""
-    lines = ["| strategy | runs | final acc (%) | best acc (%) | MB sent (up+down) | "
-             "mean aggregation error | wall time (s) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| strategy | runs | final acc (%) | best acc (%) | MB sent (up+down) | "
+        "mean aggregation error | wall time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, group in runs.items():
         s = [g["summary"] for g in group]
-        err = [x["mean_aggregation_error"] for x in s
-               if x["mean_aggregation_error"] is not None] or [0.0]
+        err = [
+            x["mean_aggregation_error"]
+            for x in s
+            if x["mean_aggregation_error"] is not None
+        ] or [0.0]
+        megabytes = [(x["total_bytes_up"] + x["total_bytes_down"]) / 1e6 for x in s]
+        err_cell = (
+            _mean_std(err, digits=3) if max(err) > 1e-3 else f"{max(err):.1e} (max)"
+        )
         lines.append(
             f"| {name} | {len(group)} "
             f"| {_mean_std([x['final_eval_accuracy'] for x in s], 100, 1)} "
             f"| {_mean_std([x['best_eval_accuracy'] for x in s], 100, 1)} "
-            f"| {_mean_std([(x['total_bytes_up'] + x['total_bytes_down']) / 1e6 for x in s], digits=1)} "
-            f"| {_mean_std(err, digits=3) if max(err) > 1e-3 else f'{max(err):.1e} (max)'} "
-            f"| {_mean_std([x['wall_time'] for x in s], digits=0)} |")
+            f"| {_mean_std(megabytes, digits=1)} "
+            f"| {err_cell} "
+            f"| {_mean_std([x['wall_time'] for x in s], digits=0)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -75,12 +89,24 @@ def plot(runs: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, group in runs.items():
             n = min(len(g["rows"]) for g in group)
-            acc = np.mean([[r["eval_accuracy"] for r in g["rows"][:n]] for g in group], 0)
+            acc = np.mean(
+                [[r["eval_accuracy"] for r in g["rows"][:n]] for g in group], 0
+            )
             if xkey == "round":
                 xs = [r["round"] for r in group[0]["rows"][:n]]
             else:
-                xs = np.mean([np.cumsum([(r.get("bytes_up", 0) + r.get("bytes_down", 0))
-                                         / 1e6 for r in g["rows"][:n]]) for g in group], 0)
+                xs = np.mean(
+                    [
+                        np.cumsum(
+                            [
+                                (r.get("bytes_up", 0) + r.get("bytes_down", 0)) / 1e6
+                                for r in g["rows"][:n]
+                            ]
+                        )
+                        for g in group
+                    ],
+                    0,
+                )
             ax.plot(xs, acc, marker="o", label=name)
         if xkey == "mb":
             ax.set_xscale("symlog")
@@ -98,7 +124,9 @@ def plot(runs: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
 
 def main() -> None:
     """Parse arguments and write the report."""
-    ap = argparse.ArgumentParser(description="Compare the runs of a multirun directory.")
+    ap = argparse.ArgumentParser(
+        description="Compare the runs of a multirun directory."
+    )
     ap.add_argument("root", type=Path)
     ap.add_argument("--out", type=Path, default=None, help="default: the root itself")
     args = ap.parse_args()
@@ -109,8 +137,10 @@ def main() -> None:
     (out / "report.md").write_text(text)
     plot(runs, out)
     print(text)
-    print(f"written: {out / 'report.md'}, {out / 'accuracy_vs_round.png'}, "
-          f"{out / 'accuracy_vs_mb.png'}")
+    print(
+        f"written: {out / 'report.md'}, {out / 'accuracy_vs_round.png'}, "
+        f"{out / 'accuracy_vs_mb.png'}"
+    )
 
 
 if __name__ == "__main__":

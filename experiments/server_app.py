@@ -41,8 +41,15 @@ from strategies.wire import KEY_EXPERIMENT, record_to_state, state_to_record
 log = logging.getLogger("fedlora")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 #: the settings a resumed run may change; all others come from the checkpoint
-RESUMABLE = ("federation.rounds", "federation.round_timeout", "train.device",
-             "simulation", "quiet", "faults", "resume")
+RESUMABLE = (
+    "federation.rounds",
+    "federation.round_timeout",
+    "train.device",
+    "simulation",
+    "quiet",
+    "faults",
+    "resume",
+)
 _MISSING = object()
 
 
@@ -85,13 +92,20 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     strategy = method
     if "wrapper" in cfg.privacy:  # client-level DP around the strategy
         fed = plain["federation"]
-        sampled = min(fed["num_clients"],
-                      max(int(fed["num_clients"] * fed["fraction_train"]),
-                          fed["min_train_clients"]))
-        strategy = instantiate(cfg.privacy.wrapper, strategy=method,
-                               num_sampled_clients=sampled,
-                               num_clients=fed["num_clients"],
-                               delta=plain["privacy"]["target_delta"])
+        sampled = min(
+            fed["num_clients"],
+            max(
+                int(fed["num_clients"] * fed["fraction_train"]),
+                fed["min_train_clients"],
+            ),
+        )
+        strategy = instantiate(
+            cfg.privacy.wrapper,
+            strategy=method,
+            num_sampled_clients=sampled,
+            num_clients=fed["num_clients"],
+            delta=plain["privacy"]["target_delta"],
+        )
     rounds = int(plain["federation"]["rounds"])
     done = ckpt.round if ckpt is not None else 0
     previous = ckpt.state["metrics"] if ckpt is not None else []
@@ -105,12 +119,25 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             return None  # round 0 was evaluated before the checkpoint
         server_round += done  # Flower counts the rounds of this process from 1
         set_state(model, record_to_state(arrays))
-        metrics = evaluate(model, eval_examples, plain["model"]["task"], device,
-                           tokenizer.pad_token_id, plain["train"]["eval_batch_size"])
-        row = {"round": server_round, **metrics,
-               "wall_time": time.perf_counter() - started,
-               "bytes_up": 0, "bytes_down": 0, "clients": 0, "failures": 0,
-               "aggregation_error": None, **strategy.round_log.get(server_round, {})}
+        metrics = evaluate(
+            model,
+            eval_examples,
+            plain["model"]["task"],
+            device,
+            tokenizer.pad_token_id,
+            plain["train"]["eval_batch_size"],
+        )
+        row = {
+            "round": server_round,
+            **metrics,
+            "wall_time": time.perf_counter() - started,
+            "bytes_up": 0,
+            "bytes_down": 0,
+            "clients": 0,
+            "failures": 0,
+            "aggregation_error": None,
+            **strategy.round_log.get(server_round, {}),
+        }
         results.append_metrics(run_dir, row)
         _progress(row, rounds)
         save_checkpoint(run_dir, server_round, arrays, strategy, plain)
@@ -123,17 +150,32 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     def server_gradient() -> dict[str, Any]:  # Fed-SB init=server_data
         calib, _ = client_examples(plain, tokenizer, 0, 1)
         n = int(plain["strategy"].get("calibration_examples", 64))
-        return gradient_sums(model, calib[:n], plain["train"]["batch_size"],
-                             tokenizer.pad_token_id, device)
+        return gradient_sums(
+            model,
+            calib[:n],
+            plain["train"]["batch_size"],
+            tokenizer.pad_token_id,
+            device,
+        )
 
     if ckpt is None:
-        initial_arrays = strategy.initialize(grid, state_to_record(initial),
-                                             get_frozen_state(model), train_config,
-                                             server_gradient=server_gradient)
+        initial_arrays = strategy.initialize(
+            grid,
+            state_to_record(initial),
+            get_frozen_state(model),
+            train_config,
+            server_gradient=server_gradient,
+        )
     else:
         prefix = "strategy."
-        strategy.restore_state({k[len(prefix):]: v for k, v in ckpt.arrays.items()
-                                if k.startswith(prefix)}, ckpt.state["strategy"])
+        strategy.restore_state(
+            {
+                k[len(prefix) :]: v
+                for k, v in ckpt.arrays.items()
+                if k.startswith(prefix)
+            },
+            ckpt.state["strategy"],
+        )
         method.round_offset = done
         initial_arrays = state_to_record(ckpt.arrays["global"])
         checkpoint.set_rng_state(ckpt.arrays["rng"], ckpt.state["rng"])
@@ -141,20 +183,30 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if strategy.frozen:
         set_frozen_state(model, strategy.frozen)
     result = strategy.start(
-        grid=grid, initial_arrays=initial_arrays, num_rounds=rounds - done,
+        grid=grid,
+        initial_arrays=initial_arrays,
+        num_rounds=rounds - done,
         timeout=float(plain["federation"]["round_timeout"]),
-        train_config=train_config, evaluate_config=ConfigRecord(dict(train_config)),
-        evaluate_fn=evaluate_fn)
+        train_config=train_config,
+        evaluate_config=ConfigRecord(dict(train_config)),
+        evaluate_fn=evaluate_fn,
+    )
 
     # 5. final adapter (PEFT format), summary and plots
-    final = (record_to_state(result.arrays) if len(result.arrays)
-             else record_to_state(initial_arrays))
+    final = (
+        record_to_state(result.arrays)
+        if len(result.arrays)
+        else record_to_state(initial_arrays)
+    )
     export_state, overrides = strategy.export(final)
     export_model, _ = build({**plain, "adapter": {**plain["adapter"], **overrides}})
     results.save_adapter(export_model, export_state, run_dir / "adapter")
     rows = results.read_metrics(run_dir)
-    extra = {"strategy": strategy.name, "privacy": plain["privacy"]["mode"],
-             "wall_time": time.perf_counter() - started}
+    extra = {
+        "strategy": strategy.name,
+        "privacy": plain["privacy"]["mode"],
+        "wall_time": time.perf_counter() - started,
+    }
     if plain["privacy"]["mode"] == "dp_sgd":
         extra["accountant"] = plain["privacy"]["accountant"]
         extra["target_epsilon"] = plain["privacy"]["target_epsilon"]
@@ -165,8 +217,9 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 
 # --- checkpoints and resume ---------------------------------------------------------
-def save_checkpoint(run_dir: Path, server_round: int, arrays: Any, strategy: Any,
-                    plain: dict[str, Any]) -> Path:
+def save_checkpoint(
+    run_dir: Path, server_round: int, arrays: Any, strategy: Any, plain: dict[str, Any]
+) -> Path:
     """Checkpoint the end of ``server_round`` (after its metrics row is written).
 
     Arrays: the global adapter (``global``), the RNG states (``rng``) and the
@@ -176,10 +229,17 @@ def save_checkpoint(run_dir: Path, server_round: int, arrays: Any, strategy: Any
     """
     strategy_arrays, strategy_state = strategy.checkpoint_state()
     rng_arrays, rng_json = checkpoint.rng_state()
-    groups = {"global": record_to_state(arrays), "rng": rng_arrays,
-              **{f"strategy.{k}": v for k, v in strategy_arrays.items()}}
-    state = {"settings": plain, "strategy": strategy_state, "rng": rng_json,
-             "metrics": results.read_metrics(run_dir)}
+    groups = {
+        "global": record_to_state(arrays),
+        "rng": rng_arrays,
+        **{f"strategy.{k}": v for k, v in strategy_arrays.items()},
+    }
+    state = {
+        "settings": plain,
+        "strategy": strategy_state,
+        "rng": rng_json,
+        "metrics": results.read_metrics(run_dir),
+    }
     return checkpoint.save(run_dir, server_round, groups, state)
 
 
@@ -194,9 +254,12 @@ def load_resume_checkpoint(resume: str | Path) -> checkpoint.Checkpoint:
     ckpt = checkpoint.load_latest(Path(resume))
     if ckpt is None:
         folder = checkpoint.checkpoint_dir(resume)
-        raise ConfigError("resume", str(resume),
-                          f"no valid checkpoint in {folder}; point resume at a run "
-                          "directory, or start a new run without it")
+        raise ConfigError(
+            "resume",
+            str(resume),
+            f"no valid checkpoint in {folder}; point resume at a run "
+            "directory, or start a new run without it",
+        )
     return ckpt
 
 
@@ -215,9 +278,13 @@ def _select(tree: Any, key: str) -> Any:
 def _differences(new: Any, old: Any, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two settings trees."""
     if isinstance(new, dict) and isinstance(old, dict):
-        return [d for k in sorted(set(new) | set(old), key=str)
-                for d in _differences(new.get(k, _MISSING), old.get(k, _MISSING),
-                                      f"{prefix}{k}.")]
+        return [
+            d
+            for k in sorted(set(new) | set(old), key=str)
+            for d in _differences(
+                new.get(k, _MISSING), old.get(k, _MISSING), f"{prefix}{k}."
+            )
+        ]
     return [] if new == old else [prefix.rstrip(".")]
 
 
@@ -235,23 +302,32 @@ def check_resume(plain: dict[str, Any], ckpt: checkpoint.Checkpoint) -> None:
     """
     if plain["privacy"]["mode"] == "dp_sgd":
         raise ConfigError(
-            "resume", plain.get("resume"),
+            "resume",
+            plain.get("resume"),
             "privacy.mode=dp_sgd runs cannot be resumed: every client's DP-SGD "
             "accountant lives in its node's state, which a new (simulated or "
             "deployed) run starts empty, so the privacy spent so far would be "
-            "forgotten. Start a new run instead")
+            "forgotten. Start a new run instead",
+        )
     rounds = int(plain["federation"]["rounds"])
     if rounds < ckpt.round:
-        raise ConfigError("federation.rounds", rounds,
-                          f"the checkpoint {ckpt.path} already holds {ckpt.round} "
-                          f"rounds; ask for at least {ckpt.round}")
-    changed = [k for k in _differences(plain, ckpt.state["settings"])
-               if not _resumable(k)]
+        raise ConfigError(
+            "federation.rounds",
+            rounds,
+            f"the checkpoint {ckpt.path} already holds {ckpt.round} "
+            f"rounds; ask for at least {ckpt.round}",
+        )
+    changed = [
+        k for k in _differences(plain, ckpt.state["settings"]) if not _resumable(k)
+    ]
     if changed:
-        raise ConfigError("resume", plain.get("resume"),
-                          f"these settings differ from the checkpoint's: "
-                          f"{', '.join(changed)}; a resumed run may change only "
-                          f"{', '.join(RESUMABLE)}")
+        raise ConfigError(
+            "resume",
+            plain.get("resume"),
+            f"these settings differ from the checkpoint's: "
+            f"{', '.join(changed)}; a resumed run may change only "
+            f"{', '.join(RESUMABLE)}",
+        )
 
 
 def resume_config(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
@@ -278,11 +354,13 @@ def resume_config(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
         new, old = _select(current, key), _select(saved, key)
         if new != old:
             raise ConfigError(
-                key, None if new is _MISSING else new,
+                key,
+                None if new is _MISSING else new,
                 f"the run being resumed ({current['resume']}) has "
                 f"{key}={None if old is _MISSING else old!r}, and a resumed run keeps "
                 f"its settings except {', '.join(RESUMABLE)}; drop the override or "
-                "start a new run")
+                "start a new run",
+            )
     merged = copy.deepcopy(saved)
     for key in RESUMABLE:
         value = _select(current, key)
@@ -300,13 +378,19 @@ def resume_config(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
 
 
 def _progress(row: dict[str, Any], rounds: int) -> None:
-    score = (f"acc {row['eval_accuracy']:.4f}" if "eval_accuracy" in row
-             else f"ppl {row.get('eval_perplexity', float('nan')):.3f}")
+    score = (
+        f"acc {row['eval_accuracy']:.4f}"
+        if "eval_accuracy" in row
+        else f"ppl {row.get('eval_perplexity', float('nan')):.3f}"
+    )
     err = row.get("aggregation_error")
-    print(f"[fedlora] round {row['round']}/{rounds}: clients {row['clients']} ok, "
-          f"{row['failures']} failed | server {score}, loss {row['eval_loss']:.4f}"
-          + (f" | agg_error {err:.3g}" if err is not None else "")
-          + f" | {row['wall_time']:.1f}s", flush=True)
+    print(
+        f"[fedlora] round {row['round']}/{rounds}: clients {row['clients']} ok, "
+        f"{row['failures']} failed | server {score}, loss {row['eval_loss']:.4f}"
+        + (f" | agg_error {err:.3g}" if err is not None else "")
+        + f" | {row['wall_time']:.1f}s",
+        flush=True,
+    )
 
 
 def compose(overrides: list[str]) -> DictConfig:
@@ -330,5 +414,6 @@ def main(grid: Grid, context: Context) -> None:
     cfg = compose(overrides)
     if cfg.get("resume"):  # resume=<run dir> among the overrides
         cfg = resume_config(cfg, overrides)
-    run_server(grid, cfg, Path(str(context.run_config.get("output-dir",
-                                                          "outputs/deployment"))))
+    run_server(
+        grid, cfg, Path(str(context.run_config.get("output-dir", "outputs/deployment")))
+    )

@@ -47,20 +47,26 @@ def simulate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if sim.ray_num_cpus:
         init_args["num_cpus"] = int(sim.ray_num_cpus)
     backend_config = {
-        "client_resources": {"num_cpus": float(sim.client_num_cpus),
-                             "num_gpus": float(sim.client_num_gpus)},
+        "client_resources": {
+            "num_cpus": float(sim.client_num_cpus),
+            "num_gpus": float(sim.client_num_gpus),
+        },
         "init_args": init_args,
     }
     try:
-        run_simulation(server_app=server_app, client_app=client_app,
-                       num_supernodes=int(cfg.federation.num_clients),
-                       backend_config=backend_config)
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=int(cfg.federation.num_clients),
+            backend_config=backend_config,
+        )
     finally:
         import ray
 
         if ray.is_initialized():
             ray.shutdown()
     if "summary" not in out:
-        raise RuntimeError(f"the simulation ended without a result; see the log above "
-                           f"and {run_dir}")
+        raise RuntimeError(
+            f"the simulation ended without a result; see the log above and {run_dir}"
+        )
     return out["summary"]

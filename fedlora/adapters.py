@@ -2,8 +2,8 @@
 
 One adapted linear layer::
 
-    h = W0 x + s * B (A x)        A: (r, d_in)   B: (d_out, r)   s = alpha / r
-                                                                 (rsLoRA: alpha / sqrt(r))
+    h = W0 x + s * B (A x)     A: (r, d_in)   B: (d_out, r)
+                               s = alpha / r  (rsLoRA: alpha / sqrt(r))
 
 The *wire state* of a model is the dict of its trainable tensors (the LoRA factors
 and the classification head), keyed by a stable name: the parameter name without
@@ -75,14 +75,18 @@ def wrap_with_lora(
     config = lora_config(adapter_cfg, task)
     kind = adapter_cfg.get("parametrisation", "lora")
     if kind not in PARAMETRISATIONS:
-        raise ConfigError("adapter.parametrisation", kind,
-                          f"choose one of {', '.join(PARAMETRISATIONS)}")
+        raise ConfigError(
+            "adapter.parametrisation",
+            kind,
+            f"choose one of {', '.join(PARAMETRISATIONS)}",
+        )
     torch.manual_seed(seed)
     try:
         model = get_peft_model(model, config)
     except (NoMatchingPeftModuleError, ValueError) as exc:
-        if not isinstance(exc, NoMatchingPeftModuleError) and "not found in the base" \
-                not in str(exc):
+        if not isinstance(
+            exc, NoMatchingPeftModuleError
+        ) and "not found in the base" not in str(exc):
             raise
         names = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n})
         raise ConfigError(
@@ -104,15 +108,13 @@ def wrap_with_lora(
 
 def wire_name(param_name: str) -> str:
     """Parameter name -> wire key (strip PEFT's prefix and the adapter name)."""
-    name = param_name[len(_PREFIX):] if param_name.startswith(_PREFIX) else param_name
+    name = param_name[len(_PREFIX) :] if param_name.startswith(_PREFIX) else param_name
     return name.replace(f".{ADAPTER_NAME}.", ".")
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """The trainable parameters of ``model``, keyed by wire name."""
-    return {
-        wire_name(n): p for n, p in model.named_parameters() if p.requires_grad
-    }
+    return {wire_name(n): p for n, p in model.named_parameters() if p.requires_grad}
 
 
 def get_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -122,8 +124,11 @@ def get_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
 
 def frozen_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """Frozen LoRA factors (FFA's A; LoRA-SB's A and B), keyed by wire name."""
-    return {wire_name(n): p for n, p in model.named_parameters()
-            if not p.requires_grad and (".lora_A." in n or ".lora_B." in n)}
+    return {
+        wire_name(n): p
+        for n, p in model.named_parameters()
+        if not p.requires_grad and (".lora_A." in n or ".lora_B." in n)
+    }
 
 
 def get_frozen_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -137,8 +142,9 @@ def set_frozen_state(model: torch.nn.Module, state: dict[str, np.ndarray]) -> No
 
 
 def _copy_out(params: dict[str, torch.nn.Parameter]) -> dict[str, np.ndarray]:
-    return {k: p.detach().to("cpu", torch.float32).numpy().copy()
-            for k, p in params.items()}
+    return {
+        k: p.detach().to("cpu", torch.float32).numpy().copy() for k, p in params.items()
+    }
 
 
 def _copy_in(params: dict[str, torch.nn.Parameter], state: dict[str, Any]) -> None:
@@ -149,7 +155,7 @@ def _copy_in(params: dict[str, torch.nn.Parameter], state: dict[str, Any]) -> No
 
 
 def check_state(expected: dict[str, tuple[int, ...]], state: dict[str, Any]) -> None:
-    """Raise StateMismatchError unless ``state`` has exactly the expected keys/shapes."""
+    """Raise StateMismatchError unless ``state`` has exactly these keys/shapes."""
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing or extra:

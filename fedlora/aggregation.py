@@ -70,12 +70,14 @@ def fedsb(states: Sequence[State], weights: np.ndarray) -> State:
     return weighted_average(states, weights)
 
 
-def lora_fair(states: Sequence[State], weights: np.ndarray, lam: float,
-              solver: str) -> State:
+def lora_fair(
+    states: Sequence[State], weights: np.ndarray, lam: float, solver: str
+) -> State:
     """LoRA-FAIR: ``A <- Abar``, ``B <- Bbar + dB*`` per layer (see fedlora.fair)."""
     out = weighted_average(states, weights)
     for a_key, b_key in lora_layers(out).values():
-        db = correction([s[b_key] for s in states], [s[a_key] for s in states],
-                        weights, lam, solver)
+        db = correction(
+            [s[b_key] for s in states], [s[a_key] for s in states], weights, lam, solver
+        )
         out[b_key] = (out[b_key] + db).astype(out[b_key].dtype)
     return out

@@ -29,8 +29,11 @@ def build_cached(cfg: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
     """Like :func:`build`, but reuse the model built for the same settings in this
     process (a simulation worker serves many rounds; every round overwrites all
     trainable tensors, so reuse is safe)."""
-    key = json.dumps([cfg["model"], cfg["adapter"], cfg["federation"]["seed"]],
-                     sort_keys=True, default=str)
+    key = json.dumps(
+        [cfg["model"], cfg["adapter"], cfg["federation"]["seed"]],
+        sort_keys=True,
+        default=str,
+    )
     if key not in _CACHE:
         _CACHE.clear()  # one model per process is enough
         _CACHE[key] = build(cfg)

@@ -121,8 +121,13 @@ def write_atomic(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def save(run_dir: Path | str, round_: int, arrays: Groups, state: Mapping[str, Any],
-         keep: int = KEEP) -> Path:
+def save(
+    run_dir: Path | str,
+    round_: int,
+    arrays: Groups,
+    state: Mapping[str, Any],
+    keep: int = KEEP,
+) -> Path:
     """Save round ``round_``'s checkpoint atomically; keep only the newest ``keep``.
 
     Parameters
@@ -162,12 +167,13 @@ def save(run_dir: Path | str, round_: int, arrays: Groups, state: Mapping[str, A
     folder.mkdir(parents=True, exist_ok=True)
     stem = _stem(round_)
     manifest = {
-        "format": FORMAT, "round": int(round_),
+        "format": FORMAT,
+        "round": int(round_),
         "groups": {g: list(named) for g, named in arrays.items()},  # keeps the order
-        "files": {f"{stem}.safetensors": {"bytes": len(payload),
-                                          "sha256": _sha256(payload)},
-                  f"{stem}.json": {"bytes": len(state_bytes),
-                                   "sha256": _sha256(state_bytes)}},
+        "files": {
+            f"{stem}.safetensors": {"bytes": len(payload), "sha256": _sha256(payload)},
+            f"{stem}.json": {"bytes": len(state_bytes), "sha256": _sha256(state_bytes)},
+        },
     }
     write_atomic(folder / f"{stem}.safetensors", payload)
     write_atomic(folder / f"{stem}.json", state_bytes)
@@ -189,16 +195,22 @@ def _rounds_on_disk(folder: Path) -> dict[int, list[Path]]:
 def _prune(folder: Path, newest: int, keep: int) -> None:
     """Delete all but ``newest`` and the ``keep - 1`` latest checkpoints before it."""
     files = _rounds_on_disk(folder)
-    with_manifest = sorted((r for r, paths in files.items() if r < newest
-                            and any(p.name.endswith(".manifest.json") for p in paths)),
-                           reverse=True)
+    with_manifest = sorted(
+        (
+            r
+            for r, paths in files.items()
+            if r < newest and any(p.name.endswith(".manifest.json") for p in paths)
+        ),
+        reverse=True,
+    )
     kept = {newest, *with_manifest[: keep - 1]}
     for round_, paths in files.items():
         if round_ not in kept:
             # the manifest first, so a crash here never leaves a manifest whose
             # payload is gone
-            for path in sorted(paths,
-                               key=lambda p: not p.name.endswith("manifest.json")):
+            for path in sorted(
+                paths, key=lambda p: not p.name.endswith("manifest.json")
+            ):
                 path.unlink(missing_ok=True)
     for tmp in folder.glob(".round-*.tmp"):  # debris of writers that died
         tmp.unlink(missing_ok=True)
@@ -225,22 +237,29 @@ def load(manifest_path: Path | str) -> Checkpoint:
         for suffix in (".safetensors", ".json"):
             name = stem + suffix
             data = (path.parent / name).read_bytes()
-            if (len(data) != files[name]["bytes"]
-                    or _sha256(data) != files[name]["sha256"]):
-                raise CheckpointError(f"{path.parent / name}: size or sha256 differs "
-                                      "from the manifest (torn or corrupted)")
+            if (
+                len(data) != files[name]["bytes"]
+                or _sha256(data) != files[name]["sha256"]
+            ):
+                raise CheckpointError(
+                    f"{path.parent / name}: size or sha256 differs "
+                    "from the manifest (torn or corrupted)"
+                )
             blobs[suffix] = data
         flat = st_load(blobs[".safetensors"])
-        arrays = {group: {name: flat.pop(f"{group}/{name}") for name in names}
-                  for group, names in manifest["groups"].items()}
+        arrays = {
+            group: {name: flat.pop(f"{group}/{name}") for name in names}
+            for group, names in manifest["groups"].items()
+        }
         if flat:
             raise CheckpointError(f"{path}: arrays not in the manifest: {sorted(flat)}")
         state = json.loads(blobs[".json"])
     except CheckpointError:
         raise
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"{path}: unreadable checkpoint: "
-                              f"{type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(
+            f"{path}: unreadable checkpoint: {type(exc).__name__}: {exc}"
+        ) from exc
     return Checkpoint(round=round_, arrays=arrays, state=state, path=path)
 
 
@@ -252,9 +271,15 @@ def load_latest(run_dir: Path | str) -> Checkpoint | None:
     crash falls back to the one before it.
     """
     folder = checkpoint_dir(run_dir)
-    manifests = sorted(((r, p) for r, paths in _rounds_on_disk(folder).items()
-                        for p in paths if p.name.endswith(".manifest.json")),
-                       reverse=True)
+    manifests = sorted(
+        (
+            (r, p)
+            for r, paths in _rounds_on_disk(folder).items()
+            for p in paths
+            if p.name.endswith(".manifest.json")
+        ),
+        reverse=True,
+    )
     for _, path in manifests:
         try:
             return load(path)
@@ -285,13 +310,19 @@ def rng_state() -> tuple[dict[str, np.ndarray], dict[str, Any]]:
 
     py = random.getstate()
     np_state = np.random.get_state(legacy=False)
-    arrays = {"numpy_key": np.asarray(np_state["state"]["key"], dtype=np.uint32),
-              "torch_cpu": torch.get_rng_state().numpy().copy()}
-    state = {"python": [py[0], list(py[1]), py[2]],
-             "numpy": {"bit_generator": np_state["bit_generator"],
-                       "pos": int(np_state["state"]["pos"]),
-                       "has_gauss": int(np_state["has_gauss"]),
-                       "gauss": float(np_state["gauss"])}}
+    arrays = {
+        "numpy_key": np.asarray(np_state["state"]["key"], dtype=np.uint32),
+        "torch_cpu": torch.get_rng_state().numpy().copy(),
+    }
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+    }
     return arrays, state
 
 
@@ -302,9 +333,15 @@ def set_rng_state(arrays: Mapping[str, np.ndarray], state: Mapping[str, Any]) ->
     version, internal, gauss_next = state["python"]
     random.setstate((int(version), tuple(int(x) for x in internal), gauss_next))
     np_state = state["numpy"]
-    np.random.set_state({"bit_generator": np_state["bit_generator"],
-                         "state": {"key": np.asarray(arrays["numpy_key"], np.uint32),
-                                   "pos": int(np_state["pos"])},
-                         "has_gauss": int(np_state["has_gauss"]),
-                         "gauss": float(np_state["gauss"])})
+    np.random.set_state(
+        {
+            "bit_generator": np_state["bit_generator"],
+            "state": {
+                "key": np.asarray(arrays["numpy_key"], np.uint32),
+                "pos": int(np_state["pos"]),
+            },
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        }
+    )
     torch.set_rng_state(torch.from_numpy(np.array(arrays["torch_cpu"], dtype=np.uint8)))

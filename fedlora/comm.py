@@ -32,11 +32,23 @@ def lora_parameters(shapes: Iterable[tuple[int, int]], r: int) -> int:
 # (d_out, d_in) of q, k, v, o, gate, up, down per decoder layer, and the layer count
 MODEL_SHAPES: dict[str, tuple[int, list[tuple[int, int]]]] = {
     # hidden 4096, 8 KV heads of 128, MLP 14336: sum(d_out + d_in) = 81,920
-    "mistral-7b": (32, [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096),
-                        (14336, 4096), (14336, 4096), (4096, 14336)]),
+    "mistral-7b": (
+        32,
+        [
+            (4096, 4096),
+            (1024, 4096),
+            (1024, 4096),
+            (4096, 4096),
+            (14336, 4096),
+            (14336, 4096),
+            (4096, 14336),
+        ],
+    ),
     # hidden 4096, 32 KV heads, MLP 11008
-    "llama-2-7b": (32, [(4096, 4096)] * 4 + [(11008, 4096), (11008, 4096),
-                                             (4096, 11008)]),
+    "llama-2-7b": (
+        32,
+        [(4096, 4096)] * 4 + [(11008, 4096), (11008, 4096), (4096, 11008)],
+    ),
     # all-MiniLM-L6-v2 with LoRA on query and value
     "minilm": (6, [(384, 384), (384, 384)]),
 }
@@ -64,11 +76,14 @@ def round_parameters(shapes: list[tuple[int, int]], r: int, method: str) -> int:
     raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
-def one_time_parameters(shapes: list[tuple[int, int]], r: int, method: str
-                        ) -> tuple[int, int]:
+def one_time_parameters(
+    shapes: list[tuple[int, int]], r: int, method: str
+) -> tuple[int, int]:
     """``(up, down)`` per client, once: Fed-SB's federated init (gradients of every
     ``W0`` up; ``B`` and ``A`` down). Zero for the other methods."""
     if method != "fedsb":
         return 0, 0
-    return (int(sum(d_out * d_in for d_out, d_in in shapes)),
-            lora_parameters(shapes, r))
+    return (
+        int(sum(d_out * d_in for d_out, d_in in shapes)),
+        lora_parameters(shapes, r),
+    )

@@ -25,8 +25,13 @@ import pandas as pd
 from fedlora.errors import ConfigError
 
 Example = dict[str, Any]  # {"input_ids": [...], "attention_mask": [...], "labels": ...}
-FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "json", ".json": "json",
-           ".parquet": "parquet"}
+FORMATS = {
+    ".tsv": "tsv",
+    ".csv": "csv",
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+}
 PARTITIONS = ("iid", "dirichlet", "shard")
 _TOKENISED: dict[str, tuple[list[Example], list[Example]]] = {}
 _PARTITIONED: dict[str, tuple[pd.DataFrame, list[np.ndarray]]] = {}
@@ -47,10 +52,17 @@ def synthetic_table(n: int, seed: int) -> pd.DataFrame:
     for _ in range(n):
         label = rng.randint(0, 1)
         adj = rng.choice(pos if label else neg)
-        text = f"{rng.choice(subjects)} is {rng.choice(filler)} {adj}".replace("  ", " ")
-        rows.append({"sentence": text, "label": label,
-                     "prompt": f"Review: {text}\nSentiment:",
-                     "response": " positive" if label else " negative"})
+        text = f"{rng.choice(subjects)} is {rng.choice(filler)} {adj}".replace(
+            "  ", " "
+        )
+        rows.append(
+            {
+                "sentence": text,
+                "label": label,
+                "prompt": f"Review: {text}\nSentiment:",
+                "response": " positive" if label else " negative",
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -65,8 +77,11 @@ def read_table(path: Path) -> pd.DataFrame:
         return pd.read_json(path, lines=path.suffix.lower() == ".jsonl")
     if kind == "parquet":
         return pd.read_parquet(path)
-    raise ConfigError("data.path", str(path),
-                      f"unsupported file type; use one of {', '.join(FORMATS)}")
+    raise ConfigError(
+        "data.path",
+        str(path),
+        f"unsupported file type; use one of {', '.join(FORMATS)}",
+    )
 
 
 def _find_split(folder: Path, split: str) -> Path | None:
@@ -89,18 +104,28 @@ def load_splits(data_cfg: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
     elif data_cfg.get("hub_id"):
         train, evals = _load_hub(data_cfg)
     else:
-        raise ConfigError("data.path", None, "set data.path to a local file or folder "
-                          "(or data.hub_id for a Hugging Face dataset when online)")
+        raise ConfigError(
+            "data.path",
+            None,
+            "set data.path to a local file or folder "
+            "(or data.hub_id for a Hugging Face dataset when online)",
+        )
     train = _subsample(train, data_cfg.get("max_train_examples"), seed)
     evals = _subsample(evals, data_cfg.get("max_eval_examples"), seed)
     return train.reset_index(drop=True), evals.reset_index(drop=True)
 
 
-def _load_local(data_cfg: dict[str, Any], seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _load_local(
+    data_cfg: dict[str, Any], seed: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     path = Path(str(data_cfg["path"])).expanduser()
     if not path.exists():
-        raise ConfigError("data.path", str(path), "no such file or folder; point it at "
-                          "a data file or at a folder with train/dev files")
+        raise ConfigError(
+            "data.path",
+            str(path),
+            "no such file or folder; point it at "
+            "a data file or at a folder with train/dev files",
+        )
     if path.is_file():
         table = read_table(path).sample(frac=1.0, random_state=seed)
         n_eval = max(1, int(0.1 * len(table)))
@@ -110,8 +135,12 @@ def _load_local(data_cfg: dict[str, Any], seed: int) -> tuple[pd.DataFrame, pd.D
         name = str(data_cfg.get(key, "train" if key == "train_split" else "dev"))
         found = _find_split(path, name)
         if found is None:
-            raise ConfigError(f"data.{key}", name, f"no {name}.<tsv|csv|jsonl|parquet> in "
-                              f"{path}; set data.{key} to a split that exists")
+            raise ConfigError(
+                f"data.{key}",
+                name,
+                f"no {name}.<tsv|csv|jsonl|parquet> in "
+                f"{path}; set data.{key} to a split that exists",
+            )
         splits.append(read_table(found))
     return splits[0], splits[1]
 
@@ -120,8 +149,10 @@ def _load_hub(data_cfg: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:  #
     import datasets
 
     ds = datasets.load_dataset(data_cfg["hub_id"], data_cfg.get("hub_config"))
-    return (ds[data_cfg.get("train_split", "train")].to_pandas(),
-            ds[data_cfg.get("eval_split", "validation")].to_pandas())
+    return (
+        ds[data_cfg.get("train_split", "train")].to_pandas(),
+        ds[data_cfg.get("eval_split", "validation")].to_pandas(),
+    )
 
 
 def _subsample(table: pd.DataFrame, limit: Any, seed: int) -> pd.DataFrame:
@@ -132,13 +163,19 @@ def _subsample(table: pd.DataFrame, limit: Any, seed: int) -> pd.DataFrame:
 
 def check_columns(table: pd.DataFrame, data_cfg: dict[str, Any], task: str) -> None:
     """Raise ConfigError naming the column setting when a needed column is absent."""
-    keys = ("text_column", "label_column") if task == "seq_cls" else (
-        "prompt_column", "response_column")
+    keys = (
+        ("text_column", "label_column")
+        if task == "seq_cls"
+        else ("prompt_column", "response_column")
+    )
     for key in keys:
         column = data_cfg.get(key)
         if column not in table.columns:
-            raise ConfigError(f"data.{key}", column, "the data has no such column; its "
-                              f"columns are {list(table.columns)}")
+            raise ConfigError(
+                f"data.{key}",
+                column,
+                f"the data has no such column; its columns are {list(table.columns)}",
+            )
 
 
 # ---------------------------------------------------------------------- partitioning
@@ -161,9 +198,12 @@ def partition_indices(
     kind = part_cfg.get("type", "iid")
     seed = int(part_cfg.get("seed", 0))
     if num_partitions < 1 or num_partitions > len(labels):
-        raise ConfigError("federation.num_clients", num_partitions,
-                          f"need between 1 and {len(labels)} clients (the number of "
-                          "training examples); lower it or use more data")
+        raise ConfigError(
+            "federation.num_clients",
+            num_partitions,
+            f"need between 1 and {len(labels)} clients (the number of "
+            "training examples); lower it or use more data",
+        )
     ds = datasets.Dataset.from_dict({"label": labels, "idx": np.arange(len(labels))})
     if kind == "iid":
         part = IidPartitioner(num_partitions)
@@ -171,74 +211,124 @@ def partition_indices(
         min_size = int(part_cfg.get("min_partition_size", 10))
         if min_size * num_partitions > len(labels):
             raise ConfigError(
-                "partition.min_partition_size", min_size,
+                "partition.min_partition_size",
+                min_size,
                 f"{num_partitions} clients x {min_size} > {len(labels)} examples; "
-                "lower partition.min_partition_size or use fewer clients")
+                "lower partition.min_partition_size or use fewer clients",
+            )
         part = DirichletPartitioner(
-            num_partitions, "label", alpha=float(part_cfg.get("alpha", 0.5)),
+            num_partitions,
+            "label",
+            alpha=float(part_cfg.get("alpha", 0.5)),
             min_partition_size=int(part_cfg.get("min_partition_size", 10)),
-            self_balancing=False, shuffle=True, seed=seed)
+            self_balancing=False,
+            shuffle=True,
+            seed=seed,
+        )
     elif kind == "shard":
         part = ShardPartitioner(
-            num_partitions, "label",
+            num_partitions,
+            "label",
             num_shards_per_partition=int(part_cfg.get("shards_per_client", 2)),
-            shuffle=True, seed=seed)
+            shuffle=True,
+            seed=seed,
+        )
     else:
-        raise ConfigError("partition.type", kind, f"choose one of {', '.join(PARTITIONS)}")
+        raise ConfigError(
+            "partition.type", kind, f"choose one of {', '.join(PARTITIONS)}"
+        )
     part.dataset = ds
     try:
-        return [np.asarray(part.load_partition(i)["idx"]) for i in range(num_partitions)]
+        return [
+            np.asarray(part.load_partition(i)["idx"]) for i in range(num_partitions)
+        ]
     except ValueError as exc:
         if kind == "dirichlet":
             raise ConfigError(
-                "partition.min_partition_size", part_cfg.get("min_partition_size"),
+                "partition.min_partition_size",
+                part_cfg.get("min_partition_size"),
                 f"Dir(alpha={part_cfg.get('alpha')}) over {num_partitions} clients and "
                 f"{len(labels)} examples cannot give every client that many examples; "
                 "lower partition.min_partition_size, raise partition.alpha, or use "
-                "fewer clients") from exc
-        raise ConfigError(f"partition.{'shards_per_client' if kind == 'shard' else 'type'}",
-                          part_cfg.get("shards_per_client", kind), str(exc)) from exc
+                "fewer clients",
+            ) from exc
+        raise ConfigError(
+            f"partition.{'shards_per_client' if kind == 'shard' else 'type'}",
+            part_cfg.get("shards_per_client", kind),
+            str(exc),
+        ) from exc
 
 
 # ---------------------------------------------------------------------- tokenising
-def tokenise(table: pd.DataFrame, tokenizer: Any, data_cfg: dict[str, Any],
-             task: str, max_length: int) -> list[Example]:
+def tokenise(
+    table: pd.DataFrame,
+    tokenizer: Any,
+    data_cfg: dict[str, Any],
+    task: str,
+    max_length: int,
+) -> list[Example]:
     """Tokenise once, without padding (batches are padded dynamically).
 
     Causal LM: ``input = prompt + response + eos``; labels are -100 on the prompt so
     the loss covers the response tokens only.
     """
     if task == "seq_cls":
-        enc = tokenizer(table[data_cfg["text_column"]].astype(str).tolist(),
-                        truncation=True, max_length=max_length)
+        enc = tokenizer(
+            table[data_cfg["text_column"]].astype(str).tolist(),
+            truncation=True,
+            max_length=max_length,
+        )
         labels = table[data_cfg["label_column"]].astype(int).tolist()
-        return [{"input_ids": ids, "attention_mask": am, "labels": y}
-                for ids, am, y in zip(enc["input_ids"], enc["attention_mask"], labels, strict=True)]
-    prompts = tokenizer(table[data_cfg["prompt_column"]].astype(str).tolist(),
-                        add_special_tokens=False)["input_ids"]
-    responses = tokenizer(table[data_cfg["response_column"]].astype(str).tolist(),
-                          add_special_tokens=False)["input_ids"]
+        return [
+            {"input_ids": ids, "attention_mask": am, "labels": y}
+            for ids, am, y in zip(
+                enc["input_ids"], enc["attention_mask"], labels, strict=True
+            )
+        ]
+    prompts = tokenizer(
+        table[data_cfg["prompt_column"]].astype(str).tolist(), add_special_tokens=False
+    )["input_ids"]
+    responses = tokenizer(
+        table[data_cfg["response_column"]].astype(str).tolist(),
+        add_special_tokens=False,
+    )["input_ids"]
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     out = []
     for p, r in zip(prompts, responses, strict=True):
         ids = (p + r + eos)[:max_length]
         labels = ([-100] * len(p) + r + eos)[:max_length]
-        out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+        out.append(
+            {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+        )
     return out
 
 
-def client_examples(cfg: dict[str, Any], tokenizer: Any, partition_id: int,
-                    num_partitions: int, cache_dir: str | Path | None = None
-                    ) -> tuple[list[Example], list[Example]]:
+def client_examples(
+    cfg: dict[str, Any],
+    tokenizer: Any,
+    partition_id: int,
+    num_partitions: int,
+    cache_dir: str | Path | None = None,
+) -> tuple[list[Example], list[Example]]:
     """``(train, local_eval)`` tokenised examples of one client, cached in-process
     (and in ``cache_dir`` when given: a deployment's fresh ClientApp processes).
 
     The partition is computed from the shared seeds, so every process agrees on it;
     ``data.client_eval_fraction`` of it is held out for federated evaluation.
     """
-    key = json.dumps([cfg["data"], cfg["partition"], cfg["model"]["name"],
-                      cfg["model"]["task"], cfg["train"]["max_length"], partition_id,
-                      num_partitions], sort_keys=True, default=str)
+    key = json.dumps(
+        [
+            cfg["data"],
+            cfg["partition"],
+            cfg["model"]["name"],
+            cfg["model"]["task"],
+            cfg["train"]["max_length"],
+            partition_id,
+            num_partitions,
+        ],
+        sort_keys=True,
+        default=str,
+    )
     cached = read_cache(cache_dir, key) if cache_dir and key not in _TOKENISED else None
     if cached is not None:
         _TOKENISED[key] = (cached[0], cached[1])
@@ -247,8 +337,9 @@ def client_examples(cfg: dict[str, Any], tokenizer: Any, partition_id: int,
         task = cfg["model"]["task"]
         rows = train.iloc[parts[partition_id]]
         n_eval = int(len(rows) * float(cfg["data"].get("client_eval_fraction", 0.1)))
-        examples = tokenise(rows, tokenizer, cfg["data"], task,
-                            int(cfg["train"]["max_length"]))
+        examples = tokenise(
+            rows, tokenizer, cfg["data"], task, int(cfg["train"]["max_length"])
+        )
         _TOKENISED[key] = (examples[n_eval:], examples[:n_eval])
         if cache_dir:
             write_cache(cache_dir, key, _TOKENISED[key])
@@ -281,21 +372,29 @@ def _cache_file(cache_dir: str | Path, key: str) -> Path:
     return Path(cache_dir).expanduser() / f"tokenised-{digest}.json"
 
 
-def _partitioned(cfg: dict[str, Any], num_partitions: int
-                 ) -> tuple[pd.DataFrame, list[np.ndarray]]:
+def _partitioned(
+    cfg: dict[str, Any], num_partitions: int
+) -> tuple[pd.DataFrame, list[np.ndarray]]:
     """The training table and every client's row indices, computed once per process
     (a simulation worker serves many partitions)."""
-    key = json.dumps([cfg["data"], cfg["partition"], cfg["model"]["task"],
-                      num_partitions], sort_keys=True, default=str)
+    key = json.dumps(
+        [cfg["data"], cfg["partition"], cfg["model"]["task"], num_partitions],
+        sort_keys=True,
+        default=str,
+    )
     if key not in _PARTITIONED:
         train, _ = load_splits(cfg["data"])
         check_columns(train, cfg["data"], cfg["model"]["task"])
-        labels = (train[cfg["data"]["label_column"]].to_numpy()
-                  if cfg["data"].get("label_column") in train.columns
-                  else np.zeros(len(train), dtype=int))
+        labels = (
+            train[cfg["data"]["label_column"]].to_numpy()
+            if cfg["data"].get("label_column") in train.columns
+            else np.zeros(len(train), dtype=int)
+        )
         _PARTITIONED.clear()  # one experiment per process at a time
-        _PARTITIONED[key] = (train, partition_indices(labels, num_partitions,
-                                                      cfg["partition"]))
+        _PARTITIONED[key] = (
+            train,
+            partition_indices(labels, num_partitions, cfg["partition"]),
+        )
     return _PARTITIONED[key]
 
 
@@ -303,5 +402,10 @@ def server_examples(cfg: dict[str, Any], tokenizer: Any) -> list[Example]:
     """The held-out split for the server's centralised evaluation, tokenised."""
     _, evals = load_splits(cfg["data"])
     check_columns(evals, cfg["data"], cfg["model"]["task"])
-    return tokenise(evals, tokenizer, cfg["data"], cfg["model"]["task"],
-                    int(cfg["train"]["max_length"]))
+    return tokenise(
+        evals,
+        tokenizer,
+        cfg["data"],
+        cfg["model"]["task"],
+        int(cfg["train"]["max_length"]),
+    )

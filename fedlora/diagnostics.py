@@ -26,7 +26,9 @@ from fedlora.adapters import lora_layers, module_name
 Factors = tuple[np.ndarray, np.ndarray]  # (B: (d_out, r), A: (r, d_in))
 
 
-def sum_of_products_sqnorm(terms: Sequence[tuple[float, np.ndarray, np.ndarray]]) -> float:
+def sum_of_products_sqnorm(
+    terms: Sequence[tuple[float, np.ndarray, np.ndarray]],
+) -> float:
     """``||sum_i c_i B_i A_i||_F^2`` computed in float64 from the factors."""
     u = np.concatenate([c * b.astype(np.float64) for c, b, _ in terms], axis=1)
     v = np.concatenate([a.astype(np.float64) for _, _, a in terms], axis=0)
@@ -58,7 +60,10 @@ def aggregation_error(
     num: dict[str, float] = defaultdict(float)
     den: dict[str, float] = defaultdict(float)
     for layer in new:
-        ideal = [(scaling * p, c[layer][0], c[layer][1]) for c, p in zip(clients, weights, strict=True)]
+        ideal = [
+            (scaling * p, c[layer][0], c[layer][1])
+            for c, p in zip(clients, weights, strict=True)
+        ]
         mod = module_name(layer)
         num[mod] += sum_of_products_sqnorm(ideal + [(-scaling, *new[layer])])
         den[mod] += sum_of_products_sqnorm(ideal + [(-scaling, *old[layer])])

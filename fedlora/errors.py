@@ -1,4 +1,4 @@
-"""Typed errors. Each message says which setting is wrong, what was found, and the fix."""
+"""Typed errors: each message says which setting is wrong, what was found, the fix."""
 
 
 class FedLoraError(Exception):

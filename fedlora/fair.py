@@ -21,21 +21,24 @@ from fedlora.errors import ConfigError
 SOLVERS = ("ridge", "gd")
 
 
-def _ideal_dot(bs: Sequence[np.ndarray], as_: Sequence[np.ndarray], p: np.ndarray,
-               a: np.ndarray) -> np.ndarray:
+def _ideal_dot(
+    bs: Sequence[np.ndarray], as_: Sequence[np.ndarray], p: np.ndarray, a: np.ndarray
+) -> np.ndarray:
     """``ideal @ a^T`` (d_out, r') from the factors."""
     return sum(w * (b @ (ak @ a.T)) for w, b, ak in zip(p, bs, as_, strict=True))
 
 
-def _ideal_sqnorm(bs: Sequence[np.ndarray], as_: Sequence[np.ndarray],
-                  p: np.ndarray) -> float:
+def _ideal_sqnorm(
+    bs: Sequence[np.ndarray], as_: Sequence[np.ndarray], p: np.ndarray
+) -> float:
     u = np.concatenate([w * b for w, b in zip(p, bs, strict=True)], axis=1)
     v = np.concatenate(list(as_), axis=0)
     return float(np.sum((u.T @ u) * (v @ v.T)))
 
 
-def ridge_correction(bs: Sequence[np.ndarray], as_: Sequence[np.ndarray], p: np.ndarray,
-                     lam: float) -> np.ndarray:
+def ridge_correction(
+    bs: Sequence[np.ndarray], as_: Sequence[np.ndarray], p: np.ndarray, lam: float
+) -> np.ndarray:
     """Closed form ``dB = (ideal - Bbar Abar) Abar^T (Abar Abar^T + lambda I)^-1``."""
     bs64 = [b.astype(np.float64) for b in bs]
     as64 = [a.astype(np.float64) for a in as_]
@@ -47,9 +50,16 @@ def ridge_correction(bs: Sequence[np.ndarray], as_: Sequence[np.ndarray], p: np.
     return np.linalg.solve(lhs.T, rhs.T).T  # rhs @ inv(lhs); lhs is symmetric
 
 
-def gd_correction(bs: Sequence[np.ndarray], as_: Sequence[np.ndarray], p: np.ndarray,
-                  lam: float, lr: float = 0.01, max_iter: int = 1000, tol: float = 1e-6,
-                  patience: int = 5) -> np.ndarray:
+def gd_correction(
+    bs: Sequence[np.ndarray],
+    as_: Sequence[np.ndarray],
+    p: np.ndarray,
+    lam: float,
+    lr: float = 0.01,
+    max_iter: int = 1000,
+    tol: float = 1e-6,
+    patience: int = 5,
+) -> np.ndarray:
     """The paper's solver: Adam on ``f = 1 - cos + lambda ||dB||^2`` from ``dB = 0``,
     stopping when ``f`` changes by less than ``tol`` for ``patience`` steps.
     Returns the best iterate, so the corrected cosine is never below plain averaging.
@@ -86,12 +96,19 @@ def gd_correction(bs: Sequence[np.ndarray], as_: Sequence[np.ndarray], p: np.nda
         grad = -c / (ideal_norm * q) + dot * mg / (ideal_norm * q**3) + 2 * lam * db
         m1 = beta1 * m1 + (1 - beta1) * grad
         m2 = beta2 * m2 + (1 - beta2) * grad * grad
-        db = db - lr * (m1 / (1 - beta1**step)) / (np.sqrt(m2 / (1 - beta2**step)) + eps)
+        db = db - lr * (m1 / (1 - beta1**step)) / (
+            np.sqrt(m2 / (1 - beta2**step)) + eps
+        )
     return best
 
 
-def correction(bs: Sequence[np.ndarray], as_: Sequence[np.ndarray], p: np.ndarray,
-               lam: float, solver: str) -> np.ndarray:
+def correction(
+    bs: Sequence[np.ndarray],
+    as_: Sequence[np.ndarray],
+    p: np.ndarray,
+    lam: float,
+    solver: str,
+) -> np.ndarray:
     """``dB`` for one layer with the chosen solver (``ridge`` or ``gd``)."""
     if solver == "ridge":
         return ridge_correction(bs, as_, p, lam)

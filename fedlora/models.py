@@ -1,4 +1,4 @@
-"""Load a base model and its tokenizer: the packaged MiniLM, a local folder, or a hub id.
+"""Load a base model and its tokenizer: packaged MiniLM, a local folder, or a hub id.
 
 Settings (``model.*``): ``name`` (``minilm`` for the packaged all-MiniLM-L6-v2, a local
 Hugging Face folder, or a hub id), ``task`` (``seq_cls`` or ``causal_lm``),
@@ -41,13 +41,17 @@ def resolve_model_path(name: str) -> str:
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1
     if looks_like_path:
         raise ConfigError(
-            "model.name", name, "no such folder; give an existing model folder, "
-            "'minilm', or a Hugging Face hub id such as 'org/model'"
+            "model.name",
+            name,
+            "no such folder; give an existing model folder, "
+            "'minilm', or a Hugging Face hub id such as 'org/model'",
         )
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise ConfigError(
-            "model.name", name, "HF_HUB_OFFLINE=1 and this is neither 'minilm' nor a "
-            "local folder; download the model first or unset HF_HUB_OFFLINE"
+            "model.name",
+            name,
+            "HF_HUB_OFFLINE=1 and this is neither 'minilm' nor a "
+            "local folder; download the model first or unset HF_HUB_OFFLINE",
         )
     return name
 

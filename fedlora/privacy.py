@@ -62,21 +62,30 @@ def check_settings(privacy_cfg: dict[str, Any]) -> None:
         raise ConfigError("privacy.target_epsilon", eps, "must be a number > 0")
     delta = privacy_cfg.get("target_delta")
     if delta is not None and not (0 < float(delta) < 1):
-        raise ConfigError("privacy.target_delta", delta, "must be in (0, 1) or null "
-                          "(null: 0.1 / N_k, below 1 / N_k)")
+        raise ConfigError(
+            "privacy.target_delta",
+            delta,
+            "must be in (0, 1) or null (null: 0.1 / N_k, below 1 / N_k)",
+        )
     if privacy_cfg.get("accountant") not in ACCOUNTANTS:
-        raise ConfigError("privacy.accountant", privacy_cfg.get("accountant"),
-                          "choose rdp or prv")
+        raise ConfigError(
+            "privacy.accountant", privacy_cfg.get("accountant"), "choose rdp or prv"
+        )
     if privacy_cfg.get("clipping") not in CLIPPINGS:
-        raise ConfigError("privacy.clipping", privacy_cfg.get("clipping"),
-                          "choose flat or per_layer")
+        raise ConfigError(
+            "privacy.clipping", privacy_cfg.get("clipping"), "choose flat or per_layer"
+        )
     norm = privacy_cfg.get("max_grad_norm")
     if not isinstance(norm, (int, float)) or norm <= 0:
         raise ConfigError("privacy.max_grad_norm", norm, "must be a number > 0")
 
 
-def plan(privacy_cfg: dict[str, Any], train_cfg: dict[str, Any], num_examples: int,
-         planned_rounds: int) -> DPPlan:
+def plan(
+    privacy_cfg: dict[str, Any],
+    train_cfg: dict[str, Any],
+    num_examples: int,
+    planned_rounds: int,
+) -> DPPlan:
     """Calibrate the noise multiplier once for ``planned_rounds`` x local steps.
 
     ``sigma = get_noise_multiplier(eps, delta, q, steps=planned_rounds * steps)``.
@@ -86,16 +95,29 @@ def plan(privacy_cfg: dict[str, Any], train_cfg: dict[str, Any], num_examples: i
     check_settings(privacy_cfg)
     batch = int(train_cfg["batch_size"])
     batches_per_epoch = max(1, math.ceil(num_examples / batch))
-    steps = (int(train_cfg["local_steps"]) if train_cfg.get("local_steps")
-             else batches_per_epoch * int(train_cfg.get("local_epochs", 1)))
+    steps = (
+        int(train_cfg["local_steps"])
+        if train_cfg.get("local_steps")
+        else batches_per_epoch * int(train_cfg.get("local_epochs", 1))
+    )
     delta = privacy_cfg.get("target_delta") or 0.1 / num_examples
     q = 1.0 / batches_per_epoch
     sigma = get_noise_multiplier(
-        target_epsilon=float(privacy_cfg["target_epsilon"]), target_delta=float(delta),
-        sample_rate=q, steps=steps * planned_rounds,
-        accountant=privacy_cfg["accountant"])
-    return DPPlan(float(sigma), q, steps, planned_rounds, float(delta),
-                  float(privacy_cfg["target_epsilon"]), privacy_cfg["accountant"])
+        target_epsilon=float(privacy_cfg["target_epsilon"]),
+        target_delta=float(delta),
+        sample_rate=q,
+        steps=steps * planned_rounds,
+        accountant=privacy_cfg["accountant"],
+    )
+    return DPPlan(
+        float(sigma),
+        q,
+        steps,
+        planned_rounds,
+        float(delta),
+        float(privacy_cfg["target_epsilon"]),
+        privacy_cfg["accountant"],
+    )
 
 
 def planned_rounds(cfg: dict[str, Any]) -> int:
@@ -106,8 +128,9 @@ def planned_rounds(cfg: dict[str, Any]) -> int:
         return int(cfg["privacy"]["planned_rounds"])
     fed = cfg["federation"]
     n = int(fed["num_clients"])
-    sampled = min(n, max(int(n * float(fed["fraction_train"])),
-                         int(fed["min_train_clients"])))
+    sampled = min(
+        n, max(int(n * float(fed["fraction_train"])), int(fed["min_train_clients"]))
+    )
     return max(1, math.ceil(int(fed["rounds"]) * sampled / n))
 
 
@@ -126,8 +149,12 @@ def make_accountant(name: str, state: str | None = None) -> Any:
 def accountant_state(accountant: Any) -> str:
     """The accountant's history as JSON (``{history, mechanism}``)."""
     state = accountant.state_dict()
-    return json.dumps({"history": [list(h) for h in state["history"]],
-                       "mechanism": state["mechanism"]})
+    return json.dumps(
+        {
+            "history": [list(h) for h in state["history"]],
+            "mechanism": state["mechanism"],
+        }
+    )
 
 
 def epsilon_after_round(p: DPPlan, state: str | None) -> float:
@@ -137,10 +164,17 @@ def epsilon_after_round(p: DPPlan, state: str | None) -> float:
     return float(accountant.get_epsilon(p.delta))
 
 
-def train_local_dp(model: torch.nn.Module, examples: Sequence[Example],
-                   train_cfg: dict[str, Any], privacy_cfg: dict[str, Any], p: DPPlan,
-                   accountant: Any, device: torch.device, pad_id: int, seed: int
-                   ) -> dict[str, float]:
+def train_local_dp(
+    model: torch.nn.Module,
+    examples: Sequence[Example],
+    train_cfg: dict[str, Any],
+    privacy_cfg: dict[str, Any],
+    p: DPPlan,
+    accountant: Any,
+    device: torch.device,
+    pad_id: int,
+    seed: int,
+) -> dict[str, float]:
     """One round of DP-SGD on the trainable parameters (Opacus, hooks mode).
 
     Per-example gradients are clipped (flat, or per parameter tensor), summed,
@@ -156,24 +190,34 @@ def train_local_dp(model: torch.nn.Module, examples: Sequence[Example],
     engine = PrivacyEngine(accountant=p.accountant)
     engine.accountant = accountant
     loader = torch.utils.data.DataLoader(
-        list(examples), batch_size=int(train_cfg["batch_size"]), shuffle=False,
-        collate_fn=lambda batch: collate(batch, pad_id))
+        list(examples),
+        batch_size=int(train_cfg["batch_size"]),
+        shuffle=False,
+        collate_fn=lambda batch: collate(batch, pad_id),
+    )
     norm = float(privacy_cfg["max_grad_norm"])
     per_layer = privacy_cfg["clipping"] == "per_layer"
     torch.manual_seed(seed)
     hooks, optimizer, loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader,
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
         noise_multiplier=p.noise_multiplier,
-        max_grad_norm=[norm / math.sqrt(len(params))] * len(params) if per_layer else norm,
-        clipping=privacy_cfg["clipping"], poisson_sampling=bool(
-            privacy_cfg.get("poisson_sampling", True)),
-        grad_sample_mode="hooks", wrap_model=False,
-        noise_generator=torch.Generator(device=device).manual_seed(seed))
+        max_grad_norm=[norm / math.sqrt(len(params))] * len(params)
+        if per_layer
+        else norm,
+        clipping=privacy_cfg["clipping"],
+        poisson_sampling=bool(privacy_cfg.get("poisson_sampling", True)),
+        grad_sample_mode="hooks",
+        wrap_model=False,
+        noise_generator=torch.Generator(device=device).manual_seed(seed),
+    )
     physical = int(privacy_cfg.get("max_physical_batch_size") or 0)
     manager: Any = contextlib.nullcontext(loader)
     if 0 < physical < int(train_cfg["batch_size"]):  # logical batch > memory
-        manager = BatchMemoryManager(data_loader=loader, optimizer=optimizer,
-                                     max_physical_batch_size=physical)
+        manager = BatchMemoryManager(
+            data_loader=loader, optimizer=optimizer, max_physical_batch_size=physical
+        )
     model.train()
     quiet = warnings.catch_warnings()
     quiet.__enter__()  # Opacus' hook and PRV warnings are expected here; see README
@@ -204,6 +248,9 @@ def train_local_dp(model: torch.nn.Module, examples: Sequence[Example],
     finally:
         hooks.cleanup()
         quiet.__exit__(None, None, None)
-    return {"num_examples": float(seen), "steps": float(steps),
-            "train_loss": loss_sum / max(forwards, 1),
-            "train_time": time.perf_counter() - start}
+    return {
+        "num_examples": float(seen),
+        "steps": float(steps),
+        "train_loss": loss_sum / max(forwards, 1),
+        "train_time": time.perf_counter() - start,
+    }

@@ -49,19 +49,24 @@ def summarise(rounds: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, 
     key = "eval_accuracy" if any("eval_accuracy" in r for r in rounds) else "eval_loss"
     values = [r[key] for r in rounds if r.get(key) is not None]
     best = (max if key == "eval_accuracy" else min)(values) if values else None
-    errors = [r["aggregation_error"] for r in trained
-              if r.get("aggregation_error") is not None]
-    return _jsonable({
-        **extra,
-        "rounds": len(trained),
-        f"final_{key}": values[-1] if values else None,
-        f"best_{key}": best,
-        "total_bytes_up": sum(r.get("bytes_up", 0) for r in traffic),
-        "total_bytes_down": sum(r.get("bytes_down", 0) for r in traffic),
-        "mean_aggregation_error": float(np.mean(errors)) if errors else None,
-        "failures": sum(r.get("failures", 0) for r in trained),
-        **_privacy_summary(rounds),
-    })
+    errors = [
+        r["aggregation_error"]
+        for r in trained
+        if r.get("aggregation_error") is not None
+    ]
+    return _jsonable(
+        {
+            **extra,
+            "rounds": len(trained),
+            f"final_{key}": values[-1] if values else None,
+            f"best_{key}": best,
+            "total_bytes_up": sum(r.get("bytes_up", 0) for r in traffic),
+            "total_bytes_down": sum(r.get("bytes_down", 0) for r in traffic),
+            "mean_aggregation_error": float(np.mean(errors)) if errors else None,
+            "failures": sum(r.get("failures", 0) for r in trained),
+            **_privacy_summary(rounds),
+        }
+    )
 
 
 def _privacy_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -100,8 +105,10 @@ def plot_run(run_dir: Path, rounds: list[dict[str, Any]]) -> list[Path]:
     plots = Path(run_dir) / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     written = []
-    for xs, xlabel, name in ((xs_round, "round", "accuracy_vs_round"),
-                             (cumulative, "cumulative MB (up + down)", "accuracy_vs_mb")):
+    for xs, xlabel, name in (
+        (xs_round, "round", "accuracy_vs_round"),
+        (cumulative, "cumulative MB (up + down)", "accuracy_vs_mb"),
+    ):
         fig, ax = plt.subplots(figsize=(5, 3.5))
         ax.plot(xs, [r[key] for r in rows], marker="o")
         ax.set_xlabel(xlabel)
@@ -116,8 +123,12 @@ def plot_run(run_dir: Path, rounds: list[dict[str, Any]]) -> list[Path]:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         clients = sorted({c for r in eps_rows for c in r["epsilon"]}, key=int)
         for c in clients:
-            ax.plot([r["round"] for r in eps_rows],
-                    [r["epsilon"].get(c) for r in eps_rows], marker=".", label=c)
+            ax.plot(
+                [r["round"] for r in eps_rows],
+                [r["epsilon"].get(c) for r in eps_rows],
+                marker=".",
+                label=c,
+            )
         ax.set_xlabel("round")
         ax.set_ylabel("epsilon spent (per client)")
         ax.grid(alpha=0.3)
@@ -128,7 +139,9 @@ def plot_run(run_dir: Path, rounds: list[dict[str, Any]]) -> list[Path]:
     return written
 
 
-def save_adapter(model: torch.nn.Module, state: dict[str, np.ndarray], out: Path) -> Path:
+def save_adapter(
+    model: torch.nn.Module, state: dict[str, np.ndarray], out: Path
+) -> Path:
     """Save ``state`` in PEFT format (``PeftModel.from_pretrained`` loads it)."""
     set_state(model, state)
     model.save_pretrained(str(out))

@@ -26,8 +26,11 @@ def collate(batch: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     seq_labels = isinstance(batch[0]["labels"], list)
-    labels = (torch.full((len(batch), width), -100, dtype=torch.long) if seq_labels
-              else torch.tensor([e["labels"] for e in batch], dtype=torch.long))
+    labels = (
+        torch.full((len(batch), width), -100, dtype=torch.long)
+        if seq_labels
+        else torch.tensor([e["labels"] for e in batch], dtype=torch.long)
+    )
     for i, e in enumerate(batch):
         n = len(e["input_ids"])
         ids[i, :n] = torch.tensor(e["input_ids"])
@@ -37,18 +40,26 @@ def collate(batch: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def batches(examples: Sequence[Example], batch_size: int, pad_id: int,
-            generator: torch.Generator | None = None) -> Iterator[dict[str, torch.Tensor]]:
+def batches(
+    examples: Sequence[Example],
+    batch_size: int,
+    pad_id: int,
+    generator: torch.Generator | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
     """Yield padded batches; shuffled when a generator is given."""
-    order = (torch.randperm(len(examples), generator=generator).tolist()
-             if generator is not None else range(len(examples)))
+    order = (
+        torch.randperm(len(examples), generator=generator).tolist()
+        if generator is not None
+        else range(len(examples))
+    )
     order = list(order)
     for start in range(0, len(order), batch_size):
-        yield collate([examples[i] for i in order[start:start + batch_size]], pad_id)
+        yield collate([examples[i] for i in order[start : start + batch_size]], pad_id)
 
 
-def make_optimizer(params: list[torch.nn.Parameter], train_cfg: dict[str, Any]
-                   ) -> torch.optim.Optimizer:
+def make_optimizer(
+    params: list[torch.nn.Parameter], train_cfg: dict[str, Any]
+) -> torch.optim.Optimizer:
     """AdamW or SGD over the trainable parameters."""
     name = train_cfg.get("optimizer", "adamw")
     lr = float(train_cfg.get("lr", 1e-3))
@@ -56,8 +67,12 @@ def make_optimizer(params: list[torch.nn.Parameter], train_cfg: dict[str, Any]
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=wd,
-                               momentum=float(train_cfg.get("momentum", 0.0)))
+        return torch.optim.SGD(
+            params,
+            lr=lr,
+            weight_decay=wd,
+            momentum=float(train_cfg.get("momentum", 0.0)),
+        )
     raise ConfigError("train.optimizer", name, "choose adamw or sgd")
 
 
@@ -67,9 +82,14 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext()
 
 
-def train_local(model: torch.nn.Module, examples: Sequence[Example],
-                train_cfg: dict[str, Any], device: torch.device, pad_id: int,
-                seed: int) -> dict[str, float]:
+def train_local(
+    model: torch.nn.Module,
+    examples: Sequence[Example],
+    train_cfg: dict[str, Any],
+    device: torch.device,
+    pad_id: int,
+    seed: int,
+) -> dict[str, float]:
     """Train the trainable parameters of ``model`` on ``examples`` in place.
 
     Runs ``local_steps`` optimizer steps if set (cycling over the data), else
@@ -77,12 +97,19 @@ def train_local(model: torch.nn.Module, examples: Sequence[Example],
     aggregation weight), ``steps``, mean ``train_loss`` and ``train_time``.
     """
     if not examples:
-        raise ConfigError("federation.num_clients", None, "a client has no training "
-                          "examples; use fewer clients or more data")
+        raise ConfigError(
+            "federation.num_clients",
+            None,
+            "a client has no training examples; use fewer clients or more data",
+        )
     batch_size = int(train_cfg.get("batch_size", 32))
     steps_cfg = train_cfg.get("local_steps")
     per_epoch = math.ceil(len(examples) / batch_size)
-    total = int(steps_cfg) if steps_cfg else per_epoch * int(train_cfg.get("local_epochs", 1))
+    total = (
+        int(steps_cfg)
+        if steps_cfg
+        else per_epoch * int(train_cfg.get("local_epochs", 1))
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, train_cfg)
     generator = torch.Generator().manual_seed(seed)
@@ -102,14 +129,23 @@ def train_local(model: torch.nn.Module, examples: Sequence[Example],
             loss_sum += float(loss.detach())
             if step >= total:
                 break
-    return {"num_examples": float(seen), "steps": float(step),
-            "train_loss": loss_sum / max(step, 1),
-            "train_time": time.perf_counter() - start}
+    return {
+        "num_examples": float(seen),
+        "steps": float(step),
+        "train_loss": loss_sum / max(step, 1),
+        "train_time": time.perf_counter() - start,
+    }
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, examples: Sequence[Example], task: str,
-             device: torch.device, pad_id: int, batch_size: int = 64) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module,
+    examples: Sequence[Example],
+    task: str,
+    device: torch.device,
+    pad_id: int,
+    batch_size: int = 64,
+) -> dict[str, float]:
     """Loss and accuracy (classification) or loss and perplexity (causal LM).
 
     Causal LM loss is the mean over response tokens of all examples.
@@ -131,8 +167,14 @@ def evaluate(model: torch.nn.Module, examples: Sequence[Example], task: str,
             tokens += n_tok
             count += batch["labels"].shape[0]
     if task == "seq_cls":
-        return {"eval_loss": total_loss / max(count, 1),
-                "eval_accuracy": correct / max(count, 1), "eval_examples": float(count)}
+        return {
+            "eval_loss": total_loss / max(count, 1),
+            "eval_accuracy": correct / max(count, 1),
+            "eval_examples": float(count),
+        }
     loss = total_loss / max(tokens, 1)
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
-            "eval_examples": float(count)}
+    return {
+        "eval_loss": loss,
+        "eval_perplexity": math.exp(min(loss, 50.0)),
+        "eval_examples": float(count),
+    }

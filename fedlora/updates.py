@@ -14,8 +14,9 @@ import numpy as np
 MAX_EXAMPLES = 10**9  # an example count above this is taken as garbage
 
 
-def check_update(state: dict[str, Any], expected: dict[str, tuple[int, ...]],
-                 num_examples: Any) -> str | None:
+def check_update(
+    state: dict[str, Any], expected: dict[str, tuple[int, ...]], num_examples: Any
+) -> str | None:
     """Reason to reject one client's update, or None if it is well formed.
 
     Checks: exactly the expected keys; each value a floating array of the expected
@@ -28,29 +29,48 @@ def check_update(state: dict[str, Any], expected: dict[str, tuple[int, ...]],
     for key, shape in expected.items():
         value = state[key]
         if not isinstance(value, np.ndarray) or value.dtype.kind != "f":
-            return f"{key}: expected a float array, got {type(value).__name__} " \
-                   f"{getattr(value, 'dtype', '')}"
+            return (
+                f"{key}: expected a float array, got {type(value).__name__} "
+                f"{getattr(value, 'dtype', '')}"
+            )
         if value.shape != tuple(shape):
             return f"{key}: expected shape {tuple(shape)}, got {value.shape}"
         if not np.all(np.isfinite(value)):
             return f"{key}: contains NaN or Inf"
-    if isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer)):
+    if isinstance(num_examples, bool) or not isinstance(
+        num_examples, (int, np.integer)
+    ):
         return f"num-examples must be an integer, got {num_examples!r}"
     if not 0 < int(num_examples) < MAX_EXAMPLES:
         return f"num-examples {num_examples} is not in (0, {MAX_EXAMPLES})"
     return None
 
 
-def update_norm_outliers(states: Sequence[dict[str, np.ndarray]],
-                         reference: dict[str, np.ndarray], factor: float
-                         ) -> list[str | None]:
+def update_norm_outliers(
+    states: Sequence[dict[str, np.ndarray]],
+    reference: dict[str, np.ndarray],
+    factor: float,
+) -> list[str | None]:
     """Reject updates whose norm ``||x_k - x_ref||`` exceeds ``factor`` x the median
     of the round's update norms (needs 3 or more updates; ``factor <= 0`` disables)."""
     if factor <= 0 or len(states) < 3:
         return [None] * len(states)
-    norms = [float(np.sqrt(sum(np.sum((s[k].astype(np.float64) - reference[k]) ** 2)
-                               for k in reference))) for s in states]
+    norms = [
+        float(
+            np.sqrt(
+                sum(
+                    np.sum((s[k].astype(np.float64) - reference[k]) ** 2)
+                    for k in reference
+                )
+            )
+        )
+        for s in states
+    ]
     limit = factor * float(np.median(norms))
-    return [None if n <= limit else
-            f"update norm {n:.3g} > {factor:g} x the round's median ({limit / factor:.3g})"
-            for n in norms]
+    return [
+        None
+        if n <= limit
+        else f"update norm {n:.3g} > {factor:g} x the round's median "
+        f"({limit / factor:.3g})"
+        for n in norms
+    ]

@@ -14,7 +14,12 @@ from fedlora.errors import ConfigError
 
 def _problems(cfg: dict[str, Any]) -> list[ConfigError]:
     out: list[ConfigError] = []
-    fed, train, adapter, data = cfg["federation"], cfg["train"], cfg["adapter"], cfg["data"]
+    fed, train, adapter, data = (
+        cfg["federation"],
+        cfg["train"],
+        cfg["adapter"],
+        cfg["data"],
+    )
 
     def need(ok: bool, key: str, value: Any, fix: str) -> None:
         if not ok:
@@ -22,8 +27,12 @@ def _problems(cfg: dict[str, Any]) -> list[ConfigError]:
 
     def positive_int(section: dict[str, Any], prefix: str, key: str) -> None:
         value = section.get(key)
-        need(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-             f"{prefix}.{key}", value, "must be a positive integer")
+        need(
+            isinstance(value, int) and not isinstance(value, bool) and value > 0,
+            f"{prefix}.{key}",
+            value,
+            "must be a positive integer",
+        )
 
     positive_int(fed, "federation", "num_clients")
     positive_int(fed, "federation", "rounds")
@@ -33,36 +42,82 @@ def _problems(cfg: dict[str, Any]) -> list[ConfigError]:
     positive_int(adapter, "adapter", "r")
     for key in ("fraction_train", "fraction_evaluate"):
         value = fed.get(key)
-        need(isinstance(value, (int, float)) and 0.0 <= value <= 1.0,
-             f"federation.{key}", value, "must be a number in [0, 1]")
-    if isinstance(fed.get("num_clients"), int) and isinstance(fed.get("min_train_clients"), int):
-        need(fed["min_train_clients"] <= fed["num_clients"], "federation.min_train_clients",
-             fed["min_train_clients"], f"cannot exceed federation.num_clients="
-             f"{fed['num_clients']}; lower it or add clients")
-    need(isinstance(train.get("lr"), (int, float)) and train["lr"] > 0, "train.lr",
-         train.get("lr"), "must be a positive number")
+        need(
+            isinstance(value, (int, float)) and 0.0 <= value <= 1.0,
+            f"federation.{key}",
+            value,
+            "must be a number in [0, 1]",
+        )
+    if isinstance(fed.get("num_clients"), int) and isinstance(
+        fed.get("min_train_clients"), int
+    ):
+        need(
+            fed["min_train_clients"] <= fed["num_clients"],
+            "federation.min_train_clients",
+            fed["min_train_clients"],
+            f"cannot exceed federation.num_clients="
+            f"{fed['num_clients']}; lower it or add clients",
+        )
+    need(
+        isinstance(train.get("lr"), (int, float)) and train["lr"] > 0,
+        "train.lr",
+        train.get("lr"),
+        "must be a positive number",
+    )
     steps = train.get("local_steps")
-    need(steps is None or (isinstance(steps, int) and steps > 0), "train.local_steps",
-         steps, "must be null (use local_epochs) or a positive integer")
-    need(steps is not None or (isinstance(train.get("local_epochs"), int)
-                               and train["local_epochs"] > 0),
-         "train.local_epochs", train.get("local_epochs"), "must be a positive integer")
-    need(train.get("optimizer") in ("adamw", "sgd"), "train.optimizer",
-         train.get("optimizer"), "choose adamw or sgd")
-    need(cfg["model"].get("task") in ("seq_cls", "causal_lm"), "model.task",
-         cfg["model"].get("task"), "choose seq_cls or causal_lm")
-    need(bool(adapter.get("target_modules")), "adapter.target_modules",
-         adapter.get("target_modules"), "list the module names to adapt, e.g. "
-         "[query, value] for BERT or [q_proj, v_proj] for Llama")
-    need(cfg["partition"].get("type") in ("iid", "dirichlet", "shard"), "partition.type",
-         cfg["partition"].get("type"), "choose iid, dirichlet or shard")
+    need(
+        steps is None or (isinstance(steps, int) and steps > 0),
+        "train.local_steps",
+        steps,
+        "must be null (use local_epochs) or a positive integer",
+    )
+    need(
+        steps is not None
+        or (isinstance(train.get("local_epochs"), int) and train["local_epochs"] > 0),
+        "train.local_epochs",
+        train.get("local_epochs"),
+        "must be a positive integer",
+    )
+    need(
+        train.get("optimizer") in ("adamw", "sgd"),
+        "train.optimizer",
+        train.get("optimizer"),
+        "choose adamw or sgd",
+    )
+    need(
+        cfg["model"].get("task") in ("seq_cls", "causal_lm"),
+        "model.task",
+        cfg["model"].get("task"),
+        "choose seq_cls or causal_lm",
+    )
+    need(
+        bool(adapter.get("target_modules")),
+        "adapter.target_modules",
+        adapter.get("target_modules"),
+        "list the module names to adapt, e.g. "
+        "[query, value] for BERT or [q_proj, v_proj] for Llama",
+    )
+    need(
+        cfg["partition"].get("type") in ("iid", "dirichlet", "shard"),
+        "partition.type",
+        cfg["partition"].get("type"),
+        "choose iid, dirichlet or shard",
+    )
     if cfg["partition"].get("type") == "dirichlet":
         alpha = cfg["partition"].get("alpha")
-        need(isinstance(alpha, (int, float)) and alpha > 0, "partition.alpha", alpha,
-             "the Dirichlet concentration must be > 0 (0.5 is the usual choice)")
+        need(
+            isinstance(alpha, (int, float)) and alpha > 0,
+            "partition.alpha",
+            alpha,
+            "the Dirichlet concentration must be > 0 (0.5 is the usual choice)",
+        )
     if data.get("name") != "synthetic" and data.get("path"):
-        need(Path(str(data["path"])).expanduser().exists(), "data.path", data["path"],
-             "no such file or folder; point it at your data (e.g. ../shared/data/sst2)")
+        need(
+            Path(str(data["path"])).expanduser().exists(),
+            "data.path",
+            data["path"],
+            "no such file or folder; point it at your data (e.g. ../shared/data/sst2)",
+        )
     out.extend(_privacy_problems(cfg))
     return out
 
@@ -81,19 +136,34 @@ def _privacy_problems(cfg: dict[str, Any]) -> list[ConfigError]:
         except ConfigError as exc:
             out.append(exc)
     if mode in ("dp_sgd", "central") and strategy.get("init") == "federated_gradient":
-        out.append(ConfigError(
-            "strategy.init", "federated_gradient", f"with privacy={mode} the Fed-SB init "
-            "round would release unprotected gradients of private data; use "
-            "strategy.init=random_orthogonal (data-free) or strategy.init=server_data"))
+        out.append(
+            ConfigError(
+                "strategy.init",
+                "federated_gradient",
+                f"with privacy={mode} the Fed-SB init "
+                "round would release unprotected gradients of private data; use "
+                "strategy.init=random_orthogonal (data-free) or strategy.init=server_data",
+            )
+        )
     if mode == "central" and target.endswith("LoRAFAIR"):
-        out.append(ConfigError(
-            "privacy", "central", "LoRA-FAIR's server correction uses every client's "
-            "factors, not just their mean, so client-level DP noise on the mean does not "
-            "cover it; use privacy=dp_sgd or another strategy"))
+        out.append(
+            ConfigError(
+                "privacy",
+                "central",
+                "LoRA-FAIR's server correction uses every client's "
+                "factors, not just their mean, so client-level DP noise on the mean does not "
+                "cover it; use privacy=dp_sgd or another strategy",
+            )
+        )
     if mode == "central" and strategy.get("weighting") != "uniform":
-        out.append(ConfigError(
-            "strategy.weighting", strategy.get("weighting"), "privacy=central needs "
-            "strategy.weighting=uniform (the noise scale assumes a uniform average)"))
+        out.append(
+            ConfigError(
+                "strategy.weighting",
+                strategy.get("weighting"),
+                "privacy=central needs "
+                "strategy.weighting=uniform (the noise scale assumes a uniform average)",
+            )
+        )
     if mode not in ("none", "dp_sgd", "central"):
         out.append(ConfigError("privacy.mode", mode, "choose none, dp_sgd or central"))
     return out
@@ -106,5 +176,7 @@ def validate(cfg: dict[str, Any]) -> None:
         raise problems[0]
     if problems:
         raise ConfigError(
-            problems[0].key, problems[0].found,
-            problems[0].fix + "\n" + "\n".join(f"  {p}" for p in problems[1:]))
+            problems[0].key,
+            problems[0].found,
+            problems[0].fix + "\n" + "\n".join(f"  {p}" for p in problems[1:]),
+        )

@@ -29,9 +29,15 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
     checkpoint keeps the accountant's history, so a resumed run goes on composing.
     """
 
-    def __init__(self, strategy: FedAvgLoRA, noise_multiplier: float,
-                 clipping_norm: float, num_sampled_clients: int, num_clients: int,
-                 delta: float) -> None:
+    def __init__(
+        self,
+        strategy: FedAvgLoRA,
+        noise_multiplier: float,
+        clipping_norm: float,
+        num_sampled_clients: int,
+        num_clients: int,
+        delta: float,
+    ) -> None:
         super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients)
         from opacus.accountants import RDPAccountant
 
@@ -44,18 +50,22 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
             raise AttributeError(name)
         return getattr(self.strategy, name)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Clip, aggregate, add noise (Flower); account the release (Opacus RDP)."""
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None:
-            self.rdp.step(noise_multiplier=self.noise_multiplier,
-                          sample_rate=self.sample_rate)
+            self.rdp.step(
+                noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate
+            )
             epsilon = float(self.rdp.get_epsilon(self.delta))
             real_round = server_round + self.strategy.round_offset
             self.strategy.round_log.setdefault(real_round, {}).update(
-                central_epsilon=epsilon, central_delta=self.delta,
-                central_accountant="rdp")
+                central_epsilon=epsilon,
+                central_delta=self.delta,
+                central_accountant="rdp",
+            )
         return arrays, metrics
 
     def checkpoint_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -67,5 +77,7 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
     def restore_state(self, arrays: dict[str, Any], state: dict[str, Any]) -> None:
         """Restore the wrapped strategy and the RDP history (releases so far)."""
         self.strategy.restore_state(arrays, state)
-        self.rdp.history = [(float(sigma), float(q), int(steps))
-                            for sigma, q, steps in state.get("central_rdp_history", [])]
+        self.rdp.history = [
+            (float(sigma), float(q), int(steps))
+            for sigma, q, steps in state.get("central_rdp_history", [])
+        ]

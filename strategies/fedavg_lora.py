@@ -70,9 +70,16 @@ class FedAvgLoRA(FedAvg):
 
     name = "fedavg_lora"
 
-    def __init__(self, *, weighting: str = "num_examples", scaling: float = 1.0,
-                 max_update_norm_ratio: float = 0.0, min_replies: int = 1,
-                 max_failed_rounds: int = 3, **fedavg_kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        weighting: str = "num_examples",
+        scaling: float = 1.0,
+        max_update_norm_ratio: float = 0.0,
+        min_replies: int = 1,
+        max_failed_rounds: int = 3,
+        **fedavg_kwargs: Any,
+    ) -> None:
         super().__init__(**fedavg_kwargs)
         self.max_update_norm_ratio = float(max_update_norm_ratio)
         self.min_replies = int(min_replies)
@@ -92,9 +99,14 @@ class FedAvgLoRA(FedAvg):
         """FedAvg-LoRA: weighted mean of every communicated tensor."""
         return fedavg_lora(states, weights)
 
-    def initialize(self, grid: Grid, arrays: ArrayRecord, frozen: State,
-                   config: ConfigRecord, server_gradient: GradientFn | None = None
-                   ) -> ArrayRecord:
+    def initialize(
+        self,
+        grid: Grid,
+        arrays: ArrayRecord,
+        frozen: State,
+        config: ConfigRecord,
+        server_gradient: GradientFn | None = None,
+    ) -> ArrayRecord:
         """Called once by the ServerApp before round 1; returns the initial arrays.
 
         ``frozen`` holds the model's frozen LoRA factors (built from the shared seed).
@@ -119,9 +131,14 @@ class FedAvgLoRA(FedAvg):
         the latest epsilon per partition and the count of consecutive failed rounds.
         Subclasses extend both and :meth:`restore_state`.
         """
-        return ({"frozen": dict(self.frozen)},
-                {"name": self.name, "failed_rounds": self._failed_rounds,
-                 "epsilon": {str(k): v for k, v in sorted(self.epsilon.items())}})
+        return (
+            {"frozen": dict(self.frozen)},
+            {
+                "name": self.name,
+                "failed_rounds": self._failed_rounds,
+                "epsilon": {str(k): v for k, v in sorted(self.epsilon.items())},
+            },
+        )
 
     def restore_state(self, arrays: dict[str, State], state: dict[str, Any]) -> None:
         """Take back what :meth:`checkpoint_state` saved (instead of ``initialize``).
@@ -132,19 +149,23 @@ class FedAvgLoRA(FedAvg):
             If the checkpoint was written by another method.
         """
         if state.get("name") != self.name:
-            raise ValueError(f"the checkpoint was written by strategy "
-                             f"{state.get('name')!r}, not {self.name!r}")
+            raise ValueError(
+                f"the checkpoint was written by strategy "
+                f"{state.get('name')!r}, not {self.name!r}"
+            )
         self.frozen = dict(arrays.get("frozen", {}))
         self._failed_rounds = int(state.get("failed_rounds", 0))
         self.epsilon = {int(k): float(v) for k, v in state.get("epsilon", {}).items()}
 
     # --- Flower hooks ------------------------------------------------------------
-    def configure_train(self, server_round: int, arrays: ArrayRecord,
-                        config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """Sample clients as FedAvg does; remember what was sent and its size."""
         server_round += self.round_offset
         messages = self.personalise(
-            list(super().configure_train(server_round, arrays, config, grid)))
+            list(super().configure_train(server_round, arrays, config, grid))
+        )
         self._sent = record_to_state(arrays)
         self.round_log[server_round] = {
             "clients_sampled": len(messages),
@@ -153,8 +174,9 @@ class FedAvgLoRA(FedAvg):
         }
         return messages
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate the valid replies with :meth:`aggregate_states`; record metrics.
 
         Error replies count as failures; replies without arrays are clients that
@@ -167,22 +189,47 @@ class FedAvgLoRA(FedAvg):
         missing = max(entry.get("clients_sampled", 0) - len(replies), 0)
         entry.update(
             failures=len(replies) - len(ok) + missing,
-            failure_reasons=[{"node": m.metadata.src_node_id, "reason": m.error.reason,
-                              "time": time.time()} for m in replies if m.has_error()]
-            + [{"node": None, "reason": "no reply within federation.round_timeout",
-                "time": time.time()}] * missing,
-            bytes_up=sum(payload_bytes(m.content) for m in ok))
+            failure_reasons=[
+                {
+                    "node": m.metadata.src_node_id,
+                    "reason": m.error.reason,
+                    "time": time.time(),
+                }
+                for m in replies
+                if m.has_error()
+            ]
+            + [
+                {
+                    "node": None,
+                    "reason": "no reply within federation.round_timeout",
+                    "time": time.time(),
+                }
+            ]
+            * missing,
+            bytes_up=sum(payload_bytes(m.content) for m in ok),
+        )
         for failure in entry["failure_reasons"]:
-            log.warning("aggregate_train: node %s failed: %s", failure["node"],
-                        failure["reason"])
+            log.warning(
+                "aggregate_train: node %s failed: %s",
+                failure["node"],
+                failure["reason"],
+            )
         self._record_privacy(entry, ok)
         entry["declined"] = [
-            {"partition-id": m.content[KEY_METRICS].get("partition-id"),
-             "reason": (m.content[KEY_CONFIG].get("reason", "")
-                        if KEY_CONFIG in m.content else "")}
-            for m in ok if self._declined(m)]
+            {
+                "partition-id": m.content[KEY_METRICS].get("partition-id"),
+                "reason": (
+                    m.content[KEY_CONFIG].get("reason", "")
+                    if KEY_CONFIG in m.content
+                    else ""
+                ),
+            }
+            for m in ok
+            if self._declined(m)
+        ]
         states, client_metrics = self._accepted(
-            [m for m in ok if not self._declined(m)], entry)
+            [m for m in ok if not self._declined(m)], entry
+        )
         entry["clients"] = len(states)
         if len(states) < max(self.min_replies, 1):
             self._failed_rounds += 1
@@ -192,36 +239,52 @@ class FedAvgLoRA(FedAvg):
                     f"federation.min_replies={self.min_replies}, for "
                     f"{self._failed_rounds} rounds in a row; stopping. See "
                     "failure_reasons/rejected in metrics.jsonl; lower "
-                    "federation.min_replies or fix the clients.")
-            log.warning("aggregate_train: %s usable updates in round %s (< %s); the "
-                        "global adapter is unchanged", len(states), server_round,
-                        self.min_replies)
+                    "federation.min_replies or fix the clients."
+                )
+            log.warning(
+                "aggregate_train: %s usable updates in round %s (< %s); the "
+                "global adapter is unchanged",
+                len(states),
+                server_round,
+                self.min_replies,
+            )
             return None, None
         self._failed_rounds = 0
-        weights = client_weights([c[KEY_NUM_EXAMPLES] for c in client_metrics],
-                                 self.weighting)
+        weights = client_weights(
+            [c[KEY_NUM_EXAMPLES] for c in client_metrics], self.weighting
+        )
         new = self.aggregate_states(states, weights)
         overall, by_module = aggregation_error(
-            [self.effective_factors(s) for s in states], weights,
-            self.effective_factors(self._sent), self.effective_factors(new),
-            self.scaling)
+            [self.effective_factors(s) for s in states],
+            weights,
+            self.effective_factors(self._sent),
+            self.effective_factors(new),
+            self.scaling,
+        )
         entry.update(
-            aggregation_error=overall, aggregation_error_by_module=by_module,
+            aggregation_error=overall,
+            aggregation_error_by_module=by_module,
             params_up=sum(num_parameters(s) for s in states),
             client_replies=client_metrics,
         )
-        train_loss = float(np.dot(weights, [c.get("train_loss", np.nan)
-                                            for c in client_metrics]))
+        train_loss = float(
+            np.dot(weights, [c.get("train_loss", np.nan) for c in client_metrics])
+        )
         return state_to_record(new), MetricRecord(
-            {"train_loss": train_loss, "aggregation_error": overall})
+            {"train_loss": train_loss, "aggregation_error": overall}
+        )
 
     @staticmethod
     def _declined(msg: Message) -> bool:
-        return (KEY_ARRAYS not in msg.content and KEY_METRICS in msg.content
-                and bool(msg.content[KEY_METRICS].get("declined")))
+        return (
+            KEY_ARRAYS not in msg.content
+            and KEY_METRICS in msg.content
+            and bool(msg.content[KEY_METRICS].get("declined"))
+        )
 
-    def _accepted(self, replies: list[Message], entry: dict[str, Any]
-                  ) -> tuple[list[State], list[dict[str, Any]]]:
+    def _accepted(
+        self, replies: list[Message], entry: dict[str, Any]
+    ) -> tuple[list[State], list[dict[str, Any]]]:
         """Decode and check every reply; keep the well-formed ones, record the rest."""
         expected = {k: v.shape for k, v in self._sent.items()}
         decoded: list[tuple[int, State, dict[str, Any]]] = []
@@ -238,18 +301,23 @@ class FedAvgLoRA(FedAvg):
                 decoded.append((node, state, metrics))
             else:
                 rejected.append({"node": node, "reason": reason})
-        outliers = update_norm_outliers([s for _, s, _ in decoded], self._sent,
-                                        self.max_update_norm_ratio)
+        outliers = update_norm_outliers(
+            [s for _, s, _ in decoded], self._sent, self.max_update_norm_ratio
+        )
         for (node, _, _), reason in zip(decoded, outliers, strict=True):
             if reason is not None:
                 rejected.append({"node": node, "reason": reason})
-        kept = [d for d, reason in zip(decoded, outliers, strict=True)
-                if reason is None]
+        kept = [
+            d for d, reason in zip(decoded, outliers, strict=True) if reason is None
+        ]
         # a fixed order (by partition) makes the float sums independent of arrival
         kept.sort(key=lambda d: (str(d[2].get("partition-id")), d[0]))
         for r in rejected:
-            log.warning("aggregate_train: update of node %s rejected: %s", r["node"],
-                        r["reason"])
+            log.warning(
+                "aggregate_train: update of node %s rejected: %s",
+                r["node"],
+                r["reason"],
+            )
         entry["rejected"] = rejected
         return [s for _, s, _ in kept], [m for _, _, m in kept]
 
@@ -265,24 +333,29 @@ class FedAvgLoRA(FedAvg):
             entry["epsilon"] = {str(k): v for k, v in sorted(self.epsilon.items())}
             entry["epsilon_max"] = max(self.epsilon.values())
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
-                           config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """FedAvg's evaluation messages, with the real round as ``server-round``."""
-        return super().configure_evaluate(server_round + self.round_offset, arrays,
-                                          config, grid)
+        return super().configure_evaluate(
+            server_round + self.round_offset, arrays, config, grid
+        )
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
-                           ) -> MetricRecord | None:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
         """FedAvg's weighted mean of client evaluations, also kept in round_log."""
         server_round += self.round_offset
         metrics = super().aggregate_evaluate(server_round, replies)
         if metrics is not None:
             self.round_log.setdefault(server_round, {}).update(
-                {f"federated_{k}": v for k, v in metrics.items()})
+                {f"federated_{k}": v for k, v in metrics.items()}
+            )
         return metrics
 
     # --- diagnostics -------------------------------------------------------------
-    def effective_factors(self, state: State
-                          ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def effective_factors(
+        self, state: State
+    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """``{layer: (B, A)}`` whose product is the layer's adapter delta / s."""
         return layer_factors({**self.frozen, **state})

@@ -59,18 +59,25 @@ class FedSB(FedAvgLoRA):
 
     name = "fedsb"
 
-    def __init__(self, *, init: str = "federated_gradient", init_eta: float = 1e-4,
-                 calibration_examples: int = 64, seed: int = 0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        init: str = "federated_gradient",
+        init_eta: float = 1e-4,
+        calibration_examples: int = 64,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         if init not in INITS:
-            raise ConfigError("strategy.init", init,
-                              f"choose one of {', '.join(INITS)}")
+            raise ConfigError(
+                "strategy.init", init, f"choose one of {', '.join(INITS)}"
+            )
         self.init, self.init_eta, self.seed = init, float(init_eta), int(seed)
         self.calibration_examples = int(calibration_examples)
         self._has_frozen: set[int] = set()
 
-    def aggregate_states(self, states: Sequence[State], weights: np.ndarray
-                         ) -> State:
+    def aggregate_states(self, states: Sequence[State], weights: np.ndarray) -> State:
         """Weighted mean of ``R`` and the head."""
         return fedsb(states, weights)
 
@@ -99,29 +106,47 @@ class FedSB(FedAvgLoRA):
             raise ValueError("the checkpoint holds no Fed-SB factors B and A")
         self._has_frozen = set()
 
-    def initialize(self, grid: Grid, arrays: ArrayRecord, frozen: State,
-                   config: ConfigRecord, server_gradient: GradientFn | None = None
-                   ) -> ArrayRecord:
+    def initialize(
+        self,
+        grid: Grid,
+        arrays: ArrayRecord,
+        frozen: State,
+        config: ConfigRecord,
+        server_gradient: GradientFn | None = None,
+    ) -> ArrayRecord:
         """Compute the LoRA-SB factors; return the initial arrays (``R0``, head)."""
         state = record_to_state(arrays)
-        layers = [k[: -len(".lora_R.weight")] for k in state
-                  if k.endswith(".lora_R.weight")]
+        layers = [
+            k[: -len(".lora_R.weight")] for k in state if k.endswith(".lora_R.weight")
+        ]
         if self.init == "random_orthogonal":
             rng = np.random.default_rng(self.seed)
-            factors = {layer: init_random_orthogonal(
-                frozen[keys(layer)[0]].shape[0], frozen[keys(layer)[2]].shape[1],
-                state[keys(layer)[1]].shape[0], rng) for layer in layers}
+            factors = {
+                layer: init_random_orthogonal(
+                    frozen[keys(layer)[0]].shape[0],
+                    frozen[keys(layer)[2]].shape[1],
+                    state[keys(layer)[1]].shape[0],
+                    rng,
+                )
+                for layer in layers
+            }
         else:
             if self.init == "server_data":
                 if server_gradient is None:
-                    raise ConfigError("strategy.init", self.init,
-                                      "the server has no calibration data here")
+                    raise ConfigError(
+                        "strategy.init",
+                        self.init,
+                        "the server has no calibration data here",
+                    )
                 grads = server_gradient()
             else:
                 grads = self._gradient_round(grid, config)
-            factors = {layer: init_from_gradient(grads[layer],
-                                                 state[keys(layer)[1]].shape[0],
-                                                 self.init_eta) for layer in layers}
+            factors = {
+                layer: init_from_gradient(
+                    grads[layer], state[keys(layer)[1]].shape[0], self.init_eta
+                )
+                for layer in layers
+            }
         self.frozen = {}
         for layer, (b, r0, a) in factors.items():
             b_key, r_key, a_key = keys(layer)
@@ -130,23 +155,34 @@ class FedSB(FedAvgLoRA):
 
     def _gradient_round(self, grid: Grid, config: ConfigRecord) -> State:
         """The init round: ask every node for its gradient sums and add them up."""
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes,
-                                   len(list(grid.get_node_ids())))
-        content = RecordDict({KEY_CONFIG: ConfigRecord(
-            {**dict(config), KEY_ROUND: 0, KEY_PHASE: PHASE_GRADIENT})})
-        messages = [Message(content=content, message_type=MessageType.TRAIN,
-                            dst_node_id=node) for node in node_ids]
+        node_ids, _ = sample_nodes(
+            grid, self.min_available_nodes, len(list(grid.get_node_ids()))
+        )
+        content = RecordDict(
+            {
+                KEY_CONFIG: ConfigRecord(
+                    {**dict(config), KEY_ROUND: 0, KEY_PHASE: PHASE_GRADIENT}
+                )
+            }
+        )
+        messages = [
+            Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
+            for node in node_ids
+        ]
         replies = [m for m in grid.send_and_receive(messages) if not m.has_error()]
         if not replies:
-            raise RuntimeError("Fed-SB init round: no client returned its gradient; "
-                               "see the client logs, or use strategy.init="
-                               "random_orthogonal")
+            raise RuntimeError(
+                "Fed-SB init round: no client returned its gradient; "
+                "see the client logs, or use strategy.init="
+                "random_orthogonal"
+            )
         grads = [record_to_state(m.content[KEY_ARRAYS]) for m in replies]
         self.round_log[0] = {
             "bytes_down": sum(payload_bytes(m.content) for m in messages),
             "bytes_up": sum(payload_bytes(m.content) for m in replies),
             "params_up": sum(int(sum(g.size for g in s.values())) for s in grads),
-            "clients": len(replies), "failures": len(messages) - len(replies),
+            "clients": len(replies),
+            "failures": len(messages) - len(replies),
         }
         return {k: np.sum([g[k] for g in grads], axis=0) for k in grads[0]}
 
@@ -155,22 +191,31 @@ class FedSB(FedAvgLoRA):
         out = []
         for msg in messages:
             if msg.metadata.dst_node_id not in self._has_frozen:
-                content = RecordDict({**dict(msg.content.items()),
-                                      KEY_FROZEN: state_to_record(self.frozen)})
-                msg = Message(content=content, message_type=msg.metadata.message_type,
-                              dst_node_id=msg.metadata.dst_node_id)
+                content = RecordDict(
+                    {
+                        **dict(msg.content.items()),
+                        KEY_FROZEN: state_to_record(self.frozen),
+                    }
+                )
+                msg = Message(
+                    content=content,
+                    message_type=msg.metadata.message_type,
+                    dst_node_id=msg.metadata.dst_node_id,
+                )
             out.append(msg)
         return out
 
     def aggregate_train(self, server_round: int, replies: Any) -> Any:
         """As FedAvg-LoRA; nodes that replied hold ``B`` and ``A`` from now on."""
         replies = list(replies)
-        self._has_frozen.update(m.metadata.src_node_id for m in replies
-                                if not m.has_error())
+        self._has_frozen.update(
+            m.metadata.src_node_id for m in replies if not m.has_error()
+        )
         return super().aggregate_train(server_round, replies)
 
-    def effective_factors(self, state: State
-                          ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def effective_factors(
+        self, state: State
+    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """``{layer: (B R, A)}``: the delta is ``s B R A``."""
         out = {}
         for key in state:
@@ -178,7 +223,8 @@ class FedSB(FedAvgLoRA):
                 b_key, r_key, a_key = keys(key[: -len(".lora_R.weight")])
                 out[key[: -len(".lora_R.weight")]] = (
                     self.frozen[b_key].astype(np.float64) @ state[r_key],
-                    self.frozen[a_key])
+                    self.frozen[a_key],
+                )
         return out
 
     def export(self, state: State) -> tuple[State, dict[str, Any]]:

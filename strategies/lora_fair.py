@@ -35,7 +35,9 @@ class LoRAFAIR(FedAvgLoRA):
     def __init__(self, *, solver: str = "gd", lam: float = 0.01, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if solver not in SOLVERS:
-            raise ConfigError("strategy.solver", solver, f"choose {' or '.join(SOLVERS)}")
+            raise ConfigError(
+                "strategy.solver", solver, f"choose {' or '.join(SOLVERS)}"
+            )
         if lam < 0:
             raise ConfigError("strategy.lam", lam, "lambda must be >= 0")
         self.solver, self.lam = solver, float(lam)

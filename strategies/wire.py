@@ -37,6 +37,8 @@ def payload_bytes(content: RecordDict) -> int:
     5 MiB array chunks; identical chunks once): we sum exactly those.
     """
     return int(sum(len(o.deflate()) for o in get_all_nested_objects(content).values()))
+
+
 KEY_FROZEN = "frozen"  # frozen LoRA factors (Fed-SB's B and A), sent once per node
 KEY_PHASE = "phase"  # config key: what a train message asks for
 PHASE_GRADIENT = "gradient"  # Fed-SB init round: reply with gradient sums

@@ -34,9 +34,15 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     folder = tmp_path_factory.mktemp("tiny_bert")
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64,
-                        max_position_embeddings=128, num_labels=2)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=2,
+    )
     BertForSequenceClassification(config).save_pretrained(folder)
     _minilm_tokenizer().save_pretrained(folder)
     return folder
@@ -52,11 +58,18 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tok = _minilm_tokenizer()
     tok.eos_token = "[SEP]"
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=2, max_position_embeddings=128,
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                         bos_token_id=tok.cls_token_id)
+    config = LlamaConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.cls_token_id,
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
@@ -64,20 +77,52 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 BASE_SETTINGS: dict[str, Any] = {
     "model": {"name": "minilm", "task": "seq_cls", "num_labels": 2},
-    "adapter": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["query", "value"],
-                "use_rslora": False},
-    "data": {"name": "synthetic", "num_examples": 200, "num_eval_examples": 40,
-             "text_column": "sentence", "label_column": "label",
-             "prompt_column": "prompt", "response_column": "response",
-             "client_eval_fraction": 0.1, "seed": 0},
-    "partition": {"type": "iid", "alpha": 0.5, "min_partition_size": 5,
-                  "shards_per_client": 2, "seed": 0},
-    "federation": {"num_clients": 2, "rounds": 2, "fraction_train": 1.0,
-                   "fraction_evaluate": 1.0, "min_train_clients": 2, "seed": 0,
-                   "round_timeout": 600},
-    "train": {"optimizer": "adamw", "lr": 1e-2, "weight_decay": 0.0, "local_epochs": 1,
-              "local_steps": None, "batch_size": 16, "eval_batch_size": 32,
-              "max_length": 32, "device": "cpu", "num_threads": 0},
+    "adapter": {
+        "r": 4,
+        "alpha": 8,
+        "dropout": 0.0,
+        "target_modules": ["query", "value"],
+        "use_rslora": False,
+    },
+    "data": {
+        "name": "synthetic",
+        "num_examples": 200,
+        "num_eval_examples": 40,
+        "text_column": "sentence",
+        "label_column": "label",
+        "prompt_column": "prompt",
+        "response_column": "response",
+        "client_eval_fraction": 0.1,
+        "seed": 0,
+    },
+    "partition": {
+        "type": "iid",
+        "alpha": 0.5,
+        "min_partition_size": 5,
+        "shards_per_client": 2,
+        "seed": 0,
+    },
+    "federation": {
+        "num_clients": 2,
+        "rounds": 2,
+        "fraction_train": 1.0,
+        "fraction_evaluate": 1.0,
+        "min_train_clients": 2,
+        "seed": 0,
+        "round_timeout": 600,
+    },
+    "train": {
+        "optimizer": "adamw",
+        "lr": 1e-2,
+        "weight_decay": 0.0,
+        "local_epochs": 1,
+        "local_steps": None,
+        "batch_size": 16,
+        "eval_batch_size": 32,
+        "max_length": 32,
+        "device": "cpu",
+        "num_threads": 0,
+    },
 }
 
 
@@ -94,8 +139,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 def processes_in_group(pgid: int) -> list[str]:
     """Command lines of the processes still in process group ``pgid``."""
-    out = subprocess.run(["ps", "-eo", "pgid=,args="], capture_output=True,
-                         text=True).stdout
+    out = subprocess.run(
+        ["ps", "-eo", "pgid=,args="], capture_output=True, text=True
+    ).stdout
     return [line for line in out.splitlines() if line.split(None, 1)[0] == str(pgid)]
 
 
@@ -105,15 +151,32 @@ def run_front_door(out: Path, model: Path, *overrides: str) -> list[dict[str, An
     Asserts it succeeded, showed progress and left no process behind; returns the rows
     of ``metrics.jsonl``.
     """
-    cmd = [sys.executable, "-m", "experiments.run", f"hydra.run.dir={out}",
-           f"model.name={model}", "federation.num_clients=3", "federation.rounds=2",
-           "data.num_examples=240", "data.num_eval_examples=60", "train.lr=5e-3",
-           "train.batch_size=16", "simulation.client_num_cpus=1", "quiet=true",
-           *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.run",
+        f"hydra.run.dir={out}",
+        f"model.name={model}",
+        "federation.num_clients=3",
+        "federation.rounds=2",
+        "data.num_examples=240",
+        "data.num_eval_examples=60",
+        "train.lr=5e-3",
+        "train.batch_size=16",
+        "simulation.client_num_cpus=1",
+        "quiet=true",
+        *overrides,
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as proc:  # its own process group
+    with subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as proc:  # its own process group
         stdout, stderr = proc.communicate(timeout=900)
     assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
     assert "[fedlora] round 2/" in stdout  # progress is shown
@@ -124,4 +187,6 @@ def run_front_door(out: Path, model: Path, *overrides: str) -> list[dict[str, An
     while processes_in_group(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not processes_in_group(proc.pid), processes_in_group(proc.pid)
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [
+        json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+    ]

@@ -13,8 +13,10 @@ from fedlora.errors import ConfigError, StateMismatchError
 def test_state_round_trip_is_lossless(settings):
     model, _ = build(settings)
     rng = np.random.default_rng(0)
-    state = {k: rng.standard_normal(v.shape).astype(np.float32)
-             for k, v in get_state(model).items()}
+    state = {
+        k: rng.standard_normal(v.shape).astype(np.float32)
+        for k, v in get_state(model).items()
+    }
     set_state(model, state)
     back = get_state(model)
     assert back.keys() == state.keys()
@@ -28,7 +30,10 @@ def test_wire_state_holds_exactly_lora_factors_and_head(settings):
     layers = lora_layers(state)
     assert len(layers) == 2 * 2  # 2 layers x (query, value)
     head = {k for k in state if "classifier" in k}
-    assert head == {"classifier.modules_to_save.weight", "classifier.modules_to_save.bias"}
+    assert head == {
+        "classifier.modules_to_save.weight",
+        "classifier.modules_to_save.bias",
+    }
     assert len(state) == 2 * len(layers) + len(head)
     a_key, b_key = next(iter(layers.values()))
     assert state[a_key].shape == (4, 32) and state[b_key].shape == (32, 4)

@@ -15,8 +15,9 @@ LAYERS = ("enc.0.attn.query", "enc.0.attn.value", "enc.1.attn.query")
 def random_state(rng, d_out=12, d_in=10, r=3, shared_a=None):
     state = {}
     for layer in LAYERS:
-        state[f"{layer}.lora_A.weight"] = (rng.standard_normal((r, d_in))
-                                           if shared_a is None else shared_a[layer])
+        state[f"{layer}.lora_A.weight"] = (
+            rng.standard_normal((r, d_in)) if shared_a is None else shared_a[layer]
+        )
         state[f"{layer}.lora_B.weight"] = rng.standard_normal((d_out, r))
     state["classifier.weight"] = rng.standard_normal((2, d_in))
     return state
@@ -42,16 +43,20 @@ def test_fedavg_lora_equals_float64_numpy_reference():
 
 def test_fedavg_lora_keeps_float32_without_upcasting():
     rng = np.random.default_rng(1)
-    states = [{k: v.astype(np.float32) for k, v in random_state(rng).items()}
-              for _ in range(2)]
+    states = [
+        {k: v.astype(np.float32) for k, v in random_state(rng).items()}
+        for _ in range(2)
+    ]
     out = fedavg_lora(states, np.array([0.5, 0.5]))
     assert all(v.dtype == np.float32 for v in out.values())
 
 
 def test_factored_norm_equals_dense_norm():
     rng = np.random.default_rng(2)
-    terms = [(c, rng.standard_normal((9, 2)), rng.standard_normal((2, 7)))
-             for c in (0.3, -1.2, 2.0)]
+    terms = [
+        (c, rng.standard_normal((9, 2)), rng.standard_normal((2, 7)))
+        for c in (0.3, -1.2, 2.0)
+    ]
     dense = sum(c * b @ a for c, b, a in terms)
     assert sum_of_products_sqnorm(terms) == pytest.approx(np.sum(dense**2), rel=1e-12)
 
@@ -62,16 +67,26 @@ def test_aggregation_identity_holds():
     p = client_weights([2, 3, 5], "num_examples")
     bs = [rng.standard_normal((8, 2)) for _ in p]
     as_ = [rng.standard_normal((2, 6)) for _ in p]
-    bbar, abar = sum(w * b for w, b in zip(p, bs, strict=False)), sum(w * a for w, a in zip(p, as_, strict=False))
+    bbar, abar = (
+        sum(w * b for w, b in zip(p, bs, strict=False)),
+        sum(w * a for w, a in zip(p, as_, strict=False)),
+    )
     ideal = sum(w * b @ a for w, b, a in zip(p, bs, as_, strict=False))
-    residual = sum(w * (b - bbar) @ (a - abar) for w, b, a in zip(p, bs, as_, strict=False))
+    residual = sum(
+        w * (b - bbar) @ (a - abar) for w, b, a in zip(p, bs, as_, strict=False)
+    )
     np.testing.assert_allclose(ideal - bbar @ abar, residual, atol=1e-12)
 
 
 def _error(states, old, weights, scaling=2.0):
     new = fedavg_lora(states, weights)
-    return aggregation_error([layer_factors(s) for s in states], weights,
-                             layer_factors(old), layer_factors(new), scaling)
+    return aggregation_error(
+        [layer_factors(s) for s in states],
+        weights,
+        layer_factors(old),
+        layer_factors(new),
+        scaling,
+    )
 
 
 def test_aggregation_error_is_zero_when_clients_share_a():

@@ -31,17 +31,24 @@ from tests.conftest import REPO, processes_in_group, run_front_door
 def arrays(seed: int) -> dict[str, dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     f32 = np.float32
-    return {"global": {"l.lora_B.weight": rng.standard_normal((5, 2)).astype(f32),
-                       "l.lora_A.weight": rng.standard_normal((2, 6)).astype(f32),
-                       "a.head.weight": rng.standard_normal(4).astype(f32)},
-            "strategy.frozen": {"x": rng.standard_normal((3, 3))},  # float64
-            "rng": {"key": rng.integers(0, 2**32, 624, dtype=np.uint32)},
-            "empty": {}}
+    return {
+        "global": {
+            "l.lora_B.weight": rng.standard_normal((5, 2)).astype(f32),
+            "l.lora_A.weight": rng.standard_normal((2, 6)).astype(f32),
+            "a.head.weight": rng.standard_normal(4).astype(f32),
+        },
+        "strategy.frozen": {"x": rng.standard_normal((3, 3))},  # float64
+        "rng": {"key": rng.integers(0, 2**32, 624, dtype=np.uint32)},
+        "empty": {},
+    }
 
 
 def test_round_trip_is_bit_exact(tmp_path):
-    state = {"metrics": [{"round": 0, "eval_loss": 0.5, "missing": None}],
-             "strategy": {"epsilon": {"0": 1.5}}, "nan": float("nan")}
+    state = {
+        "metrics": [{"round": 0, "eval_loss": 0.5, "missing": None}],
+        "strategy": {"epsilon": {"0": 1.5}},
+        "nan": float("nan"),
+    }
     checkpoint.save(tmp_path, 3, arrays(0), state)
     ckpt = checkpoint.load_latest(tmp_path)
     assert ckpt is not None and ckpt.round == 3
@@ -78,17 +85,20 @@ def _no_manifest(folder: Path) -> None:  # a crash before the manifest was writt
     (folder / "round-000002.manifest.json").unlink()
 
 
-@pytest.mark.parametrize("damage", [_tear_payload, _flip_state_byte, _tear_manifest,
-                                    _no_manifest])
-def test_torn_or_corrupted_newest_checkpoint_falls_back_to_the_previous(tmp_path,
-                                                                         damage):
+@pytest.mark.parametrize(
+    "damage", [_tear_payload, _flip_state_byte, _tear_manifest, _no_manifest]
+)
+def test_torn_or_corrupted_newest_checkpoint_falls_back_to_the_previous(
+    tmp_path, damage
+):
     checkpoint.save(tmp_path, 1, arrays(1), {"round": 1})
     checkpoint.save(tmp_path, 2, arrays(2), {"round": 2})
     damage(tmp_path / "checkpoints")
     ckpt = checkpoint.load_latest(tmp_path)
     assert ckpt is not None and ckpt.round == 1 and ckpt.state == {"round": 1}
-    assert np.array_equal(ckpt.arrays["global"]["l.lora_B.weight"],
-                          arrays(1)["global"]["l.lora_B.weight"])
+    assert np.array_equal(
+        ckpt.arrays["global"]["l.lora_B.weight"], arrays(1)["global"]["l.lora_B.weight"]
+    )
     with pytest.raises(checkpoint.CheckpointError):
         checkpoint.load(tmp_path / "checkpoints" / "round-000002.manifest.json")
     (tmp_path / "checkpoints" / "round-000001.safetensors").write_bytes(b"")
@@ -102,15 +112,25 @@ def test_only_the_last_two_are_kept_and_an_abandoned_timeline_goes(tmp_path):
     (folder / ".round-000004.json.123.tmp").write_text("debris of a dead writer")
     checkpoint.save(tmp_path, 4, arrays(4), {"round": 4})
     assert sorted(p.name for p in folder.iterdir()) == [
-        "round-000003.json", "round-000003.manifest.json", "round-000003.safetensors",
-        "round-000004.json", "round-000004.manifest.json", "round-000004.safetensors"]
+        "round-000003.json",
+        "round-000003.manifest.json",
+        "round-000003.safetensors",
+        "round-000004.json",
+        "round-000004.manifest.json",
+        "round-000004.safetensors",
+    ]
     # resumed from round 2 (say 3 and 4 were torn): the new round 3 replaces the
     # old timeline, and round 2 stays as the fallback
     checkpoint.save(tmp_path, 2, arrays(2), {"round": 2})
     checkpoint.save(tmp_path, 3, arrays(7), {"round": 3})
     assert sorted(p.name for p in folder.iterdir()) == [
-        "round-000002.json", "round-000002.manifest.json", "round-000002.safetensors",
-        "round-000003.json", "round-000003.manifest.json", "round-000003.safetensors"]
+        "round-000002.json",
+        "round-000002.manifest.json",
+        "round-000002.safetensors",
+        "round-000003.json",
+        "round-000003.manifest.json",
+        "round-000003.safetensors",
+    ]
     assert checkpoint.load_latest(tmp_path).state == {"round": 3}
 
 
@@ -157,8 +177,10 @@ def test_round_offset_keeps_the_real_round_numbers(task_identity):
 
 
 def test_fedsb_state_round_trips_and_every_node_gets_the_factors_again():
-    frozen = {"l.lora_B.weight": np.arange(6.0).reshape(3, 2),
-              "l.lora_A.weight": np.ones((2, 4))}
+    frozen = {
+        "l.lora_B.weight": np.arange(6.0).reshape(3, 2),
+        "l.lora_A.weight": np.ones((2, 4)),
+    }
     old = FedSB(min_available_nodes=1, init="random_orthogonal")
     old.frozen, old._has_frozen, old._failed_rounds = frozen, {11, 12}, 1
     old.epsilon = {0: 1.25}
@@ -187,13 +209,17 @@ def test_resume_takes_the_checkpoints_settings_and_more_rounds(tmp_path):
     from experiments.server_app import compose, resume_config
 
     run = checkpointed_run(tmp_path, ["strategy=fedsb", "train.lr=0.01"])
-    cfg = resume_config(compose([f"resume={run}", "federation.rounds=7"]),
-                        [f"resume={run}", "federation.rounds=7"])
+    cfg = resume_config(
+        compose([f"resume={run}", "federation.rounds=7"]),
+        [f"resume={run}", "federation.rounds=7"],
+    )
     assert cfg.federation.rounds == 7 and cfg.resume == str(run)
     assert cfg.strategy._target_ == "strategies.fedsb.FedSB" and cfg.train.lr == 0.01
     with pytest.raises(ConfigError, match=r"train\.lr"):  # not silently ignored
-        resume_config(compose([f"resume={run}", "train.lr=0.5"]),
-                      [f"resume={run}", "train.lr=0.5"])
+        resume_config(
+            compose([f"resume={run}", "train.lr=0.5"]),
+            [f"resume={run}", "train.lr=0.5"],
+        )
     with pytest.raises(ConfigError, match=r"federation\.rounds"):
         resume_config(compose([f"resume={run}", "federation.rounds=1"]), [])
     with pytest.raises(ConfigError, match="no valid checkpoint"):
@@ -205,8 +231,10 @@ def test_resume_refuses_dp_sgd_naming_the_key(tmp_path):
 
     run = checkpointed_run(tmp_path, ["privacy=dp_sgd"])
     with pytest.raises(ConfigError, match=r"^resume=.*privacy\.mode=dp_sgd"):
-        resume_config(compose([f"resume={run}", "privacy=dp_sgd"]),
-                      [f"resume={run}", "privacy=dp_sgd"])
+        resume_config(
+            compose([f"resume={run}", "privacy=dp_sgd"]),
+            [f"resume={run}", "privacy=dp_sgd"],
+        )
 
 
 # --- end to end ----------------------------------------------------------------
@@ -225,8 +253,13 @@ def assert_same_run(out: Path, rows: list[dict], reference: tuple[Path, list[dic
     ref_dir, ref_rows = reference
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
     for got, want in zip(rows, ref_rows, strict=True):  # bit-identical on CPU
-        for key in ("eval_loss", "eval_accuracy", "federated_eval_loss",
-                    "aggregation_error", "clients"):
+        for key in (
+            "eval_loss",
+            "eval_accuracy",
+            "federated_eval_loss",
+            "aggregation_error",
+            "clients",
+        ):
             assert got.get(key) == want.get(key), (got["round"], key)
     got, want = load_file(str(out / ADAPTER)), load_file(str(ref_dir / ADAPTER))
     assert got.keys() == want.keys()
@@ -235,17 +268,21 @@ def assert_same_run(out: Path, rows: list[dict], reference: tuple[Path, list[dic
     assert json.loads((out / "summary.json").read_text())["rounds"] == 4
     assert checkpoint.load_latest(out).round == 4
     assert sorted(p.name for p in (out / "checkpoints").glob("*.manifest.json")) == [
-        "round-000003.manifest.json", "round-000004.manifest.json"]
+        "round-000003.manifest.json",
+        "round-000004.manifest.json",
+    ]
 
 
 @pytest.mark.slow
 def test_a_2_round_run_resumed_to_4_rounds_matches_an_uninterrupted_run(
-        uninterrupted, tiny_bert, tmp_path):
+    uninterrupted, tiny_bert, tmp_path
+):
     out = tmp_path / "run"
     first = run_front_door(out, tiny_bert, *FEDSB)  # federation.rounds=2
     assert checkpoint.load_latest(out).round == 2
-    rows = run_front_door(out, tiny_bert, *FEDSB, f"resume={out}",
-                          "federation.rounds=4")
+    rows = run_front_door(
+        out, tiny_bert, *FEDSB, f"resume={out}", "federation.rounds=4"
+    )
     assert rows[:3] == first  # the old rows are kept as they were
     assert_same_run(out, rows, uninterrupted)
     # B and A travel to every node again (a new run), R alone as before
@@ -254,22 +291,45 @@ def test_a_2_round_run_resumed_to_4_rounds_matches_an_uninterrupted_run(
 
 @pytest.mark.slow
 def test_a_run_killed_after_round_2_resumes_to_the_same_result(
-        uninterrupted, tiny_bert, tmp_path):
+    uninterrupted, tiny_bert, tmp_path
+):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "experiments.run", f"hydra.run.dir={out}",
-           f"model.name={tiny_bert}", "federation.num_clients=3",
-           "federation.rounds=4", "data.num_examples=240", "data.num_eval_examples=60",
-           "train.lr=5e-3", "train.batch_size=16", "simulation.client_num_cpus=1",
-           "quiet=true", *FEDSB]  # run_front_door's settings
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.run",
+        f"hydra.run.dir={out}",
+        f"model.name={tiny_bert}",
+        "federation.num_clients=3",
+        "federation.rounds=4",
+        "data.num_examples=240",
+        "data.num_eval_examples=60",
+        "train.lr=5e-3",
+        "train.batch_size=16",
+        "simulation.client_num_cpus=1",
+        "quiet=true",
+        *FEDSB,
+    ]  # run_front_door's settings
     manifest = out / "checkpoints" / "round-000002.manifest.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     log = tmp_path / "killed.log"
-    with open(log, "w") as fh, subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT,
-            start_new_session=True) as proc:
+    with (
+        open(log, "w") as fh,
+        subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        ) as proc,
+    ):
         deadline = time.monotonic() + 900
-        while (not manifest.exists() and proc.poll() is None
-               and time.monotonic() < deadline):
+        while (
+            not manifest.exists()
+            and proc.poll() is None
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.2)
         os.killpg(proc.pid, signal.SIGKILL)  # the run, Ray and its workers
     assert manifest.exists(), log.read_text()[-3000:]
@@ -282,6 +342,7 @@ def test_a_run_killed_after_round_2_resumes_to_the_same_result(
     with open(out / "metrics.jsonl", "a") as fh:
         fh.write('{"round": 3, "eval_loss": 9.9}\n{"round": 4, "eval_lo')
     (out / "checkpoints" / "round-000003.manifest.json").unlink(missing_ok=True)
-    rows = run_front_door(out, tiny_bert, *FEDSB, f"resume={out}",
-                          "federation.rounds=4")
+    rows = run_front_door(
+        out, tiny_bert, *FEDSB, f"resume={out}", "federation.rounds=4"
+    )
     assert_same_run(out, rows, uninterrupted)

@@ -26,28 +26,39 @@ def test_mistral_shapes_match_algorithms_md():
     # FFA sends B only: r * sum(d_out) = 44.0M. algorithms.md's 41.9M is "half of
     # LoRA's", exact only for square layers; Mistral's k, v, gate, up, down are not.
     assert round_parameters(shapes, 32, "ffa_lora") == 32 * 32 * 43_008
-    assert round_parameters(shapes, 32, "ffa_lora") == pytest.approx(fedit / 2, rel=0.06)
+    assert round_parameters(shapes, 32, "ffa_lora") == pytest.approx(
+        fedit / 2, rel=0.06
+    )
 
 
 def test_calculator_table_has_one_row_per_method():
-    rows = table("llama-2-7b", ["fedavg_lora", "fedsb"], {"fedavg_lora": 16,
-                                                          "fedsb": 200}, 10, 1)
+    rows = table(
+        "llama-2-7b", ["fedavg_lora", "fedsb"], {"fedavg_lora": 16, "fedsb": 200}, 10, 1
+    )
     assert [r["method"] for r in rows] == ["fedavg_lora", "fedsb"]
     assert rows[0]["params_per_client_round"] == 16 * 32 * (4 * 8192 + 3 * 15104)
     assert rows[1]["one_time_MB_per_client"] > 0 and rows[1]["r"] == 200
 
 
-@pytest.mark.parametrize("parametrisation,r", [("lora", 64), ("ffa", 128),
-                                               ("lora_sb", 256)])
-def test_measured_bytes_are_within_5_percent_of_raw_parameters(settings, parametrisation,
-                                                               r):
+@pytest.mark.parametrize(
+    "parametrisation,r", [("lora", 64), ("ffa", 128), ("lora_sb", 256)]
+)
+def test_measured_bytes_are_within_5_percent_of_raw_parameters(
+    settings, parametrisation, r
+):
     settings["model"]["name"] = "minilm"
     settings["adapter"].update(parametrisation=parametrisation, r=r, alpha=r)
     state = get_state(build(settings)[0])
     rng = np.random.default_rng(0)  # trained values: no identical arrays to share
-    state = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in state.items()}
-    content = RecordDict({"arrays": state_to_record(state),
-                          "config": ConfigRecord({KEY_EXPERIMENT: json.dumps(settings)})})
+    state = {
+        k: rng.standard_normal(v.shape).astype(np.float32) for k, v in state.items()
+    }
+    content = RecordDict(
+        {
+            "arrays": state_to_record(state),
+            "config": ConfigRecord({KEY_EXPERIMENT: json.dumps(settings)}),
+        }
+    )
     measured = payload_bytes(content)
     assert raw_bytes(state) >= 1_000_000
     assert 1.0 <= measured / (num_parameters(state) * 4) <= 1.05

@@ -12,8 +12,11 @@ from experiments.server_app import CONF_DIR, compose, settings
 from fedlora.errors import ConfigError
 from fedlora.validate import validate
 
-GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml"))
-          for g in Path(CONF_DIR).iterdir() if g.is_dir()}
+GROUPS = {
+    g.name: sorted(p.stem for p in g.glob("*.yaml"))
+    for g in Path(CONF_DIR).iterdir()
+    if g.is_dir()
+}
 
 
 def test_contract_groups_exist():
@@ -22,8 +25,9 @@ def test_contract_groups_exist():
     assert "none" in GROUPS["privacy"] and "minilm" in GROUPS["model"]
 
 
-@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items()
-                                          for o in opts])
+@pytest.mark.parametrize(
+    "group,option", [(g, o) for g, opts in GROUPS.items() for o in opts]
+)
 def test_every_group_option_composes_and_validates(group, option):
     extra = ["data.path=."] if (group, option) == ("data", "sst2") else []
     cfg = compose([f"{group}={option}", *extra])
@@ -45,15 +49,18 @@ def test_unknown_strategy_lists_the_options():
         compose(["strategy=fedsgd"])
 
 
-@pytest.mark.parametrize("override,key", [
-    ("federation.num_clients=0", "federation.num_clients"),
-    ("federation.min_train_clients=9", "federation.min_train_clients"),
-    ("federation.fraction_train=1.5", "federation.fraction_train"),
-    ("train.lr=-1", "train.lr"),
-    ("adapter.target_modules=[]", "adapter.target_modules"),
-    ("partition.type=zipf", "partition.type"),
-    ("data.path=/no/such/dir", "data.path"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("federation.num_clients=0", "federation.num_clients"),
+        ("federation.min_train_clients=9", "federation.min_train_clients"),
+        ("federation.fraction_train=1.5", "federation.fraction_train"),
+        ("train.lr=-1", "train.lr"),
+        ("adapter.target_modules=[]", "adapter.target_modules"),
+        ("partition.type=zipf", "partition.type"),
+        ("data.path=/no/such/dir", "data.path"),
+    ],
+)
 def test_bad_values_are_refused_naming_the_key(override, key):
     extra = ["data=sst2"] if key == "data.path" else []
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

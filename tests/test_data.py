@@ -27,8 +27,10 @@ def skew(parts, y):
     """Mean total-variation distance of client label histograms from the global one."""
     classes = np.unique(y)
     glob = np.array([(y == c).mean() for c in classes])
-    tvs = [0.5 * np.abs(np.array([(y[p] == c).mean() for c in classes]) - glob).sum()
-           for p in parts]
+    tvs = [
+        0.5 * np.abs(np.array([(y[p] == c).mean() for c in classes]) - glob).sum()
+        for p in parts
+    ]
     return float(np.mean(tvs))
 
 
@@ -64,8 +66,11 @@ def test_partitions_are_reproducible_from_the_seed():
 
 def test_impossible_dirichlet_minimum_names_the_key():
     with pytest.raises(ConfigError, match="partition.min_partition_size"):
-        partition_indices(labels(100), 10, {"type": "dirichlet", "alpha": 0.1,
-                                            "min_partition_size": 50})
+        partition_indices(
+            labels(100),
+            10,
+            {"type": "dirichlet", "alpha": 0.1, "min_partition_size": 50},
+        )
 
 
 def test_more_clients_than_examples_names_the_key():
@@ -78,8 +83,9 @@ def test_missing_path_and_missing_label_column_name_their_keys(tmp_path):
         load_splits({"name": "x", "path": str(tmp_path / "nope")})
     table = pd.DataFrame({"sentence": ["a"], "target": [1]})
     with pytest.raises(ConfigError, match="data.label_column") as info:
-        check_columns(table, {"text_column": "sentence", "label_column": "label"},
-                      "seq_cls")
+        check_columns(
+            table, {"text_column": "sentence", "label_column": "label"}, "seq_cls"
+        )
     assert "target" in str(info.value)
 
 
@@ -87,15 +93,24 @@ def test_missing_path_and_missing_label_column_name_their_keys(tmp_path):
 def test_local_formats_load_the_same_table(tmp_path, suffix):
     table = synthetic_table(30, seed=1)[["sentence", "label"]]
     path = tmp_path / f"train{suffix}"
-    {".tsv": lambda: table.to_csv(path, sep="\t", index=False),
-     ".csv": lambda: table.to_csv(path, index=False),
-     ".jsonl": lambda: table.to_json(path, orient="records", lines=True),
-     ".parquet": lambda: table.to_parquet(path)}[suffix]()
-    pd.testing.assert_frame_equal(read_table(path).reset_index(drop=True), table,
-                                  check_dtype=False)
+    {
+        ".tsv": lambda: table.to_csv(path, sep="\t", index=False),
+        ".csv": lambda: table.to_csv(path, index=False),
+        ".jsonl": lambda: table.to_json(path, orient="records", lines=True),
+        ".parquet": lambda: table.to_parquet(path),
+    }[suffix]()
+    pd.testing.assert_frame_equal(
+        read_table(path).reset_index(drop=True), table, check_dtype=False
+    )
     (tmp_path / f"dev{suffix}").write_bytes(path.read_bytes())
-    train, evals = load_splits({"name": "custom", "path": str(tmp_path),
-                                "train_split": "train", "eval_split": "dev"})
+    train, evals = load_splits(
+        {
+            "name": "custom",
+            "path": str(tmp_path),
+            "train_split": "train",
+            "eval_split": "dev",
+        }
+    )
     assert len(train) == len(evals) == 30
 
 
@@ -107,10 +122,19 @@ def test_missing_split_file_names_the_split_key(tmp_path):
 
 def test_causal_tokenisation_masks_the_prompt(tiny_llama):
     tok = load_tokenizer({"name": str(tiny_llama)})
-    table = pd.DataFrame({"prompt": ["Review: fine\nSentiment:"], "response": [" positive"]})
-    (ex,) = tokenise(table, tok, {"prompt_column": "prompt", "response_column": "response"},
-                     "causal_lm", 64)
-    n_prompt = len(tok("Review: fine\nSentiment:", add_special_tokens=False)["input_ids"])
+    table = pd.DataFrame(
+        {"prompt": ["Review: fine\nSentiment:"], "response": [" positive"]}
+    )
+    (ex,) = tokenise(
+        table,
+        tok,
+        {"prompt_column": "prompt", "response_column": "response"},
+        "causal_lm",
+        64,
+    )
+    n_prompt = len(
+        tok("Review: fine\nSentiment:", add_special_tokens=False)["input_ids"]
+    )
     assert ex["labels"][:n_prompt] == [-100] * n_prompt
     assert ex["labels"][n_prompt:] == ex["input_ids"][n_prompt:]
     assert ex["input_ids"][-1] == tok.eos_token_id

@@ -21,11 +21,19 @@ from tests.conftest import REPO
 
 COMPOSE = REPO / "docker-compose.yml"
 AUTH = REPO / "deploy" / "compose.auth.yml"
-FILES = {"--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--root-certificates",
-         "--auth-supernode-private-key"}  # compared by file name
+FILES = {
+    "--ssl-ca-certfile",
+    "--ssl-certfile",
+    "--ssl-keyfile",
+    "--root-certificates",
+    "--auth-supernode-private-key",
+}  # compared by file name
 ADDRESSES = {"--fleet-api-address", "--superlink", "--runtime-api-address"}  # by port
-PROGRAMS = {"flwr/superlink": "flower-superlink", "flwr/supernode": "flower-supernode",
-            "fedlora-app": "flower-superexec"}
+PROGRAMS = {
+    "flwr/superlink": "flower-superlink",
+    "flwr/supernode": "flower-supernode",
+    "fedlora-app": "flower-superexec",
+}
 
 
 def compose_services(*files: Path) -> dict[str, dict]:
@@ -44,8 +52,11 @@ def normalised(argv: list[str]) -> dict[str, object]:
     i = 0
     while i < len(argv):
         flag = argv[i]
-        value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") \
+        value = (
+            argv[i + 1]
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--")
             else None
+        )
         i += 1 if value is None else 2
         if flag in FILES:
             value = Path(str(value)).name
@@ -63,45 +74,66 @@ def normalised(argv: list[str]) -> dict[str, object]:
 def test_deploy_compose_services_run_the_launchers_commands(auth):
     files = (COMPOSE, AUTH) if auth else (COMPOSE,)
     services = compose_services(*files)
-    plan = deploy.Plan(Path("/w"), 2, tls=True, auth=auth, fleet_port=9092,
-                       control_port=9093, node_ports=[9094, 9095])
+    plan = deploy.Plan(
+        Path("/w"),
+        2,
+        tls=True,
+        auth=auth,
+        fleet_port=9092,
+        control_port=9093,
+        node_ports=[9094, 9095],
+    )
     launcher = deploy.commands(plan)
     assert sorted(services) == sorted(launcher)
     for name, svc in services.items():
         image = svc["image"].split(":")[0]
         assert PROGRAMS[image] == launcher[name][0], name
-        assert normalised([str(a) for a in svc["command"]]) == \
-            normalised(launcher[name][1:]), name
+        assert normalised([str(a) for a in svc["command"]]) == normalised(
+            launcher[name][1:]
+        ), name
 
 
 def test_deploy_images_use_the_installed_flower_version():
     import flwr
 
     services = compose_services(COMPOSE)
-    tags = {re.sub(r"^.*:\$\{FLWR_VERSION:-(.+)\}$", r"\1", svc["image"])
-            for svc in services.values() if svc["image"].startswith("flwr/")}
+    tags = {
+        re.sub(r"^.*:\$\{FLWR_VERSION:-(.+)\}$", r"\1", svc["image"])
+        for svc in services.values()
+        if svc["image"].startswith("flwr/")
+    }
     assert tags == {flwr.__version__}
     dockerfile = (REPO / "Dockerfile").read_text()
     assert f"ARG FLWR_VERSION={flwr.__version__}" in dockerfile
     assert "FROM flwr/superexec:${FLWR_VERSION}" in dockerfile
 
 
-@pytest.mark.skipif(not shutil.which("docker-compose"),
-                    reason="needs docker-compose (CI installs the Debian package)")
+@pytest.mark.skipif(
+    not shutil.which("docker-compose"),
+    reason="needs docker-compose (CI installs the Debian package)",
+)
 @pytest.mark.parametrize("auth", [False, True], ids=["tls", "tls+auth"])
 def test_deploy_docker_compose_config_is_valid(auth):
     files = ["-f", str(COMPOSE)] + (["-f", str(AUTH)] if auth else [])
-    proc = subprocess.run(["docker-compose", *files, "config"], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["docker-compose", *files, "config"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     config = yaml.safe_load(proc.stdout)
     assert config["services"]["superlink"]["image"].startswith("flwr/superlink:")
-    assert ("--enable-supernode-auth" in config["services"]["superlink"]["command"]) \
-        == auth
+    assert (
+        "--enable-supernode-auth" in config["services"]["superlink"]["command"]
+    ) == auth
 
 
-@pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")),
-                    reason="needs openssl and ssh-keygen")
+@pytest.mark.skipif(
+    not (shutil.which("openssl") and shutil.which("ssh-keygen")),
+    reason="needs openssl and ssh-keygen",
+)
 def test_deploy_certs_script_makes_a_ca_signed_certificate_and_node_keys(tmp_path):
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import (
@@ -109,18 +141,53 @@ def test_deploy_certs_script_makes_a_ca_signed_certificate_and_node_keys(tmp_pat
         load_ssh_public_key,
     )
 
-    subprocess.run(["bash", str(REPO / "deploy" / "certs.sh"), "-o", str(tmp_path),
-                    "-n", "3", "10.9.8.7", "link.example"], check=True, timeout=60,
-                   capture_output=True)
-    verify = subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "ca.crt"),
-                             str(tmp_path / "superlink.crt")], capture_output=True,
-                            text=True)
+    subprocess.run(
+        [
+            "bash",
+            str(REPO / "deploy" / "certs.sh"),
+            "-o",
+            str(tmp_path),
+            "-n",
+            "3",
+            "10.9.8.7",
+            "link.example",
+        ],
+        check=True,
+        timeout=60,
+        capture_output=True,
+    )
+    verify = subprocess.run(
+        [
+            "openssl",
+            "verify",
+            "-CAfile",
+            str(tmp_path / "ca.crt"),
+            str(tmp_path / "superlink.crt"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert verify.returncode == 0, verify.stderr
-    san = subprocess.run(["openssl", "x509", "-noout", "-ext", "subjectAltName", "-in",
-                          str(tmp_path / "superlink.crt")], capture_output=True,
-                         text=True).stdout
-    for name in ("DNS:superlink", "DNS:localhost", "IP Address:127.0.0.1",
-                 "IP Address:10.9.8.7", "DNS:link.example"):
+    san = subprocess.run(
+        [
+            "openssl",
+            "x509",
+            "-noout",
+            "-ext",
+            "subjectAltName",
+            "-in",
+            str(tmp_path / "superlink.crt"),
+        ],
+        capture_output=True,
+        text=True,
+    ).stdout
+    for name in (
+        "DNS:superlink",
+        "DNS:localhost",
+        "IP Address:127.0.0.1",
+        "IP Address:10.9.8.7",
+        "DNS:link.example",
+    ):
         assert name in san
     for i in range(3):
         public = load_ssh_public_key((tmp_path / f"supernode-{i}.pub").read_bytes())
@@ -132,7 +199,8 @@ def test_deploy_certs_script_makes_a_ca_signed_certificate_and_node_keys(tmp_pat
 
 
 def test_deploy_tokenised_partitions_are_cached_at_the_data_location(
-        settings, tmp_path, monkeypatch):
+    settings, tmp_path, monkeypatch
+):
     from fedlora import data
     from fedlora.models import load_tokenizer
 
@@ -156,8 +224,10 @@ def test_deploy_tokenised_partitions_are_cached_at_the_data_location(
 def test_deploy_services_stop_kills_process_groups_and_escaped_children(tmp_path):
     plan = deploy.Plan(tmp_path, 1)
     services = deploy.Services(plan)
-    escaped = "import subprocess, time; subprocess.Popen(['sleep', '300'], " \
-              "start_new_session=True); time.sleep(300)"
+    escaped = (
+        "import subprocess, time; subprocess.Popen(['sleep', '300'], "
+        "start_new_session=True); time.sleep(300)"
+    )
     services.start("group", ["sh", "-c", "sleep 300 & sleep 300"])
     services.start("escaper", [sys.executable, "-c", escaped])
     services.start("stubborn", ["sh", "-c", "trap '' TERM; sleep 300"])
@@ -179,9 +249,19 @@ def test_deploy_services_stop_kills_process_groups_and_escaped_children(tmp_path
 def test_deploy_launcher_stops_its_services_when_terminated(tmp_path):
     """SIGTERM while the launcher starts its services: it still stops them all."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "experiments.deploy", "--work", str(tmp_path),
-         "federation.num_clients=1", "federation.min_train_clients=1"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "experiments.deploy",
+            "--work",
+            str(tmp_path),
+            "federation.num_clients=1",
+            "federation.min_train_clients=1",
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 60
         while not (tmp_path / "supernode-0.log").exists():
@@ -201,8 +281,9 @@ def leftovers(work: Path) -> list[str]:
     found = []
     for p in psutil.process_iter():
         try:
-            if p.status() != psutil.STATUS_ZOMBIE and \
-                    p.environ().get("FLWR_HOME", "").startswith(str(work)):
+            if p.status() != psutil.STATUS_ZOMBIE and p.environ().get(
+                "FLWR_HOME", ""
+            ).startswith(str(work)):
                 found.append(f"{p.pid} {' '.join(p.cmdline())}")
         except psutil.Error:
             pass

@@ -24,9 +24,16 @@ from tests.test_deploy import leftovers
 
 # 2 clients x 2 rounds of FedAvg-LoRA. The same seeds, one torch thread per client and
 # replies aggregated in partition order: deployment and simulation agree bit for bit
-EXPERIMENT = ["federation.num_clients=2", "federation.min_train_clients=2",
-              "federation.rounds=2", "data=synthetic", "data.num_examples=240",
-              "data.num_eval_examples=60", "train.lr=5e-3", "train.batch_size=16"]
+EXPERIMENT = [
+    "federation.num_clients=2",
+    "federation.min_train_clients=2",
+    "federation.rounds=2",
+    "data=synthetic",
+    "data.num_examples=240",
+    "data.num_eval_examples=60",
+    "train.lr=5e-3",
+    "train.batch_size=16",
+]
 NO_FEDERATED_EVAL = ["federation.fraction_evaluate=0"]  # fewer ClientApp processes;
 # federated evaluation never changes the global adapter
 pytestmark = pytest.mark.slow
@@ -44,17 +51,26 @@ def assert_same_adapter(run_dir: Path, reference: dict[str, np.ndarray]) -> None
 
 
 def rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text()
-            .splitlines()]
+    return [
+        json.loads(line)
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
-def run_python(args: list[str], work: Path, timeout: float = 420,
-               ok: bool = True) -> str:
+def run_python(
+    args: list[str], work: Path, timeout: float = 420, ok: bool = True
+) -> str:
     """``python <args>`` from the repository; its output. On timeout it gets SIGTERM
     (the launcher then stops its services); whatever it left is killed by PID."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=REPO,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -75,16 +91,37 @@ def run_python(args: list[str], work: Path, timeout: float = 420,
 def simulated(tiny_bert, tmp_path_factory) -> dict[str, np.ndarray]:
     """The final adapter of the same experiment on Flower's simulation engine."""
     out = tmp_path_factory.mktemp("sim") / "run"
-    run_python(["-m", "experiments.run", f"hydra.run.dir={out}",
-                f"model.name={tiny_bert}", "quiet=true", *EXPERIMENT], out)
+    run_python(
+        [
+            "-m",
+            "experiments.run",
+            f"hydra.run.dir={out}",
+            f"model.name={tiny_bert}",
+            "quiet=true",
+            *EXPERIMENT,
+        ],
+        out,
+    )
     return adapter(out)
 
 
 def test_deploy_grpc_loopback_completes_and_matches_the_simulation(
-        tiny_bert, simulated, tmp_path):
+    tiny_bert, simulated, tmp_path
+):
     work, out = tmp_path / "work", tmp_path / "run"
-    log = run_python(["-m", "experiments.deploy", "--work", str(work),
-                      "--out", str(out), f"model.name={tiny_bert}", *EXPERIMENT], work)
+    log = run_python(
+        [
+            "-m",
+            "experiments.deploy",
+            "--work",
+            str(work),
+            "--out",
+            str(out),
+            f"model.name={tiny_bert}",
+            *EXPERIMENT,
+        ],
+        work,
+    )
     assert "[deploy] finished:completed" in log
     assert "[fedlora] round 2/2" in log  # the ServerApp's progress, followed live
     for name in (*deploy.RUN_FILES, "plots/accuracy_vs_mb.png", "deployment.json"):
@@ -108,23 +145,57 @@ def test_deploy_refuses_a_supernode_without_registered_key_or_without_the_ca(tmp
     try:
         deploy.start(plan, services)  # SuperLink; node 0 registered, connects
         assert "SuperNode ID" in services.log("supernode-0").read_text()
-        subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f",
-                        str(tmp_path / "stranger.key")], check=True, timeout=30)
+        subprocess.run(
+            [
+                "ssh-keygen",
+                "-q",
+                "-t",
+                "ecdsa",
+                "-b",
+                "384",
+                "-N",
+                "",
+                "-f",
+                str(tmp_path / "stranger.key"),
+            ],
+            check=True,
+            timeout=30,
+        )
         node = deploy.commands(plan)["supernode-0"]
         fleet = node[node.index("--superlink") + 1]
         ca = ["--root-certificates", str(plan.certs / "ca.crt")]
         attempts = {
-            "unregistered": [*ca, "--auth-supernode-private-key",
-                             str(tmp_path / "stranger.key")],
-            "without-ca": ["--auth-supernode-private-key",
-                           str(plan.certs / "supernode-0")],
+            "unregistered": [
+                *ca,
+                "--auth-supernode-private-key",
+                str(tmp_path / "stranger.key"),
+            ],
+            "without-ca": [
+                "--auth-supernode-private-key",
+                str(plan.certs / "supernode-0"),
+            ],
         }
         for name, flags in attempts.items():
             port = deploy.free_ports(1)[0]
-            proc = services.start(name, [
-                "flower-supernode", *flags, "--superlink", fleet, "--isolation",
-                "process", "--host", "127.0.0.1", "--port", str(port),
-                "--max-retries", "1", "--max-wait-time", "20"])
+            proc = services.start(
+                name,
+                [
+                    "flower-supernode",
+                    *flags,
+                    "--superlink",
+                    fleet,
+                    "--isolation",
+                    "process",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--max-retries",
+                    "1",
+                    "--max-wait-time",
+                    "20",
+                ],
+            )
             assert proc.wait(90) != 0, name
             assert "SuperNode ID" not in services.log(name).read_text()
         assert "CERTIFICATE_VERIFY_FAILED" in services.log("without-ca").read_text()
@@ -150,10 +221,16 @@ print("[deploy] finished:completed", flush=True)
 
 
 def test_deploy_reports_a_failed_run_and_stops_everything(tiny_bert, tmp_path):
-    spec = {"work": str(tmp_path / "work"), "out": str(tmp_path / "run"),
-            "plan": {"num_supernodes": 1},
-            "overrides": [f"model.name={tiny_bert}", "federation.num_clients=1",
-                          "federation.min_train_clients=9"]}  # the ServerApp refuses
+    spec = {
+        "work": str(tmp_path / "work"),
+        "out": str(tmp_path / "run"),
+        "plan": {"num_supernodes": 1},
+        "overrides": [
+            f"model.name={tiny_bert}",
+            "federation.num_clients=1",
+            "federation.min_train_clients=9",
+        ],
+    }  # the ServerApp refuses
     log = run_python(["-c", LAUNCH, json.dumps(spec)], tmp_path / "work", ok=False)
     assert "ended finished:failed" in log and "min_train_clients=9" in log
 
@@ -200,18 +277,28 @@ def namespaces():
 
 
 def test_deploy_across_network_namespaces_with_tls_and_auth_matches_the_simulation(
-        tiny_bert, simulated, namespaces, tmp_path):
+    tiny_bert, simulated, namespaces, tmp_path
+):
     """Three hosts (network namespaces), TLS and SuperNode authentication on."""
     work, out = tmp_path / "work", tmp_path / "run"
     exe = ["ip", "netns", "exec"]
-    prefix = {"superlink": [*exe, namespaces["link"]],
-              "superexec-serverapp": [*exe, namespaces["link"]]}
+    prefix = {
+        "superlink": [*exe, namespaces["link"]],
+        "superexec-serverapp": [*exe, namespaces["link"]],
+    }
     for i, ns in enumerate(namespaces["nodes"]):
         prefix[f"supernode-{i}"] = prefix[f"superexec-clientapp-{i}"] = [*exe, ns]
-    spec = {"work": str(work), "out": str(out),
-            "plan": {"num_supernodes": 2, "auth": True, "host": namespaces["host"],
-                     "prefix": prefix},
-            "overrides": [f"model.name={tiny_bert}", *EXPERIMENT, *NO_FEDERATED_EVAL]}
+    spec = {
+        "work": str(work),
+        "out": str(out),
+        "plan": {
+            "num_supernodes": 2,
+            "auth": True,
+            "host": namespaces["host"],
+            "prefix": prefix,
+        },
+        "overrides": [f"model.name={tiny_bert}", *EXPERIMENT, *NO_FEDERATED_EVAL],
+    }
     log = run_python(["-c", LAUNCH, json.dumps(spec)], work)
     assert "[deploy] finished:completed" in log
     link = (work / "superlink.log").read_text()

@@ -23,15 +23,32 @@ def run_dir(tiny_bert, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_run_directory_holds_the_contract_files(run_dir):
-    for name in ("config.yaml", "metrics.jsonl", "summary.json",
-                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
-                 "plots/accuracy_vs_round.png", "plots/accuracy_vs_mb.png"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "plots/accuracy_vs_round.png",
+        "plots/accuracy_vs_mb.png",
+    ):
         assert (run_dir / name).is_file(), name
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [r["round"] for r in rows] == [0, 1, 2]
     for r in rows[1:]:
-        for key in ("eval_accuracy", "eval_loss", "aggregation_error", "bytes_up",
-                    "bytes_down", "clients", "failures", "federated_eval_accuracy"):
+        for key in (
+            "eval_accuracy",
+            "eval_loss",
+            "aggregation_error",
+            "bytes_up",
+            "bytes_down",
+            "clients",
+            "failures",
+            "federated_eval_accuracy",
+        ):
             assert key in r, key
         assert r["clients"] == 3 and r["failures"] == 0
         assert r["aggregation_error"] > 0  # FedAvg-LoRA is inexact
@@ -58,14 +75,21 @@ def test_global_adapter_changed_and_loads_in_peft_with_the_same_predictions(run_
     saved = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     a_keys = [k for k in saved if "lora_A" in k]
     assert len(a_keys) == 4 and all(np.abs(saved[k]).max() > 0 for k in saved)
-    changed = [not np.allclose(saved[k], initial[k.replace("base_model.model.", "")])
-               for k in a_keys]
+    changed = [
+        not np.allclose(saved[k], initial[k.replace("base_model.model.", "")])
+        for k in a_keys
+    ]
     assert all(changed)  # every A moved away from its shared initialisation
 
     base = load_base_model(cfg["model"], seed=12345)  # the head comes from the adapter
     loaded = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
-    metrics = evaluate(loaded, server_examples(cfg, tok), "seq_cls",
-                       torch.device("cpu"), tok.pad_token_id)
+    metrics = evaluate(
+        loaded,
+        server_examples(cfg, tok),
+        "seq_cls",
+        torch.device("cpu"),
+        tok.pad_token_id,
+    )
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert metrics["eval_accuracy"] == last["eval_accuracy"]
     assert metrics["eval_loss"] == pytest.approx(last["eval_loss"], abs=1e-5)

@@ -10,8 +10,13 @@ pytestmark = pytest.mark.slow
 
 
 def test_a_client_raising_every_other_round_does_not_stop_the_run(tiny_bert, tmp_path):
-    rows = run_front_door(tmp_path / "run", tiny_bert, "federation.rounds=4",
-                          "faults.raise_partition=1", "faults.raise_every=2")
+    rows = run_front_door(
+        tmp_path / "run",
+        tiny_bert,
+        "federation.rounds=4",
+        "faults.raise_partition=1",
+        "faults.raise_every=2",
+    )
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
     for r in rows[1:]:
         faulty_round = r["round"] % 2 == 0

@@ -56,9 +56,12 @@ def test_fedsb_sends_only_r_after_the_initial_broadcast(tiny_bert, tmp_path):
 
 
 def test_lora_fair_runs_and_exports_a_plain_lora_adapter(tiny_bert, tmp_path):
-    rows = run_front_door(tmp_path / "run", tiny_bert, "strategy=lora_fair",
-                          "strategy.solver=ridge")
+    rows = run_front_door(
+        tmp_path / "run", tiny_bert, "strategy=lora_fair", "strategy.solver=ridge"
+    )
     assert all(r["aggregation_error"] > 0 for r in rows[1:])
-    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    config = json.loads(
+        (tmp_path / "run" / "adapter" / "adapter_config.json").read_text()
+    )
     assert config["peft_type"] == "LORA" and config["r"] == 8
     assert np.isfinite(rows[-1]["eval_loss"])

@@ -11,10 +11,17 @@ from tests.conftest import run_front_door
 pytestmark = pytest.mark.slow
 
 
-def test_dp_sgd_run_reports_epsilon_and_out_of_budget_clients_decline(tiny_bert, tmp_path):
-    rows = run_front_door(tmp_path / "run", tiny_bert, "privacy=dp_sgd",
-                          "privacy.target_epsilon=2.0", "privacy.planned_rounds=1",
-                          "strategy=ffa_lora")
+def test_dp_sgd_run_reports_epsilon_and_out_of_budget_clients_decline(
+    tiny_bert, tmp_path
+):
+    rows = run_front_door(
+        tmp_path / "run",
+        tiny_bert,
+        "privacy=dp_sgd",
+        "privacy.target_epsilon=2.0",
+        "privacy.planned_rounds=1",
+        "strategy=ffa_lora",
+    )
     first, second = rows[1], rows[2]
     assert first["clients"] == 3 and not first["declined"]
     assert set(first["epsilon"]) == {"0", "1", "2"}
@@ -30,9 +37,14 @@ def test_dp_sgd_run_reports_epsilon_and_out_of_budget_clients_decline(tiny_bert,
 
 
 def test_central_dp_wraps_the_strategy_and_accounts_each_release(tiny_bert, tmp_path):
-    rows = run_front_door(tmp_path / "run", tiny_bert, "privacy=central",
-                          "strategy=fedsb", "strategy.init=random_orthogonal",
-                          "adapter.r=4")
+    rows = run_front_door(
+        tmp_path / "run",
+        tiny_bert,
+        "privacy=central",
+        "strategy=fedsb",
+        "strategy.init=random_orthogonal",
+        "adapter.r=4",
+    )
     eps = [r["central_epsilon"] for r in rows[1:]]
     assert 0 < eps[0] < eps[1]
     assert all(r["clients"] == 3 for r in rows[1:])

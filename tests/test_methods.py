@@ -33,14 +33,25 @@ def effective(state, layer, frozen=None):
 
 def max_gap(states, new, p, frozen=None):
     """max |sum p_k E_k - E_new| over all layers."""
-    return max(np.abs(sum(w * effective(s, layer, frozen) for w, s in zip(p, states, strict=False))
-                      - effective(new, layer, frozen)).max() for layer in LAYERS)
+    return max(
+        np.abs(
+            sum(
+                w * effective(s, layer, frozen) for w, s in zip(p, states, strict=False)
+            )
+            - effective(new, layer, frozen)
+        ).max()
+        for layer in LAYERS
+    )
 
 
 def test_ffa_aggregate_equals_average_of_effective_weights(rng, p):
-    frozen = {f"{layer}.lora_A.weight": rng.standard_normal((R, D_IN)) for layer in LAYERS}
-    states = [{f"{layer}.lora_B.weight": rng.standard_normal((D_OUT, R))
-               for layer in LAYERS} for _ in range(K)]
+    frozen = {
+        f"{layer}.lora_A.weight": rng.standard_normal((R, D_IN)) for layer in LAYERS
+    }
+    states = [
+        {f"{layer}.lora_B.weight": rng.standard_normal((D_OUT, R)) for layer in LAYERS}
+        for _ in range(K)
+    ]
     assert max_gap(states, ffa_lora(states, p), p, frozen) < 1e-10
 
 
@@ -49,16 +60,27 @@ def test_fedsb_aggregate_equals_average_of_effective_weights(rng, p):
     for layer in LAYERS:
         frozen[f"{layer}.lora_B.weight"] = rng.standard_normal((D_OUT, R))
         frozen[f"{layer}.lora_A.weight"] = rng.standard_normal((R, D_IN))
-    states = [{f"{layer}.lora_R.weight": rng.standard_normal((R, R)) for layer in LAYERS}
-              for _ in range(K)]
+    states = [
+        {f"{layer}.lora_R.weight": rng.standard_normal((R, R)) for layer in LAYERS}
+        for _ in range(K)
+    ]
     assert max_gap(states, fedsb(states, p), p, frozen) < 1e-10
 
 
 def test_fedavg_lora_aggregate_does_not(rng, p):
-    states = [{**{f"{layer}.lora_B.weight": rng.standard_normal((D_OUT, R))
-                  for layer in LAYERS},
-               **{f"{layer}.lora_A.weight": rng.standard_normal((R, D_IN))
-                  for layer in LAYERS}} for _ in range(K)]
+    states = [
+        {
+            **{
+                f"{layer}.lora_B.weight": rng.standard_normal((D_OUT, R))
+                for layer in LAYERS
+            },
+            **{
+                f"{layer}.lora_A.weight": rng.standard_normal((R, D_IN))
+                for layer in LAYERS
+            },
+        }
+        for _ in range(K)
+    ]
     assert max_gap(states, fedavg_lora(states, p), p) > 0.1
 
 
@@ -77,7 +99,10 @@ def cos(x, y):
 def test_lora_fair_cosine_between_plain_average_and_projection_bound(seed, solver, p):
     bs, as_ = fair_problem(np.random.default_rng(seed))
     ideal = sum(w * b @ a for w, b, a in zip(p, bs, as_, strict=False))
-    abar, bbar = sum(w * a for w, a in zip(p, as_, strict=False)), sum(w * b for w, b in zip(p, bs, strict=False))
+    abar, bbar = (
+        sum(w * a for w, a in zip(p, as_, strict=False)),
+        sum(w * b for w, b in zip(p, bs, strict=False)),
+    )
     db = (gd_correction if solver == "gd" else ridge_correction)(bs, as_, p, 0.01)
     bound = cos(ideal, ideal @ np.linalg.pinv(abar) @ abar)
     corrected, plain = cos(ideal, (bbar + db) @ abar), cos(ideal, bbar @ abar)
@@ -98,7 +123,10 @@ def test_ridge_solver_matches_a_dense_numpy_solve(rng, p):
     bs, as_ = fair_problem(rng)
     lam = 0.05
     ideal = sum(w * b @ a for w, b, a in zip(p, bs, as_, strict=False))
-    abar, bbar = sum(w * a for w, a in zip(p, as_, strict=False)), sum(w * b for w, b in zip(p, bs, strict=False))
+    abar, bbar = (
+        sum(w * a for w, a in zip(p, as_, strict=False)),
+        sum(w * b for w, b in zip(p, bs, strict=False)),
+    )
     # normal equations of min ||ideal - (Bbar + dB) Abar||^2 + lam ||dB||^2
     lhs = abar @ abar.T + lam * np.eye(R)
     reference = np.linalg.solve(lhs, ((ideal - bbar @ abar) @ abar.T).T).T
@@ -106,8 +134,10 @@ def test_ridge_solver_matches_a_dense_numpy_solve(rng, p):
 
 
 def test_lora_fair_aggregation_corrects_b_and_averages_a(rng, p):
-    states = [{"x.lora_A.weight": a, "x.lora_B.weight": b, "head": rng.standard_normal(2)}
-              for b, a in zip(*fair_problem(rng), strict=False)]
+    states = [
+        {"x.lora_A.weight": a, "x.lora_B.weight": b, "head": rng.standard_normal(2)}
+        for b, a in zip(*fair_problem(rng), strict=False)
+    ]
     out = lora_fair(states, p, 0.01, "ridge")
     avg = fedavg_lora(states, p)
     np.testing.assert_allclose(out["x.lora_A.weight"], avg["x.lora_A.weight"])
@@ -133,12 +163,17 @@ def test_random_orthogonal_init_starts_at_w0(rng):
 
 
 def test_plain_lora_export_reproduces_b_r_a(rng):
-    frozen = {"x.lora_B.weight": rng.standard_normal((D_OUT, R)),
-              "x.lora_A.weight": rng.standard_normal((R, D_IN))}
+    frozen = {
+        "x.lora_B.weight": rng.standard_normal((D_OUT, R)),
+        "x.lora_A.weight": rng.standard_normal((R, D_IN)),
+    }
     trained = {"x.lora_R.weight": rng.standard_normal((R, R)), "head": np.ones(2)}
     plain = to_plain_lora(frozen, trained)
     assert set(plain) == {"x.lora_B.weight", "x.lora_A.weight", "head"}
     np.testing.assert_allclose(
         plain["x.lora_B.weight"] @ plain["x.lora_A.weight"],
-        frozen["x.lora_B.weight"] @ trained["x.lora_R.weight"] @ frozen["x.lora_A.weight"],
-        rtol=1e-5)
+        frozen["x.lora_B.weight"]
+        @ trained["x.lora_R.weight"]
+        @ frozen["x.lora_A.weight"],
+        rtol=1e-5,
+    )

@@ -26,8 +26,10 @@ CPU = torch.device("cpu")
 
 def randomise(state, seed):
     rng = np.random.default_rng(seed)
-    return {k: (0.1 * rng.standard_normal(v.shape)).astype(np.float32)
-            for k, v in state.items()}
+    return {
+        k: (0.1 * rng.standard_normal(v.shape)).astype(np.float32)
+        for k, v in state.items()
+    }
 
 
 def test_ffa_trains_and_sends_only_b_and_the_head(settings):
@@ -83,8 +85,10 @@ def test_gradient_sums_match_autograd_and_leave_trainability_alone(settings):
     weight.requires_grad_(True)
     model.eval()
     with model.disable_adapter():
-        total = sum(model(**batch).loss * batch["input_ids"].shape[0]
-                    for batch in batches(examples[:20], 20, tok.pad_token_id))
+        total = sum(
+            model(**batch).loss * batch["input_ids"].shape[0]
+            for batch in batches(examples[:20], 20, tok.pad_token_id)
+        )
         (reference,) = torch.autograd.grad(total, weight)
     weight.requires_grad_(False)
     np.testing.assert_allclose(grads[layer_name], reference.numpy(), atol=1e-5)
@@ -99,16 +103,20 @@ def test_fedsb_export_loads_in_peft_with_the_same_logits(settings, tmp_path):
     trained = randomise(get_state(model), 4)
     set_frozen_state(model, frozen)
     set_state(model, trained)
-    exported, _ = build({**cfg, "adapter": {**cfg["adapter"], "parametrisation": "lora"}})
+    exported, _ = build(
+        {**cfg, "adapter": {**cfg["adapter"], "parametrisation": "lora"}}
+    )
     save_adapter(exported, to_plain_lora(frozen, trained), tmp_path / "adapter")
-    loaded = PeftModel.from_pretrained(load_base_model(cfg["model"], seed=99),
-                                       str(tmp_path / "adapter"))
+    loaded = PeftModel.from_pretrained(
+        load_base_model(cfg["model"], seed=99), str(tmp_path / "adapter")
+    )
     batch = next(batches(client_examples(cfg, tok, 0, 2)[0][:8], 8, tok.pad_token_id))
     model.eval()
     loaded.eval()
     with torch.no_grad():
-        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits,
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            loaded(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0
+        )
 
 
 def test_unknown_parametrisation_names_the_key(settings):

@@ -15,9 +15,17 @@ from fedlora.data import client_examples
 from fedlora.errors import ConfigError
 
 CPU = torch.device("cpu")
-DP = {"target_epsilon": 3.0, "target_delta": None, "max_grad_norm": 1.0,
-      "clipping": "flat", "accountant": "prv", "poisson_sampling": True,
-      "max_physical_batch_size": None, "planned_rounds": None, "mode": "dp_sgd"}
+DP = {
+    "target_epsilon": 3.0,
+    "target_delta": None,
+    "max_grad_norm": 1.0,
+    "clipping": "flat",
+    "accountant": "prv",
+    "poisson_sampling": True,
+    "max_physical_batch_size": None,
+    "planned_rounds": None,
+    "mode": "dp_sgd",
+}
 
 
 def no_dropout(model):
@@ -35,11 +43,21 @@ def run_rounds(settings, rounds, dp=DP):
     state, epsilons = None, []
     for r in range(rounds):
         accountant = privacy.make_accountant(plan.accountant, state)
-        privacy.train_local_dp(model, examples, settings["train"], dp, plan, accountant,
-                               CPU, tok.pad_token_id, seed=r)
+        privacy.train_local_dp(
+            model,
+            examples,
+            settings["train"],
+            dp,
+            plan,
+            accountant,
+            CPU,
+            tok.pad_token_id,
+            seed=r,
+        )
         state = privacy.accountant_state(accountant)  # what the client keeps
-        epsilons.append(privacy.make_accountant(plan.accountant, state)
-                        .get_epsilon(plan.delta))
+        epsilons.append(
+            privacy.make_accountant(plan.accountant, state).get_epsilon(plan.delta)
+        )
     return model, plan, state, epsilons
 
 
@@ -49,9 +67,17 @@ def test_worked_noise_multipliers_of_privacy_md():
     # loader then does at run time, q = 1/ceil(1000/32) and 32 steps an epoch (1600),
     # so the accountant's records match the calibration exactly. Sigma differs < 0.1.
     train = {"batch_size": 32, "local_epochs": 1}
-    for accountant, expected in (("rdp", (5.23, 2.05, 1.27)), ("prv", (4.84, 1.93, 1.20))):
+    for accountant, expected in (
+        ("rdp", (5.23, 2.05, 1.27)),
+        ("prv", (4.84, 1.93, 1.20)),
+    ):
         for eps, sigma in zip((1, 3, 6), expected, strict=False):
-            dp = {**DP, "target_epsilon": eps, "target_delta": 1e-5, "accountant": accountant}
+            dp = {
+                **DP,
+                "target_epsilon": eps,
+                "target_delta": 1e-5,
+                "accountant": accountant,
+            }
             p = privacy.plan(dp, train, 1000, planned_rounds=50)
             assert p.steps_per_round * p.planned_rounds == 1600  # ceil(1000 / 32) = 32
             assert p.noise_multiplier == pytest.approx(sigma, abs=0.1)
@@ -62,7 +88,9 @@ def test_epsilon_after_k_rounds_equals_one_accountant_over_all_steps(settings):
     single = privacy.make_accountant(plan.accountant)
     for k in range(3):
         for _ in range(plan.steps_per_round):
-            single.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
+            single.step(
+                noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate
+            )
         assert epsilons[k] == pytest.approx(single.get_epsilon(plan.delta), rel=1e-9)
     assert epsilons[0] < epsilons[1] < epsilons[2]
 
@@ -113,19 +141,31 @@ def test_per_example_clipping_matches_a_hand_computed_reference(settings, clippi
             total = torch.sqrt(sum(g.pow(2).sum() for g in grads.values()))
             scales = dict.fromkeys(grads, min(1.0, norm / (float(total) + 1e-6)))
         else:
-            scales = {n: min(1.0, per_param / (float(g.norm()) + 1e-6))
-                      for n, g in grads.items()}
+            scales = {
+                n: min(1.0, per_param / (float(g.norm()) + 1e-6))
+                for n, g in grads.items()
+            }
         for n, g in grads.items():
             reference[n] += g * scales[n]
     model.zero_grad()
     before = {n: p.detach().clone() for n, p in params.items()}
     dp = {**DP, "max_grad_norm": norm, "clipping": clipping, "poisson_sampling": False}
     plan = privacy.DPPlan(0.0, 1.0, 1, 1, 1e-5, 3.0, "rdp")  # no noise
-    privacy.train_local_dp(model, examples, settings["train"], dp, plan,
-                           privacy.make_accountant("rdp"), CPU, tok.pad_token_id, seed=0)
+    privacy.train_local_dp(
+        model,
+        examples,
+        settings["train"],
+        dp,
+        plan,
+        privacy.make_accountant("rdp"),
+        CPU,
+        tok.pad_token_id,
+        seed=0,
+    )
     for n, p in params.items():  # SGD, lr 1: the update is the mean clipped gradient
-        torch.testing.assert_close(before[n] - p.detach(), reference[n] / len(examples),
-                                   atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(
+            before[n] - p.detach(), reference[n] / len(examples), atol=1e-6, rtol=1e-4
+        )
 
 
 def test_logical_batches_split_into_physical_ones_still_count_logical_steps(settings):
@@ -133,22 +173,39 @@ def test_logical_batches_split_into_physical_ones_still_count_logical_steps(sett
     model, plan, state, _ = run_rounds(settings, 1, dp)
     single = privacy.make_accountant(plan.accountant)
     for _ in range(plan.steps_per_round):
-        single.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
-    assert privacy.make_accountant(plan.accountant, state).get_epsilon(plan.delta) == \
-        pytest.approx(single.get_epsilon(plan.delta))
+        single.step(
+            noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate
+        )
+    assert privacy.make_accountant(plan.accountant, state).get_epsilon(
+        plan.delta
+    ) == pytest.approx(single.get_epsilon(plan.delta))
 
 
 def test_planned_rounds_follow_participation():
-    cfg = {"privacy": {}, "federation": {"num_clients": 10, "rounds": 20,
-                                         "fraction_train": 0.3, "min_train_clients": 2}}
+    cfg = {
+        "privacy": {},
+        "federation": {
+            "num_clients": 10,
+            "rounds": 20,
+            "fraction_train": 0.3,
+            "min_train_clients": 2,
+        },
+    }
     assert privacy.planned_rounds(cfg) == 6
     cfg["privacy"]["planned_rounds"] = 4
     assert privacy.planned_rounds(cfg) == 4
 
 
-@pytest.mark.parametrize("key,value", [("target_epsilon", 0), ("accountant", "gdp"),
-                                       ("clipping", "adaptive"), ("target_delta", 2.0),
-                                       ("max_grad_norm", -1)])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("target_epsilon", 0),
+        ("accountant", "gdp"),
+        ("clipping", "adaptive"),
+        ("target_delta", 2.0),
+        ("max_grad_norm", -1),
+    ],
+)
 def test_bad_dp_settings_name_the_key(key, value):
     with pytest.raises(ConfigError, match=f"privacy.{key}"):
         privacy.check_settings({**DP, key: value})

@@ -10,13 +10,24 @@ from experiments.report import load_runs, markdown, plot
 def fake_run(root, name, strategy, accs, err):
     run = root / name
     run.mkdir(parents=True)
-    rows = [{"round": i, "eval_accuracy": a, "bytes_up": 1e6, "bytes_down": 1e6}
-            for i, a in enumerate(accs)]
+    rows = [
+        {"round": i, "eval_accuracy": a, "bytes_up": 1e6, "bytes_down": 1e6}
+        for i, a in enumerate(accs)
+    ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (run / "summary.json").write_text(json.dumps({
-        "strategy": strategy, "final_eval_accuracy": accs[-1],
-        "best_eval_accuracy": max(accs), "total_bytes_up": 3e6, "total_bytes_down": 3e6,
-        "mean_aggregation_error": err, "wall_time": 10.0}))
+    (run / "summary.json").write_text(
+        json.dumps(
+            {
+                "strategy": strategy,
+                "final_eval_accuracy": accs[-1],
+                "best_eval_accuracy": max(accs),
+                "total_bytes_up": 3e6,
+                "total_bytes_down": 3e6,
+                "mean_aggregation_error": err,
+                "wall_time": 10.0,
+            }
+        )
+    )
 
 
 def test_report_groups_seeds_by_strategy(tmp_path):
@@ -26,6 +37,9 @@ def test_report_groups_seeds_by_strategy(tmp_path):
     runs = load_runs(tmp_path)
     assert {k: len(v) for k, v in runs.items()} == {"fedavg_lora": 2, "fedsb": 1}
     table = markdown(runs)
-    assert "| fedavg_lora | 2 | 70.0 ± 14.1 | 70.0 ± 14.1 | 6.0 ± 0.0 | 0.060 ± 0.014 |" in table
+    assert (
+        "| fedavg_lora | 2 | 70.0 ± 14.1 | 70.0 ± 14.1 | 6.0 ± 0.0 | 0.060 ± 0.014 |"
+        in table
+    )
     assert "| fedsb | 1 | 90.0 | 90.0 | 6.0 | 6.0e-08 (max) |" in table
     assert all(p.is_file() for p in plot(runs, tmp_path))

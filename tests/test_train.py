@@ -18,8 +18,13 @@ CPU = torch.device("cpu")
 
 
 def test_collate_pads_dynamically_to_the_longest_example():
-    batch = collate([{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": 1},
-                     {"input_ids": [8], "attention_mask": [1], "labels": 0}], pad_id=0)
+    batch = collate(
+        [
+            {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": 1},
+            {"input_ids": [8], "attention_mask": [1], "labels": 0},
+        ],
+        pad_id=0,
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [1, 0]
@@ -27,8 +32,11 @@ def test_collate_pads_dynamically_to_the_longest_example():
 
 def test_training_changes_exactly_the_trainable_weights(settings):
     model, tok = build(settings)
-    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters()
-                     if not p.requires_grad}
+    frozen_before = {
+        n: p.detach().clone()
+        for n, p in model.named_parameters()
+        if not p.requires_grad
+    }
     before = get_state(model)
     examples, _ = client_examples(settings, tok, 0, 2)
     out = train_local(model, examples, settings["train"], CPU, tok.pad_token_id, seed=0)
@@ -97,7 +105,12 @@ def test_empty_partition_and_bad_device_give_clear_errors(settings):
 def test_unknown_optimizer_names_the_key(settings):
     settings["train"]["optimizer"] = "lion"
     model, tok = build(settings)
-    ex = tokenise(pd.DataFrame({"sentence": ["a b"], "label": [1]}), tok,
-                  settings["data"], "seq_cls", 8)
+    ex = tokenise(
+        pd.DataFrame({"sentence": ["a b"], "label": [1]}),
+        tok,
+        settings["data"],
+        "seq_cls",
+        8,
+    )
     with pytest.raises(ConfigError, match="train.optimizer"):
         train_local(model, ex, settings["train"], CPU, tok.pad_token_id, seed=0)

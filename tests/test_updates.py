@@ -1,4 +1,4 @@
-"""The server rejects malformed client updates before aggregation, whatever the bytes."""
+"""The server rejects malformed client updates before aggregation, whatever bytes."""
 
 from __future__ import annotations
 
@@ -33,8 +33,11 @@ def exchange(strategy, global_state, contents):
     strategy._sent = record_to_state(arrays)
     replies = []
     for node, content in enumerate(contents, start=1):
-        sent = Message(content=RecordDict({"arrays": arrays}), dst_node_id=node,
-                       message_type="train")
+        sent = Message(
+            content=RecordDict({"arrays": arrays}),
+            dst_node_id=node,
+            message_type="train",
+        )
         reply = Message(content=content, reply_to=sent)
         reply.metadata.__dict__["_src_node_id"] = node
         replies.append(reply)
@@ -42,8 +45,12 @@ def exchange(strategy, global_state, contents):
 
 
 def good(seed, n=10):
-    return RecordDict({"arrays": state_to_record(state(seed)),
-                       "metrics": MetricRecord({"num-examples": n, "partition-id": seed})})
+    return RecordDict(
+        {
+            "arrays": state_to_record(state(seed)),
+            "metrics": MetricRecord({"num-examples": n, "partition-id": seed}),
+        }
+    )
 
 
 def test_only_valid_updates_reach_the_global_model():
@@ -52,21 +59,41 @@ def test_only_valid_updates_reach_the_global_model():
     shape = state(3)
     shape["head.weight"] = np.zeros((3, 6), np.float32)
     extra = {**state(4), "sneaky.weight": np.ones(2, np.float32)}
-    contents = [good(0, 10), good(1, 30),
-                RecordDict({"arrays": state_to_record(nan),
-                            "metrics": MetricRecord({"num-examples": 10})}),
-                RecordDict({"arrays": state_to_record(shape),
-                            "metrics": MetricRecord({"num-examples": 10})}),
-                RecordDict({"arrays": state_to_record(extra),
-                            "metrics": MetricRecord({"num-examples": 10})}),
-                RecordDict({"arrays": state_to_record(state(5)),
-                            "metrics": MetricRecord({"num-examples": -3})})]
+    contents = [
+        good(0, 10),
+        good(1, 30),
+        RecordDict(
+            {
+                "arrays": state_to_record(nan),
+                "metrics": MetricRecord({"num-examples": 10}),
+            }
+        ),
+        RecordDict(
+            {
+                "arrays": state_to_record(shape),
+                "metrics": MetricRecord({"num-examples": 10}),
+            }
+        ),
+        RecordDict(
+            {
+                "arrays": state_to_record(extra),
+                "metrics": MetricRecord({"num-examples": 10}),
+            }
+        ),
+        RecordDict(
+            {
+                "arrays": state_to_record(state(5)),
+                "metrics": MetricRecord({"num-examples": -3}),
+            }
+        ),
+    ]
     strategy = FedAvgLoRA(min_available_nodes=1)
     arrays, _ = strategy.aggregate_train(1, exchange(strategy, state(9), contents))
     out = record_to_state(arrays)
     for k in SHAPES:  # the example-weighted mean of the two valid updates
-        np.testing.assert_allclose(out[k], 0.25 * state(0)[k] + 0.75 * state(1)[k],
-                                   rtol=1e-6)
+        np.testing.assert_allclose(
+            out[k], 0.25 * state(0)[k] + 0.75 * state(1)[k], rtol=1e-6
+        )
     reasons = [r["reason"] for r in strategy.round_log[1]["rejected"]]
     assert len(reasons) == 4 and strategy.round_log[1]["clients"] == 2
     assert any("NaN" in r for r in reasons) and any("shape" in r for r in reasons)
@@ -77,8 +104,13 @@ def test_only_valid_updates_reach_the_global_model():
 def test_update_norm_outlier_is_rejected_when_enabled():
     big = {k: v * 1000 for k, v in state(7).items()}
     contents = [good(s) for s in range(4)] + [
-        RecordDict({"arrays": state_to_record(big),
-                    "metrics": MetricRecord({"num-examples": 10})})]
+        RecordDict(
+            {
+                "arrays": state_to_record(big),
+                "metrics": MetricRecord({"num-examples": 10}),
+            }
+        )
+    ]
     strategy = FedAvgLoRA(min_available_nodes=1, max_update_norm_ratio=5.0)
     strategy.aggregate_train(1, exchange(strategy, state(9), contents))
     assert [r["node"] for r in strategy.round_log[1]["rejected"]] == [5]
@@ -89,40 +121,83 @@ def garbage_contents(rng):
     n = rng.integers(0, 4)
     kind = rng.integers(0, 8)
     if kind == 0:  # random bytes posing as an array
-        arr = Array(dtype="float32", shape=(2, 6), stype="numpy.ndarray",
-                    data=rng.bytes(int(rng.integers(0, 80))))
-        return RecordDict({"arrays": ArrayRecord({"l.lora_A.weight": arr}),
-                           "metrics": MetricRecord({"num-examples": 5})})
+        arr = Array(
+            dtype="float32",
+            shape=(2, 6),
+            stype="numpy.ndarray",
+            data=rng.bytes(int(rng.integers(0, 80))),
+        )
+        return RecordDict(
+            {
+                "arrays": ArrayRecord({"l.lora_A.weight": arr}),
+                "metrics": MetricRecord({"num-examples": 5}),
+            }
+        )
     if kind == 1:  # a real array, truncated
         real = Array(state(int(n))["l.lora_A.weight"])
-        cut = Array(dtype=real.dtype, shape=real.shape, stype=real.stype,
-                    data=real.data[: int(rng.integers(0, len(real.data)))])
-        return RecordDict({"arrays": ArrayRecord({**{k: Array(v) for k, v in
-                                                     state(1).items()},
-                                                  "l.lora_A.weight": cut}),
-                           "metrics": MetricRecord({"num-examples": 5})})
+        cut = Array(
+            dtype=real.dtype,
+            shape=real.shape,
+            stype=real.stype,
+            data=real.data[: int(rng.integers(0, len(real.data)))],
+        )
+        return RecordDict(
+            {
+                "arrays": ArrayRecord(
+                    {
+                        **{k: Array(v) for k, v in state(1).items()},
+                        "l.lora_A.weight": cut,
+                    }
+                ),
+                "metrics": MetricRecord({"num-examples": 5}),
+            }
+        )
     if kind == 2:  # no metrics
         return RecordDict({"arrays": state_to_record(state(1))})
     if kind == 3:  # wrong dtype
         ints = {k: np.ones(v, np.int64) for k, v in SHAPES.items()}
-        return RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in ints.items()}),
-                           "metrics": MetricRecord({"num-examples": 5})})
+        return RecordDict(
+            {
+                "arrays": ArrayRecord({k: Array(v) for k, v in ints.items()}),
+                "metrics": MetricRecord({"num-examples": 5}),
+            }
+        )
     if kind == 4:  # absurd or non-integer example counts
         count = [0, 10**12, 2.5, -1][int(n)]
-        return RecordDict({"arrays": state_to_record(state(1)),
-                           "metrics": MetricRecord({"num-examples": count})})
+        return RecordDict(
+            {
+                "arrays": state_to_record(state(1)),
+                "metrics": MetricRecord({"num-examples": count}),
+            }
+        )
     if kind == 5:  # random shapes
-        shaped = {k: rng.standard_normal(tuple(int(x) for x in rng.integers(1, 5, 2)))
-                  .astype(np.float32) for k in SHAPES}
-        return RecordDict({"arrays": state_to_record(shaped),
-                           "metrics": MetricRecord({"num-examples": 5})})
+        shaped = {
+            k: rng.standard_normal(tuple(int(x) for x in rng.integers(1, 5, 2))).astype(
+                np.float32
+            )
+            for k in SHAPES
+        }
+        return RecordDict(
+            {
+                "arrays": state_to_record(shaped),
+                "metrics": MetricRecord({"num-examples": 5}),
+            }
+        )
     if kind == 6:  # Inf
         bad = state(1)
         bad["head.weight"][1, 1] = np.inf
-        return RecordDict({"arrays": state_to_record(bad),
-                           "metrics": MetricRecord({"num-examples": 5})})
-    return RecordDict({"config": ConfigRecord({"x": "y"}),  # wrong records entirely
-                       "metrics": MetricRecord({"num-examples": 5})})
+        return RecordDict(
+            {
+                "arrays": state_to_record(bad),
+                "metrics": MetricRecord({"num-examples": 5}),
+            }
+        )
+    return RecordDict(
+        {
+            "config": ConfigRecord({"x": "y"}),  # wrong records entirely
+            "metrics": MetricRecord({"num-examples": 5}),
+        }
+    )
 
 
 def test_fuzzed_payloads_never_crash_the_server_and_are_all_rejected():
@@ -130,8 +205,9 @@ def test_fuzzed_payloads_never_crash_the_server_and_are_all_rejected():
     strategy = FedAvgLoRA(min_available_nodes=1, max_failed_rounds=10**6)
     for round_ in range(1, 301):
         contents = [garbage_contents(rng) for _ in range(2)]
-        arrays, _ = strategy.aggregate_train(round_, exchange(strategy, state(9),
-                                                              contents))
+        arrays, _ = strategy.aggregate_train(
+            round_, exchange(strategy, state(9), contents)
+        )
         assert arrays is None  # nothing reached the global model
         assert len(strategy.round_log[round_]["rejected"]) == 2
 
@@ -147,8 +223,12 @@ def test_fedavg_is_flowers_base():
 
 def test_too_few_usable_updates_keep_the_model_then_stop_the_run_clearly():
     strategy = FedAvgLoRA(min_available_nodes=1, min_replies=2, max_failed_rounds=2)
-    assert strategy.aggregate_train(1, exchange(strategy, state(9), [good(0)]))[0] is None
-    ok, _ = strategy.aggregate_train(2, exchange(strategy, state(9), [good(0), good(1)]))
+    assert (
+        strategy.aggregate_train(1, exchange(strategy, state(9), [good(0)]))[0] is None
+    )
+    ok, _ = strategy.aggregate_train(
+        2, exchange(strategy, state(9), [good(0), good(1)])
+    )
     assert ok is not None  # the counter resets after a good round
     strategy.aggregate_train(3, exchange(strategy, state(9), [good(0)]))
     with pytest.raises(RuntimeError, match="federation.min_replies=2"):

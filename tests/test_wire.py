@@ -12,8 +12,10 @@ from strategies.wire import payload_bytes, record_to_state, state_to_record
 
 def test_record_round_trip_is_lossless():
     rng = np.random.default_rng(0)
-    state = {"a.lora_A.weight": rng.standard_normal((4, 7)).astype(np.float32),
-             "a.lora_B.weight": rng.standard_normal((9, 4)).astype(np.float32)}
+    state = {
+        "a.lora_A.weight": rng.standard_normal((4, 7)).astype(np.float32),
+        "a.lora_B.weight": rng.standard_normal((9, 4)).astype(np.float32),
+    }
     back = record_to_state(state_to_record(state))
     assert list(back) == list(state)
     for k in state:
@@ -22,10 +24,13 @@ def test_record_round_trip_is_lossless():
 
 def test_payload_bytes_are_the_serialized_objects():
     rng = np.random.default_rng(1)
-    state = {f"layer{i}.lora_A.weight": rng.standard_normal((8, 300)).astype(np.float32)
-             for i in range(3)}
-    content = RecordDict({"arrays": state_to_record(state),
-                          "config": ConfigRecord({"x": "y"})})
+    state = {
+        f"layer{i}.lora_A.weight": rng.standard_normal((8, 300)).astype(np.float32)
+        for i in range(3)
+    }
+    content = RecordDict(
+        {"arrays": state_to_record(state), "config": ConfigRecord({"x": "y"})}
+    )
     # what Flower pushes: every object of the message tree, deflated
     serialized = [o.deflate() for o in get_all_nested_objects(content).values()]
     assert payload_bytes(content) == sum(len(b) for b in serialized)
@@ -35,7 +40,9 @@ def test_payload_bytes_are_the_serialized_objects():
 
 
 def test_payload_bytes_of_a_large_state_are_close_to_raw_bytes():
-    state = {"w": np.random.default_rng(2).standard_normal((512, 1024)).astype(np.float32)}
+    state = {
+        "w": np.random.default_rng(2).standard_normal((512, 1024)).astype(np.float32)
+    }
     content = RecordDict({"arrays": state_to_record(state)})
     ratio = payload_bytes(content) / raw_bytes(state)
     assert 1.0 < ratio < 1.01
