@@ -145,13 +145,9 @@ def processes_in_group(pgid: int) -> list[str]:
     return [line for line in out.splitlines() if line.split(None, 1)[0] == str(pgid)]
 
 
-def run_front_door(out: Path, model: Path, *overrides: str) -> list[dict[str, Any]]:
-    """``python -m experiments.run`` on a tiny model: 3 clients x 2 rounds.
-
-    Asserts it succeeded, showed progress and left no process behind; returns the rows
-    of ``metrics.jsonl``.
-    """
-    cmd = [
+def front_door_command(out: Path, model: Path, *overrides: str) -> list[str]:
+    """The tests' small experiment: 3 clients x 2 rounds on ``model``."""
+    return [
         sys.executable,
         "-m",
         "experiments.run",
@@ -167,6 +163,15 @@ def run_front_door(out: Path, model: Path, *overrides: str) -> list[dict[str, An
         "quiet=true",
         *overrides,
     ]
+
+
+def run_front_door(out: Path, model: Path, *overrides: str) -> list[dict[str, Any]]:
+    """``python -m experiments.run`` on a tiny model: 3 clients x 2 rounds.
+
+    Asserts it succeeded, showed progress and left no process behind; returns the rows
+    of ``metrics.jsonl``.
+    """
+    cmd = front_door_command(out, model, *overrides)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     with subprocess.Popen(
         cmd,

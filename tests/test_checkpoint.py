@@ -9,7 +9,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +24,12 @@ from fedlora.errors import ConfigError
 from strategies.fedavg_lora import FedAvgLoRA
 from strategies.fedsb import FedSB
 from strategies.wire import KEY_CONFIG, KEY_ROUND, state_to_record
-from tests.conftest import REPO, processes_in_group, run_front_door
+from tests.conftest import (
+    REPO,
+    front_door_command,
+    processes_in_group,
+    run_front_door,
+)
 
 
 def arrays(seed: int) -> dict[str, dict[str, np.ndarray]]:
@@ -294,22 +298,7 @@ def test_a_run_killed_after_round_2_resumes_to_the_same_result(
     uninterrupted, tiny_bert, tmp_path
 ):
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "experiments.run",
-        f"hydra.run.dir={out}",
-        f"model.name={tiny_bert}",
-        "federation.num_clients=3",
-        "federation.rounds=4",
-        "data.num_examples=240",
-        "data.num_eval_examples=60",
-        "train.lr=5e-3",
-        "train.batch_size=16",
-        "simulation.client_num_cpus=1",
-        "quiet=true",
-        *FEDSB,
-    ]  # run_front_door's settings
+    cmd = front_door_command(out, tiny_bert, "federation.rounds=4", *FEDSB)
     manifest = out / "checkpoints" / "round-000002.manifest.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     log = tmp_path / "killed.log"
