@@ -9,6 +9,7 @@ in a deployment, its data location ``data-dir``, where tokenised partitions are 
 from __future__ import annotations
 
 import json
+import time
 import zlib
 from typing import Any
 
@@ -232,6 +233,7 @@ def evaluate(msg: Message, context: Context) -> Message:
             f"partition {pid} holds no evaluation examples; raise "
             "data.client_eval_fraction or set federation.fraction_evaluate=0"
         )
+    start = time.perf_counter()
     result = evaluate_model(
         model,
         examples,
@@ -241,6 +243,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         int(cfg["train"].get("eval_batch_size", 64)),
     )
     metrics = {k: v for k, v in result.items() if k != "eval_examples"}
+    metrics["eval_time"] = time.perf_counter() - start
     metrics[KEY_NUM_EXAMPLES] = int(result["eval_examples"])
     content = RecordDict({KEY_METRICS: MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)

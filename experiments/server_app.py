@@ -118,6 +118,7 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if ckpt is not None and server_round == 0:
             return None  # round 0 was evaluated before the checkpoint
         server_round += done  # Flower counts the rounds of this process from 1
+        eval_start = time.perf_counter()
         set_state(model, record_to_state(arrays))
         metrics = evaluate(
             model,
@@ -130,6 +131,7 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         row = {
             "round": server_round,
             **metrics,
+            "server_eval_time": time.perf_counter() - eval_start,
             "wall_time": time.perf_counter() - started,
             "bytes_up": 0,
             "bytes_down": 0,

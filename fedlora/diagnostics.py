@@ -8,10 +8,16 @@ client k returned, ``E_old`` what the server sent and ``E_new`` what it sends ne
 over all adapted layers together, and per module name (query, value, ...).
 
 Each numerator/denominator is the norm of a sum of low-rank products
-``sum_i c_i B_i A_i = U V`` with ``U = [c_1 B_1 .. c_m B_m]`` (d_out, m r) and
+``sum_i c_i B_i A_i = U diag(c) V`` with ``U = [B_1 .. B_m]`` (d_out, m r) and
 ``V = [A_1; ..; A_m]`` (m r, d_in). We never form the d_out x d_in matrix:
-``||U V||_F = ||R_u R_v^T||_F`` from thin QR factors of ``U`` and ``V^T``, which
-costs O(d (m r)^2).
+
+- general methods: ``||U diag(c) V||_F^2 = c^T T c`` with
+  ``T[i, j] = <B_i^T B_j, A_i A_j^T>``, from one float64 Gram product per side,
+  shared by numerator and denominator (``O(d (m r)^2)`` in matrix products). Where
+  the sum cancels (an exact aggregation) this loses digits, so that case is redone
+  from thin QR factors, ``||U V||_F = ||R_u R_v^T||_F``, which reads ~1e-16;
+- methods whose outer factors are frozen and shared (FFA-LoRA, Fed-SB):
+  :func:`shared_factor_error`, ``O(d r^2)`` or ``O(r^3)`` per layer and round.
 """
 
 from __future__ import annotations
@@ -44,6 +50,37 @@ def layer_factors(state: dict[str, np.ndarray]) -> dict[str, Factors]:
     return {layer: (state[b], state[a]) for layer, (a, b) in lora_layers(state).items()}
 
 
+def _stacked_traces(factors: Sequence[Factors]) -> np.ndarray | None:
+    """``T[i, j] = <B_i^T B_j, A_i A_j^T>`` for equal-rank factors, so that
+    ``||sum_i c_i B_i A_i||_F^2 = c^T T c`` for any coefficients ``c``; None when the
+    ranks differ. One float64 Gram product of the stacked factors per side."""
+    ranks = {b.shape[1] for b, _ in factors}
+    if len(ranks) != 1:
+        return None
+    r, m = ranks.pop(), len(factors)
+    u = np.concatenate([b.astype(np.float64) for b, _ in factors], axis=1)
+    v = np.concatenate([a.astype(np.float64) for _, a in factors], axis=0)
+    prod = (u.T @ u) * (v @ v.T)
+    return prod.reshape(m, r, m, r).sum(axis=(1, 3))
+
+
+def _sqnorm(
+    traces: np.ndarray | None,
+    coeffs: np.ndarray,
+    factors: Sequence[Factors],
+) -> float:
+    """``||sum_i c_i B_i A_i||_F^2`` from the traces; recomputed with the thin-QR
+    form when the sum cancels to below 1e-8 of its terms (an exact method), where
+    ``c^T T c`` would have lost its digits to round-off."""
+    if traces is not None:
+        value = float(coeffs @ traces @ coeffs)
+        scale = float(np.abs(coeffs) @ np.abs(traces) @ np.abs(coeffs))
+        if value > 1e-8 * scale:
+            return value
+    terms = [(c, b, a) for c, (b, a) in zip(coeffs, factors, strict=True) if c != 0]
+    return sum_of_products_sqnorm(terms) if terms else 0.0
+
+
 def aggregation_error(
     clients: Sequence[dict[str, Factors]],
     weights: np.ndarray,
@@ -59,15 +96,69 @@ def aggregation_error(
     """
     num: dict[str, float] = defaultdict(float)
     den: dict[str, float] = defaultdict(float)
+    c_num = np.concatenate([scaling * np.asarray(weights, float), [-scaling, 0.0]])
+    c_den = np.concatenate([scaling * np.asarray(weights, float), [0.0, -scaling]])
     for layer in new:
-        ideal = [
-            (scaling * p, c[layer][0], c[layer][1])
-            for c, p in zip(clients, weights, strict=True)
-        ]
+        factors = [c[layer] for c in clients] + [new[layer], old[layer]]
+        traces = _stacked_traces(factors)  # shared by the numerator and denominator
         mod = module_name(layer)
-        num[mod] += sum_of_products_sqnorm(ideal + [(-scaling, *new[layer])])
-        den[mod] += sum_of_products_sqnorm(ideal + [(-scaling, *old[layer])])
+        num[mod] += _sqnorm(traces, c_num, factors)
+        den[mod] += _sqnorm(traces, c_den, factors)
+    return _ratios(num, den)
 
+
+def shared_factor_error(
+    clients: Sequence[dict[str, np.ndarray]],
+    weights: np.ndarray,
+    old: dict[str, np.ndarray],
+    new: dict[str, np.ndarray],
+    triangles: dict[str, tuple[np.ndarray | None, np.ndarray]],
+) -> tuple[float, dict[str, float]]:
+    """The aggregation error when every party shares the frozen outer factors:
+    a layer's delta is ``s L X R`` with ``L`` (or none) and ``R`` frozen and ``X``
+    communicated (FFA-LoRA: ``X = B``, ``R = A``; Fed-SB: ``L = B``, ``X = R``,
+    ``R = A``). With ``L = Q_L T_L`` and ``R^T = Q_R T_R`` (thin QR, computed once:
+    :func:`frozen_triangles`), ``||L D R||_F = ||T_L D T_R^T||_F``: each round costs
+    ``O(d r^2)`` or ``O(r^3)`` per layer, and the difference ``D = sum p_k X_k - X``
+    is formed directly, so exact methods read their true round-off. The scale ``s``
+    cancels in the ratio.
+    """
+    num: dict[str, float] = defaultdict(float)
+    den: dict[str, float] = defaultdict(float)
+    for layer, (t_left, t_right) in triangles.items():
+        ideal = sum(
+            p * c[layer].astype(np.float64)
+            for c, p in zip(clients, weights, strict=True)
+        )
+        mod = module_name(layer)
+        for acc, ref in ((num, new), (den, old)):
+            d = (ideal - ref[layer].astype(np.float64)) @ t_right.T
+            if t_left is not None:
+                d = t_left @ d
+            acc[mod] += float(np.sum(d * d))
+    return _ratios(num, den)
+
+
+def frozen_triangles(
+    frozen: dict[str, np.ndarray], layers: dict[str, tuple[str | None, str]]
+) -> dict[str, tuple[np.ndarray | None, np.ndarray]]:
+    """``{layer: (T_L, T_R)}`` for :func:`shared_factor_error`, from the frozen
+    factors named in ``layers`` (``{layer: (left key or None, right key)}``)."""
+    out = {}
+    for layer, (left, right) in layers.items():
+        t_right = np.linalg.qr(frozen[right].astype(np.float64).T, mode="r")
+        t_left = (
+            np.linalg.qr(frozen[left].astype(np.float64), mode="r")
+            if left is not None
+            else None
+        )
+        out[layer] = (t_left, t_right)
+    return out
+
+
+def _ratios(
+    num: dict[str, float], den: dict[str, float]
+) -> tuple[float, dict[str, float]]:
     def ratio(n: float, d: float) -> float:
         n, d = max(n, 0.0), max(d, 0.0)  # float round-off can dip below 0
         return 0.0 if d == 0.0 else float(np.sqrt(n / d))

@@ -18,7 +18,12 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedlora.aggregation import client_weights, fedavg_lora
 from fedlora.comm import num_parameters
-from fedlora.diagnostics import aggregation_error, layer_factors
+from fedlora.diagnostics import (
+    aggregation_error,
+    frozen_triangles,
+    layer_factors,
+    shared_factor_error,
+)
 from fedlora.updates import check_update, update_norm_outliers
 from strategies.wire import (
     KEY_ARRAYS,
@@ -92,6 +97,7 @@ class FedAvgLoRA(FedAvg):
         self.frozen: State = {}  # frozen LoRA factors shared by all parties
         self.epsilon: dict[int, float] = {}  # latest epsilon spent per partition
         self._sent: State = {}
+        self._triangles: tuple[State, dict[str, Any]] | None = None  # frozen QR
         self.round_offset = 0
 
     # --- the method ------------------------------------------------------------
@@ -182,6 +188,7 @@ class FedAvgLoRA(FedAvg):
         Error replies count as failures; replies without arrays are clients that
         declined (privacy budget); malformed updates are rejected with their reason.
         """
+        started = time.perf_counter()
         server_round += self.round_offset
         replies = list(replies)
         entry = self.round_log.setdefault(server_round, {})
@@ -254,13 +261,7 @@ class FedAvgLoRA(FedAvg):
             [c[KEY_NUM_EXAMPLES] for c in client_metrics], self.weighting
         )
         new = self.aggregate_states(states, weights)
-        overall, by_module = aggregation_error(
-            [self.effective_factors(s) for s in states],
-            weights,
-            self.effective_factors(self._sent),
-            self.effective_factors(new),
-            self.scaling,
-        )
+        overall, by_module = self.diagnose(states, weights, new)
         entry.update(
             aggregation_error=overall,
             aggregation_error_by_module=by_module,
@@ -270,7 +271,9 @@ class FedAvgLoRA(FedAvg):
         train_loss = float(
             np.dot(weights, [c.get("train_loss", np.nan) for c in client_metrics])
         )
-        return state_to_record(new), MetricRecord(
+        record = state_to_record(new)
+        entry["server_aggregate_time"] = time.perf_counter() - started
+        return record, MetricRecord(
             {"train_loss": train_loss, "aggregation_error": overall}
         )
 
@@ -344,16 +347,63 @@ class FedAvgLoRA(FedAvg):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """FedAvg's weighted mean of client evaluations, also kept in round_log."""
+        """FedAvg's weighted mean of client evaluations, also kept in round_log,
+        with the clients' summed evaluation time (``client_eval_time``)."""
         server_round += self.round_offset
+        replies = list(replies)
         metrics = super().aggregate_evaluate(server_round, replies)
         if metrics is not None:
-            self.round_log.setdefault(server_round, {}).update(
-                {f"federated_{k}": v for k, v in metrics.items()}
+            entry = self.round_log.setdefault(server_round, {})
+            entry.update(
+                {
+                    f"federated_{k}": v
+                    for k, v in metrics.items()
+                    if k != "eval_time"  # a weighted mean of times means nothing
+                }
+            )
+            entry["client_eval_time"] = sum(
+                float(m.content[KEY_METRICS].get("eval_time", 0.0))
+                for m in replies
+                if not m.has_error() and KEY_METRICS in m.content
             )
         return metrics
 
     # --- diagnostics -------------------------------------------------------------
+    def shared_layers(self) -> dict[str, tuple[str | None, str, str]] | None:
+        """For methods whose layer delta is ``s L X R`` with ``L`` (or none) and
+        ``R`` frozen and shared, ``{layer: (L key or None, R key, X key)}``; None
+        for methods without shared factors (the general diagnostic)."""
+        return None
+
+    def diagnose(
+        self, states: Sequence[State], weights: np.ndarray, new: State
+    ) -> tuple[float, dict[str, float]]:
+        """The round's aggregation error, overall and by module (see
+        :mod:`fedlora.diagnostics`), from the sent, returned and new states."""
+        layers = self.shared_layers()
+        if layers is None:
+            return aggregation_error(
+                [self.effective_factors(s) for s in states],
+                weights,
+                self.effective_factors(self._sent),
+                self.effective_factors(new),
+                self.scaling,
+            )
+        if self._triangles is None or self._triangles[0] is not self.frozen:
+            outer = {layer: (left, right) for layer, (left, right, _) in layers.items()}
+            self._triangles = (self.frozen, frozen_triangles(self.frozen, outer))
+
+        def middle(state: State) -> dict[str, np.ndarray]:
+            return {layer: state[x] for layer, (_, _, x) in layers.items()}
+
+        return shared_factor_error(
+            [middle(s) for s in states],
+            weights,
+            middle(self._sent),
+            middle(new),
+            self._triangles[1],
+        )
+
     def effective_factors(
         self, state: State
     ) -> dict[str, tuple[np.ndarray, np.ndarray]]:

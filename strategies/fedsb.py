@@ -213,6 +213,16 @@ class FedSB(FedAvgLoRA):
         )
         return super().aggregate_train(server_round, replies)
 
+    def shared_layers(self) -> dict[str, tuple[str | None, str, str]]:
+        """Every layer's delta is ``s B R A`` with ``B`` and ``A`` frozen, shared."""
+        out: dict[str, tuple[str | None, str, str]] = {}
+        for key in self._sent:
+            if key.endswith(".lora_R.weight"):
+                layer = key[: -len(".lora_R.weight")]
+                b_key, r_key, a_key = keys(layer)
+                out[layer] = (b_key, a_key, r_key)
+        return out
+
     def effective_factors(
         self, state: State
     ) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -27,3 +27,12 @@ class FFALoRA(FedAvgLoRA):
     def aggregate_states(self, states: Sequence[State], weights: np.ndarray) -> State:
         """Weighted mean of ``B`` and the head."""
         return ffa_lora(states, weights)
+
+    def shared_layers(self) -> dict[str, tuple[str | None, str, str]]:
+        """Every layer's delta is ``s B A`` with ``A`` frozen and shared."""
+        out: dict[str, tuple[str | None, str, str]] = {}
+        for key in self._sent:
+            if key.endswith(".lora_B.weight"):
+                layer = key[: -len(".lora_B.weight")]
+                out[layer] = (None, f"{layer}.lora_A.weight", key)
+        return out
