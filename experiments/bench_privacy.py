@@ -6,8 +6,8 @@
    process: the ratio ``t_dp / t_plain``.
 2. **Privacy-utility sweep**: SST-2, MiniLM, 3 clients, Dirichlet(0.5), for
    target epsilon in {1, 3, 8} and no DP, strategies FedAvg-LoRA, FFA-LoRA and Fed-SB
-   (1,200 training phrases, 2 rounds, lr 5e-3, 400 dev phrases; ``init=random_orthogonal``
-   in every arm: a data-free init keeps the arms
+   (1,200 training phrases, 2 rounds, lr 5e-3, 400 dev phrases;
+   ``init=random_orthogonal`` in every arm: a data-free init keeps the arms
    comparable and the DP ones private), seeds 0..S-1; one Hydra multirun per arm.
    Reported: mean and standard deviation over seeds of the final dev accuracy.
 
@@ -22,19 +22,14 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from experiments import bench
 from experiments.report import load_runs
-from experiments.server_app import compose, settings
-from fedlora import privacy
-from fedlora.build import build
-from fedlora.data import client_examples
-from fedlora.train import train_local
 
 REPO = Path(__file__).resolve().parent.parent
 STRATEGIES = ["fedavg_lora", "ffa_lora", "fedsb"]
@@ -75,52 +70,7 @@ def common(data: Path, quick: bool) -> list[str]:
 def dp_overhead(data: Path, n: int, threads: int) -> dict[str, float]:
     """Seconds of one local epoch without and with DP-SGD, and their ratio."""
     torch.set_num_threads(threads)
-    plain = settings(
-        compose(
-            common(data, True)
-            + [
-                f"data.max_train_examples={n}",
-                "privacy=dp_sgd",
-                "privacy.poisson_sampling=false",
-            ]
-        )
-    )
-    plain["train"]["device"] = "cpu"
-    times = {}
-    for mode in ("plain", "dp"):
-        model, tok = build(plain)
-        examples, _ = client_examples(plain, tok, 0, 1)
-        t0 = time.perf_counter()
-        if mode == "plain":
-            train_local(
-                model,
-                examples,
-                plain["train"],
-                torch.device("cpu"),
-                tok.pad_token_id,
-                seed=0,
-            )
-        else:
-            p = privacy.plan(plain["privacy"], plain["train"], len(examples), 1)
-            privacy.train_local_dp(
-                model,
-                examples,
-                plain["train"],
-                plain["privacy"],
-                p,
-                privacy.make_accountant(p.accountant),
-                torch.device("cpu"),
-                tok.pad_token_id,
-                seed=0,
-            )
-        times[mode] = time.perf_counter() - t0
-    return {
-        "examples": n,
-        "threads": threads,
-        "plain_s": times["plain"],
-        "dp_s": times["dp"],
-        "ratio_dp_over_plain": times["dp"] / times["plain"],
-    }
+    return bench.dp_overhead(common(data, True), n)
 
 
 def sweep(data: Path, out: Path, seeds: int, quick: bool) -> dict[str, list[float]]:

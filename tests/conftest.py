@@ -18,34 +18,12 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _minilm_tokenizer() -> Any:
-    from transformers import AutoTokenizer
-
-    from fedlora.models import resolve_model_path
-
-    return AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
-
-
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer BERT (hidden 32) with MiniLM's tokenizer, saved to a folder."""
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification
+    from experiments.tiny import save_tiny_bert
 
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        num_labels=2,
-    )
-    BertForSequenceClassification(config).save_pretrained(folder)
-    _minilm_tokenizer().save_pretrained(folder)
-    return folder
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 
 @pytest.fixture(scope="session")
@@ -54,8 +32,10 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from experiments.tiny import minilm_tokenizer
+
     folder = tmp_path_factory.mktemp("tiny_llama")
-    tok = _minilm_tokenizer()
+    tok = minilm_tokenizer()
     tok.eos_token = "[SEP]"
     torch.manual_seed(0)
     config = LlamaConfig(

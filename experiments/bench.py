@@ -1,0 +1,866 @@
+"""Performance benchmark suite: every figure is a ratio against a baseline measured
+in the same invocation (these machines are noisy; absolute times are context).
+
+    HF_HUB_OFFLINE=1 python -m experiments.bench [--out results/bench.json]
+    HF_HUB_OFFLINE=1 python -m experiments.bench --quick    # toy sizes, CI smoke
+
+Measurements (``--only name,name`` runs a subset):
+
+1. ``trainer``: examples/s of our client trainer (``fedlora.train.train_local``) over
+   a minimal PyTorch + PEFT loop (``DataLoader`` + ``DataCollatorWithPadding`` +
+   AdamW) on the same PEFT model, examples, batch size and number of steps.
+2. ``dp``: our DP-SGD trainer (Opacus) over the same trainer without DP, same
+   examples and batches (Poisson sampling off for the comparison).
+3. ``simulation``: a 10-client x 3-round MiniLM simulation (one Ray worker with all
+   cores, so clients run one after another) against the pure training and
+   evaluation time measured inside it (clients' ``train_time`` + ``eval_time``
+   and the server's evaluation).
+4. ``server``: the server's work per round on Llama-2-7B-shaped adapters (32 layers;
+   q, k, v, o, gate, up, down; r = 16, Fed-SB r = 200), per strategy: the method's
+   aggregation against a plain numpy weighted mean over the same arrays, and the
+   whole ``aggregate_train`` (decode, checks, aggregation, diagnostics, encode).
+5. ``bytes``: bytes on the wire (serialized Flower message) per client per round
+   over the raw bytes of the communicated parameters, per strategy, at MiniLM size
+   and Llama-2-7B shapes.
+6. ``memory``: peak RSS of a client process training MiniLM against the same
+   process running the plain loop; of a server process aggregating Llama-shaped
+   adapters against the raw size of the client updates it holds.
+7. ``scale``: a 100-client simulation (10% sampled per round) of a tiny BERT:
+   seconds per round and peak RSS of the process tree, against a 10-client
+   simulation training the same 10 clients per round.
+
+SST-2 is read from ``--data`` (default ``../shared/data/sst2``); without it the
+built-in synthetic task is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+STRATEGIES = ("fedavg_lora", "ffa_lora", "fedsb", "lora_fair")
+MEASUREMENTS = (
+    "trainer",
+    "dp",
+    "simulation",
+    "server",
+    "bytes",
+    "memory",
+    "scale",
+)
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "FLWR_TELEMETRY_ENABLED": "0",
+}
+
+
+# --- helpers -------------------------------------------------------------------------
+def say(msg: str) -> None:
+    print(f"[bench] {msg}", flush=True)
+
+
+def data_overrides(data: Path | None) -> list[str]:
+    """SST-2 from ``data`` when it is there, else the synthetic task."""
+    if data is not None and (data / "train.tsv").is_file():
+        return ["data=sst2", f"data.path={data}"]
+    return ["data=synthetic"]
+
+
+def plain_settings(overrides: list[str]) -> dict[str, Any]:
+    """The validated settings dict the front door would build from ``overrides``."""
+    from experiments.server_app import compose, settings
+
+    plain = settings(compose(overrides))
+    plain["train"]["device"] = "cpu"
+    return plain
+
+
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_rss() -> float:
+    """Restart this process's peak-RSS mark (Linux); returns the current RSS (MB).
+
+    ``getrusage``'s ``ru_maxrss`` is no use here: it survives fork and exec, so a
+    child started by a large parent reports the parent's peak.
+    """
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_mb("VmRSS")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size (MB) since :func:`reset_peak_rss`."""
+    return _status_mb("VmHWM")
+
+
+class TreeMemory:
+    """Samples the summed RSS of a process and its descendants in the background."""
+
+    def __init__(self, pid: int, every: float = 0.2) -> None:
+        self.pid, self.every, self.peak = pid, every, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> TreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            try:
+                root = psutil.Process(self.pid)
+                procs = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                return
+            total = 0
+            for p in procs:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    continue
+            self.peak = max(self.peak, total)
+            self._stop.wait(self.every)
+
+
+def run_front_door(overrides: list[str], run_dir: Path) -> dict[str, Any]:
+    """``python -m experiments.run`` in a subprocess; wall time, peak tree RSS, rows."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.run",
+        *overrides,
+        "quiet=true",
+        f"hydra.run.dir={run_dir}",
+    ]
+    start = time.perf_counter()
+    with subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as proc:
+        with TreeMemory(proc.pid) as mem:
+            out, _ = proc.communicate()
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out[-3000:]}")
+    rows = [
+        json.loads(line)
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
+    return {"wall": wall, "peak_rss_mb": mem.peak / 2**20, "rows": rows}
+
+
+def child(kind: str, args: dict[str, Any]) -> dict[str, Any]:
+    """Run ``_child_<kind>`` in a fresh interpreter (clean peak-RSS figures)."""
+    cmd = [sys.executable, "-m", "experiments.bench", "--child", kind, json.dumps(args)]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=ENV, capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {kind} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def median(values: Sequence[float]) -> float:
+    return float(np.median(np.asarray(values, dtype=float)))
+
+
+# --- 1. trainer ----------------------------------------------------------------------
+def plain_peft_loop(
+    model: Any, examples: list[dict[str, Any]], tokenizer: Any, steps: int, cfg: dict
+) -> float:
+    """The baseline: what a user would write with PyTorch, transformers and PEFT."""
+    import torch
+    from torch.utils.data import DataLoader
+    from transformers import DataCollatorWithPadding
+
+    rows = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
+    loader = DataLoader(
+        rows,
+        batch_size=int(cfg["batch_size"]),
+        shuffle=True,
+        collate_fn=DataCollatorWithPadding(tokenizer),
+        generator=torch.Generator().manual_seed(0),
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=float(cfg["lr"]))
+    model.train()
+    start, done = time.perf_counter(), 0
+    while done < steps:
+        for batch in loader:
+            loss = model(**batch).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            done += 1
+            if done >= steps:
+                break
+    return time.perf_counter() - start
+
+
+def trainer_setup(base: list[str], n: int) -> tuple[dict, Any, Any, list]:
+    """Settings, MiniLM PEFT model, tokenizer and ``n`` tokenised training examples."""
+    from fedlora.build import build
+    from fedlora.data import client_examples
+
+    plain = plain_settings(
+        base + [f"data.max_train_examples={n}", "data.client_eval_fraction=0"]
+    )
+    model, tok = build(plain)
+    examples, _ = client_examples(plain, tok, 0, 1)
+    return plain, model, tok, examples
+
+
+def measure_trainer(base: list[str], n: int, repeats: int) -> dict[str, Any]:
+    """Examples/s of ``train_local`` over the plain PEFT loop (median of repeats,
+    interleaved so both see the same machine load)."""
+    import torch
+
+    from fedlora.train import train_local
+
+    plain, model, tok, examples = trainer_setup(base, n)
+    cfg = dict(plain["train"])
+    steps = math.ceil(len(examples) / int(cfg["batch_size"]))
+    cfg["local_steps"] = steps
+    cpu = torch.device("cpu")
+    ours, baseline = [], []
+    for rep in range(repeats + 1):  # the first pair warms up
+        t_ours = train_local(model, examples, cfg, cpu, tok.pad_token_id, seed=rep)[
+            "train_time"
+        ]
+        t_base = plain_peft_loop(model, examples, tok, steps, cfg)
+        if rep:
+            ours.append(len(examples) / t_ours)
+            baseline.append(len(examples) / t_base)
+    ratio = median(ours) / median(baseline)
+    return {
+        "examples": len(examples),
+        "steps": steps,
+        "batch_size": int(cfg["batch_size"]),
+        "threads": torch.get_num_threads(),
+        "ours_examples_per_s": median(ours),
+        "baseline_examples_per_s": median(baseline),
+        "ratio": ratio,
+        "goal": ">= 0.95",
+        "met": ratio >= 0.95,
+    }
+
+
+# --- 2. DP ---------------------------------------------------------------------------
+def dp_overhead(base: list[str], n: int) -> dict[str, Any]:
+    """Seconds of one local epoch with DP-SGD over the same epoch without DP."""
+    import torch
+
+    from fedlora import privacy
+    from fedlora.train import train_local
+
+    plain, model, tok, examples = trainer_setup(
+        base + ["privacy=dp_sgd", "privacy.poisson_sampling=false"], n
+    )
+    cpu = torch.device("cpu")
+    train_local(model, examples[:32], plain["train"], cpu, tok.pad_token_id, seed=0)
+    t_plain = train_local(
+        model, examples, plain["train"], cpu, tok.pad_token_id, seed=0
+    )["train_time"]
+    p = privacy.plan(plain["privacy"], plain["train"], len(examples), 1)
+    start = time.perf_counter()
+    privacy.train_local_dp(
+        model,
+        examples,
+        plain["train"],
+        plain["privacy"],
+        p,
+        privacy.make_accountant(p.accountant),
+        cpu,
+        tok.pad_token_id,
+        seed=0,
+    )
+    t_dp = time.perf_counter() - start
+    return {
+        "examples": len(examples),
+        "threads": torch.get_num_threads(),
+        "plain_s": t_plain,
+        "dp_s": t_dp,
+        "ratio": t_dp / t_plain,
+        "goal": "report",
+        "met": None,
+    }
+
+
+# --- 3. simulation overhead ----------------------------------------------------------
+def measure_simulation(
+    base: list[str], clients: int, rounds: int, n: int, work: Path
+) -> dict[str, Any]:
+    """Run wall time against the pure compute inside it (clients one at a time)."""
+    cores = os.cpu_count() or 1
+    res = run_front_door(
+        base
+        + [
+            f"federation.num_clients={clients}",
+            f"federation.min_train_clients={clients}",
+            f"federation.rounds={rounds}",
+            "federation.fraction_evaluate=1.0",
+            f"data.max_train_examples={n}",
+            f"data.max_eval_examples={max(n // 5, 32)}",
+            "data.client_eval_fraction=0.1",
+            "simulation.ray_num_cpus=1",  # one worker: clients run one at a time
+            f"train.num_threads={cores}",  # ... with all the cores
+        ],
+        work / "simulation",
+    )
+    rows = res["rows"]
+    compute = {"client_train": 0.0, "client_eval": 0.0, "server_eval": 0.0}
+    for row in rows:
+        compute["client_train"] += sum(
+            c.get("train_time", 0.0) for c in row.get("client_replies") or []
+        )
+        compute["client_eval"] += float(row.get("client_eval_time") or 0.0)
+        compute["server_eval"] += float(row.get("server_eval_time") or 0.0)
+    total = sum(compute.values())
+    rounds_wall = rows[-1]["wall_time"] - rows[0]["wall_time"]
+    rounds_compute = total - float(rows[0].get("server_eval_time") or 0.0)
+    overhead_run = 1 - total / res["wall"]
+    overhead_rounds = 1 - rounds_compute / rounds_wall
+    return {
+        "clients": clients,
+        "rounds": rounds,
+        "train_examples": n,
+        "process_wall_s": res["wall"],
+        "server_wall_s": rows[-1]["wall_time"],
+        "rounds_wall_s": rounds_wall,
+        "compute_s": compute,
+        "ratio": res["wall"] / total,
+        "overhead_share_of_run": overhead_run,
+        "overhead_share_of_rounds": overhead_rounds,
+        "server_aggregate_s": sum(
+            float(r.get("server_aggregate_time") or 0.0) for r in rows
+        ),
+        "goal": "overhead <= 10% of the run",
+        "met": overhead_run <= 0.10,
+    }
+
+
+# --- 4. server aggregation -----------------------------------------------------------
+def llm_states(
+    method: str, r: int, clients: int, layers: int, seed: int = 0
+) -> tuple[list[dict[str, np.ndarray]], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Client updates, the sent global state and the frozen factors of a
+    Llama-2-7B-shaped adapter (``layers`` decoder layers; float32)."""
+    from fedlora.comm import MODEL_SHAPES
+
+    _, per_layer = MODEL_SHAPES["llama-2-7b"]
+    names = ("q_proj", "k_proj", "v_proj", "o_proj")
+    names += ("gate_proj", "up_proj", "down_proj")
+    rng = np.random.default_rng(seed)
+
+    def rand(*shape: int) -> np.ndarray:
+        return rng.standard_normal(shape, dtype=np.float32) * 0.02
+
+    sent: dict[str, np.ndarray] = {}
+    frozen: dict[str, np.ndarray] = {}
+    for i in range(layers):
+        for name, (d_out, d_in) in zip(names, per_layer, strict=True):
+            layer = f"model.layers.{i}.{name}"
+            a, b = f"{layer}.lora_A.weight", f"{layer}.lora_B.weight"
+            if method in ("fedavg_lora", "lora_fair"):
+                sent[a], sent[b] = rand(r, d_in), rand(d_out, r)
+            elif method == "ffa_lora":
+                frozen[a], sent[b] = rand(r, d_in), rand(d_out, r)
+            else:  # fedsb: B and A frozen, R (r x r) sent
+                frozen[a], frozen[b] = rand(r, d_in), rand(d_out, r)
+                sent[f"{layer}.lora_R.weight"] = rand(r, r)
+    states = [{k: v + rand(*v.shape) for k, v in sent.items()} for _ in range(clients)]
+    return states, sent, frozen
+
+
+def numpy_mean(states: Sequence[dict[str, np.ndarray]], p: np.ndarray) -> dict:
+    """The baseline: a plain numpy weighted mean, key by key."""
+    return {
+        k: np.average(np.stack([s[k] for s in states]), axis=0, weights=p)
+        for k in states[0]
+    }
+
+
+def make_strategy(method: str, frozen: dict[str, np.ndarray]) -> Any:
+    from strategies.fedavg_lora import FedAvgLoRA
+    from strategies.fedsb import FedSB
+    from strategies.ffa_lora import FFALoRA
+    from strategies.lora_fair import LoRAFAIR
+
+    cls = {
+        "fedavg_lora": FedAvgLoRA,
+        "ffa_lora": FFALoRA,
+        "fedsb": FedSB,
+        "lora_fair": LoRAFAIR,
+    }[method]
+    kwargs: dict[str, Any] = {"min_available_nodes": 1}
+    if method == "fedsb":
+        kwargs["init"] = "random_orthogonal"
+    strategy = cls(**kwargs)
+    strategy.frozen = frozen
+    return strategy
+
+
+def replies(states: list[dict[str, np.ndarray]], sent: dict[str, np.ndarray]) -> list:
+    """Flower reply messages carrying ``states`` (a fake run identity)."""
+    from flwr.app import Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from strategies.wire import state_to_record
+
+    for field in ("_run_id", "_task_id", "_node_id"):
+        setattr(TaskIdentity, field, 1)
+    sent_record = state_to_record(sent)
+    out = []
+    for node, state in enumerate(states, start=1):
+        msg = Message(
+            content=RecordDict({"arrays": sent_record}),
+            dst_node_id=node,
+            message_type="train",
+        )
+        content = RecordDict(
+            {
+                "arrays": state_to_record(state),
+                "metrics": MetricRecord(
+                    {"num-examples": 100 + node, "partition-id": node}
+                ),
+            }
+        )
+        reply = Message(content=content, reply_to=msg)
+        reply.metadata.__dict__["_src_node_id"] = node
+        out.append(reply)
+    return out
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` calls."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return median(times)
+
+
+def server_arm(
+    method: str, r: int, solver: str | None, clients: int, layers: int, repeats: int
+) -> dict[str, Any]:
+    """One strategy's server round on LLM shapes, against a numpy weighted mean."""
+    from fedlora.aggregation import client_weights
+    from strategies.wire import record_to_state, state_to_record
+
+    states, sent, frozen = llm_states(method, r, clients, layers)
+    strategy = make_strategy(method, frozen)
+    if solver:
+        strategy.solver = solver
+    p = client_weights([100 + k for k in range(1, clients + 1)], "num_examples")
+    t_mean = timed(lambda: numpy_mean(states, p), repeats)
+    t_agg = timed(lambda: strategy.aggregate_states(states, p), repeats)
+    msgs = replies(states, sent)
+
+    def server_round() -> None:
+        strategy._sent = record_to_state(state_to_record(sent))
+        strategy.round_log = {1: {"clients_sampled": clients}}
+        strategy.aggregate_train(1, msgs)
+
+    t_round = timed(server_round, repeats)
+    return {
+        "mb_per_client": sum(v.nbytes for v in states[0].values()) / 2**20,
+        "numpy_mean_s": t_mean,
+        "aggregate_s": t_agg,
+        "ratio": t_agg / t_mean,
+        "aggregate_train_s": t_round,
+        "aggregate_train_over_mean": t_round / t_mean,
+        "aggregation_error": strategy.round_log[1].get("aggregation_error"),
+        "goal": "ratio <= 2" if not solver else "report (s/round)",
+        "met": (t_agg / t_mean <= 2.0) if not solver else None,
+    }
+
+
+def measure_server(layers: int, clients: int, repeats: int) -> dict[str, Any]:
+    """Per strategy: aggregation vs numpy mean, and the whole aggregate_train."""
+    out: dict[str, Any] = {"layers": layers, "clients": clients}
+    arms = [(m, 16, None) for m in STRATEGIES[:3]] + [("fedsb", 200, None)]
+    arms += [("lora_fair", 16, "ridge"), ("lora_fair", 16, "gd")]
+    for method, r, solver in arms:
+        name = f"{method}_r{r}" + (f"_{solver}" if solver else "")
+        # LoRA-FAIR's gd solver runs for seconds: once is enough
+        v = server_arm(method, r, solver, clients, layers, 1 if solver else repeats)
+        out[name] = v
+        say(
+            f"server {name}: mean {v['numpy_mean_s']:.3f}s, aggregate "
+            f"{v['aggregate_s']:.3f}s ({v['ratio']:.2f}x), aggregate_train "
+            f"{v['aggregate_train_s']:.3f}s"
+        )
+    return out
+
+
+# --- 5. bytes on the wire ------------------------------------------------------------
+def wire_ratio(state: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Serialized reply (arrays + metrics) over raw bytes of the arrays."""
+    from flwr.app import MetricRecord, RecordDict
+
+    from fedlora.comm import raw_bytes
+    from strategies.wire import payload_bytes, state_to_record
+
+    content = RecordDict(
+        {
+            "arrays": state_to_record(state),
+            "metrics": MetricRecord({"num-examples": 100, "train_loss": 0.5}),
+        }
+    )
+    wire, raw = payload_bytes(content), raw_bytes(state)
+    ratio = wire / raw
+    big = raw >= 2**20
+    return {
+        "raw_bytes": raw,
+        "wire_bytes": wire,
+        "ratio": ratio,
+        "overhead_bytes": wire - raw,
+        "overhead_bytes_per_array": (wire - raw) / max(len(state), 1),
+        "goal": "<= 1.02" if big else "report overhead",
+        "met": ratio <= 1.02 if big else None,
+    }
+
+
+def measure_bytes(base: list[str], layers: int) -> dict[str, Any]:
+    """Every strategy at MiniLM size (its real trainable state) and LLM shapes."""
+    from fedlora.adapters import get_state
+    from fedlora.build import build
+
+    out: dict[str, Any] = {}
+    rng = np.random.default_rng(0)
+    for method in STRATEGIES:
+        plain = plain_settings(base + [f"strategy={method}"])
+        model, _ = build(plain)
+        # as after training: B (zero at init) no longer repeats, nothing dedups
+        trained = {
+            k: v + rng.standard_normal(v.shape, dtype=np.float32) * 0.01
+            for k, v in get_state(model).items()
+        }
+        out[f"minilm_{method}"] = wire_ratio(trained)
+        r = 200 if method == "fedsb" else 16
+        states, _, _ = llm_states(method, r, 1, layers)
+        out[f"llama_{method}_r{r}"] = wire_ratio(states[0])
+    return out
+
+
+# --- 6. memory -----------------------------------------------------------------------
+def _child_client(args: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from fedlora.train import train_local
+
+    plain, model, tok, examples = trainer_setup(args["base"], args["n"])
+    before = reset_peak_rss()
+    if args["mode"] == "ours":
+        train_local(
+            model, examples, plain["train"], torch.device("cpu"), tok.pad_token_id, 0
+        )
+    else:
+        steps = math.ceil(len(examples) / int(plain["train"]["batch_size"]))
+        plain_peft_loop(model, examples, tok, steps, plain["train"])
+    return {"peak_rss_mb": peak_rss_mb(), "before_training_mb": before}
+
+
+def _child_server(args: dict[str, Any]) -> dict[str, Any]:
+    from strategies.wire import record_to_state, state_to_record
+
+    states, sent, frozen = llm_states(
+        args["method"], args["r"], args["clients"], args["layers"]
+    )
+    strategy = make_strategy(args["method"], frozen)
+    msgs = replies(states, sent)
+    raw = sum(v.nbytes for s in states for v in s.values()) / 2**20
+    del states  # the server holds the replies, not our copies
+    before = reset_peak_rss()
+    strategy._sent = record_to_state(state_to_record(sent))
+    strategy.round_log = {1: {"clients_sampled": args["clients"]}}
+    strategy.aggregate_train(1, msgs)
+    return {"peak_rss_mb": peak_rss_mb(), "before_mb": before, "updates_mb": raw}
+
+
+def measure_memory(base: list[str], n: int, layers: int, clients: int) -> dict:
+    """Peak RSS: client (ours vs plain loop); server (vs raw updates it holds)."""
+    ours = child("client", {"base": base, "n": n, "mode": "ours"})
+    plain = child("client", {"base": base, "n": n, "mode": "plain"})
+    server = child(
+        "server",
+        {"method": "fedavg_lora", "r": 16, "clients": clients, "layers": layers},
+    )
+    return {
+        "client_peak_rss_mb": ours["peak_rss_mb"],
+        "client_before_training_mb": ours["before_training_mb"],
+        "client_plain_loop_peak_rss_mb": plain["peak_rss_mb"],
+        "client_ratio": ours["peak_rss_mb"] / plain["peak_rss_mb"],
+        "server_peak_rss_mb": server["peak_rss_mb"],
+        "server_before_round_mb": server["before_mb"],
+        "server_updates_mb": server["updates_mb"],
+        "server_round_extra_over_updates": (
+            (server["peak_rss_mb"] - server["before_mb"]) / server["updates_mb"]
+        ),
+        "goal": "report",
+        "met": None,
+    }
+
+
+# --- 7. scale ------------------------------------------------------------------------
+def measure_scale(clients: int, rounds: int, per_client: int, work: Path) -> dict:
+    """Seconds per round and peak memory with ``clients`` nodes, 10% sampled,
+    against ``clients // 10`` nodes all sampled (the same work per round)."""
+    from experiments.tiny import save_tiny_bert
+
+    model = save_tiny_bert(work / "tiny_bert")
+    sampled = max(clients // 10, 2)
+
+    def sim(num: int, fraction: float, tag: str) -> dict[str, Any]:
+        res = run_front_door(
+            [
+                f"model.name={model}",
+                "data=synthetic",
+                f"data.num_examples={num * per_client}",
+                "data.num_eval_examples=64",
+                "data.client_eval_fraction=0",
+                f"federation.num_clients={num}",
+                f"federation.fraction_train={fraction}",
+                f"federation.min_train_clients={sampled}",
+                "federation.fraction_evaluate=0",
+                f"federation.rounds={rounds}",
+                "train.batch_size=16",
+            ],
+            work / tag,
+        )
+        rows = res["rows"]
+        per_round = (rows[-1]["wall_time"] - rows[0]["wall_time"]) / rounds
+        return {
+            "per_round_s": per_round,
+            "peak_rss_mb": res["peak_rss_mb"],
+            "process_wall_s": res["wall"],
+            "clients_per_round": [r.get("clients") for r in rows[1:]],
+        }
+
+    big = sim(clients, 0.1, "scale_big")
+    small = sim(sampled, 1.0, "scale_small")
+    return {
+        "clients": clients,
+        "sampled_per_round": sampled,
+        "rounds": rounds,
+        "big": big,
+        "baseline": small,
+        "ratio": big["per_round_s"] / small["per_round_s"],
+        "memory_ratio": big["peak_rss_mb"] / small["peak_rss_mb"],
+        "goal": "completes",
+        "met": all(c == sampled for c in big["clients_per_round"]),
+    }
+
+
+# --- report --------------------------------------------------------------------------
+def table(results: dict[str, Any]) -> str:
+    """One markdown row per figure: value, baseline, ratio, goal, met."""
+    lines = [
+        "| measurement | ours | baseline | ratio | goal | met |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def row(name: str, ours: str, base: str, ratio: float, goal: str, met: Any):
+        mark = "-" if met is None else ("yes" if met else "**no**")
+        lines.append(f"| {name} | {ours} | {base} | {ratio:.3f} | {goal} | {mark} |")
+
+    if "trainer" in results:
+        t = results["trainer"]
+        row(
+            "trainer throughput (ex/s)",
+            f"{t['ours_examples_per_s']:.1f}",
+            f"{t['baseline_examples_per_s']:.1f} (plain PEFT loop)",
+            t["ratio"],
+            t["goal"],
+            t["met"],
+        )
+    if "dp" in results:
+        d = results["dp"]
+        row(
+            "DP-SGD epoch (s)",
+            f"{d['dp_s']:.1f}",
+            f"{d['plain_s']:.1f} (no DP)",
+            d["ratio"],
+            "report",
+            None,
+        )
+    if "simulation" in results:
+        s = results["simulation"]
+        row(
+            f"simulation {s['clients']}x{s['rounds']} wall (s)",
+            f"{s['process_wall_s']:.1f}",
+            f"{sum(s['compute_s'].values()):.1f} (compute inside)",
+            s["ratio"],
+            f"overhead {s['overhead_share_of_run']:.0%} of run "
+            f"({s['overhead_share_of_rounds']:.0%} of rounds); <= 10%",
+            s["met"],
+        )
+    if "server" in results:
+        for name, v in results["server"].items():
+            if not isinstance(v, dict):
+                continue
+            row(
+                f"server {name} ({v['mb_per_client']:.0f} MB/client)",
+                f"{v['aggregate_s']:.3f} s agg; {v['aggregate_train_s']:.2f} s round",
+                f"{v['numpy_mean_s']:.3f} s (numpy mean)",
+                v["ratio"],
+                v["goal"],
+                v["met"],
+            )
+    if "bytes" in results:
+        for name, v in results["bytes"].items():
+            row(
+                f"bytes {name}",
+                f"{v['wire_bytes']:,}",
+                f"{v['raw_bytes']:,} (raw)",
+                v["ratio"],
+                f"{v['goal']} (+{v['overhead_bytes']:,} B)",
+                v["met"],
+            )
+    if "memory" in results:
+        m = results["memory"]
+        row(
+            "client peak RSS (MB)",
+            f"{m['client_peak_rss_mb']:.0f}",
+            f"{m['client_plain_loop_peak_rss_mb']:.0f} (plain loop)",
+            m["client_ratio"],
+            "report",
+            None,
+        )
+        row(
+            "server round extra RSS (MB)",
+            f"{m['server_peak_rss_mb'] - m['server_before_round_mb']:.0f}",
+            f"{m['server_updates_mb']:.0f} (updates held)",
+            m["server_round_extra_over_updates"],
+            f"report (peak {m['server_peak_rss_mb']:.0f} MB)",
+            None,
+        )
+    if "scale" in results:
+        c = results["scale"]
+        row(
+            f"scale {c['clients']} clients, s/round",
+            f"{c['big']['per_round_s']:.2f} ({c['big']['peak_rss_mb']:.0f} MB)",
+            f"{c['baseline']['per_round_s']:.2f} ({c['baseline']['peak_rss_mb']:.0f}"
+            f" MB, {c['sampled_per_round']} clients)",
+            c["ratio"],
+            "completes",
+            c["met"],
+        )
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "load_average": os.getloadavg(),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="fedlora performance benchmarks.")
+    ap.add_argument("--out", type=Path, default=REPO / "results/bench.json")
+    ap.add_argument("--data", type=Path, default=REPO.parent / "shared/data/sst2")
+    ap.add_argument("--quick", action="store_true", help="toy sizes, seconds")
+    ap.add_argument(
+        "--only", default="", help=f"comma list of {','.join(MEASUREMENTS)}"
+    )
+    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:  # an internal measurement process
+        fn = {"client": _child_client, "server": _child_server}[args.child[0]]
+        print(json.dumps(fn(json.loads(args.child[1]))))
+        return
+    only = [m for m in args.only.split(",") if m] or list(MEASUREMENTS)
+    unknown = sorted(set(only) - set(MEASUREMENTS))
+    if unknown:
+        raise SystemExit(f"--only {unknown}: choose from {', '.join(MEASUREMENTS)}")
+    q = args.quick
+    base = data_overrides(args.data)
+    say(f"data: {base}; quick={q}")
+    sizes = {
+        "trainer_n": 64 if q else 512,
+        "repeats": 1 if q else 3,
+        "dp_n": 64 if q else 512,
+        "sim": (2, 1, 80) if q else (10, 3, 1000),
+        "layers": 2 if q else 32,
+        "server_clients": 3 if q else 4,
+        "scale": (20, 1, 10) if q else (100, 3, 20),
+    }
+    results: dict[str, Any] = {}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fedlora-bench-") as tmp:
+        work = Path(tmp)
+        steps: dict[str, Callable[[], Any]] = {
+            "trainer": lambda: measure_trainer(
+                base, sizes["trainer_n"], sizes["repeats"]
+            ),
+            "dp": lambda: dp_overhead(base, sizes["dp_n"]),
+            "simulation": lambda: measure_simulation(base, *sizes["sim"], work),
+            "server": lambda: measure_server(
+                sizes["layers"], sizes["server_clients"], sizes["repeats"]
+            ),
+            "bytes": lambda: measure_bytes(base, sizes["layers"]),
+            "memory": lambda: measure_memory(
+                base, sizes["trainer_n"], sizes["layers"], sizes["server_clients"]
+            ),
+            "scale": lambda: measure_scale(*sizes["scale"], work),
+        }
+        for name in only:
+            say(f"{name} ...")
+            t0 = time.perf_counter()
+            results[name] = steps[name]()
+            say(f"{name} done in {time.perf_counter() - t0:.1f}s")
+    report = {
+        "machine": machine(),
+        "quick": q,
+        "data": base,
+        "seconds": time.perf_counter() - started,
+        "results": results,
+        "table": table(results),
+    }
+    print(report["table"])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, default=float) + "\n")
+    say(f"written: {args.out} ({report['seconds']:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()

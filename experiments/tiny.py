@@ -1,0 +1,36 @@
+"""Tiny models built in-process (no downloads): for tests, smoke runs and the
+scale benchmark. They reuse MiniLM's tokenizer, so every data path works."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def minilm_tokenizer() -> Any:
+    """The packaged all-MiniLM-L6-v2 tokenizer (offline)."""
+    from transformers import AutoTokenizer
+
+    from fedlora.models import resolve_model_path
+
+    return AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+
+
+def save_tiny_bert(folder: Path) -> Path:
+    """A 2-layer BERT (hidden 32, 2 labels) with MiniLM's tokenizer, in ``folder``."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=2,
+    )
+    BertForSequenceClassification(config).save_pretrained(folder)
+    minilm_tokenizer().save_pretrained(folder)
+    return folder
