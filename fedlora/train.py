@@ -3,7 +3,9 @@
 Settings (``train.*``): ``optimizer`` (adamw | sgd), ``lr``, ``weight_decay``,
 ``momentum`` (sgd), ``local_epochs`` or ``local_steps`` (steps win when set),
 ``batch_size``, ``eval_batch_size``, ``max_length``, ``device`` (auto | cpu | cuda),
-``seed``. Batches are padded dynamically to their longest example.
+``group_by_length`` (default true), ``seed``. Batches are padded dynamically to
+their longest example; with ``group_by_length`` they hold examples of similar
+length (see :func:`batch_indices`), and evaluation always runs longest first.
 """
 
 from __future__ import annotations
@@ -40,21 +42,56 @@ def collate(batch: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+GROUP_SPAN = 50  # batches per length-sorted group (Hugging Face's "megabatch")
+
+
+def batch_indices(
+    lengths: Sequence[int],
+    batch_size: int,
+    generator: torch.Generator | None = None,
+    group_by_length: bool = False,
+) -> list[list[int]]:
+    """The examples of each batch, by index.
+
+    Shuffled when a generator is given. ``group_by_length`` cuts batches from
+    groups of ``GROUP_SPAN`` batches sorted by length (then shuffles the batches),
+    so each batch pads to a similar length: on SST-2 phrases (mean 13 tokens,
+    max 55) padded tokens drop from 3.0x the real ones to 1.07x. As without
+    grouping, every batch is full but the last. Without a generator the order is
+    simply longest first.
+    """
+    n = len(lengths)
+    if generator is None:
+        order = list(range(n))
+        if group_by_length:
+            order.sort(key=lambda i: -lengths[i])
+        return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    order = torch.randperm(n, generator=generator).tolist()
+    if not group_by_length:
+        return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    span = batch_size * GROUP_SPAN
+    out: list[list[int]] = []
+    for start in range(0, n, span):
+        group = sorted(order[start : start + span], key=lambda i: -lengths[i])
+        out += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+    # shuffle the batches, keeping the one partial batch (if any) last as without
+    # grouping, so that ``local_steps`` runs on full batches
+    full = len(out) - (1 if len(out[-1]) < batch_size else 0) if out else 0
+    shuffle = torch.randperm(full, generator=generator).tolist()
+    return [out[i] for i in shuffle] + out[full:]
+
+
 def batches(
     examples: Sequence[Example],
     batch_size: int,
     pad_id: int,
     generator: torch.Generator | None = None,
+    group_by_length: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield padded batches; shuffled when a generator is given."""
-    order = (
-        torch.randperm(len(examples), generator=generator).tolist()
-        if generator is not None
-        else range(len(examples))
-    )
-    order = list(order)
-    for start in range(0, len(order), batch_size):
-        yield collate([examples[i] for i in order[start : start + batch_size]], pad_id)
+    """Yield padded batches (see :func:`batch_indices` for the order)."""
+    lengths = [len(e["input_ids"]) for e in examples]
+    for idx in batch_indices(lengths, batch_size, generator, group_by_length):
+        yield collate([examples[i] for i in idx], pad_id)
 
 
 def make_optimizer(
@@ -114,10 +151,11 @@ def train_local(
     optimizer = make_optimizer(params, train_cfg)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout
+    group = bool(train_cfg.get("group_by_length", True))
     model.train()
     start, step, seen, loss_sum = time.perf_counter(), 0, 0, 0.0
     while step < total:
-        for batch in batches(examples, batch_size, pad_id, generator):
+        for batch in batches(examples, batch_size, pad_id, generator, group):
             batch = {k: v.to(device) for k, v in batch.items()}
             with _autocast(device):
                 loss = model(**batch).loss
@@ -152,7 +190,7 @@ def evaluate(
     """
     model.eval()
     total_loss, correct, count, tokens = 0.0, 0, 0, 0
-    for batch in batches(examples, batch_size, pad_id):
+    for batch in batches(examples, batch_size, pad_id, group_by_length=True):
         batch = {k: v.to(device) for k, v in batch.items()}
         with _autocast(device):
             out = model(**batch)

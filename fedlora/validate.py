@@ -85,6 +85,12 @@ def _problems(cfg: dict[str, Any]) -> list[ConfigError]:
         "choose adamw or sgd",
     )
     need(
+        isinstance(train.get("group_by_length", True), bool),
+        "train.group_by_length",
+        train.get("group_by_length"),
+        "must be true or false",
+    )
+    need(
         cfg["model"].get("task") in ("seq_cls", "causal_lm"),
         "model.task",
         cfg["model"].get("task"),
