@@ -1,0 +1,58 @@
+"""The performance benchmark's building blocks, at toy sizes (no timings asserted)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from experiments import bench
+
+
+@pytest.mark.parametrize("method", ["fedavg_lora", "ffa_lora", "fedsb", "lora_fair"])
+def test_server_round_on_llama_shapes_runs_every_strategy(method):
+    out = bench.server_arm(method, 4, None, clients=3, layers=1, repeats=1)
+    assert out["numpy_mean_s"] > 0 and out["aggregate_train_s"] > 0
+    if method in ("ffa_lora", "fedsb"):  # exact methods, through the fast diagnostic
+        assert out["aggregation_error"] < 1e-5
+    else:
+        assert out["aggregation_error"] > 1e-3
+
+
+def test_llama_shaped_states_have_the_calculators_parameter_counts():
+    from fedlora.comm import layer_shapes, round_parameters
+
+    shapes = layer_shapes("llama-2-7b")[:7]  # one decoder layer
+    for method, r in [("fedavg_lora", 16), ("ffa_lora", 16), ("fedsb", 200)]:
+        states, sent, _ = bench.llm_states(method, r, 1, 1)
+        assert sum(v.size for v in sent.values()) == round_parameters(shapes, r, method)
+        assert states[0].keys() == sent.keys()
+
+
+def test_wire_ratio_of_a_large_payload_is_within_two_percent():
+    rng = np.random.default_rng(0)
+    state = {f"l{i}.lora_B.weight": rng.standard_normal((512, 64)) for i in range(8)}
+    out = bench.wire_ratio({k: v.astype(np.float32) for k, v in state.items()})
+    assert out["raw_bytes"] == 8 * 512 * 64 * 4
+    assert 1.0 <= out["ratio"] <= 1.02 and out["met"]
+
+
+def test_table_has_a_row_per_figure_and_flags_unmet_goals():
+    results = {
+        "trainer": {
+            "ours_examples_per_s": 90.0,
+            "ours_ungrouped_examples_per_s": 50.0,
+            "baseline_examples_per_s": 60.0,
+            "ratio": 1.5,
+            "ratio_ungrouped": 0.83,
+            "goal": ">= 0.95",
+            "met": True,
+        }
+    }
+    rows = bench.table(results).splitlines()
+    assert len(rows) == 4
+    assert "| yes |" in rows[2] and "**no**" in rows[3]
+
+
+def test_unknown_measurement_is_refused_with_the_choices():
+    with pytest.raises(SystemExit, match="trainer"):
+        bench.main(["--only", "speed"])
