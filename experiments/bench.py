@@ -308,9 +308,9 @@ def dp_overhead(base: list[str], n: int) -> dict[str, Any]:
     cpu = torch.device("cpu")
     same_batches = {**plain["train"], "group_by_length": False}  # as DP-SGD's
     train_local(model, examples[:32], same_batches, cpu, tok.pad_token_id, seed=0)
-    t_plain = train_local(
-        model, examples, same_batches, cpu, tok.pad_token_id, seed=0
-    )["train_time"]
+    t_plain = train_local(model, examples, same_batches, cpu, tok.pad_token_id, seed=0)[
+        "train_time"
+    ]
     p = privacy.plan(plain["privacy"], plain["train"], len(examples), 1)
     start = time.perf_counter()
     privacy.train_local_dp(
