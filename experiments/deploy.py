@@ -12,6 +12,10 @@ ClientApp process per message). Then it submits the
 experiment with ``flwr run . <connection> --run-config <toml>`` (the Hydra overrides
 and the output directory), waits for ``finished:completed``, checks the run directory
 and stops every process it started, by PID, also when the run fails.
+
+Fault drills: :meth:`Services.kill` SIGKILLs one service's process group and
+:meth:`Services.restart` starts it again with the same flags; a ``watch`` callback
+given to :func:`deploy` sees the run's log as it grows and may call them mid-run.
 """
 
 from __future__ import annotations
@@ -225,6 +229,20 @@ class Services:
     def log(self, name: str) -> Path:
         return self.plan.work / f"{name}.log"
 
+    def kill(self, name: str) -> None:
+        """SIGKILL service ``name``'s process group (a crash, for fault drills), reap
+        it and stop expecting it: :meth:`check_alive` no longer raises for it."""
+        proc = self.procs.pop(name)
+        _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def restart(self, name: str) -> subprocess.Popen[bytes]:
+        """Start service ``name`` again, as :func:`start` did: the same command line
+        (a SuperNode keeps its node config and port), log and ``FLWR_HOME``."""
+        if name in self.procs:
+            raise RuntimeError(f"{name} is running; kill it first")
+        return self.start(name, commands(self.plan)[name])
+
     def check_alive(self) -> None:
         """Raise, with the end of its log, when a service has exited."""
         for name in commands(self.plan).keys() & self.procs.keys():
@@ -413,12 +431,25 @@ def start(plan: Plan, services: Services, timeout: float = 120) -> None:
         )
 
 
+#: ``watch(services, lines)``: called about once a second while a run is going, with
+#: the complete lines its log (the ServerApp's output) gained since the last call
+#: (often none); e.g. ``[fedlora] round 1/3: ...`` once round 1 has ended
+Watch = Callable[[Services, list[str]], None]
+
+
 def run_experiment(
-    plan: Plan, services: Services, overrides: list[str], out: Path, timeout: float
+    plan: Plan,
+    services: Services,
+    overrides: list[str],
+    out: Path,
+    timeout: float,
+    watch: Watch | None = None,
 ) -> dict[str, Any]:
     """``flwr run`` the experiment, wait for it to finish; return its ``flwr ls`` row.
 
-    Raises if the run does not end as ``finished:completed`` within ``timeout``.
+    ``watch`` (see :data:`Watch`) may inject faults mid-run, e.g. kill a SuperNode
+    when a round starts. Raises if the run does not end as ``finished:completed``
+    within ``timeout``.
     """
     (out / "summary.json").unlink(missing_ok=True)
     run_config = plan.work / "run-config.toml"
@@ -439,13 +470,15 @@ def run_experiment(
     )
     shown = 0
 
-    def show_progress() -> None:  # the ServerApp's "[fedlora] round ..." lines
+    def show_progress() -> list[str]:  # the ServerApp's "[fedlora] round ..." lines
         nonlocal shown
-        lines = tail(services.log("run"), 10**8).splitlines()
-        for line in lines[shown:]:
+        text = tail(services.log("run"), 10**8)
+        lines = text[: text.rfind("\n") + 1].splitlines()  # complete lines only
+        new, shown = lines[shown:], len(lines)
+        for line in new:
             if line.startswith("[fedlora]"):
                 print(line, flush=True)
-        shown = len(lines)
+        return new
 
     # `flwr ls` costs a second of CPU: ask every 15 s, and as soon as the ServerApp
     # process (a child of superexec-serverapp) has come and gone
@@ -453,7 +486,9 @@ def run_experiment(
     seen = ended = False
     while True:
         time.sleep(1)
-        show_progress()
+        lines = show_progress()
+        if watch is not None:
+            watch(services, lines)
         services.check_alive()
         running = bool(_descendants(services.procs["superexec-serverapp"].pid))
         ended, seen = ended or (seen and not running), seen or running
@@ -486,7 +521,11 @@ def check_run_dir(out: Path) -> None:
 
 
 def deploy(
-    overrides: list[str], plan: Plan, out: Path, timeout: float = 3600
+    overrides: list[str],
+    plan: Plan,
+    out: Path,
+    timeout: float = 3600,
+    watch: Watch | None = None,
 ) -> dict[str, Any]:
     """Start the deployment, run the experiment, check ``out``, stop everything.
 
@@ -500,6 +539,8 @@ def deploy(
         The run directory the ServerApp fills.
     timeout : float
         Seconds the run may take.
+    watch : callable, optional
+        Called while the run goes on, to inject faults (see :data:`Watch`).
 
     Returns
     -------
@@ -519,7 +560,7 @@ def deploy(
     try:
         start(plan, services)
         ready = time.perf_counter()
-        row = run_experiment(plan, services, overrides, out, timeout)
+        row = run_experiment(plan, services, overrides, out, timeout, watch)
         check_run_dir(out)
     finally:
         services.stop()
@@ -581,7 +622,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     become_subreaper()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop services first
-    n = int(cfg["federation"]["num_clients"])  # the strategy waits for all of them
+    n = int(cfg["federation"]["num_clients"])  # one SuperNode per client
     work = args.work or Path(tempfile.mkdtemp(prefix="fedlora-deploy-"))
     out = args.out or ROOT / "outputs/deployment" / time.strftime("%Y-%m-%d_%H-%M-%S")
     plan = Plan(work, n, tls=args.tls, auth=args.auth)

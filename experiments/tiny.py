@@ -34,3 +34,28 @@ def save_tiny_bert(folder: Path) -> Path:
     BertForSequenceClassification(config).save_pretrained(folder)
     minilm_tokenizer().save_pretrained(folder)
     return folder
+
+
+def save_tiny_llama(folder: Path) -> Path:
+    """A 2-layer Llama (hidden 32) with MiniLM's word pieces as its vocabulary."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = minilm_tokenizer()
+    tok.eos_token = "[SEP]"
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.cls_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

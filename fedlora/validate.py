@@ -37,6 +37,8 @@ def _problems(cfg: dict[str, Any]) -> list[ConfigError]:
     positive_int(fed, "federation", "num_clients")
     positive_int(fed, "federation", "rounds")
     positive_int(fed, "federation", "min_train_clients")
+    if "min_available_clients" in fed:  # absent in settings saved before it existed
+        positive_int(fed, "federation", "min_available_clients")
     positive_int(train, "train", "batch_size")
     positive_int(train, "train", "max_length")
     positive_int(adapter, "adapter", "r")
@@ -57,6 +59,16 @@ def _problems(cfg: dict[str, Any]) -> list[ConfigError]:
             fed["min_train_clients"],
             f"cannot exceed federation.num_clients="
             f"{fed['num_clients']}; lower it or add clients",
+        )
+    if isinstance(fed.get("num_clients"), int) and isinstance(
+        fed.get("min_available_clients"), int
+    ):
+        need(
+            fed["min_available_clients"] <= fed["num_clients"],
+            "federation.min_available_clients",
+            fed["min_available_clients"],
+            f"cannot exceed federation.num_clients={fed['num_clients']}: rounds "
+            "would wait for nodes that do not exist",
         )
     need(
         isinstance(train.get("lr"), (int, float)) and train["lr"] > 0,

@@ -29,30 +29,9 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer Llama (hidden 32) with MiniLM's word pieces as its vocabulary."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from experiments.tiny import save_tiny_llama
 
-    from experiments.tiny import minilm_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    tok = minilm_tokenizer()
-    tok.eos_token = "[SEP]"
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.cls_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 BASE_SETTINGS: dict[str, Any] = {

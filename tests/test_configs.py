@@ -44,6 +44,12 @@ def test_every_strategy_instantiates(option):
     assert strategy.min_available_nodes == cfg.federation.num_clients
 
 
+@pytest.mark.parametrize("option", GROUPS["strategy"])
+def test_min_available_clients_sets_the_nodes_a_round_waits_for(option):
+    cfg = compose([f"strategy={option}", "federation.min_available_clients=2"])
+    assert instantiate(cfg.strategy, scaling=2.0).min_available_nodes == 2
+
+
 def test_unknown_strategy_lists_the_options():
     with pytest.raises(MissingConfigException, match="fedavg_lora"):
         compose(["strategy=fedsgd"])
@@ -54,6 +60,8 @@ def test_unknown_strategy_lists_the_options():
     [
         ("federation.num_clients=0", "federation.num_clients"),
         ("federation.min_train_clients=9", "federation.min_train_clients"),
+        ("federation.min_available_clients=9", "federation.min_available_clients"),
+        ("federation.min_available_clients=0", "federation.min_available_clients"),
         ("federation.fraction_train=1.5", "federation.fraction_train"),
         ("train.lr=-1", "train.lr"),
         ("adapter.target_modules=[]", "adapter.target_modules"),

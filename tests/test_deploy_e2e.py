@@ -1,13 +1,15 @@
 """End to end: real deployments (SuperLink + SuperNodes over gRPC) of the experiment
 the simulation runs, on 127.0.0.1 and across network namespaces with TLS and
 SuperNode authentication; each final adapter must equal the simulation's. Also: nodes
-without a registered key or without the CA are refused, a failed run is reported,
-and no process outlives the launcher."""
+without a registered key or without the CA are refused, a failed run is reported, a
+SuperNode killed mid-round costs that round one reply (the run goes on without it, or
+with it again once restarted), and no process outlives the launcher."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -233,6 +235,127 @@ def test_deploy_reports_a_failed_run_and_stops_everything(tiny_bert, tmp_path):
     }  # the ServerApp refuses
     log = run_python(["-c", LAUNCH, json.dumps(spec)], tmp_path / "work", ok=False)
     assert "ended finished:failed" in log and "min_train_clients=9" in log
+
+
+# 3 SuperNodes x 3 rounds, train messages only: SuperNode i receives its r-th train
+# message in round r
+DRILL = [
+    "federation.num_clients=3",
+    "federation.min_train_clients=2",
+    "federation.rounds=3",
+    "data=synthetic",
+    "data.num_examples=240",
+    "data.num_eval_examples=60",
+    "train.lr=5e-3",
+    "train.batch_size=16",
+    *NO_FEDERATED_EVAL,
+]
+NODE_UNAVAILABLE = "Node Unavailable"  # Flower's reply for a node that missed 2
+# heartbeats (2 x 30 s): what ends the round of a killed node, not round_timeout
+
+
+def received(services: deploy.Services, node: str) -> int:
+    """Train messages SuperNode ``node`` has taken (its log, since its first start)."""
+    return services.log(node).read_text().count("Receiving: train message")
+
+
+def partitions(row: dict) -> list[int]:
+    """The partitions whose updates a round aggregated."""
+    return sorted(int(c["partition-id"]) for c in row["client_replies"])
+
+
+def drill(
+    tmp_path: Path, model: Path, watch: deploy.Watch, *overrides: str
+) -> tuple[dict, list[dict], Path]:
+    """Deploy ``DRILL`` on 3 SuperNodes in this process, ``watch`` injecting faults;
+    assert it completed and no process outlived it. Returns the summary, the rows of
+    ``metrics.jsonl`` and the work folder (logs)."""
+    work, out = tmp_path / "work", tmp_path / "run"
+    try:
+        summary = deploy.deploy(
+            [f"model.name={model}", *DRILL, *overrides],
+            deploy.Plan(work, 3),
+            out,
+            timeout=600,
+            watch=watch,
+        )
+    finally:
+        left = leftovers(work)
+        for line in left:
+            os.kill(int(line.split()[0]), signal.SIGKILL)
+    assert left == [], f"processes outlived the launcher: {left}"
+    assert json.loads((out / "deployment.json").read_text())["status"] == (
+        "finished:completed"
+    )
+    return summary, rows(out), work
+
+
+def assert_round_2_lost_node_2(metrics: list[dict], work: Path) -> None:
+    """Round 1 had all three nodes; in round 2 node 2 took its message, died before
+    replying, and the round aggregated the other two, recording one failure."""
+    assert [r["round"] for r in metrics] == [0, 1, 2, 3]
+    r1, r2 = metrics[1], metrics[2]
+    assert (r1["clients_sampled"], r1["clients"], r1["failures"]) == (3, 3, 0)
+    assert partitions(r1) == [0, 1, 2]
+    assert (r2["clients_sampled"], r2["clients"], r2["failures"]) == (3, 2, 1)
+    assert partitions(r2) == [0, 1]
+    [failure] = r2["failure_reasons"]
+    assert NODE_UNAVAILABLE in failure["reason"]
+    log = (work / "supernode-2.log").read_text()
+    assert log.count("Sending: train message") >= 1  # replied in round 1 ...
+    before_kill = log.split("Starting Flower SuperNode")[1]
+    assert before_kill.count("Receiving: train message") == 2  # ... took round 2's
+    assert before_kill.count("Sending: train message") == 1  # ... and never replied
+
+
+def test_deploy_goes_on_without_a_supernode_killed_mid_round(tiny_bert, tmp_path):
+    """SIGKILL supernode-2 once it has taken round 2's message, and never restart it:
+    round 2 records the failure, round 3 samples the two nodes left, the run ends
+    ``finished:completed``. ``min_available_clients=2``: with the default (all 3
+    nodes) round 3 would wait for the dead node forever."""
+    killed = []
+
+    def watch(services: deploy.Services, lines: list[str]) -> None:
+        if not killed and received(services, "supernode-2") == 2:
+            services.kill("supernode-2")
+            killed.append(True)
+
+    summary, metrics, work = drill(
+        tmp_path, tiny_bert, watch, "federation.min_available_clients=2"
+    )
+    assert killed
+    assert_round_2_lost_node_2(metrics, work)
+    r3 = metrics[3]
+    assert (r3["clients_sampled"], r3["clients"], r3["failures"]) == (2, 2, 0)
+    assert partitions(r3) == [0, 1]
+    assert summary["rounds"] == 3 and summary["failures"] == 1
+
+
+def test_deploy_a_restarted_supernode_rejoins(tiny_bert, tmp_path):
+    """SIGKILL supernode-2 once it has taken round 2's message and start it again
+    right away with the same flags and partition (a crash, then a supervisor's
+    restart). The old node's reply to round 2 is still lost; the new process joins
+    under a new node id, and round 3, which begins once the SuperLink has given up on
+    the old one, samples all three nodes again (default ``min_available_clients``)."""
+    restarted = []
+
+    def watch(services: deploy.Services, lines: list[str]) -> None:
+        if not restarted and received(services, "supernode-2") == 2:
+            services.kill("supernode-2")
+            services.restart("supernode-2")
+            restarted.append(True)
+
+    summary, metrics, work = drill(tmp_path, tiny_bert, watch)
+    assert restarted
+    assert_round_2_lost_node_2(metrics, work)
+    r3 = metrics[3]
+    assert (r3["clients_sampled"], r3["clients"], r3["failures"]) == (3, 3, 0)
+    assert partitions(r3) == [0, 1, 2]
+    log = (work / "supernode-2.log").read_text()
+    ids = re.findall(r"SuperNode ID: (\d+)", log)
+    assert len(ids) == 2 and ids[0] != ids[1]  # a new node id for the same partition
+    assert log.count("Receiving: train message") == 3  # rounds 1, 2 (lost) and 3
+    assert summary["rounds"] == 3 and summary["failures"] == 1
 
 
 def ip(*args: str) -> None:
