@@ -97,6 +97,7 @@ class FedAvgLoRA(FedAvg):
         self.frozen: State = {}  # frozen LoRA factors shared by all parties
         self.epsilon: dict[int, float] = {}  # latest epsilon spent per partition
         self._sent: State = {}
+        self._sampled: list[int] = []  # node ids of this round's train messages
         self._triangles: tuple[State, dict[str, Any]] | None = None  # frozen QR
         self.round_offset = 0
 
@@ -173,6 +174,7 @@ class FedAvgLoRA(FedAvg):
             list(super().configure_train(server_round, arrays, config, grid))
         )
         self._sent = record_to_state(arrays)
+        self._sampled = [m.metadata.dst_node_id for m in messages]
         self.round_log[server_round] = {
             "clients_sampled": len(messages),
             "bytes_down": sum(payload_bytes(m.content) for m in messages),
@@ -196,23 +198,7 @@ class FedAvgLoRA(FedAvg):
         missing = max(entry.get("clients_sampled", 0) - len(replies), 0)
         entry.update(
             failures=len(replies) - len(ok) + missing,
-            failure_reasons=[
-                {
-                    "node": m.metadata.src_node_id,
-                    "reason": m.error.reason,
-                    "time": time.time(),
-                }
-                for m in replies
-                if m.has_error()
-            ]
-            + [
-                {
-                    "node": None,
-                    "reason": "no reply within federation.round_timeout",
-                    "time": time.time(),
-                }
-            ]
-            * missing,
+            failure_reasons=self._failures(replies, missing),
             bytes_up=sum(payload_bytes(m.content) for m in ok),
         )
         for failure in entry["failure_reasons"]:
@@ -276,6 +262,32 @@ class FedAvgLoRA(FedAvg):
         return record, MetricRecord(
             {"train_loss": train_loss, "aggregation_error": overall}
         )
+
+    def _failures(self, replies: list[Message], missing: int) -> list[dict[str, Any]]:
+        """Who failed, why and when. An error the SuperLink wrote for a node (e.g.
+        "Node Unavailable" for a dead SuperNode) does not come from that node, so
+        such errors are matched to the sampled nodes that sent nothing usable."""
+        now = time.time()
+        sampled = self._sampled
+        answered = {m.metadata.src_node_id for m in replies if not m.has_error()}
+        errors = [m for m in replies if m.has_error()]
+        answered |= {m.metadata.src_node_id for m in errors}
+        silent = iter(n for n in sampled if n not in answered)
+        out = []
+        for m in errors:
+            node = m.metadata.src_node_id
+            if node not in sampled:  # written by the SuperLink for a lost node
+                node = next(silent, node)
+            out.append({"node": node, "reason": m.error.reason, "time": now})
+        for _ in range(missing):
+            out.append(
+                {
+                    "node": next(silent, None),
+                    "reason": "no reply within federation.round_timeout",
+                    "time": now,
+                }
+            )
+        return out
 
     @staticmethod
     def _declined(msg: Message) -> bool:

@@ -233,3 +233,23 @@ def test_too_few_usable_updates_keep_the_model_then_stop_the_run_clearly():
     strategy.aggregate_train(3, exchange(strategy, state(9), [good(0)]))
     with pytest.raises(RuntimeError, match="federation.min_replies=2"):
         strategy.aggregate_train(4, exchange(strategy, state(9), [good(0)]))
+
+
+def test_an_error_the_superlink_writes_for_a_lost_node_names_that_node():
+    from flwr.app import Error
+
+    strategy = FedAvgLoRA(min_available_nodes=1)
+    replies = exchange(strategy, state(9), [good(0), good(1), good(2)])
+    strategy._sampled = [1, 2, 3]
+    strategy.round_log = {1: {"clients_sampled": 3}}
+    lost = Message(Error(code=0, reason="Node Unavailable"), reply_to=replies[1])
+    lost.metadata.__dict__["_src_node_id"] = 0  # no sampled node's (the SuperLink)
+    raised = Message(Error(code=0, reason="boom"), reply_to=replies[2])
+    raised.metadata.__dict__["_src_node_id"] = 3  # the node itself
+    strategy.aggregate_train(1, [replies[0], lost, raised])
+    entry = strategy.round_log[1]
+    assert entry["failures"] == 2
+    assert {(f["node"], f["reason"]) for f in entry["failure_reasons"]} == {
+        (2, "Node Unavailable"),
+        (3, "boom"),
+    }
