@@ -158,9 +158,10 @@ def _privacy_problems(cfg: dict[str, Any]) -> list[ConfigError]:
             ConfigError(
                 "strategy.init",
                 "federated_gradient",
-                f"with privacy={mode} the Fed-SB init "
-                "round would release unprotected gradients of private data; use "
-                "strategy.init=random_orthogonal (data-free) or strategy.init=server_data",
+                f"with privacy={mode} the Fed-SB init round would release "
+                "unprotected gradients of private data; use "
+                "strategy.init=random_orthogonal (data-free) or "
+                "strategy.init=server_data",
             )
         )
     if mode == "central" and target.endswith("LoRAFAIR"):
@@ -168,9 +169,9 @@ def _privacy_problems(cfg: dict[str, Any]) -> list[ConfigError]:
             ConfigError(
                 "privacy",
                 "central",
-                "LoRA-FAIR's server correction uses every client's "
-                "factors, not just their mean, so client-level DP noise on the mean does not "
-                "cover it; use privacy=dp_sgd or another strategy",
+                "LoRA-FAIR's server correction uses every client's factors, "
+                "not just their mean, so client-level DP noise on the mean does "
+                "not cover it; use privacy=dp_sgd or another strategy",
             )
         )
     if mode == "central" and strategy.get("weighting") != "uniform":
@@ -178,8 +179,8 @@ def _privacy_problems(cfg: dict[str, Any]) -> list[ConfigError]:
             ConfigError(
                 "strategy.weighting",
                 strategy.get("weighting"),
-                "privacy=central needs "
-                "strategy.weighting=uniform (the noise scale assumes a uniform average)",
+                "privacy=central needs strategy.weighting=uniform (the noise "
+                "scale assumes a uniform average)",
             )
         )
     if mode not in ("none", "dp_sgd", "central"):

@@ -75,5 +75,8 @@ def test_scaling_follows_alpha_over_r_and_rslora():
 
 
 def test_wire_name_strips_peft_prefix_and_adapter_name():
-    name = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.default.weight"
+    name = (
+        "base_model.model.bert.encoder.layer.0.attention.self.query"
+        ".lora_A.default.weight"
+    )
     assert wire_name(name) == "bert.encoder.layer.0.attention.self.query.lora_A.weight"
