@@ -63,6 +63,8 @@ def gd_correction(
     """The paper's solver: Adam on ``f = 1 - cos + lambda ||dB||^2`` from ``dB = 0``,
     stopping when ``f`` changes by less than ``tol`` for ``patience`` steps.
     Returns the best iterate, so the corrected cosine is never below plain averaging.
+    Adam runs in the ``2r``-dimensional column space of ``[C, Bbar]`` that holds
+    the minimiser (see the comment in the body), so a step costs ``O(r^2)``.
 
     With ``M = Bbar + dB``, ``C = ideal Abar^T``, ``G = Abar Abar^T`` and
     ``q = sqrt(<M G, M>) = ||M Abar||``: ``cos = <C, M> / (||ideal|| q)`` and
@@ -71,13 +73,19 @@ def gd_correction(
     bs64 = [b.astype(np.float64) for b in bs]
     as64 = [a.astype(np.float64) for a in as_]
     abar = sum(w * a for w, a in zip(p, as64, strict=True))
-    bbar = sum(w * b for w, b in zip(p, bs64, strict=True))
+    bbar_full = sum(w * b for w, b in zip(p, bs64, strict=True))
     gram = abar @ abar.T
-    c = _ideal_dot(bs64, as64, p, abar)
+    c_full = _ideal_dot(bs64, as64, p, abar)
     ideal_norm = float(np.sqrt(max(_ideal_sqnorm(bs64, as64, p), 0.0)))
-    db = np.zeros_like(bbar)
     if ideal_norm == 0.0:
-        return db
+        return np.zeros_like(bbar_full)
+    # The minimiser lies in the column space of [C, Bbar] (2r dimensions): a
+    # component of M orthogonal to it leaves <C, M> unchanged and only adds to
+    # ||M Abar|| and to lambda ||dB||^2. Solve there, in orthonormal coordinates
+    # (which keep every inner product), at O(r^2) instead of O(d_out r) a step.
+    basis, _ = np.linalg.qr(np.concatenate([c_full, bbar_full], axis=1))
+    c, bbar = basis.T @ c_full, basis.T @ bbar_full
+    db = np.zeros_like(bbar)
     m1, m2 = np.zeros_like(db), np.zeros_like(db)
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     best, best_f, prev, still = db.copy(), np.inf, None, 0
@@ -99,7 +107,7 @@ def gd_correction(
         db = db - lr * (m1 / (1 - beta1**step)) / (
             np.sqrt(m2 / (1 - beta2**step)) + eps
         )
-    return best
+    return basis @ best
 
 
 def correction(
