@@ -533,14 +533,7 @@ def measure_server(layers: int, clients: int, repeats: int) -> dict[str, Any]:
     arms += [("lora_fair", 16, "ridge"), ("lora_fair", 16, "gd")]
     for method, r, solver in arms:
         name = f"{method}_r{r}" + (f"_{solver}" if solver else "")
-        if solver == "gd":  # up to 1000 Adam steps a layer: time 4 decoder layers
-            part = min(layers, 4)  # and scale (the work is per layer)
-            v = server_arm(method, r, solver, clients, part, 1)
-            for key in ("numpy_mean_s", "aggregate_s", "aggregate_train_s"):
-                v[key] *= layers / part
-            v["measured_layers"] = part
-        else:
-            v = server_arm(method, r, solver, clients, layers, repeats)
+        v = server_arm(method, r, solver, clients, layers, repeats)
         out[name] = v
         say(
             f"server {name}: mean {v['numpy_mean_s']:.3f}s, aggregate "
