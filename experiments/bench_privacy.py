@@ -80,7 +80,7 @@ def sweep(data: Path, out: Path, seeds: int, quick: bool) -> dict[str, list[floa
         arms[f"eps={eps:g}"] = ["privacy=dp_sgd", f"privacy.target_epsilon={eps}"]
     accs: dict[str, list[float]] = {}
     for arm, extra in arms.items():
-        arm_dir = out / arm
+        arm_dir = out / arm.replace("=", "")  # "=" would break hydra.sweep.dir=...
         for strategy in STRATEGIES:  # one multirun each: only Fed-SB has strategy.init
             run_dir = arm_dir / strategy
             if any(run_dir.rglob("summary.json")):  # resumable: finished runs stay
