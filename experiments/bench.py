@@ -758,7 +758,7 @@ def table(results: dict[str, Any]) -> str:
             if not isinstance(v, dict):
                 continue
             row(
-                f"server {name} ({v['mb_per_client']:.0f} MB/client)",
+                f"server {name} ({v['mb_per_client']:.1f} MB/client)",
                 f"{v['aggregate_s']:.3f} s agg; {v['aggregate_train_s']:.2f} s round",
                 f"{v['numpy_mean_s']:.3f} s (numpy mean)",
                 v["ratio"],
