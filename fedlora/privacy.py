@@ -14,7 +14,6 @@ below 1/N_k), ``max_grad_norm``, ``clipping`` (flat | per_layer), ``accountant``
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -164,6 +163,20 @@ def epsilon_after_round(p: DPPlan, state: str | None) -> float:
     return float(accountant.get_epsilon(p.delta))
 
 
+def physical_batches(
+    logical: list[int], lengths: Sequence[int], physical: int
+) -> list[list[int]]:
+    """Split one logical batch into physical ones of at most ``physical`` examples
+    (0: one physical batch), longest first, so each pads to a similar length.
+
+    The clipped per-example gradients are summed over the whole logical batch before
+    the noise, so how it is split changes neither the update nor the privacy.
+    """
+    order = sorted(logical, key=lambda i: -lengths[i])
+    size = physical if 0 < physical < len(order) else max(len(order), 1)
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
 def train_local_dp(
     model: torch.nn.Module,
     examples: Sequence[Example],
@@ -180,10 +193,11 @@ def train_local_dp(
     Per-example gradients are clipped (flat, or per parameter tensor), summed,
     noised with ``N(0, (sigma C)^2)`` and divided by the expected batch size.
     Batches are Poisson-sampled; an empty one is a noise-only step (still
-    accounted). The accountant is updated in place by the optimizer's step hook.
+    accounted). A logical batch runs as physical batches of at most
+    ``max_physical_batch_size``, longest first (:func:`physical_batches`). The
+    accountant is updated in place by the optimizer's step hook.
     """
     from opacus import PrivacyEngine
-    from opacus.utils.batch_memory_manager import BatchMemoryManager
 
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = make_optimizer(params, train_cfg)
@@ -193,8 +207,7 @@ def train_local_dp(
         list(examples),
         batch_size=int(train_cfg["batch_size"]),
         shuffle=False,
-        collate_fn=lambda batch: collate(batch, pad_id),
-    )
+    )  # only its batch sampler (Poisson, after make_private) is used
     norm = float(privacy_cfg["max_grad_norm"])
     per_layer = privacy_cfg["clipping"] == "per_layer"
     torch.manual_seed(seed)
@@ -213,11 +226,7 @@ def train_local_dp(
         noise_generator=torch.Generator(device=device).manual_seed(seed),
     )
     physical = int(privacy_cfg.get("max_physical_batch_size") or 0)
-    manager: Any = contextlib.nullcontext(loader)
-    if 0 < physical < int(train_cfg["batch_size"]):  # logical batch > memory
-        manager = BatchMemoryManager(
-            data_loader=loader, optimizer=optimizer, max_physical_batch_size=physical
-        )
+    lengths = [len(e["input_ids"]) for e in examples]
     model.train()
     quiet = warnings.catch_warnings()
     quiet.__enter__()  # Opacus' hook and PRV warnings are expected here; see README
@@ -225,26 +234,29 @@ def train_local_dp(
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="opacus")
     start, steps, seen, loss_sum, forwards = time.perf_counter(), 0, 0, 0.0, 0
     try:
-        with manager as batches:
-            while steps < p.steps_per_round:
-                for batch in batches:
-                    n = batch["input_ids"].shape[0]
-                    if n == 0:  # empty Poisson batch: noise only (BERT can't run on 0)
-                        for q in params:
-                            q.grad_sample = torch.zeros((0, *q.shape), device=q.device)
-                    else:
-                        batch = {k: v.to(device) for k, v in batch.items()}
-                        loss = model(**batch).loss
-                        loss.backward()
-                        loss_sum += float(loss.detach())
-                        forwards += 1
-                        seen += n
-                    optimizer.step()  # skipped on BatchMemoryManager's partial batches
+        while steps < p.steps_per_round:
+            # one logical batch per step: Poisson-sampled indices (or a fixed batch)
+            for logical in loader.batch_sampler:
+                chunks = physical_batches(list(logical), lengths, physical)
+                if not chunks:  # empty Poisson batch: noise only (BERT can't run on 0)
+                    for q in params:
+                        q.grad_sample = torch.zeros((0, *q.shape), device=q.device)
+                    optimizer.step()
+                for i, chunk in enumerate(chunks):
+                    batch = collate([examples[j] for j in chunk], pad_id)
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    loss = model(**batch).loss
+                    loss.backward()
+                    loss_sum += float(loss.detach())
+                    forwards += 1
+                    seen += len(chunk)
+                    # all but the last chunk: clip and accumulate, no step yet
+                    optimizer.signal_skip_step(do_skip=i < len(chunks) - 1)
+                    optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                    if not getattr(optimizer, "_is_last_step_skipped", False):
-                        steps += 1
-                    if steps >= p.steps_per_round:
-                        break
+                steps += 1
+                if steps >= p.steps_per_round:
+                    break
     finally:
         hooks.cleanup()
         quiet.__exit__(None, None, None)

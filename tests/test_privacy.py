@@ -121,8 +121,14 @@ def test_ffa_under_dp_no_gradient_or_noise_reaches_a(settings):
             assert p.grad is None and getattr(p, "grad_sample", None) is None
 
 
-@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
-def test_per_example_clipping_matches_a_hand_computed_reference(settings, clipping):
+@pytest.mark.parametrize(
+    "clipping,physical", [("flat", None), ("per_layer", None), ("flat", 3)]
+)
+def test_per_example_clipping_matches_a_hand_computed_reference(
+    settings, clipping, physical
+):
+    """One noise-free step equals the mean of hand-clipped per-example gradients,
+    also when the logical batch of 8 runs as length-sorted physical ones of 3."""
     settings["train"].update(optimizer="sgd", lr=1.0, batch_size=8, local_steps=1)
     model, tok = build(settings)
     no_dropout(model)
@@ -149,7 +155,13 @@ def test_per_example_clipping_matches_a_hand_computed_reference(settings, clippi
             reference[n] += g * scales[n]
     model.zero_grad()
     before = {n: p.detach().clone() for n, p in params.items()}
-    dp = {**DP, "max_grad_norm": norm, "clipping": clipping, "poisson_sampling": False}
+    dp = {
+        **DP,
+        "max_grad_norm": norm,
+        "clipping": clipping,
+        "poisson_sampling": False,
+        "max_physical_batch_size": physical,
+    }
     plan = privacy.DPPlan(0.0, 1.0, 1, 1, 1e-5, 3.0, "rdp")  # no noise
     privacy.train_local_dp(
         model,
@@ -166,6 +178,20 @@ def test_per_example_clipping_matches_a_hand_computed_reference(settings, clippi
         torch.testing.assert_close(
             before[n] - p.detach(), reference[n] / len(examples), atol=1e-6, rtol=1e-4
         )
+
+
+def test_physical_batches_are_length_sorted_bounded_and_cover_the_logical_one():
+    lengths = [5, 9, 2, 7, 7, 1, 3]
+    logical = [6, 0, 3, 1, 5, 2]
+    chunks = privacy.physical_batches(logical, lengths, 4)
+    assert [len(c) for c in chunks] == [4, 2]
+    flat = [i for c in chunks for i in c]
+    assert sorted(flat) == sorted(logical)
+    assert [lengths[i] for i in flat] == sorted(
+        (lengths[i] for i in logical), reverse=True
+    )
+    assert privacy.physical_batches(logical, lengths, 0) == [flat]  # 0: one batch
+    assert privacy.physical_batches([], lengths, 4) == []  # empty Poisson batch
 
 
 def test_logical_batches_split_into_physical_ones_still_count_logical_steps(settings):
