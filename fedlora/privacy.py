@@ -30,6 +30,7 @@ from fedlora.train import collate, make_optimizer
 
 ACCOUNTANTS = ("rdp", "prv")
 CLIPPINGS = ("flat", "per_layer")
+PRV_MAX_EPSILON = 50.0  # Opacus' PRV takes 0.55 GB at 50, 1 GB at 200, >4.5 GB at 1e4
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,14 @@ def check_settings(privacy_cfg: dict[str, Any]) -> None:
     if privacy_cfg.get("accountant") not in ACCOUNTANTS:
         raise ConfigError(
             "privacy.accountant", privacy_cfg.get("accountant"), "choose rdp or prv"
+        )
+    if privacy_cfg["accountant"] == "prv" and eps > PRV_MAX_EPSILON:
+        raise ConfigError(  # Opacus' PRV grid grows with epsilon: 1 GB at 200
+            "privacy.target_epsilon",
+            eps,
+            f"is above {PRV_MAX_EPSILON:g} with the PRV accountant, whose "
+            "computation then takes gigabytes or never ends; set "
+            "privacy.accountant=rdp for such large targets",
         )
     if privacy_cfg.get("clipping") not in CLIPPINGS:
         raise ConfigError(

@@ -230,8 +230,13 @@ def test_planned_rounds_follow_participation():
         ("clipping", "adaptive"),
         ("target_delta", 2.0),
         ("max_grad_norm", -1),
+        ("target_epsilon", 1000.0),  # too large for the PRV accountant
     ],
 )
 def test_bad_dp_settings_name_the_key(key, value):
     with pytest.raises(ConfigError, match=f"privacy.{key}"):
         privacy.check_settings({**DP, key: value})
+
+
+def test_a_large_target_epsilon_is_fine_with_rdp():
+    privacy.check_settings({**DP, "target_epsilon": 1000.0, "accountant": "rdp"})
