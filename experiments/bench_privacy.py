@@ -13,6 +13,8 @@
 
     HF_HUB_OFFLINE=1 python -m experiments.bench_privacy [--seeds 3] [--out PATH]
     HF_HUB_OFFLINE=1 python -m experiments.bench_privacy --quick   # smoke test
+    ... --set train.batch_size=2048 privacy.max_physical_batch_size=256 \
+        data.max_train_examples=null --out results/dp_large.json  # larger (GPU)
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +76,13 @@ def dp_overhead(data: Path, n: int, threads: int) -> dict[str, float]:
     return bench.dp_overhead(common(data, True), n)
 
 
-def sweep(data: Path, out: Path, seeds: int, quick: bool) -> dict[str, list[float]]:
-    """One multirun per privacy arm; returns final accuracies per (strategy, arm)."""
+def sweep(
+    data: Path, out: Path, seeds: int, quick: bool, extra_overrides: Sequence[str] = ()
+) -> dict[str, list[float]]:
+    """One multirun per privacy arm; returns final accuracies per (strategy, arm).
+
+    ``extra_overrides`` (``--set``) go to every run after the sweep's own settings,
+    e.g. a larger data set and logical batch for a machine with a GPU."""
     arms = {"none": ["privacy=none"]}
     for eps in EPSILONS[:1] if quick else EPSILONS:
         arms[f"eps={eps:g}"] = ["privacy=dp_sgd", f"privacy.target_epsilon={eps}"]
@@ -96,6 +104,7 @@ def sweep(data: Path, out: Path, seeds: int, quick: bool) -> dict[str, list[floa
                 *common(data, quick),
                 *init,
                 *extra,
+                *extra_overrides,
                 f"hydra.sweep.dir={run_dir}",
             ]
             print(f"[bench] {arm} {strategy}: {seeds} runs", flush=True)
@@ -168,7 +177,18 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="toy sizes, seconds")
     ap.add_argument("--overhead-only", action="store_true")
+    ap.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Hydra overrides for every run, after the sweep's own (pair with --out: "
+        "finished arms under the output folder are reused)",
+    )
     args = ap.parse_args()
+    bad = [o for o in args.set if "=" not in o]
+    if bad:
+        raise SystemExit(f"--set {bad}: each override is KEY=VALUE")
     if not args.data.is_dir():
         raise SystemExit(
             f"--data {args.data}: no such folder (SST-2 train.tsv/dev.tsv)"
@@ -180,7 +200,14 @@ def main() -> None:
     print(f"[bench] DP overhead: {json.dumps(result['overhead'])}", flush=True)
     if not args.overhead_only:
         runs_dir = args.out.with_suffix("")
-        accs = sweep(args.data, runs_dir, 2 if args.quick else args.seeds, args.quick)
+        accs = sweep(
+            args.data,
+            runs_dir,
+            2 if args.quick else args.seeds,
+            args.quick,
+            args.set,
+        )
+        result["overrides"] = args.set
         result["final_accuracy"] = accs
         result["table"] = report(accs)
         plot(accs, args.out.with_suffix(".png"))
