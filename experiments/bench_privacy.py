@@ -13,8 +13,9 @@
 
     HF_HUB_OFFLINE=1 python -m experiments.bench_privacy [--seeds 3] [--out PATH]
     HF_HUB_OFFLINE=1 python -m experiments.bench_privacy --quick   # smoke test
-    ... --set train.batch_size=2048 privacy.max_physical_batch_size=256 \
-        data.max_train_examples=null --out results/dp_large.json  # larger (GPU)
+    ... --set train.batch_size=2500 ++privacy.max_physical_batch_size=64 \
+        data.max_train_examples=30000 federation.rounds=3 \
+        --out results/dp_large.json  # where DP-SGD learns (README, Privacy)
 """
 
 from __future__ import annotations
