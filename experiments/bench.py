@@ -38,6 +38,7 @@ built-in synthetic task is used.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -339,12 +340,6 @@ def dp_overhead(base: list[str], n: int) -> dict[str, Any]:
     }
 
 
-def in_sampling_order(logical: list[int], lengths: Any, size: int) -> list[list[int]]:
-    """The split before length sorting (Opacus' BatchMemoryManager): the baseline."""
-    size = size if 0 < size < len(logical) else max(len(logical), 1)
-    return [logical[i : i + size] for i in range(0, len(logical), size)]
-
-
 def dp_physical(plain: dict, model: Any, tok: Any, examples: list) -> dict[str, Any]:
     """A large logical batch in physical batches: ours (sorted by length) over the
     same batches cut in sampling order; one epoch each, twice, interleaved."""
@@ -377,7 +372,7 @@ def dp_physical(plain: dict, model: Any, tok: Any, examples: list) -> dict[str, 
     original = privacy.physical_batches
     for _ in range(2):
         times["sorted"].append(epoch())
-        privacy.physical_batches = in_sampling_order
+        privacy.physical_batches = functools.partial(original, by_length=False)
         try:
             times["unsorted"].append(epoch())
         finally:

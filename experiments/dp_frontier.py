@@ -32,9 +32,9 @@ ARMS: dict[str, tuple[int, str, int, int, int]] = {
     "n2000_b256_ffa": (2000, "ffa_lora", 256, 64, 3),
     "n7000_b875_fedavg": (7000, "fedavg_lora", 875, 64, 3),
     "n7000_b875_ffa": (7000, "ffa_lora", 875, 64, 3),
-    "n20000_b2500_fedavg": (20000, "fedavg_lora", 2500, 64, 3),
     "n7000_b180_fedavg": (7000, "fedavg_lora", 180, 64, 3),  # more, smaller steps
     "n7000_b180_ffa": (7000, "ffa_lora", 180, 64, 3),
+    "n20000_b2500_fedavg": (20000, "fedavg_lora", 2500, 64, 3),
     "n20000_b2500_ffa": (20000, "ffa_lora", 2500, 64, 3),
 }
 DEFAULT = "n2000_b32_fedavg,n2000_b256_fedavg,n7000_b875_fedavg,n7000_b875_ffa"

@@ -173,15 +173,16 @@ def epsilon_after_round(p: DPPlan, state: str | None) -> float:
 
 
 def physical_batches(
-    logical: list[int], lengths: Sequence[int], physical: int
+    logical: list[int], lengths: Sequence[int], physical: int, by_length: bool = True
 ) -> list[list[int]]:
     """Split one logical batch into physical ones of at most ``physical`` examples
-    (0: one physical batch), longest first, so each pads to a similar length.
+    (0: one physical batch), longest first, so each pads to a similar length
+    (``by_length=False``: in sampling order, as Opacus' ``BatchMemoryManager``).
 
     The clipped per-example gradients are summed over the whole logical batch before
     the noise, so how it is split changes neither the update nor the privacy.
     """
-    order = sorted(logical, key=lambda i: -lengths[i])
+    order = sorted(logical, key=lambda i: -lengths[i]) if by_length else logical
     size = physical if 0 < physical < len(order) else max(len(order), 1)
     return [order[i : i + size] for i in range(0, len(order), size)]
 

@@ -192,6 +192,10 @@ def test_physical_batches_are_length_sorted_bounded_and_cover_the_logical_one():
     )
     assert privacy.physical_batches(logical, lengths, 0) == [flat]  # 0: one batch
     assert privacy.physical_batches([], lengths, 4) == []  # empty Poisson batch
+    assert privacy.physical_batches(logical, lengths, 4, by_length=False) == [
+        [6, 0, 3, 1],
+        [5, 2],
+    ]
 
 
 def test_logical_batches_split_into_physical_ones_still_count_logical_steps(settings):
