@@ -77,50 +77,92 @@ def dp_overhead(data: Path, n: int, threads: int) -> dict[str, float]:
     return bench.dp_overhead(common(data, True), n)
 
 
-def sweep(
-    data: Path, out: Path, seeds: int, quick: bool, extra_overrides: Sequence[str] = ()
-) -> dict[str, list[float]]:
-    """One multirun per privacy arm; returns final accuracies per (strategy, arm).
+def arm_overrides(arm: str) -> list[str]:
+    """The privacy overrides of one arm: ``none`` or a target epsilon (``8``)."""
+    if arm == "none":
+        return ["privacy=none"]
+    try:
+        eps = float(arm)
+    except ValueError:
+        raise SystemExit(
+            f"--arms {arm!r}: each arm is 'none' or a target epsilon, e.g. none,1,3,8"
+        ) from None
+    return ["privacy=dp_sgd", f"privacy.target_epsilon={eps}"]
 
+
+def arm_name(arm: str) -> str:
+    return "none" if arm == "none" else f"eps={float(arm):g}"
+
+
+def finished_seeds(run_dir: Path) -> set[int]:
+    """Seeds with a ``summary.json`` under ``run_dir`` (read from the run's config)."""
+    from omegaconf import OmegaConf
+
+    seeds = set()
+    for summary in run_dir.rglob("summary.json"):
+        config = summary.parent / "config.yaml"
+        if config.is_file():
+            seeds.add(int(OmegaConf.load(config).federation.seed))
+    return seeds
+
+
+def sweep(
+    data: Path,
+    out: Path,
+    seeds: int,
+    quick: bool,
+    extra_overrides: Sequence[str] = (),
+    arms: Sequence[str] = ("none", *(f"{e:g}" for e in EPSILONS)),
+    run: bool = True,
+) -> dict[str, list[float]]:
+    """One run per (arm, strategy, seed), in ``arms`` order; returns final accuracies
+    per ``"strategy | arm"``.
+
+    Resumable: a seed with a finished run (``summary.json``) anywhere under its
+    ``out/<arm>/<strategy>/`` folder is not run again, so a long sweep can be stopped
+    and restarted; ``run=False`` only collects what has finished.
     ``extra_overrides`` (``--set``) go to every run after the sweep's own settings,
-    e.g. a larger data set and logical batch for a machine with a GPU."""
-    arms = {"none": ["privacy=none"]}
-    for eps in EPSILONS[:1] if quick else EPSILONS:
-        arms[f"eps={eps:g}"] = ["privacy=dp_sgd", f"privacy.target_epsilon={eps}"]
+    e.g. a larger data set and logical batch."""
     accs: dict[str, list[float]] = {}
-    for arm, extra in arms.items():
-        arm_dir = out / arm.replace("=", "")  # "=" would break hydra.sweep.dir=...
-        for strategy in STRATEGIES:  # one multirun each: only Fed-SB has strategy.init
+    for arm in arms:
+        name = arm_name(arm)
+        arm_dir = out / name.replace("=", "")  # "=" would break hydra.sweep.dir=...
+        for strategy in STRATEGIES:
             run_dir = arm_dir / strategy
-            if any(run_dir.rglob("summary.json")):  # resumable: finished runs stay
-                continue
             init = ["strategy.init=random_orthogonal"] if strategy == "fedsb" else []
-            cmd = [
-                sys.executable,
-                "-m",
-                "experiments.run",
-                "-m",
-                f"strategy={strategy}",
-                f"federation.seed={','.join(str(s) for s in range(seeds))}",
-                *common(data, quick),
-                *init,
-                *extra,
-                *extra_overrides,
-                f"hydra.sweep.dir={run_dir}",
-            ]
-            print(f"[bench] {arm} {strategy}: {seeds} runs", flush=True)
-            subprocess.run(
-                cmd, cwd=REPO, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
-            )
-        for name, runs in load_runs(arm_dir).items():
-            accs[f"{name} | {arm}"] = [
+            done = finished_seeds(run_dir) if run_dir.is_dir() else set()
+            for seed in range(seeds) if run else ():
+                if seed in done:
+                    continue
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "experiments.run",
+                    "-m",
+                    f"strategy={strategy}",
+                    f"federation.seed={seed}",
+                    *common(data, quick),
+                    *init,
+                    *arm_overrides(arm),
+                    *extra_overrides,
+                    f"hydra.sweep.dir={run_dir / f'seed{seed}'}",
+                ]
+                print(f"[bench] {name} {strategy} seed {seed}", flush=True)
+                subprocess.run(
+                    cmd, cwd=REPO, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+                )
+        if not any(arm_dir.rglob("summary.json")):
+            continue
+        for strategy, runs in load_runs(arm_dir).items():
+            accs[f"{strategy} | {name}"] = [
                 r["summary"]["final_eval_accuracy"] for r in runs
             ]
     return accs
 
 
 def report(accs: dict[str, list[float]]) -> str:
-    """Markdown table: strategy x privacy arm, mean +- std of final dev accuracy."""
+    """Markdown table: strategy x privacy arm, mean +- std of final dev accuracy
+    (in parentheses: the number of seeds)."""
     arms = sorted({k.split(" | ")[1] for k in accs}, key=lambda a: (a != "none", a))
     lines = ["| strategy | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
     for s in STRATEGIES:
@@ -131,6 +173,7 @@ def report(accs: dict[str, list[float]]) -> str:
                 "-"
                 if v.size == 0
                 else f"{v.mean():.1f} ± {v.std(ddof=1) if v.size > 1 else 0:.1f}"
+                f" ({v.size})"
             )
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -179,6 +222,16 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="toy sizes, seconds")
     ap.add_argument("--overhead-only", action="store_true")
     ap.add_argument(
+        "--arms",
+        default="none,1,3,8",
+        help="privacy arms in the order to run them: 'none' or a target epsilon",
+    )
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: tabulate and plot the runs finished under the output folder",
+    )
+    ap.add_argument(
         "--set",
         nargs="*",
         default=[],
@@ -195,10 +248,17 @@ def main() -> None:
             f"--data {args.data}: no such folder (SST-2 train.tsv/dev.tsv)"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {
-        "overhead": dp_overhead(args.data, 64 if args.quick else 512, threads=2)
-    }
-    print(f"[bench] DP overhead: {json.dumps(result['overhead'])}", flush=True)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    for arm in arms:
+        arm_overrides(arm)  # refuse a bad arm before hours of runs
+    result: dict[str, Any] = {}
+    if args.report_only and args.out.is_file():  # keep the overhead measured before
+        result = json.loads(args.out.read_text())
+    if not args.report_only:
+        result["overhead"] = dp_overhead(
+            args.data, 64 if args.quick else 512, threads=2
+        )
+        print(f"[bench] DP overhead: {json.dumps(result['overhead'])}", flush=True)
     if not args.overhead_only:
         runs_dir = args.out.with_suffix("")
         accs = sweep(
@@ -207,6 +267,8 @@ def main() -> None:
             2 if args.quick else args.seeds,
             args.quick,
             args.set,
+            arms[:2] if args.quick else arms,
+            run=not args.report_only,
         )
         result["overrides"] = args.set
         result["final_accuracy"] = accs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -20,11 +21,15 @@ def test_every_run_gets_the_arm_the_strategy_and_the_extra_overrides(
     extra = ["train.batch_size=2048", "privacy.max_physical_batch_size=256"]
     accs = bench_privacy.sweep(tmp_path, tmp_path / "runs", 3, False, extra)
     assert accs == {}  # nothing ran, nothing to report
-    assert len(calls) == 4 * len(bench_privacy.STRATEGIES)  # no DP + 3 epsilons
+    # no DP + 3 epsilons, one run per seed
+    assert len(calls) == 4 * len(bench_privacy.STRATEGIES) * 3
     for cmd in calls:
         assert cmd[-1].startswith("hydra.sweep.dir=") and "=" not in cmd[-1][17:]
         assert cmd[-3:-1] == extra  # after the sweep's own settings: they win
-        assert "federation.seed=0,1,2" in cmd
+    seeds = [c for c in calls if "strategy=ffa_lora" in c and "privacy=none" in c]
+    assert [c[c.index("strategy=ffa_lora") + 1] for c in seeds] == [
+        f"federation.seed={s}" for s in range(3)
+    ]
     dp = [c for c in calls if "privacy=dp_sgd" in c]
     assert sorted({c[c.index("privacy=dp_sgd") + 1] for c in dp}) == [
         "privacy.target_epsilon=1.0",
@@ -33,6 +38,48 @@ def test_every_run_gets_the_arm_the_strategy_and_the_extra_overrides(
     ]
     fedsb = [c for c in calls if "strategy=fedsb" in c]
     assert all("strategy.init=random_orthogonal" in c for c in fedsb)
+
+
+def write_run(folder, strategy, seed, accuracy):
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(f"federation:\n  seed: {seed}\n")
+    (folder / "summary.json").write_text(
+        json.dumps({"strategy": strategy, "final_eval_accuracy": accuracy})
+    )
+
+
+def test_the_sweep_resumes_per_seed_in_the_given_arm_order(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(
+        bench_privacy.subprocess, "run", lambda cmd, **kw: calls.append(cmd)
+    )
+    runs = tmp_path / "runs"
+    # seed 1 of FedAvg-LoRA at epsilon 8 finished earlier, in any layout
+    write_run(
+        runs / "eps8" / "fedavg_lora" / "old" / "0_fedavg_lora", "fedavg_lora", 1, 0.7
+    )
+    accs = bench_privacy.sweep(tmp_path, runs, 3, False, (), arms=["8", "none"])
+    assert len(calls) == 2 * 3 * 3 - 1  # the finished seed is not run again
+    fedavg_eps8 = [
+        c for c in calls if "strategy=fedavg_lora" in c and "privacy=dp_sgd" in c
+    ]
+    assert [c[5] for c in fedavg_eps8] == ["federation.seed=0", "federation.seed=2"]
+    assert "privacy=dp_sgd" in calls[0]  # the first arm given runs first
+    assert "privacy=none" in calls[-1]
+    assert accs == {"fedavg_lora | eps=8": [0.7]}
+    # collecting only runs nothing and still reports the finished runs
+    calls.clear()
+    accs = bench_privacy.sweep(tmp_path, runs, 3, False, (), arms=["8"], run=False)
+    assert calls == [] and accs == {"fedavg_lora | eps=8": [0.7]}
+    assert "(1)" in bench_privacy.report(accs)
+
+
+def test_a_bad_arm_is_refused_before_any_run(monkeypatch, tmp_path):
+    monkeypatch.setattr(
+        sys, "argv", ["bench_privacy", "--data", str(tmp_path), "--arms", "8,eight"]
+    )
+    with pytest.raises(SystemExit, match="--arms 'eight'"):
+        bench_privacy.main()
 
 
 def test_a_set_without_equals_is_refused(monkeypatch, tmp_path):
