@@ -13,9 +13,11 @@
 
     HF_HUB_OFFLINE=1 python -m experiments.bench_privacy [--seeds 3] [--out PATH]
     HF_HUB_OFFLINE=1 python -m experiments.bench_privacy --quick   # smoke test
-    ... --set train.batch_size=2500 ++privacy.max_physical_batch_size=64 \
-        data.max_train_examples=30000 federation.rounds=3 \
-        --out results/dp_large.json  # where DP-SGD learns (README, Privacy)
+    ... --out results/dp_large.json --arms 8,3,none,1 --set \
+        data.max_train_examples=30000 data.max_eval_examples=null \
+        federation.rounds=3 train.batch_size=2500 ++privacy.max_physical_batch_size=64
+        # where DP-SGD learns (README, Privacy); stop it any time, run it again to go on
+    ... --out results/dp_large.json --report-only   # table and plot of what finished
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -134,6 +137,8 @@ def sweep(
             for seed in range(seeds) if run else ():
                 if seed in done:
                     continue
+                seed_dir = run_dir / f"seed{seed}"  # a stopped run's leftovers go:
+                shutil.rmtree(seed_dir, ignore_errors=True)
                 cmd = [
                     sys.executable,
                     "-m",
@@ -145,7 +150,7 @@ def sweep(
                     *init,
                     *arm_overrides(arm),
                     *extra_overrides,
-                    f"hydra.sweep.dir={run_dir / f'seed{seed}'}",
+                    f"hydra.sweep.dir={seed_dir}",
                 ]
                 print(f"[bench] {name} {strategy} seed {seed}", flush=True)
                 subprocess.run(

@@ -54,7 +54,11 @@ def test_the_sweep_resumes_per_seed_in_the_given_arm_order(tmp_path, monkeypatch
         bench_privacy.subprocess, "run", lambda cmd, **kw: calls.append(cmd)
     )
     runs = tmp_path / "runs"
-    # seed 1 of FedAvg-LoRA at epsilon 8 finished earlier, in any layout
+    # seed 1 of FedAvg-LoRA at epsilon 8 finished earlier, in any layout; seed 0
+    # was interrupted: its partial folder goes
+    partial = runs / "eps8" / "fedavg_lora" / "seed0" / "0_fedavg_lora"
+    partial.mkdir(parents=True)
+    (partial / "metrics.jsonl").write_text("{}\n")
     write_run(
         runs / "eps8" / "fedavg_lora" / "old" / "0_fedavg_lora", "fedavg_lora", 1, 0.7
     )
@@ -64,6 +68,7 @@ def test_the_sweep_resumes_per_seed_in_the_given_arm_order(tmp_path, monkeypatch
         c for c in calls if "strategy=fedavg_lora" in c and "privacy=dp_sgd" in c
     ]
     assert [c[5] for c in fedavg_eps8] == ["federation.seed=0", "federation.seed=2"]
+    assert not partial.exists()
     assert "privacy=dp_sgd" in calls[0]  # the first arm given runs first
     assert "privacy=none" in calls[-1]
     assert accs == {"fedavg_lora | eps=8": [0.7]}
