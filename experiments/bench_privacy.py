@@ -98,14 +98,22 @@ def arm_name(arm: str) -> str:
 
 
 def finished_seeds(run_dir: Path) -> set[int]:
-    """Seeds with a ``summary.json`` under ``run_dir`` (read from the run's config)."""
+    """Seeds with a complete run under ``run_dir``: a ``summary.json`` with no client
+    failures (seed read from the run's config). A run that lost clients (a crash,
+    out of memory) measured something else: it is run again."""
     from omegaconf import OmegaConf
 
     seeds = set()
     for summary in run_dir.rglob("summary.json"):
         config = summary.parent / "config.yaml"
-        if config.is_file():
-            seeds.add(int(OmegaConf.load(config).federation.seed))
+        if not config.is_file():
+            continue
+        seed = int(OmegaConf.load(config).federation.seed)
+        failures = json.loads(summary.read_text()).get("failures", 0)
+        if failures:
+            print(f"[bench] {summary.parent}: {failures} client failures, run again")
+            continue
+        seeds.add(seed)
     return seeds
 
 
@@ -160,7 +168,9 @@ def sweep(
             continue
         for strategy, runs in load_runs(arm_dir).items():
             accs[f"{strategy} | {name}"] = [
-                r["summary"]["final_eval_accuracy"] for r in runs
+                r["summary"]["final_eval_accuracy"]
+                for r in runs
+                if not r["summary"].get("failures")  # lost clients: not a result
             ]
     return accs
 

@@ -40,12 +40,11 @@ def test_every_run_gets_the_arm_the_strategy_and_the_extra_overrides(
     assert all("strategy.init=random_orthogonal" in c for c in fedsb)
 
 
-def write_run(folder, strategy, seed, accuracy):
+def write_run(folder, strategy, seed, accuracy, failures=0):
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(f"federation:\n  seed: {seed}\n")
-    (folder / "summary.json").write_text(
-        json.dumps({"strategy": strategy, "final_eval_accuracy": accuracy})
-    )
+    summary = {"strategy": strategy, "final_eval_accuracy": accuracy}
+    (folder / "summary.json").write_text(json.dumps({**summary, "failures": failures}))
 
 
 def test_the_sweep_resumes_per_seed_in_the_given_arm_order(tmp_path, monkeypatch):
@@ -59,6 +58,9 @@ def test_the_sweep_resumes_per_seed_in_the_given_arm_order(tmp_path, monkeypatch
     partial = runs / "eps8" / "fedavg_lora" / "seed0" / "0_fedavg_lora"
     partial.mkdir(parents=True)
     (partial / "metrics.jsonl").write_text("{}\n")
+    # seed 2 finished but lost clients on the way (out of memory): not a result
+    lost = runs / "eps8" / "fedavg_lora" / "seed2" / "0_fedavg_lora"
+    write_run(lost, "fedavg_lora", 2, 0.5, failures=7)
     write_run(
         runs / "eps8" / "fedavg_lora" / "old" / "0_fedavg_lora", "fedavg_lora", 1, 0.7
     )
@@ -68,12 +70,13 @@ def test_the_sweep_resumes_per_seed_in_the_given_arm_order(tmp_path, monkeypatch
         c for c in calls if "strategy=fedavg_lora" in c and "privacy=dp_sgd" in c
     ]
     assert [c[5] for c in fedavg_eps8] == ["federation.seed=0", "federation.seed=2"]
-    assert not partial.exists()
+    assert not partial.exists() and not lost.exists()
     assert "privacy=dp_sgd" in calls[0]  # the first arm given runs first
     assert "privacy=none" in calls[-1]
     assert accs == {"fedavg_lora | eps=8": [0.7]}
     # collecting only runs nothing and still reports the finished runs
     calls.clear()
+    write_run(lost, "fedavg_lora", 2, 0.5, failures=1)  # left out of the table
     accs = bench_privacy.sweep(tmp_path, runs, 3, False, (), arms=["8"], run=False)
     assert calls == [] and accs == {"fedavg_lora | eps=8": [0.7]}
     assert "(1)" in bench_privacy.report(accs)
