@@ -12,7 +12,8 @@ and splits each phrase's logit margin ``z_1 - z_0`` into
 It also reports how alike the embeddings are (mean pairwise cosine). When the
 embeddings all point the same way, the varying part is tiny, and whatever the noise
 did to the shared part decides the class of every phrase. ``--base`` zeroes every
-LoRA ``B`` first (the pretrained encoder, with the run's head), to compare against.
+LoRA ``B`` (Fed-SB: ``R``) first (the pretrained encoder, with the run's head), to
+compare against.
 
     HF_HUB_OFFLINE=1 python -m experiments.dp_features RUN_DIR [RUN_DIR ...] \
         [--base] [--out results/dp_features.json]
@@ -62,7 +63,7 @@ def embed(run_dir: Path, data: Path, base: bool) -> dict[str, Any]:
     """Dev embeddings, labels and head of ``run_dir``'s last checkpoint."""
     from omegaconf import OmegaConf
 
-    from fedlora.adapters import set_state
+    from fedlora.adapters import set_frozen_state, set_state
     from fedlora.build import build
     from fedlora.checkpoint import load_latest
     from fedlora.data import load_splits
@@ -73,9 +74,15 @@ def embed(run_dir: Path, data: Path, base: bool) -> dict[str, Any]:
     if checkpoint is None:
         raise SystemExit(f"{run_dir}: no checkpoint under checkpoints/")
     state = dict(checkpoint.arrays["global"])
-    if base:
-        state = {k: np.zeros_like(v) if "lora_B" in k else v for k, v in state.items()}
+    if base:  # B (LoRA, FFA) or R (Fed-SB) = 0: the adapters add nothing
+        state = {
+            k: np.zeros_like(v) if "lora_B" in k or "lora_R" in k else v
+            for k, v in state.items()
+        }
     model, tokenizer = build(cfg)
+    frozen = checkpoint.arrays.get("strategy.frozen")
+    if frozen:  # Fed-SB's B and A, as the server sent them
+        set_frozen_state(model, frozen)
     set_state(model, state)
     model.eval()
     _, dev = load_splits(cfg["data"])

@@ -8,6 +8,8 @@ import pytest
 from experiments.dp_features import embed, margin_split, mean_pairwise_cosine
 from tests.conftest import run_front_door
 
+FEDSB_DATA_FREE = ["strategy.init=random_orthogonal", "adapter.r=8"]
+
 
 def test_mean_pairwise_cosine_matches_the_pairs():
     h = np.random.default_rng(0).normal(size=(7, 5)) + 2.0
@@ -38,11 +40,11 @@ def test_shared_plus_varying_is_the_margin_and_collapse_predicts_one_class():
 def test_the_checkpoint_read_back_scores_what_the_run_reported(tmp_path, tiny_bert):
     """Rebuilt from the run's last checkpoint, the model classifies the eval set as
     the run said it did (so the embeddings analysed are the run's own)."""
-    out = tmp_path / "run"
-    rows = run_front_door(out, tiny_bert)
+    out = tmp_path / "run"  # Fed-SB: its frozen B and A come from the checkpoint too
+    rows = run_front_door(out, tiny_bert, "strategy=fedsb", *FEDSB_DATA_FREE)
     e = embed(out, tmp_path, base=False)
     split = margin_split(e["h"], e["y"], e["weight"], e["bias"])
     assert len(e["y"]) == rows[-1]["eval_examples"]
     assert split["accuracy"] == pytest.approx(rows[-1]["eval_accuracy"], abs=1e-9)
     base = embed(out, tmp_path, base=True)
-    assert not np.allclose(base["h"], e["h"])  # B = 0: the pretrained encoder's
+    assert not np.allclose(base["h"], e["h"])  # R = 0: the pretrained encoder's
