@@ -178,7 +178,10 @@ def sweep(
 def report(accs: dict[str, list[float]]) -> str:
     """Markdown table: strategy x privacy arm, mean +- std of final dev accuracy
     (in parentheses: the number of seeds)."""
-    arms = sorted({k.split(" | ")[1] for k in accs}, key=lambda a: (a != "none", a))
+    arms = sorted(  # no DP, then the weakest privacy first (the README's order)
+        {k.split(" | ")[1] for k in accs},
+        key=lambda a: (a != "none", -float(a.split("=")[1]) if a != "none" else 0),
+    )
     lines = ["| strategy | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
     for s in STRATEGIES:
         cells = []

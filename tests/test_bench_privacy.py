@@ -80,6 +80,14 @@ def test_the_sweep_resumes_per_seed_in_the_given_arm_order(tmp_path, monkeypatch
     accs = bench_privacy.sweep(tmp_path, runs, 3, False, (), arms=["8"], run=False)
     assert calls == [] and accs == {"fedavg_lora | eps=8": [0.7]}
     assert "(1)" in bench_privacy.report(accs)
+    header = bench_privacy.report(
+        {
+            "ffa_lora | eps=1": [0.5],
+            "ffa_lora | eps=10": [0.6],
+            "ffa_lora | none": [0.8],
+        }
+    ).splitlines()[0]
+    assert header == "| strategy | none | eps=10 | eps=1 |"
 
 
 def test_a_bad_arm_is_refused_before_any_run(monkeypatch, tmp_path):
