@@ -197,32 +197,50 @@ def report(accs: dict[str, list[float]]) -> str:
     return "\n".join(lines)
 
 
+NO_DP_X = 32.0  # where the no-DP arm is drawn on the epsilon axis
+
+
 def plot(accs: dict[str, list[float]], path: Path) -> None:
-    """Accuracy vs epsilon (no DP drawn at the right), mean +- std per strategy."""
+    """Accuracy vs epsilon (no DP at the right): each seed as a dot, mean +- std as
+    a bar; the strategies side by side at each epsilon."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for s in STRATEGIES:
-        xs, means, stds = [], [], []
-        for a in sorted({k.split(" | ")[1] for k in accs if k.startswith(s + " |")}):
-            v = np.asarray(accs[f"{s} | {a}"]) * 100
-            xs.append(32.0 if a == "none" else float(a.split("=")[1]))
-            means.append(v.mean())
-            stds.append(v.std(ddof=1) if v.size > 1 else 0.0)
-        order = np.argsort(xs)
-        ax.errorbar(
-            np.array(xs)[order],
-            np.array(means)[order],
-            np.array(stds)[order],
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ticks: set[float] = set()
+    for i, s in enumerate(STRATEGIES):
+        shift = 1.08 ** (i - (len(STRATEGIES) - 1) / 2)  # side by side (log axis)
+        points = []
+        for a in {k.split(" | ")[1] for k in accs if k.startswith(s + " |")}:
+            v = np.asarray(accs[f"{s} | {a}"], float) * 100
+            if v.size == 0:
+                continue
+            x = NO_DP_X if a == "none" else float(a.split("=")[1])
+            ticks.add(x)
+            points.append((x, v))
+        if not points:
+            continue
+        points.sort(key=lambda p: p[0])
+        xs = np.array([x for x, _ in points]) * shift
+        line = ax.errorbar(
+            xs,
+            [v.mean() for _, v in points],
+            [v.std(ddof=1) if v.size > 1 else 0.0 for _, v in points],
             marker="o",
             capsize=3,
             label=s,
         )
+        for x, (_, v) in zip(xs, points, strict=True):
+            ax.scatter(
+                [x] * v.size, v, s=12, alpha=0.5, color=line[0].get_color(), zorder=3
+            )
     ax.set_xscale("log")
-    ax.set_xlabel("target epsilon (32 = no DP)")
+    ax.set_xticks(sorted(ticks))
+    ax.set_xticklabels(["no DP" if t == NO_DP_X else f"{t:g}" for t in sorted(ticks)])
+    ax.minorticks_off()
+    ax.set_xlabel("target epsilon (dots: seeds; bars: mean ± std)")
     ax.set_ylabel("final dev accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -104,3 +104,14 @@ def test_a_set_without_equals_is_refused(monkeypatch, tmp_path):
     )
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         bench_privacy.main()
+
+
+def test_the_plot_is_written_with_no_dp_and_a_strategy_without_runs(tmp_path):
+    accs = {
+        "fedavg_lora | none": [0.82, 0.80, 0.84],
+        "fedavg_lora | eps=8": [0.76, 0.51, 0.51],
+        "ffa_lora | eps=8": [0.68],
+        "ffa_lora | eps=3": [],  # nothing finished yet: left out, not a crash
+    }
+    bench_privacy.plot(accs, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
