@@ -21,6 +21,7 @@ given to :func:`deploy` sees the run's log as it grows and may call them mid-run
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -32,7 +33,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # flower-superlink & co. of this environment
@@ -214,7 +215,9 @@ class Services:
         """Start ``argv`` (after the plan's prefix for ``name``), logging to
         ``<work>/<name>.log``, with ``FLWR_HOME=<work>/<home or name>``."""
         (self.plan.work / (home or name)).mkdir(parents=True, exist_ok=True)
-        with open(self.log(name), "ab") as log:
+        # a SIGTERM between the fork and the bookkeeping would leave a service that
+        # stop() does not know of: its exit waits until the service is recorded
+        with open(self.log(name), "ab") as log, hold_termination():
             proc = subprocess.Popen(
                 [*self.plan.prefix.get(name, []), *argv],
                 stdout=log,
@@ -223,7 +226,7 @@ class Services:
                 cwd=self.plan.work,
                 start_new_session=True,
             )
-        self.procs[name] = proc
+            self.procs[name] = proc
         return proc
 
     def log(self, name: str) -> Path:
@@ -268,6 +271,36 @@ class Services:
         for p in family:  # left their group (a new session) or outlived it
             _kill_and_reap(p)
         self.procs.clear()
+
+
+class _Termination:
+    """The launcher's SIGTERM: ``sys.exit(143)`` (so ``finally`` stops the
+    services), held while :func:`hold_termination` is active."""
+
+    held = 0
+    pending = False
+
+
+def on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM handler of the launcher: exit now, or once nothing holds it."""
+    if _Termination.held:
+        _Termination.pending = True
+    else:
+        sys.exit(143)
+
+
+@contextlib.contextmanager
+def hold_termination() -> Iterator[None]:
+    """While active, a SIGTERM (with :func:`on_sigterm` installed) only marks the
+    exit as pending; it happens when the outermost hold ends."""
+    _Termination.held += 1
+    try:
+        yield
+    finally:
+        _Termination.held -= 1
+        if not _Termination.held and _Termination.pending:
+            _Termination.pending = False
+            sys.exit(143)
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -621,7 +654,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[deploy] configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     become_subreaper()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop services first
+    signal.signal(signal.SIGTERM, on_sigterm)  # exit 143, services stopped first
     n = int(cfg["federation"]["num_clients"])  # one SuperNode per client
     work = args.work or Path(tempfile.mkdtemp(prefix="fedlora-deploy-"))
     out = args.out or ROOT / "outputs/deployment" / time.strftime("%Y-%m-%d_%H-%M-%S")

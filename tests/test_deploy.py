@@ -4,6 +4,7 @@ launcher's commands, the certificate script, the tokenisation cache, process cle
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -288,3 +289,33 @@ def leftovers(work: Path) -> list[str]:
         except psutil.Error:
             pass
     return found
+
+
+def test_deploy_a_sigterm_while_a_service_starts_waits_until_it_is_recorded(
+    tmp_path, monkeypatch
+):
+    """The launcher's SIGTERM exit (143) never falls between a service's fork and its
+    bookkeeping, where stop() would miss it (a SuperExec once outlived a launcher)."""
+    plan = deploy.Plan(tmp_path, 1)
+    services = deploy.Services(plan)
+
+    class Forked:  # stands in for the Popen of a service that has started
+        pid = 4242
+
+    def popen(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-start
+        time.sleep(0.05)  # the handler has run by now
+        return Forked()
+
+    monkeypatch.setattr(deploy.subprocess, "Popen", popen)
+    previous = signal.signal(signal.SIGTERM, deploy.on_sigterm)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            services.start("superexec-clientapp-0", ["flower-superexec"])
+        assert exited.value.code == 143
+        assert isinstance(services.procs["superexec-clientapp-0"], Forked)
+        with pytest.raises(SystemExit):  # unheld, it exits at once
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
