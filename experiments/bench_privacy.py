@@ -175,12 +175,19 @@ def sweep(
     return accs
 
 
+NO_DP_X = 32.0  # where the no-DP arm is drawn on the epsilon axis
+
+
+def arm_x(name: str) -> float:
+    """An arm's target epsilon (``eps=8`` -> 8.0); ``NO_DP_X`` for ``none``."""
+    return NO_DP_X if name == "none" else float(name.split("=")[1])
+
+
 def report(accs: dict[str, list[float]]) -> str:
     """Markdown table: strategy x privacy arm, mean +- std of final dev accuracy
     (in parentheses: the number of seeds)."""
     arms = sorted(  # no DP, then the weakest privacy first (the README's order)
-        {k.split(" | ")[1] for k in accs},
-        key=lambda a: (a != "none", -float(a.split("=")[1]) if a != "none" else 0),
+        {k.split(" | ")[1] for k in accs}, key=lambda a: (a != "none", -arm_x(a))
     )
     lines = ["| strategy | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
     for s in STRATEGIES:
@@ -195,9 +202,6 @@ def report(accs: dict[str, list[float]]) -> str:
             )
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-NO_DP_X = 32.0  # where the no-DP arm is drawn on the epsilon axis
 
 
 def plot(accs: dict[str, list[float]], path: Path) -> None:
@@ -217,9 +221,8 @@ def plot(accs: dict[str, list[float]], path: Path) -> None:
             v = np.asarray(accs[f"{s} | {a}"], float) * 100
             if v.size == 0:
                 continue
-            x = NO_DP_X if a == "none" else float(a.split("=")[1])
-            ticks.add(x)
-            points.append((x, v))
+            ticks.add(arm_x(a))
+            points.append((arm_x(a), v))
         if not points:
             continue
         points.sort(key=lambda p: p[0])
