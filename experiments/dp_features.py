@@ -66,7 +66,8 @@ def embed(run_dir: Path, data: Path, base: bool) -> dict[str, Any]:
     from fedlora.adapters import set_frozen_state, set_state
     from fedlora.build import build
     from fedlora.checkpoint import load_latest
-    from fedlora.data import load_splits
+    from fedlora.data import server_examples
+    from fedlora.train import batches
 
     cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
     cfg["data"]["path"] = str(data)
@@ -85,28 +86,22 @@ def embed(run_dir: Path, data: Path, base: bool) -> dict[str, Any]:
         set_frozen_state(model, frozen)
     set_state(model, state)
     model.eval()
-    _, dev = load_splits(cfg["data"])
-    texts = dev[cfg["data"]["text_column"]].astype(str).tolist()
+    examples = server_examples(cfg, tokenizer)  # the server's own evaluation set
     head = model.base_model.model.classifier  # PEFT's wrapper of the trained head
     seen: list[torch.Tensor] = []
     hook = head.register_forward_hook(lambda m, i, o: seen.append(i[0].detach()))
+    labels = []
     try:
         with torch.no_grad():
-            for i in range(0, len(texts), 128):
-                enc = tokenizer(
-                    texts[i : i + 128],
-                    padding=True,
-                    truncation=True,
-                    max_length=int(cfg["train"]["max_length"]),
-                    return_tensors="pt",
-                )
-                model(**enc)
+            for batch in batches(examples, 128, tokenizer.pad_token_id):
+                labels.append(batch.pop("labels"))
+                model(**batch)
     finally:
         hook.remove()
     weights = {k.rsplit(".", 1)[-1]: v for k, v in state.items() if "classifier" in k}
     return {
         "h": torch.cat(seen).float().numpy(),
-        "y": dev[cfg["data"]["label_column"]].to_numpy(),
+        "y": torch.cat(labels).numpy(),
         "weight": weights["weight"],
         "bias": weights["bias"],
     }
