@@ -15,7 +15,8 @@
     HF_HUB_OFFLINE=1 python -m experiments.bench_privacy --quick   # smoke test
     ... --out results/dp_large.json --arms 8,3,none,1 --set \
         data.max_train_examples=30000 data.max_eval_examples=null \
-        federation.rounds=3 train.batch_size=2500 ++privacy.max_physical_batch_size=64
+        federation.rounds=3 train.batch_size=2500 train.max_physical_batch_size=64 \
+        ++privacy.max_physical_batch_size=64
         # where DP-SGD learns (README, Privacy); stop it any time, run it again to go on
     ... --out results/dp_large.json --report-only   # table and plot of what finished
 """

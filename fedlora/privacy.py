@@ -26,7 +26,7 @@ import torch
 
 from fedlora.data import Example
 from fedlora.errors import ConfigError
-from fedlora.train import collate, make_optimizer
+from fedlora.train import collate, make_optimizer, physical_batches
 
 ACCOUNTANTS = ("rdp", "prv")
 CLIPPINGS = ("flat", "per_layer")
@@ -170,21 +170,6 @@ def epsilon_after_round(p: DPPlan, state: str | None) -> float:
     accountant = make_accountant(p.accountant, state)
     accountant.history.append((p.noise_multiplier, p.sample_rate, p.steps_per_round))
     return float(accountant.get_epsilon(p.delta))
-
-
-def physical_batches(
-    logical: list[int], lengths: Sequence[int], physical: int, by_length: bool = True
-) -> list[list[int]]:
-    """Split one logical batch into physical ones of at most ``physical`` examples
-    (0: one physical batch), longest first, so each pads to a similar length
-    (``by_length=False``: in sampling order, as Opacus' ``BatchMemoryManager``).
-
-    The clipped per-example gradients are summed over the whole logical batch before
-    the noise, so how it is split changes neither the update nor the privacy.
-    """
-    order = sorted(logical, key=lambda i: -lengths[i]) if by_length else logical
-    size = physical if 0 < physical < len(order) else max(len(order), 1)
-    return [order[i : i + size] for i in range(0, len(order), size)]
 
 
 def train_local_dp(

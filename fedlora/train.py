@@ -2,7 +2,9 @@
 
 Settings (``train.*``): ``optimizer`` (adamw | sgd), ``lr``, ``weight_decay``,
 ``momentum`` (sgd), ``local_epochs`` or ``local_steps`` (steps win when set),
-``batch_size``, ``eval_batch_size``, ``max_length``, ``device`` (auto | cpu | cuda),
+``batch_size``, ``max_physical_batch_size`` (0: no limit; a larger batch runs as
+pieces of at most this many examples whose gradients add up to the batch's),
+``eval_batch_size``, ``max_length``, ``device`` (auto | cpu | cuda),
 ``group_by_length`` (default true), ``seed``. Batches are padded dynamically to
 their longest example; with ``group_by_length`` they hold examples of similar
 length (see :func:`batch_indices`), and evaluation always runs longest first.
@@ -94,6 +96,22 @@ def batches(
         yield collate([examples[i] for i in idx], pad_id)
 
 
+def physical_batches(
+    logical: list[int], lengths: Sequence[int], physical: int, by_length: bool = True
+) -> list[list[int]]:
+    """Split one logical batch into physical ones of at most ``physical`` examples
+    (0: one physical batch), longest first, so each pads to a similar length
+    (``by_length=False``: in sampling order, as Opacus' ``BatchMemoryManager``).
+
+    Gradients are summed over the whole logical batch before the step (under DP-SGD:
+    clipped per example, before the noise), so how it is split changes neither the
+    update nor the privacy, only the memory it takes.
+    """
+    order = sorted(logical, key=lambda i: -lengths[i]) if by_length else logical
+    size = physical if 0 < physical < len(order) else max(len(order), 1)
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
 def make_optimizer(
     params: list[torch.nn.Parameter], train_cfg: dict[str, Any]
 ) -> torch.optim.Optimizer:
@@ -117,6 +135,53 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     if device.type == "cuda":  # bf16 autocast on GPUs; float32 on the CPU
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def _physical_limit(train_cfg: dict[str, Any]) -> int:
+    value = train_cfg.get("max_physical_batch_size") or 0
+    if not isinstance(value, int) or value < 0:
+        raise ConfigError(
+            "train.max_physical_batch_size",
+            value,
+            "give the most examples one forward pass may hold (0: the whole batch)",
+        )
+    return value
+
+
+def _label_count(batch: dict[str, torch.Tensor]) -> int:
+    """How many labels the model's mean loss averages over: one per example for
+    classification, the response tokens after the shift for causal LM."""
+    labels = batch["labels"]
+    return labels.shape[0] if labels.dim() == 1 else int((labels[:, 1:] != -100).sum())
+
+
+def _accumulate(
+    model: torch.nn.Module,
+    examples: Sequence[Example],
+    idx: list[int],
+    lengths: Sequence[int],
+    physical: int,
+    pad_id: int,
+    device: torch.device,
+) -> float:
+    """Back-propagate the mean loss of the batch ``idx``, in physical pieces whose
+    losses are weighted by their share of the batch's labels; returns that loss."""
+    pieces = [
+        {k: v.to(device) for k, v in collate([examples[i] for i in c], pad_id).items()}
+        for c in physical_batches(idx, lengths, physical, by_length=physical > 0)
+    ]
+    counts = [_label_count(b) for b in pieces]
+    total = max(sum(counts), 1)
+    loss_value = 0.0
+    for batch, count in zip(pieces, counts, strict=True):
+        if count == 0 and len(pieces) > 1:
+            continue  # no response tokens here: nothing to learn, and a NaN mean
+        with _autocast(device):
+            loss = model(**batch).loss
+        share = count / total if len(pieces) > 1 else 1.0
+        (loss * share).backward()
+        loss_value += float(loss.detach()) * share
+    return loss_value
 
 
 def train_local(
@@ -152,19 +217,19 @@ def train_local(
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout
     group = bool(train_cfg.get("group_by_length", True))
+    physical = _physical_limit(train_cfg)
+    lengths = [len(e["input_ids"]) for e in examples]
     model.train()
     start, step, seen, loss_sum = time.perf_counter(), 0, 0, 0.0
     while step < total:
-        for batch in batches(examples, batch_size, pad_id, generator, group):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with _autocast(device):
-                loss = model(**batch).loss
+        for idx in batch_indices(lengths, batch_size, generator, group):
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss_sum += _accumulate(
+                model, examples, idx, lengths, physical, pad_id, device
+            )
             optimizer.step()
             step += 1
-            seen += batch["input_ids"].shape[0]
-            loss_sum += float(loss.detach())
+            seen += len(idx)
             if step >= total:
                 break
     return {

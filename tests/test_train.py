@@ -145,3 +145,53 @@ def test_unknown_optimizer_names_the_key(settings):
     )
     with pytest.raises(ConfigError, match="train.optimizer"):
         train_local(model, ex, settings["train"], CPU, tok.pad_token_id, seed=0)
+
+
+def _one_step_state(settings, examples, pad_id, physical):
+    """The trainable state after one optimizer step over all ``examples``."""
+    model, _ = build(settings)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0  # the same step with and without pieces, not the same masks
+    train_cfg = dict(
+        settings["train"],
+        batch_size=len(examples),
+        local_steps=1,
+        max_physical_batch_size=physical,
+    )
+    out = train_local(model, examples, train_cfg, CPU, pad_id, seed=0)
+    return get_state(model), out["train_loss"]
+
+
+@pytest.mark.parametrize("task", ["seq_cls", "causal_lm"])
+def test_physical_batches_take_the_same_step_as_the_whole_batch(
+    settings, tiny_llama, task
+):
+    if task == "causal_lm":
+        settings["model"].update(name=str(tiny_llama), task="causal_lm")
+        settings["adapter"]["target_modules"] = ["q_proj", "v_proj"]
+    settings["train"]["optimizer"] = "sgd"  # the step is lr x gradient: compared as is
+    settings["train"]["lr"] = 1.0
+    _, tok = build(settings)
+    table = synthetic_table(23, seed=4)
+    ex = tokenise(table, tok, settings["data"], task, 48)
+    assert len({len(e["input_ids"]) for e in ex}) > 1  # pieces pad differently
+    whole, whole_loss = _one_step_state(settings, ex, tok.pad_token_id, 0)
+    pieces, pieces_loss = _one_step_state(settings, ex, tok.pad_token_id, 5)
+    frozen = dict(settings, train=dict(settings["train"], lr=0.0))
+    start, _ = _one_step_state(frozen, ex, tok.pad_token_id, 0)
+    moved = 0
+    for k in whole:  # LoRA's A gets no gradient while B is zero: only B and the head
+        step = whole[k] - start[k]
+        moved += float(np.abs(step).max()) > 1e-5
+        np.testing.assert_allclose(pieces[k] - start[k], step, rtol=1e-3, atol=1e-7)
+    assert moved >= 2  # a step the comparison can see (head, value B)
+    assert pieces_loss == pytest.approx(whole_loss, rel=1e-5)
+
+
+def test_a_bad_physical_batch_limit_names_the_key(settings):
+    settings["train"]["max_physical_batch_size"] = -1
+    model, tok = build(settings)
+    ex, _ = client_examples(settings, tok, 0, 2)
+    with pytest.raises(ConfigError, match="train.max_physical_batch_size"):
+        train_local(model, ex, settings["train"], CPU, tok.pad_token_id, seed=0)
