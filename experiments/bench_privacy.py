@@ -75,10 +75,10 @@ def common(data: Path, quick: bool) -> list[str]:
     ]
 
 
-def dp_overhead(data: Path, n: int, threads: int) -> dict[str, float]:
+def dp_overhead(data: Path, n: int, threads: int, repeats: int) -> dict[str, float]:
     """Seconds of one local epoch without and with DP-SGD, and their ratio."""
     torch.set_num_threads(threads)
-    return bench.dp_overhead(common(data, True), n)
+    return bench.dp_overhead(common(data, True), n, repeats)
 
 
 def arm_overrides(arm: str) -> list[str]:
@@ -296,7 +296,10 @@ def main() -> None:
         result = json.loads(args.out.read_text())
     if not args.report_only:
         result["overhead"] = dp_overhead(
-            args.data, 64 if args.quick else 512, threads=2
+            args.data,
+            64 if args.quick else 512,
+            threads=2,
+            repeats=1 if args.quick else 5,
         )
         print(f"[bench] DP overhead: {json.dumps(result['overhead'])}", flush=True)
     if not args.overhead_only:

@@ -56,3 +56,32 @@ def test_table_has_a_row_per_figure_and_flags_unmet_goals():
 def test_unknown_measurement_is_refused_with_the_choices():
     with pytest.raises(SystemExit, match="trainer"):
         bench.main(["--only", "speed"])
+
+
+def test_dp_overhead_times_both_trainers_on_the_same_batches(tiny_bert, monkeypatch):
+    """The overhead ratio compares like with like: the plain epoch and the DP-SGD
+    epoch (no Poisson sampling) pad and run exactly the same batches."""
+    from fedlora import privacy, train
+
+    seen: dict[str, list[list[tuple[int, ...]]]] = {"plain": [], "dp": []}
+    monkeypatch.setattr(bench, "dp_physical", lambda *a, **k: {})
+
+    def recording(module, key):
+        original = module.collate
+
+        def collate(batch, pad_id):
+            seen[key].append(sorted(tuple(e["input_ids"]) for e in batch))
+            return original(batch, pad_id)
+
+        monkeypatch.setattr(module, "collate", collate)
+
+    recording(train, "plain")
+    recording(privacy, "dp")
+    out = bench.dp_overhead(
+        [f"model.name={tiny_bert}", "data=synthetic", "train.batch_size=8"],
+        n=40,
+        repeats=1,
+    )
+    assert out["examples"] == 40 and out["repeats"] == 1
+    plain = seen["plain"][-5:]  # after the warm-up epoch on 32 examples
+    assert len(plain) == 5 and seen["dp"] == plain
