@@ -298,12 +298,35 @@ def measure_trainer(base: list[str], n: int, repeats: int) -> dict[str, Any]:
 
 
 # --- 2. DP ---------------------------------------------------------------------------
+def dp_epoch_seconds(
+    model: Any, examples: list, train_cfg: dict, privacy_cfg: dict, pad_id: int
+) -> float:
+    """Seconds of one local epoch of our DP-SGD trainer, with a fresh accountant."""
+    import torch
+
+    from fedlora import privacy
+
+    p = privacy.plan(privacy_cfg, train_cfg, len(examples), 1)
+    start = time.perf_counter()
+    privacy.train_local_dp(
+        model,
+        examples,
+        train_cfg,
+        privacy_cfg,
+        p,
+        privacy.make_accountant(p.accountant),
+        torch.device("cpu"),
+        pad_id,
+        seed=0,
+    )
+    return time.perf_counter() - start
+
+
 def dp_overhead(base: list[str], n: int, repeats: int = 5) -> dict[str, Any]:
     """Seconds of one local epoch with DP-SGD over the same epoch without DP: the
     fastest of ``repeats`` epochs each, interleaved so both see the same load."""
     import torch
 
-    from fedlora import privacy
     from fedlora.train import batch_indices, train_local
 
     plain, model, tok, examples = trainer_setup(
@@ -318,23 +341,6 @@ def dp_overhead(base: list[str], n: int, repeats: int = 5) -> dict[str, Any]:
         lengths, int(same_batches["batch_size"]), torch.Generator().manual_seed(0)
     )
     in_plain_order = [examples[i] for idx in batches for i in idx]
-    p = privacy.plan(plain["privacy"], plain["train"], len(examples), 1)
-
-    def dp_epoch() -> float:
-        start = time.perf_counter()
-        privacy.train_local_dp(
-            model,
-            in_plain_order,
-            plain["train"],
-            plain["privacy"],
-            p,
-            privacy.make_accountant(p.accountant),
-            cpu,
-            tok.pad_token_id,
-            seed=0,
-        )
-        return time.perf_counter() - start
-
     train_local(model, examples[:32], same_batches, cpu, tok.pad_token_id, seed=0)
     times: dict[str, list[float]] = {"plain": [], "dp": []}
     for _ in range(repeats):
@@ -343,7 +349,15 @@ def dp_overhead(base: list[str], n: int, repeats: int = 5) -> dict[str, Any]:
                 "train_time"
             ]
         )
-        times["dp"].append(dp_epoch())
+        times["dp"].append(
+            dp_epoch_seconds(
+                model,
+                in_plain_order,
+                plain["train"],
+                plain["privacy"],
+                tok.pad_token_id,
+            )
+        )
     t_plain, t_dp = min(times["plain"]), min(times["dp"])
     return {
         "examples": len(examples),
@@ -366,7 +380,6 @@ def dp_overhead(base: list[str], n: int, repeats: int = 5) -> dict[str, Any]:
 def dp_physical(plain: dict, model: Any, tok: Any, examples: list) -> dict[str, Any]:
     """A large logical batch in physical batches: ours (sorted by length) over the
     same batches cut in sampling order; one epoch each, twice, interleaved."""
-    import torch
 
     from fedlora import privacy
 
@@ -374,22 +387,9 @@ def dp_physical(plain: dict, model: Any, tok: Any, examples: list) -> dict[str, 
     logical, physical = (32, 8) if quick else (256, 64)
     cfg = {**plain["train"], "batch_size": logical}
     dp = {**plain["privacy"], "max_physical_batch_size": physical}
-    p = privacy.plan(dp, cfg, len(examples), 1)
 
     def epoch() -> float:
-        start = time.perf_counter()
-        privacy.train_local_dp(
-            model,
-            examples,
-            cfg,
-            dp,
-            p,
-            privacy.make_accountant(p.accountant),
-            torch.device("cpu"),
-            tok.pad_token_id,
-            seed=0,
-        )
-        return time.perf_counter() - start
+        return dp_epoch_seconds(model, examples, cfg, dp, tok.pad_token_id)
 
     times: dict[str, list[float]] = {"sorted": [], "unsorted": []}
     original = privacy.physical_batches
