@@ -1,32 +1,101 @@
 """Client-level (central) DP: Flower's server-side fixed-clipping wrapper around a
-fedlora strategy, with the release accounted per round.
+fedlora strategy, with the noise scaled to the updates actually averaged and every
+release accounted without amplification.
 
-Each round every sampled client's update (reply - global, over all communicated
-arrays) is clipped to ``clipping_norm``; the strategy aggregates (uniform mean), and
-``N(0, (noise_multiplier * clipping_norm / m)^2)`` is added to the result, ``m`` the
-number of sampled clients. That protects the plain weighted means (FedAvg-LoRA,
-FFA-LoRA, Fed-SB). LoRA-FAIR's correction reads each client's factors beyond their
-mean, so it is refused (see fedlora.validate).
+Each round every replying client's update (reply - global, over all communicated
+arrays) is clipped to L2 norm ``C = clipping_norm``; the wrapped strategy checks the
+updates and takes their uniform mean over the ``m'`` it accepts; Gaussian noise of
+standard deviation ``z C / m'`` (``z = noise_multiplier``) is added to that mean.
+That is the Gaussian mechanism on the sum of the clipped updates (sensitivity ``C``
+when one client is added or removed) with noise ``z C``, divided by ``m'``: every
+release has noise multiplier ``z``, however many of the sampled clients failed,
+declined or were rejected. It protects the plain means (FedAvg-LoRA, FFA-LoRA,
+Fed-SB); LoRA-FAIR's correction reads each client's factors beyond their mean, so
+it is refused (see fedlora.validate).
+
+What differs from Flower's ``DifferentialPrivacyServerSideFixedClipping`` (1.39),
+whose constructor, ``configure_train`` and evaluation hooks are used as they are:
+
+* Flower adds noise ``z C / m`` with ``m = num_sampled_clients`` fixed, also when
+  fewer updates are averaged; the effective multiplier then drops to ``z m' / m``
+  while ``z`` would be accounted. Here the noise follows ``m'``.
+* Flower skips the whole round when any reply is an error; here the wrapped
+  strategy records the failure and averages the rest (with noise for ``m'``), as
+  it does without DP.
+* Flower clips by the position of each array in the record, and a reply whose
+  arrays do not line up with the global ones raises in the server. Here updates
+  are clipped by name; a malformed reply is passed on unclipped and the wrapped
+  strategy rejects it (:func:`fedlora.updates.check_update`, the same checks).
+* Flower draws the noise from NumPy's process-global generator, whose state the
+  run's checkpoints save and restore (:func:`fedlora.checkpoint.rng_state`): from a
+  round's checkpoint the next round's noise could be regenerated and subtracted.
+  Here each release draws from a fresh generator seeded with 128 bits from the OS
+  (:mod:`secrets`), not from ``federation.seed`` or anything else clients or
+  readers of the run directory know. The server itself adds the noise, so central
+  DP protects clients against the other clients and the model's users, never
+  against the server.
 """
 
 from __future__ import annotations
 
+import logging
+import secrets
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 
+from fedlora.errors import ConfigError
+from fedlora.updates import check_update
 from strategies.fedavg_lora import FedAvgLoRA
+from strategies.wire import (
+    KEY_ARRAYS,
+    KEY_METRICS,
+    KEY_NUM_EXAMPLES,
+    record_to_state,
+    state_to_record,
+)
+
+log = logging.getLogger(__name__)
+
+#: Flower samples a fixed-size set of clients without replacement, for which
+#: amplification by (Poisson) subsampling does not hold: each release is accounted
+#: as if every client took part.
+SAMPLE_RATE = 1.0
 
 
 class CentralDP(DifferentialPrivacyServerSideFixedClipping):
-    """Flower's wrapper plus epsilon accounting; other attributes (``round_log``,
-    ``initialize``, ``export``, ...) are the wrapped strategy's.
+    """Flower's wrapper with noise for the updates averaged and epsilon accounting;
+    other attributes (``round_log``, ``initialize``, ``export``, ...) are the
+    wrapped strategy's.
 
-    Epsilon: one subsampled Gaussian release per round with sampling rate
-    ``m / num_clients``, composed by Opacus' RDP accountant at ``delta``. A
-    checkpoint keeps the accountant's history, so a resumed run goes on composing.
+    Epsilon: one Gaussian release of noise multiplier ``noise_multiplier`` per round
+    that publishes an aggregate, at sample rate 1 (no amplification), composed by
+    Opacus' RDP accountant and reported at ``delta``. A checkpoint keeps the
+    accountant's history, so a resumed run goes on composing.
+
+    Each round's ``round_log`` entry gets ``central_epsilon`` (spent so far),
+    ``central_delta``, ``central_accountant`` (``rdp``), ``central_sample_rate``,
+    ``central_releases`` and ``central_updates`` (updates averaged, ``m'``); a
+    round that publishes an aggregate also ``central_noise_multiplier`` (the
+    multiplier applied: noise std over the sensitivity ``C / m'``) and
+    ``central_noise_std``.
+
+    Parameters
+    ----------
+    strategy : FedAvgLoRA
+        The fedlora strategy to wrap (uniform weighting).
+    noise_multiplier : float
+        ``z`` > 0: noise std over the sensitivity of the mean.
+    clipping_norm : float
+        ``C`` > 0: the L2 bound on each client's update.
+    num_sampled_clients : int
+        Clients sampled per round (``m``); for Flower's checks and the log only,
+        since the noise follows the updates actually averaged.
+    delta : float
+        The delta epsilon is reported at.
     """
 
     def __init__(
@@ -35,14 +104,25 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
         noise_multiplier: float,
         clipping_norm: float,
         num_sampled_clients: int,
-        num_clients: int,
         delta: float,
     ) -> None:
+        if not float(noise_multiplier) > 0:
+            raise ConfigError(
+                "privacy.wrapper.noise_multiplier",
+                noise_multiplier,
+                "must be positive: without noise no epsilon holds",
+            )
+        if getattr(strategy, "weighting", "uniform") != "uniform":
+            raise ConfigError(
+                "strategy.weighting",
+                strategy.weighting,
+                "privacy=central needs strategy.weighting=uniform (the noise "
+                "scale assumes a uniform average)",
+            )
         super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients)
         from opacus.accountants import RDPAccountant
 
         self.rdp = RDPAccountant()
-        self.sample_rate = num_sampled_clients / num_clients
         self.delta = float(delta)
 
     def __getattr__(self, name: str) -> Any:
@@ -53,20 +133,70 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Clip, aggregate, add noise (Flower); account the release (Opacus RDP)."""
-        arrays, metrics = super().aggregate_train(server_round, replies)
+        """Clip each update, let the wrapped strategy check and average them, add
+        noise for the ``m'`` updates it averaged and account the release."""
+        reference = record_to_state(self.current_arrays)
+        replies = [self._clip(m, reference) for m in replies]
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        real_round = server_round + self.strategy.round_offset
+        entry = self.strategy.round_log.setdefault(real_round, {})
+        averaged = int(entry.get("clients", 0)) if arrays is not None else 0
         if arrays is not None:
+            if averaged < 1:
+                raise RuntimeError(
+                    f"round {real_round}: the wrapped strategy returned an "
+                    "aggregate but recorded no averaged updates ('clients'); "
+                    "cannot calibrate the central DP noise"
+                )
+            std = self.noise_multiplier * self.clipping_norm / averaged
+            arrays = add_noise(arrays, std)
             self.rdp.step(
-                noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate
+                noise_multiplier=self.noise_multiplier, sample_rate=SAMPLE_RATE
             )
-            epsilon = float(self.rdp.get_epsilon(self.delta))
-            real_round = server_round + self.strategy.round_offset
-            self.strategy.round_log.setdefault(real_round, {}).update(
-                central_epsilon=epsilon,
-                central_delta=self.delta,
-                central_accountant="rdp",
+            entry.update(
+                central_noise_multiplier=std * averaged / self.clipping_norm,
+                central_noise_std=std,
             )
+            log.info(
+                "central DP: %s of %s sampled updates averaged, noise std %.4g",
+                averaged,
+                self.num_sampled_clients,
+                std,
+            )
+        entry.update(
+            central_epsilon=float(self.rdp.get_epsilon(self.delta)),
+            central_delta=self.delta,
+            central_accountant="rdp",
+            central_sample_rate=SAMPLE_RATE,
+            central_releases=sum(steps for _, _, steps in self.rdp.history),
+            central_updates=averaged,
+        )
         return arrays, metrics
+
+    def _clip(self, msg: Message, reference: dict[str, np.ndarray]) -> Message:
+        """``msg`` with its update clipped to ``clipping_norm`` (in place).
+
+        Only a well-formed update (:func:`check_update` against the global arrays)
+        is clipped; any other reply is returned as it is, and the wrapped strategy,
+        which applies the same checks, records it as failed, declined or rejected.
+        """
+        if msg.has_error() or KEY_ARRAYS not in msg.content:
+            return msg
+        try:
+            state = record_to_state(msg.content[KEY_ARRAYS])
+            num_examples = msg.content[KEY_METRICS].get(KEY_NUM_EXAMPLES)
+            expected = {k: v.shape for k, v in reference.items()}
+            if check_update(state, expected, num_examples) is not None:
+                return msg
+        except Exception:  # noqa: BLE001 - malformed: the wrapped strategy says why
+            return msg
+        update = {k: state[k].astype(np.float64) - reference[k] for k in reference}
+        norm = float(np.sqrt(sum(np.sum(u * u) for u in update.values())))
+        scale = min(1.0, self.clipping_norm / norm) if norm > 0 else 1.0
+        msg.content[KEY_ARRAYS] = state_to_record(
+            {k: reference[k] + scale * update[k] for k in state}
+        )
+        return msg
 
     def checkpoint_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """The wrapped strategy's checkpoint state plus the RDP history."""
@@ -75,9 +205,26 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
         return arrays, state
 
     def restore_state(self, arrays: dict[str, Any], state: dict[str, Any]) -> None:
-        """Restore the wrapped strategy and the RDP history (releases so far)."""
+        """Restore the wrapped strategy and the RDP history (releases so far).
+
+        Every release is accounted at sample rate 1, also one a checkpoint written
+        before that fix recorded with the (unfounded) rate ``m / num_clients``.
+        """
         self.strategy.restore_state(arrays, state)
         self.rdp.history = [
-            (float(sigma), float(q), int(steps))
-            for sigma, q, steps in state.get("central_rdp_history", [])
+            (float(sigma), SAMPLE_RATE, int(steps))
+            for sigma, _, steps in state.get("central_rdp_history", [])
         ]
+
+
+def add_noise(arrays: ArrayRecord, std: float) -> ArrayRecord:
+    """``arrays`` plus i.i.d. ``N(0, std^2)`` noise, drawn from a generator seeded
+    with 128 bits of OS entropy (never from the experiment's seed or NumPy's global
+    generator, which checkpoints save and restore)."""
+    rng = np.random.default_rng(secrets.randbits(128))
+    return state_to_record(
+        {
+            k: v + rng.normal(0.0, std, v.shape)
+            for k, v in record_to_state(arrays).items()
+        }
+    )
