@@ -13,7 +13,7 @@ import numpy as np
 
 from fedlora.adapters import lora_layers
 from fedlora.errors import ConfigError
-from fedlora.fair import correction
+from fedlora.fair import MAX_ITER, SolverInfo, correction
 
 State = dict[str, np.ndarray]
 WEIGHTINGS = ("num_examples", "uniform")
@@ -71,13 +71,30 @@ def fedsb(states: Sequence[State], weights: np.ndarray) -> State:
 
 
 def lora_fair(
-    states: Sequence[State], weights: np.ndarray, lam: float, solver: str
+    states: Sequence[State],
+    weights: np.ndarray,
+    lam: float,
+    solver: str,
+    *,
+    max_iter: int = MAX_ITER,
+    diagnostics: list[SolverInfo] | None = None,
 ) -> State:
-    """LoRA-FAIR: ``A <- Abar``, ``B <- Bbar + dB*`` per layer (see fedlora.fair)."""
+    """LoRA-FAIR: ``A <- Abar``, ``B <- Bbar + dB*`` per layer (see fedlora.fair).
+
+    ``max_iter`` bounds the ``gd`` solver's steps per layer; if ``diagnostics`` is
+    a list, each layer's solver record (with its ``layer`` name) is appended to it.
+    """
     out = weighted_average(states, weights)
-    for a_key, b_key in lora_layers(out).values():
-        db = correction(
-            [s[b_key] for s in states], [s[a_key] for s in states], weights, lam, solver
+    for layer, (a_key, b_key) in lora_layers(out).items():
+        db, info = correction(
+            [s[b_key] for s in states],
+            [s[a_key] for s in states],
+            weights,
+            lam,
+            solver,
+            max_iter,
         )
         out[b_key] = (out[b_key] + db).astype(out[b_key].dtype)
+        if diagnostics is not None:
+            diagnostics.append({"layer": layer, **info})
     return out
