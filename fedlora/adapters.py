@@ -15,6 +15,8 @@ are trained, sent and aggregated; frozen tensors never travel.
 from __future__ import annotations
 
 import math
+import zlib
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -134,6 +136,29 @@ def frozen_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 def get_frozen_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
     """Copy the frozen LoRA factors out as float32 arrays."""
     return _copy_out(frozen_parameters(model))
+
+
+#: the metric in which a client reports :func:`frozen_digest` of its frozen factors
+FROZEN_CRC_KEY = "frozen-crc"
+#: how the server's reasons for rejecting such a reply begin (in ``rejected``)
+FROZEN_DIFFER = "frozen factors differ from the server's"
+FROZEN_MISSING = "no frozen-crc in the reply"
+
+
+def frozen_digest(frozen: torch.nn.Module | Mapping[str, Any]) -> int:
+    """CRC32 of the frozen LoRA factors (a model's, or a state dict of them).
+
+    The server (its ``strategy.frozen``) and every client (its model) compute it with
+    this one function, so equal digests mean equal factors (up to CRC32 collisions):
+    each key, then its values as little-endian float32 (the wire and model dtype,
+    C order), in sorted key order. No frozen factors: 0.
+    """
+    state = get_frozen_state(frozen) if isinstance(frozen, torch.nn.Module) else frozen
+    crc = 0
+    for key in sorted(state):
+        value = np.ascontiguousarray(state[key], dtype="<f4")
+        crc = zlib.crc32(value.tobytes(), zlib.crc32(key.encode(), crc))
+    return crc
 
 
 def set_frozen_state(model: torch.nn.Module, state: dict[str, np.ndarray]) -> None:
