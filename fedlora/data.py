@@ -409,3 +409,117 @@ def server_examples(cfg: dict[str, Any], tokenizer: Any) -> list[Example]:
         cfg["model"]["task"],
         int(cfg["train"]["max_length"]),
     )
+
+
+# ------------------------------------------------- the server's own calibration data
+SERVER_DATA_KEY = "strategy.server_data_path"
+SERVER_DATA_MISSING = (
+    "strategy.init=server_data needs a calibration file the server itself holds; "
+    "the server's only other data is the evaluation split it reports accuracy on, "
+    "and the clients' data is never used. Set strategy.server_data_path to such a "
+    f"file ({', '.join(FORMATS)}, with the data's columns), or use "
+    "strategy.init=random_orthogonal (no data) or, without DP, federated_gradient"
+)
+
+
+def server_data_file(cfg: dict[str, Any]) -> Path:
+    """The server's calibration file for Fed-SB's ``init=server_data``.
+
+    It must be data the server itself holds: ``strategy.server_data_path``, a file
+    in one of :data:`FORMATS`. Refused: no path (the server's only other data is the
+    evaluation split it reports accuracy on, and the clients' data is never used),
+    a missing file, and the very files of ``data.path`` (the clients' training data,
+    or the evaluation split).
+
+    Raises
+    ------
+    ConfigError
+        ``strategy.server_data_path``, with what was found and the fix.
+    """
+    raw = (cfg.get("strategy") or {}).get("server_data_path")
+    if not raw:
+        raise ConfigError(SERVER_DATA_KEY, raw, SERVER_DATA_MISSING)
+    path = Path(str(raw)).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            SERVER_DATA_KEY,
+            str(path),
+            "no such file; point it at a calibration file the server holds",
+        )
+    if path.suffix.lower() not in FORMATS:
+        raise ConfigError(
+            SERVER_DATA_KEY,
+            str(path),
+            f"unsupported file type; use one of {', '.join(FORMATS)}",
+        )
+    for role, other in _data_files(cfg.get("data") or {}):
+        if other is not None and os.path.samefile(path, other):
+            raise ConfigError(
+                SERVER_DATA_KEY,
+                str(path),
+                f"this is {role}; the calibration set must be other data the "
+                "server holds (never the clients' data nor the split accuracy is "
+                "reported on)",
+            )
+    return path
+
+
+def _data_files(data_cfg: dict[str, Any]) -> list[tuple[str, Path | None]]:
+    """The files ``data.path`` names: ``(role, file)`` pairs."""
+    if data_cfg.get("name") == "synthetic" or not data_cfg.get("path"):
+        return []
+    path = Path(str(data_cfg["path"])).expanduser()
+    if path.is_file():
+        return [
+            ("data.path, the clients' training data and the evaluation split", path)
+        ]
+    if not path.is_dir():
+        return []
+    train = str(data_cfg.get("train_split", "train"))
+    evals = str(data_cfg.get("eval_split", "dev"))
+    return [
+        (
+            f"the clients' training split (data.train_split={train})",
+            _find_split(path, train),
+        ),
+        (
+            f"the evaluation split accuracy is reported on (data.eval_split={evals})",
+            _find_split(path, evals),
+        ),
+    ]
+
+
+def server_calibration_examples(cfg: dict[str, Any], tokenizer: Any) -> list[Example]:
+    """The first ``strategy.calibration_examples`` rows of the server's own
+    calibration file (:func:`server_data_file`), tokenised: Fed-SB's
+    ``init=server_data`` estimates its gradient on them.
+
+    Raises
+    ------
+    ConfigError
+        ``strategy.server_data_path``: no usable file (see :func:`server_data_file`),
+        no rows, or a column the data settings name is absent.
+    """
+    path = server_data_file(cfg)
+    table = read_table(path)
+    task = cfg["model"]["task"]
+    try:
+        check_columns(table, cfg["data"], task)
+    except ConfigError as exc:
+        raise ConfigError(
+            SERVER_DATA_KEY,
+            str(path),
+            f"it has no column {exc.found!r} ({exc.key}); its columns are "
+            f"{list(table.columns)}",
+        ) from exc
+    n = int(cfg["strategy"].get("calibration_examples", 64))
+    if len(table) == 0 or n < 1:
+        raise ConfigError(
+            SERVER_DATA_KEY,
+            str(path),
+            f"no calibration rows ({len(table)} in the file, "
+            f"strategy.calibration_examples={n}); give it rows and a positive count",
+        )
+    return tokenise(
+        table.iloc[:n], tokenizer, cfg["data"], task, int(cfg["train"]["max_length"])
+    )

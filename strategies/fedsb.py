@@ -15,7 +15,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+from fedlora.adapters import FROZEN_DIFFER, FROZEN_MISSING
 from fedlora.aggregation import fedsb
+from fedlora.data import SERVER_DATA_KEY, SERVER_DATA_MISSING
 from fedlora.errors import ConfigError
 from fedlora.lora_sb import (
     init_from_gradient,
@@ -48,13 +50,18 @@ class FedSB(FedAvgLoRA):
       ``G_k`` of each adapted ``W0`` over its first ``calibration_examples``
       examples; ``G = sum_k G_k``; then LoRA-SB's ``B, R0, A`` from ``-eta sign(G)``.
       Its traffic is reported as round 0.
-    - ``server_data``: the same from the server's own calibration set.
+    - ``server_data``: the same from the server's own calibration file
+      ``server_data_path`` (its first ``calibration_examples`` rows; the ServerApp
+      passes their gradient as ``server_gradient``), never the clients' data.
     - ``random_orthogonal``: orthonormal ``B``, ``A`` and ``R0 = 0``; no data.
 
     ``B`` and ``A`` reach each node once (in its first train message); after that
     only ``R`` and the head travel. A resumed run (:meth:`restore_state`) takes
     ``B`` and ``A`` from the checkpoint instead of initialising again, and sends them
     to every node once more: a new Flower run starts each node's state empty.
+    A node whose update is rejected because its frozen factors are not the
+    server's (see ``FedAvgLoRA._frozen_mismatch``) gets them again in its next
+    train message.
     """
 
     name = "fedsb"
@@ -65,6 +72,7 @@ class FedSB(FedAvgLoRA):
         init: str = "federated_gradient",
         init_eta: float = 1e-4,
         calibration_examples: int = 64,
+        server_data_path: str | None = None,
         seed: int = 0,
         **kwargs: Any,
     ) -> None:
@@ -73,7 +81,10 @@ class FedSB(FedAvgLoRA):
             raise ConfigError(
                 "strategy.init", init, f"choose one of {', '.join(INITS)}"
             )
+        if init == "server_data" and not server_data_path:
+            raise ConfigError(SERVER_DATA_KEY, server_data_path, SERVER_DATA_MISSING)
         self.init, self.init_eta, self.seed = init, float(init_eta), int(seed)
+        self.server_data_path = server_data_path
         self.calibration_examples = int(calibration_examples)
         self._has_frozen: set[int] = set()
 
@@ -206,12 +217,18 @@ class FedSB(FedAvgLoRA):
         return out
 
     def aggregate_train(self, server_round: int, replies: Any) -> Any:
-        """As FedAvg-LoRA; nodes that replied hold ``B`` and ``A`` from now on."""
+        """As FedAvg-LoRA; nodes that replied hold ``B`` and ``A`` from now on,
+        except those whose update was rejected for other frozen factors."""
         replies = list(replies)
         self._has_frozen.update(
             m.metadata.src_node_id for m in replies if not m.has_error()
         )
-        return super().aggregate_train(server_round, replies)
+        out = super().aggregate_train(server_round, replies)
+        entry = self.round_log.get(server_round + self.round_offset, {})
+        for rejected in entry.get("rejected", []):
+            if str(rejected["reason"]).startswith((FROZEN_DIFFER, FROZEN_MISSING)):
+                self._has_frozen.discard(rejected["node"])
+        return out
 
     def shared_layers(self) -> dict[str, tuple[str | None, str, str]]:
         """Every layer's delta is ``s B R A`` with ``B`` and ``A`` frozen, shared."""
