@@ -68,20 +68,39 @@ def test_factored_norm_equals_dense_norm():
 
 
 def test_aggregation_identity_holds():
-    # ideal - Bbar Abar = sum p_k (B_k - Bbar)(A_k - Abar)
+    # ideal - Bbar Abar = sum p_k (B_k - Bbar)(A_k - Abar), with Bbar, Abar what
+    # the project's FedAvg-LoRA aggregation produced and p_k = n_k / sum n
     rng = np.random.default_rng(3)
-    p = client_weights([2, 3, 5], "num_examples")
-    bs = [rng.standard_normal((8, 2)) for _ in p]
-    as_ = [rng.standard_normal((2, 6)) for _ in p]
-    bbar, abar = (
-        sum(w * b for w, b in zip(p, bs, strict=False)),
-        sum(w * a for w, a in zip(p, as_, strict=False)),
+    counts = [2, 3, 5]
+    p = np.asarray(counts, np.float64) / sum(counts)  # the dense formula's weights
+    states = [random_state(rng) for _ in counts]  # float64
+    old = random_state(rng)
+    new = fedavg_lora(states, client_weights(counts, "num_examples"))
+    scaling = 2.0
+    overall, _ = aggregation_error(
+        [layer_factors(s) for s in states],
+        client_weights(counts, "num_examples"),
+        layer_factors(old),
+        layer_factors(new),
+        scaling,
     )
-    ideal = sum(w * b @ a for w, b, a in zip(p, bs, as_, strict=False))
-    residual = sum(
-        w * (b - bbar) @ (a - abar) for w, b, a in zip(p, bs, as_, strict=False)
-    )
-    np.testing.assert_allclose(ideal - bbar @ abar, residual, atol=1e-12)
+    num = den = 0.0
+    for layer in LAYERS:
+        a_key, b_key = f"{layer}.lora_A.weight", f"{layer}.lora_B.weight"
+        bbar, abar = new[b_key], new[a_key]
+        ideal = sum(w * s[b_key] @ s[a_key] for w, s in zip(p, states, strict=True))
+        cross = sum(
+            w * (s[b_key] - bbar) @ (s[a_key] - abar)
+            for w, s in zip(p, states, strict=True)
+        )
+        gap = ideal - bbar @ abar
+        np.testing.assert_allclose(gap, cross, rtol=0, atol=1e-12)
+        rank = np.linalg.matrix_rank(cross)
+        assert 0 < rank <= (len(counts) - 1) * abar.shape[0]  # at most (K-1) r
+        num += np.sum((scaling * gap) ** 2)
+        den += np.sum((scaling * (ideal - old[b_key] @ old[a_key])) ** 2)
+    # the reported aggregation error is exactly this gap, relative to the update
+    assert overall == pytest.approx(np.sqrt(num / den), rel=1e-9)
 
 
 def _error(states, old, weights, scaling=2.0):
