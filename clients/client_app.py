@@ -9,8 +9,10 @@ in a deployment, its data location ``data-dir``, where tokenised partitions are 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import time
-import zlib
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,7 +20,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlora import privacy
-from fedlora.adapters import get_frozen_state, get_state, set_frozen_state, set_state
+from fedlora.adapters import frozen_digest, get_state, set_frozen_state, set_state
 from fedlora.build import build_cached
 from fedlora.data import client_examples
 from fedlora.lora_sb import gradient_sums
@@ -34,7 +36,7 @@ from strategies.wire import (
     KEY_NUM_EXAMPLES,
     KEY_PHASE,
     KEY_ROUND,
-    KEY_STATE_DP,
+    KEY_RUN_ID,
     KEY_STATE_FROZEN,
     PHASE_GRADIENT,
     record_to_state,
@@ -42,6 +44,7 @@ from strategies.wire import (
 )
 
 app = ClientApp()
+log = logging.getLogger("fedlora")
 
 
 def _setup(msg: Message, context: Context) -> tuple[Any, ...]:
@@ -74,20 +77,13 @@ def _cache_dir(context: Context) -> str | None:
     return f"{data_dir}/cache" if data_dir else None
 
 
-def frozen_digest(model: Any) -> int:
-    """CRC32 of the frozen LoRA factors: equal on every client iff they agree."""
-    crc = 0
-    for key, value in sorted(get_frozen_state(model).items()):
-        crc = zlib.crc32(value.tobytes(), zlib.crc32(key.encode(), crc))
-    return crc
-
-
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the global adapter on this node's partition; reply with trained parts."""
     cfg, model, tokenizer, device, pid, num_parts = _setup(msg, context)
     examples, _ = client_examples(cfg, tokenizer, pid, num_parts, _cache_dir(context))
     if msg.content[KEY_CONFIG].get(KEY_PHASE) == PHASE_GRADIENT:
+        _refuse_under_dp(cfg, "send the summed gradients of its data (Fed-SB init)")
         return _gradient_reply(msg, cfg, model, tokenizer, device, examples)
     server_round = int(msg.content[KEY_CONFIG][KEY_ROUND])
     faults = cfg.get("faults") or {}
@@ -96,33 +92,51 @@ def train(msg: Message, context: Context) -> Message:
         and server_round % int(faults.get("raise_every", 1)) == 0
     ):
         raise RuntimeError(f"injected fault: partition {pid}, round {server_round}")
+    # the public seed drives the data order of plain training; never DP noise
     seed = int(cfg["federation"]["seed"]) * 100_003 + server_round * 1_009 + pid
-    extra: dict[str, Any] = {}
     if cfg["privacy"]["mode"] == "dp_sgd":
-        result, extra = _train_dp(
-            cfg, model, examples, device, tokenizer, seed, context
+        ledger = privacy.Ledger(
+            ledger_root(context), msg.content[KEY_CONFIG].get(KEY_RUN_ID), pid
         )
-        if result is None:  # the budget would be exceeded: decline this round
-            return _declined(msg, pid, extra)
+        noise_seed = None  # fresh OS entropy, drawn inside train_local_dp
+        if cfg["privacy"]["reproducible_noise"]:
+            noise_seed = seed
+            log.warning(
+                "privacy.reproducible_noise=true: DP-SGD noise from the public seed; "
+                "the server can regenerate and remove it"
+            )
+        public = _train_dp(
+            cfg, model, examples, device, tokenizer, noise_seed, ledger, server_round
+        )
+        if public.pop("declined", False):  # the budget would be exceeded
+            return _declined(msg, pid, public)
     else:
         result = train_local(
             model, examples, cfg["train"], device, tokenizer.pad_token_id, seed
         )
-    metrics = MetricRecord(
-        {
+        public = {
             KEY_NUM_EXAMPLES: int(result["num_examples"]),
             "train_loss": result["train_loss"],
             "steps": int(result["steps"]),
             "train_time": result["train_time"],
-            "partition-id": pid,
-            "frozen-crc": frozen_digest(model),
-            **extra,
         }
+    metrics = MetricRecord(
+        {**public, "partition-id": pid, "frozen-crc": frozen_digest(model)}
     )
     content = RecordDict(
         {KEY_ARRAYS: state_to_record(get_state(model)), KEY_METRICS: metrics}
     )
     return Message(content=content, reply_to=msg)
+
+
+def ledger_root(context: Context) -> Path:
+    """Where this client keeps its privacy ledgers: ``<data-dir>/privacy-ledger``
+    (a SuperNode's node config), else ``$FEDLORA_CLIENT_DIR/privacy-ledger`` (set
+    by the simulation launcher), else ``~/.fedlora/privacy-ledger``. Never a
+    location the server chooses."""
+    data_dir = context.node_config.get("data-dir")
+    base = data_dir or os.environ.get(privacy.CLIENT_DIR_ENV) or "~/.fedlora"
+    return Path(str(base)).expanduser() / "privacy-ledger"
 
 
 def _train_dp(
@@ -131,42 +145,36 @@ def _train_dp(
     examples: list[Any],
     device: Any,
     tokenizer: Any,
-    seed: int,
-    context: Context,
-) -> tuple[dict[str, float] | None, dict[str, Any]]:
-    """DP-SGD with the accountant kept in ``context.state`` across rounds.
+    noise_seed: int | None,
+    ledger: privacy.Ledger,
+    server_round: int,
+) -> dict[str, Any]:
+    """One round of DP-SGD, accounted in the client's own ledger.
 
-    Returns ``(None, info)`` when one more round would exceed the target epsilon.
+    Returns what may leave the client: the epsilon spent (covered by the
+    accountant), the plan's public figures, and as the aggregation weight the
+    planned expected examples (the Poisson counts and the loss are private).
+    ``declined`` is set when one more round would exceed the target epsilon.
     """
-    saved = context.state.get(KEY_STATE_DP)
-    dp_plan = (
-        privacy.DPPlan.from_json(str(saved["plan"]))
-        if saved
-        else privacy.plan(
+    saved = ledger.load()
+    if saved is None:  # the first round of this run: calibrate once, for the run
+        dp_plan = privacy.plan(
             cfg["privacy"], cfg["train"], len(examples), privacy.planned_rounds(cfg)
         )
-    )  # calibrated once
-    history = str(saved["accountant"]) if saved else None
-    spent = (
-        float(
-            privacy.make_accountant(dp_plan.accountant, history).get_epsilon(
-                dp_plan.delta
-            )
-        )
-        if history
-        else 0.0
-    )
-    info: dict[str, Any] = {
-        "epsilon": spent,
+        history, rounds = None, []
+    else:
+        dp_plan, history, rounds = saved
+    accountant = privacy.make_accountant(dp_plan.accountant, history)
+    public: dict[str, Any] = {
+        "epsilon": float(accountant.get_epsilon(dp_plan.delta)) if history else 0.0,
         "delta": dp_plan.delta,
         "noise_multiplier": dp_plan.noise_multiplier,
     }
     if privacy.epsilon_after_round(dp_plan, history) > dp_plan.target_epsilon * (
         1 + 1e-9
     ):
-        return None, info
-    accountant = privacy.make_accountant(dp_plan.accountant, history)
-    result = privacy.train_local_dp(
+        return {**public, "declined": True}
+    privacy.train_local_dp(
         model,
         examples,
         cfg["train"],
@@ -175,13 +183,26 @@ def _train_dp(
         accountant,
         device,
         tokenizer.pad_token_id,
-        seed,
+        noise_seed,
     )
-    context.state[KEY_STATE_DP] = ConfigRecord(
-        {"plan": dp_plan.to_json(), "accountant": privacy.accountant_state(accountant)}
-    )
-    info["epsilon"] = float(accountant.get_epsilon(dp_plan.delta))
-    return result, info
+    ledger.save(dp_plan, accountant, [*rounds, server_round])  # before any reply
+    public["epsilon"] = float(accountant.get_epsilon(dp_plan.delta))
+    return {
+        **public,
+        KEY_NUM_EXAMPLES: dp_plan.expected_examples(),
+        "steps": dp_plan.steps_per_round,
+    }
+
+
+def _refuse_under_dp(cfg: dict[str, Any], what: str) -> None:
+    """Raise when a DP-SGD client is asked to release an unaccounted statistic of
+    its data (the server's config is checked too; this holds on the client)."""
+    if cfg["privacy"]["mode"] == "dp_sgd":
+        raise PermissionError(
+            f"privacy.mode=dp_sgd: this client will not {what}; the DP-SGD "
+            "accountant does not cover it (set federation.fraction_evaluate=0 and "
+            "strategy.init=random_orthogonal)"
+        )
 
 
 def _declined(msg: Message, pid: int, info: dict[str, Any]) -> Message:
@@ -227,6 +248,7 @@ def _gradient_reply(
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global adapter on this node's held-out slice."""
     cfg, model, tokenizer, device, pid, num_parts = _setup(msg, context)
+    _refuse_under_dp(cfg, "report its exact loss and accuracy on its own examples")
     _, examples = client_examples(cfg, tokenizer, pid, num_parts, _cache_dir(context))
     if not examples:
         raise ValueError(

@@ -299,9 +299,15 @@ def measure_trainer(base: list[str], n: int, repeats: int) -> dict[str, Any]:
 
 # --- 2. DP ---------------------------------------------------------------------------
 def dp_epoch_seconds(
-    model: Any, examples: list, train_cfg: dict, privacy_cfg: dict, pad_id: int
+    model: Any,
+    examples: list,
+    train_cfg: dict,
+    privacy_cfg: dict,
+    pad_id: int,
+    poisson: bool = True,
 ) -> float:
-    """Seconds of one local epoch of our DP-SGD trainer, with a fresh accountant."""
+    """Seconds of one local epoch of our DP-SGD trainer, with a fresh accountant
+    (``poisson=False``: fixed batches in the given order, for timing only)."""
     import torch
 
     from fedlora import privacy
@@ -317,7 +323,7 @@ def dp_epoch_seconds(
         privacy.make_accountant(p.accountant),
         torch.device("cpu"),
         pad_id,
-        seed=0,
+        poisson=poisson,
     )
     return time.perf_counter() - start
 
@@ -329,9 +335,7 @@ def dp_overhead(base: list[str], n: int, repeats: int = 5) -> dict[str, Any]:
 
     from fedlora.train import batch_indices, train_local
 
-    plain, model, tok, examples = trainer_setup(
-        base + ["privacy=dp_sgd", "privacy.poisson_sampling=false"], n
-    )
+    plain, model, tok, examples = trainer_setup(base + ["privacy=dp_sgd"], n)
     cpu = torch.device("cpu")
     same_batches = {**plain["train"], "group_by_length": False}
     # Without Poisson sampling DP-SGD takes fixed batches in data order: hand it the
@@ -356,6 +360,7 @@ def dp_overhead(base: list[str], n: int, repeats: int = 5) -> dict[str, Any]:
                 plain["train"],
                 plain["privacy"],
                 tok.pad_token_id,
+                poisson=False,
             )
         )
     t_plain, t_dp = min(times["plain"]), min(times["dp"])
@@ -389,7 +394,10 @@ def dp_physical(plain: dict, model: Any, tok: Any, examples: list) -> dict[str, 
     dp = {**plain["privacy"], "max_physical_batch_size": physical}
 
     def epoch() -> float:
-        return dp_epoch_seconds(model, examples, cfg, dp, tok.pad_token_id)
+        # fixed batches in data order: both variants cut the very same batches
+        return dp_epoch_seconds(
+            model, examples, cfg, dp, tok.pad_token_id, poisson=False
+        )
 
     times: dict[str, list[float]] = {"sorted": [], "unsorted": []}
     original = privacy.physical_batches
@@ -525,16 +533,24 @@ def make_strategy(method: str, frozen: dict[str, np.ndarray]) -> Any:
     return strategy
 
 
-def replies(states: list[dict[str, np.ndarray]], sent: dict[str, np.ndarray]) -> list:
-    """Flower reply messages carrying ``states`` (a fake run identity)."""
+def replies(
+    states: list[dict[str, np.ndarray]],
+    sent: dict[str, np.ndarray],
+    frozen: dict[str, np.ndarray],
+) -> list:
+    """Flower reply messages carrying ``states`` and the digest of the ``frozen``
+    factors the clients trained with, as the ClientApp reports it (a fake run
+    identity)."""
     from flwr.app import Message, MetricRecord, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
+    from fedlora.adapters import FROZEN_CRC_KEY, frozen_digest
     from strategies.wire import state_to_record
 
     for field in ("_run_id", "_task_id", "_node_id"):
         setattr(TaskIdentity, field, 1)
     sent_record = state_to_record(sent)
+    crc = frozen_digest(frozen)
     out = []
     for node, state in enumerate(states, start=1):
         msg = Message(
@@ -546,7 +562,11 @@ def replies(states: list[dict[str, np.ndarray]], sent: dict[str, np.ndarray]) ->
             {
                 "arrays": state_to_record(state),
                 "metrics": MetricRecord(
-                    {"num-examples": 100 + node, "partition-id": node}
+                    {
+                        "num-examples": 100 + node,
+                        "partition-id": node,
+                        FROZEN_CRC_KEY: crc,
+                    }
                 ),
             }
         )
@@ -580,7 +600,7 @@ def server_arm(
     p = client_weights([100 + k for k in range(1, clients + 1)], "num_examples")
     t_mean = timed(lambda: numpy_mean(states, p), repeats)
     t_agg = timed(lambda: strategy.aggregate_states(states, p), repeats)
-    msgs = replies(states, sent)
+    msgs = replies(states, sent, frozen)
 
     def server_round() -> None:
         strategy._sent = record_to_state(state_to_record(sent))
@@ -693,7 +713,7 @@ def _child_server(args: dict[str, Any]) -> dict[str, Any]:
         args["method"], args["r"], args["clients"], args["layers"]
     )
     strategy = make_strategy(args["method"], frozen)
-    msgs = replies(states, sent)
+    msgs = replies(states, sent, frozen)
     raw = sum(v.nbytes for s in states for v in s.values()) / 2**20
     del states  # the server holds the replies, not our copies
     before = reset_peak_rss()

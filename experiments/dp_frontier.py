@@ -121,8 +121,8 @@ def run_arm(cfg: dict[str, Any], noise: bool, probe: int = 0) -> dict[str, Any]:
         accountant,
         cpu,
         tok.pad_token_id,
-        seed=0,
-    )
+        noise_seed=0,  # one party, no server: the DP and noise-free twins share
+    )  # their Poisson batches
     ev = evaluate(model, dev, cfg["model"]["task"], cpu, tok.pad_token_id)
     out.update(
         steps=int(stats["steps"]),

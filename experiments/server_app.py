@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import secrets
 import shlex
 import time
 from collections.abc import Sequence
@@ -30,13 +31,18 @@ from fedlora.adapters import (
     set_state,
 )
 from fedlora.build import build
-from fedlora.data import client_examples, server_examples
+from fedlora.data import server_calibration_examples, server_examples
 from fedlora.errors import ConfigError
 from fedlora.lora_sb import gradient_sums
 from fedlora.models import resolve_device
 from fedlora.train import evaluate
 from fedlora.validate import validate
-from strategies.wire import KEY_EXPERIMENT, record_to_state, state_to_record
+from strategies.wire import (
+    KEY_EXPERIMENT,
+    KEY_RUN_ID,
+    record_to_state,
+    state_to_record,
+)
 
 log = logging.getLogger("fedlora")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -103,11 +109,18 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             cfg.privacy.wrapper,
             strategy=method,
             num_sampled_clients=sampled,
-            num_clients=fed["num_clients"],
             delta=plain["privacy"]["target_delta"],
         )
     rounds = int(plain["federation"]["rounds"])
     done = ckpt.round if ckpt is not None else 0
+    if plain["privacy"]["mode"] == "dp_sgd" and plain["privacy"]["reproducible_noise"]:
+        log.warning(
+            "privacy.reproducible_noise=true: the clients' DP-SGD noise and sampling "
+            "follow the public seed, so this server could remove the noise; the "
+            "reported epsilon does not hold against it (research use only)"
+        )
+    # the run's id keys every client's privacy ledger: kept across a resume
+    run_id = (ckpt.state.get("run_id") if ckpt is not None else None) or new_run_id()
     previous = ckpt.state["metrics"] if ckpt is not None else []
     elapsed = (previous[-1].get("wall_time") or 0.0) if previous else 0.0
     started = time.perf_counter() - elapsed  # wall_time goes on from the checkpoint
@@ -142,19 +155,19 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         }
         results.append_metrics(run_dir, row)
         _progress(row, rounds)
-        save_checkpoint(run_dir, server_round, arrays, strategy, plain)
+        save_checkpoint(run_dir, server_round, arrays, strategy, plain, run_id)
         return MetricRecord({k: v for k, v in metrics.items()})
 
     # 4. the method's initialisation (Fed-SB's init round), or the checkpoint's
     #    state; then Flower's round loop for the rounds still to run
-    train_config = ConfigRecord({KEY_EXPERIMENT: json.dumps(plain)})
+    train_config = ConfigRecord({KEY_EXPERIMENT: json.dumps(plain), KEY_RUN_ID: run_id})
 
     def server_gradient() -> dict[str, Any]:  # Fed-SB init=server_data
-        calib, _ = client_examples(plain, tokenizer, 0, 1)
-        n = int(plain["strategy"].get("calibration_examples", 64))
+        # the server's own calibration file, never the clients' data
+        calib = server_calibration_examples(plain, tokenizer)
         return gradient_sums(
             model,
-            calib[:n],
+            calib,
             plain["train"]["batch_size"],
             tokenizer.pad_token_id,
             device,
@@ -209,9 +222,11 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "privacy": plain["privacy"]["mode"],
         "wall_time": time.perf_counter() - started,
     }
+    extra["run_id"] = run_id
     if plain["privacy"]["mode"] == "dp_sgd":
         extra["accountant"] = plain["privacy"]["accountant"]
         extra["target_epsilon"] = plain["privacy"]["target_epsilon"]
+        extra["reproducible_noise"] = bool(plain["privacy"]["reproducible_noise"])
     summary = results.summarise(rows, extra)
     results.write_summary(run_dir, summary)
     results.plot_run(run_dir, rows)
@@ -219,15 +234,26 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 
 # --- checkpoints and resume ---------------------------------------------------------
+def new_run_id() -> str:
+    """A fresh run id: start time and 32 random bits (``20261130-041200-9f3a1c2e``)."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
+
+
 def save_checkpoint(
-    run_dir: Path, server_round: int, arrays: Any, strategy: Any, plain: dict[str, Any]
+    run_dir: Path,
+    server_round: int,
+    arrays: Any,
+    strategy: Any,
+    plain: dict[str, Any],
+    run_id: str,
 ) -> Path:
     """Checkpoint the end of ``server_round`` (after its metrics row is written).
 
     Arrays: the global adapter (``global``), the RNG states (``rng``) and the
     strategy's groups (``strategy.<name>``, e.g. Fed-SB's frozen ``B`` and ``A``).
-    JSON: the settings, the strategy's state, the RNG states and every metrics row
-    so far.
+    JSON: the run's id (a resume keeps it, so clients go on with their privacy
+    ledgers), the settings, the strategy's state, the RNG states and every metrics
+    row so far.
     """
     strategy_arrays, strategy_state = strategy.checkpoint_state()
     rng_arrays, rng_json = checkpoint.rng_state()
@@ -237,6 +263,7 @@ def save_checkpoint(
         **{f"strategy.{k}": v for k, v in strategy_arrays.items()},
     }
     state = {
+        "run_id": run_id,
         "settings": plain,
         "strategy": strategy_state,
         "rng": rng_json,
@@ -296,21 +323,31 @@ def check_resume(plain: dict[str, Any], ckpt: checkpoint.Checkpoint) -> None:
     Raises
     ------
     ConfigError
-        ``resume`` with ``privacy.mode=dp_sgd`` (each client's accountant lives in
-        its node's per-run state, which the new run starts empty, so the privacy
-        already spent would be forgotten); ``federation.rounds`` below the rounds
+        ``resume`` of a ``privacy.mode=dp_sgd`` run whose checkpoint holds no run
+        id (written before the clients kept their ledgers by it, so they could not
+        find the privacy already spent); ``federation.rounds`` below the rounds
         the checkpoint holds; a setting outside :data:`RESUMABLE` that differs
         from the checkpoint's.
     """
-    if plain["privacy"]["mode"] == "dp_sgd":
+    if plain["privacy"]["mode"] == "dp_sgd" and not ckpt.state.get("run_id"):
         raise ConfigError(
             "resume",
             plain.get("resume"),
-            "privacy.mode=dp_sgd runs cannot be resumed: every client's DP-SGD "
-            "accountant lives in its node's state, which a new (simulated or "
-            "deployed) run starts empty, so the privacy spent so far would be "
-            "forgotten. Start a new run instead",
+            f"the checkpoint {ckpt.path} of this privacy.mode=dp_sgd run holds no "
+            "run id, so its clients' privacy ledgers cannot be found and the "
+            "privacy already spent would be forgotten. Start a new run instead",
         )
+    if plain["privacy"]["mode"] == "dp_sgd":
+        before = _select(ckpt.state["settings"], "simulation.client_dir")
+        after = _select(plain, "simulation.client_dir")
+        if before is not _MISSING and after != before:
+            raise ConfigError(
+                "simulation.client_dir",
+                after,
+                f"the simulated clients of this privacy.mode=dp_sgd run keep their "
+                f"privacy ledgers in {before!r}; a resume elsewhere would forget "
+                "the privacy already spent. Keep it as it was",
+            )
     rounds = int(plain["federation"]["rounds"])
     if rounds < ckpt.round:
         raise ConfigError(

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from clients.client_app import app as client_app
 from experiments.server_app import run_server
+from fedlora.privacy import CLIENT_DIR_ENV
 
 QUIET_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -33,6 +34,10 @@ def simulate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
+    # the simulated clients' own folder (privacy ledgers), as a deployed node's
+    # data-dir; Ray's workers inherit the environment
+    if cfg.simulation.client_dir:
+        os.environ[CLIENT_DIR_ENV] = str(Path(cfg.simulation.client_dir).resolve())
     if cfg.get("quiet"):
         logging.getLogger("flwr").setLevel(logging.WARNING)
     out: dict[str, Any] = {}

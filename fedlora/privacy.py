@@ -9,17 +9,33 @@ otherwise. Server aggregation is post-processing.
 
 Settings (``privacy.*``): ``target_epsilon``, ``target_delta`` (null: ``0.1 / N_k``,
 below 1/N_k), ``max_grad_norm``, ``clipping`` (flat | per_layer), ``accountant``
-(rdp | prv), ``poisson_sampling``, ``max_physical_batch_size``.
+(rdp | prv), ``max_physical_batch_size``, ``reproducible_noise``.
+
+Threat model: the noise protects a client's examples against everyone who sees its
+update, the server first. So the noise and the Poisson sampling are drawn from
+generators seeded with fresh OS entropy (:func:`fresh_seed`) that never leave the
+client; only the research switch ``privacy.reproducible_noise=true`` derives them from
+the public experiment seed (then the server can subtract the noise: no protection).
+
+Ledger: a client's plan and accountant history live in a file the client owns
+(:class:`Ledger`), keyed by the run's id, so a resumed run goes on composing the
+same ledger and a new run starts a new one. The server never keeps it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+import re
+import secrets
+import tempfile
 import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +43,8 @@ import torch
 from fedlora.data import Example
 from fedlora.errors import ConfigError
 from fedlora.train import collate, make_optimizer, physical_batches
+
+log = logging.getLogger("fedlora")
 
 ACCOUNTANTS = ("rdp", "prv")
 CLIPPINGS = ("flat", "per_layer")
@@ -44,6 +62,14 @@ class DPPlan:
     delta: float
     target_epsilon: float
     accountant: str
+    num_examples: int = 0  # N_k, public to the accountant (q and delta use it)
+
+    def expected_examples(self) -> int:
+        """Examples a round is planned to use, ``steps * q * N_k``: the client's
+        aggregation weight under DP (the Poisson counts themselves are private)."""
+        return max(
+            1, round(self.steps_per_round * self.sample_rate * self.num_examples)
+        )
 
     def to_json(self) -> str:
         """Serialise (kept in the client's state between rounds)."""
@@ -86,6 +112,21 @@ def check_settings(privacy_cfg: dict[str, Any]) -> None:
     norm = privacy_cfg.get("max_grad_norm")
     if not isinstance(norm, (int, float)) or norm <= 0:
         raise ConfigError("privacy.max_grad_norm", norm, "must be a number > 0")
+    if privacy_cfg.get("poisson_sampling", True) is not True:
+        raise ConfigError(  # the accountants assume Poisson-subsampled steps
+            "privacy.poisson_sampling",
+            privacy_cfg.get("poisson_sampling"),
+            "DP-SGD here samples each batch by Poisson sampling, which the "
+            "accountant's amplification by subsampling assumes; fixed batches "
+            "would make every reported epsilon too small. Remove the key (or set "
+            "it true)",
+        )
+    if not isinstance(privacy_cfg.get("reproducible_noise", False), bool):
+        raise ConfigError(
+            "privacy.reproducible_noise",
+            privacy_cfg.get("reproducible_noise"),
+            "must be true or false (false: noise from OS entropy, the default)",
+        )
 
 
 def plan(
@@ -125,6 +166,7 @@ def plan(
         float(delta),
         float(privacy_cfg["target_epsilon"]),
         privacy_cfg["accountant"],
+        int(num_examples),
     )
 
 
@@ -165,6 +207,77 @@ def accountant_state(accountant: Any) -> str:
     )
 
 
+def fresh_seed() -> int:
+    """63 bits of OS entropy (:mod:`secrets`): a seed no other party can know."""
+    return secrets.randbits(63)
+
+
+#: environment variable naming the folder a client keeps its state in, where the
+#: node config names no ``data-dir`` (the simulation launcher sets it)
+CLIENT_DIR_ENV = "FEDLORA_CLIENT_DIR"
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class Ledger:
+    """One client's privacy ledger for one run: its DP plan (fixed at its first
+    round) and its accountant's history, in ``<root>/<run id>/partition-<k>.json``.
+
+    The file lives with the client (its node's data folder), never with the server,
+    and is keyed by the run's id, which the server's checkpoint records: a resumed
+    run finds the ledger and goes on composing; a new run, with a new id, starts a
+    new one. Each save is atomic (temporary file, fsync, rename), and a client
+    saves before it replies, so no update leaves unaccounted.
+    """
+
+    def __init__(self, root: Path | str, run_id: str, partition: int) -> None:
+        if not isinstance(run_id, str) or not _RUN_ID.match(run_id):
+            raise ValueError(
+                f"run id {run_id!r} is not a plain name (letters, digits, _ . -); "
+                "refusing to keep a privacy ledger under it"
+            )
+        self.path = (
+            Path(root).expanduser() / run_id / f"partition-{int(partition)}.json"
+        )
+
+    def load(self) -> tuple[DPPlan, str | None, list[int]] | None:
+        """``(plan, accountant state, rounds trained)``, or None for a new ledger."""
+        if not self.path.exists():
+            return None
+        data = json.loads(self.path.read_text())
+        return (
+            DPPlan.from_json(data["plan"]),
+            data.get("accountant"),
+            [int(r) for r in data.get("rounds", [])],
+        )
+
+    def save(self, p: DPPlan, accountant: Any, rounds: list[int]) -> None:
+        """Write the plan and the accountant's history atomically."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(
+            {
+                "plan": p.to_json(),
+                "accountant": accountant_state(accountant),
+                "rounds": list(rounds),
+                "epsilon": float(accountant.get_epsilon(p.delta)),
+            }
+        )
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        folder = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
 def epsilon_after_round(p: DPPlan, state: str | None) -> float:
     """Epsilon the client would have spent after one more round of ``p``."""
     accountant = make_accountant(p.accountant, state)
@@ -181,7 +294,9 @@ def train_local_dp(
     accountant: Any,
     device: torch.device,
     pad_id: int,
-    seed: int,
+    noise_seed: int | None = None,
+    *,
+    poisson: bool = True,
 ) -> dict[str, float]:
     """One round of DP-SGD on the trainable parameters (Opacus, hooks mode).
 
@@ -191,6 +306,16 @@ def train_local_dp(
     accounted). A logical batch runs as physical batches of at most
     ``max_physical_batch_size``, longest first (:func:`physical_batches`). The
     accountant is updated in place by the optimizer's step hook.
+
+    ``noise_seed`` None (the default, and the only choice the product makes unless
+    ``privacy.reproducible_noise``) seeds the noise and the Poisson sampler with two
+    independent draws of OS entropy, unknown to anyone outside this call.
+    ``poisson=False`` (tests and benchmarks only; the accountant would not hold)
+    takes fixed batches in data order.
+
+    Returns ``num_examples`` (examples seen), ``steps``, ``train_loss`` and
+    ``train_time``: statistics of the private data, for this process only; what a
+    client may send is :func:`public_metrics`.
     """
     from opacus import PrivacyEngine
 
@@ -198,14 +323,20 @@ def train_local_dp(
     optimizer = make_optimizer(params, train_cfg)
     engine = PrivacyEngine(accountant=p.accountant)
     engine.accountant = accountant
+    sampling_seed, noise_seed = (
+        (fresh_seed(), fresh_seed())
+        if noise_seed is None
+        else (noise_seed, noise_seed + 1)
+    )
     loader = torch.utils.data.DataLoader(
         list(examples),
         batch_size=int(train_cfg["batch_size"]),
         shuffle=False,
-    )  # only its batch sampler (Poisson, after make_private) is used
+        generator=torch.Generator().manual_seed(sampling_seed),
+    )  # only its batch sampler (Poisson, after make_private) is used; Opacus'
+    # DPDataLoader draws the Poisson masks from this loader's generator
     norm = float(privacy_cfg["max_grad_norm"])
     per_layer = privacy_cfg["clipping"] == "per_layer"
-    torch.manual_seed(seed)
     hooks, optimizer, loader = engine.make_private(
         module=model,
         optimizer=optimizer,
@@ -215,10 +346,10 @@ def train_local_dp(
         if per_layer
         else norm,
         clipping=privacy_cfg["clipping"],
-        poisson_sampling=bool(privacy_cfg.get("poisson_sampling", True)),
+        poisson_sampling=poisson,
         grad_sample_mode="hooks",
         wrap_model=False,
-        noise_generator=torch.Generator(device=device).manual_seed(seed),
+        noise_generator=torch.Generator(device=device).manual_seed(noise_seed),
     )
     physical = int(privacy_cfg.get("max_physical_batch_size") or 0)
     lengths = [len(e["input_ids"]) for e in examples]

@@ -153,6 +153,18 @@ def _privacy_problems(cfg: dict[str, Any]) -> list[ConfigError]:
             check_settings(cfg["privacy"])
         except ConfigError as exc:
             out.append(exc)
+        if float(cfg["federation"].get("fraction_evaluate") or 0) > 0:
+            out.append(
+                ConfigError(
+                    "federation.fraction_evaluate",
+                    cfg["federation"]["fraction_evaluate"],
+                    "with privacy=dp_sgd the clients would report their exact "
+                    "loss and accuracy on their own held-out examples, which the "
+                    "DP-SGD accountant does not cover; set "
+                    "federation.fraction_evaluate=0 (the server still evaluates "
+                    "on its own data every round)",
+                )
+            )
     if mode in ("dp_sgd", "central") and strategy.get("init") == "federated_gradient":
         out.append(
             ConfigError(
@@ -160,10 +172,19 @@ def _privacy_problems(cfg: dict[str, Any]) -> list[ConfigError]:
                 "federated_gradient",
                 f"with privacy={mode} the Fed-SB init round would release "
                 "unprotected gradients of private data; use "
-                "strategy.init=random_orthogonal (data-free) or "
-                "strategy.init=server_data",
+                "strategy.init=random_orthogonal (data-free), or "
+                "strategy.init=server_data with strategy.server_data_path set to "
+                "a calibration file the server itself holds (never the clients' "
+                "data)",
             )
         )
+    if strategy.get("init") == "server_data":
+        from fedlora.data import server_data_file
+
+        try:
+            server_data_file(cfg)
+        except ConfigError as exc:
+            out.append(exc)
     if mode == "central" and target.endswith("LoRAFAIR"):
         out.append(
             ConfigError(

@@ -16,6 +16,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedlora.adapters import (
+    FROZEN_CRC_KEY,
+    FROZEN_DIFFER,
+    FROZEN_MISSING,
+    frozen_digest,
+)
 from fedlora.aggregation import client_weights, fedavg_lora
 from fedlora.comm import num_parameters
 from fedlora.diagnostics import (
@@ -95,6 +101,7 @@ class FedAvgLoRA(FedAvg):
         self.scaling = float(scaling)
         self.round_log: dict[int, dict[str, Any]] = {}
         self.frozen: State = {}  # frozen LoRA factors shared by all parties
+        self._frozen_crc: tuple[State, int] | None = None  # (frozen, its digest)
         self.epsilon: dict[int, float] = {}  # latest epsilon spent per partition
         self._sent: State = {}
         self._sampled: list[int] = []  # node ids of this round's train messages
@@ -254,14 +261,14 @@ class FedAvgLoRA(FedAvg):
             params_up=sum(num_parameters(s) for s in states),
             client_replies=client_metrics,
         )
-        train_loss = float(
-            np.dot(weights, [c.get("train_loss", np.nan) for c in client_metrics])
-        )
+        summary = {"aggregation_error": overall}
+        if all("train_loss" in c for c in client_metrics):  # not sent under DP-SGD
+            summary["train_loss"] = float(
+                np.dot(weights, [c["train_loss"] for c in client_metrics])
+            )
         record = state_to_record(new)
         entry["server_aggregate_time"] = time.perf_counter() - started
-        return record, MetricRecord(
-            {"train_loss": train_loss, "aggregation_error": overall}
-        )
+        return record, MetricRecord(summary)
 
     def _failures(self, replies: list[Message], missing: int) -> list[dict[str, Any]]:
         """Who failed, why and when. An error the SuperLink wrote for a node (e.g.
@@ -310,6 +317,7 @@ class FedAvgLoRA(FedAvg):
                 state = record_to_state(m.content[KEY_ARRAYS])
                 metrics = dict(m.content[KEY_METRICS])
                 reason = check_update(state, expected, metrics.get(KEY_NUM_EXAMPLES))
+                reason = reason or self._frozen_mismatch(metrics)
             except Exception as exc:  # noqa: BLE001 - any malformed payload
                 reason = f"undecodable reply: {type(exc).__name__}: {exc}"
             if reason is None:
@@ -335,6 +343,25 @@ class FedAvgLoRA(FedAvg):
             )
         entry["rejected"] = rejected
         return [s for _, s, _ in kept], [m for _, _, m in kept]
+
+    def _frozen_mismatch(self, metrics: dict[str, Any]) -> str | None:
+        """Why a reply's frozen factors are not the server's ``frozen`` (its
+        ``frozen-crc`` differs or is absent), or None. Methods without frozen
+        factors (``frozen`` empty) skip the check."""
+        if not self.frozen:
+            return None
+        cached = self._frozen_crc
+        if cached is None or cached[0] is not self.frozen:  # once per frozen set
+            cached = self._frozen_crc = (self.frozen, frozen_digest(self.frozen))
+        theirs = metrics.get(FROZEN_CRC_KEY)
+        if theirs is None:
+            return (
+                f"{FROZEN_MISSING}: its frozen factors cannot be checked against "
+                f"the server's (crc {cached[1]})"
+            )
+        if int(theirs) != cached[1]:
+            return f"{FROZEN_DIFFER} (crc {int(theirs)} != {cached[1]})"
+        return None
 
     def _record_privacy(self, entry: dict[str, Any], replies: list[Message]) -> None:
         """Keep each client's latest reported epsilon (DP-SGD) in the round log."""

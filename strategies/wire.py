@@ -43,4 +43,5 @@ KEY_FROZEN = "frozen"  # frozen LoRA factors (Fed-SB's B and A), sent once per n
 KEY_PHASE = "phase"  # config key: what a train message asks for
 PHASE_GRADIENT = "gradient"  # Fed-SB init round: reply with gradient sums
 KEY_STATE_FROZEN = "fedlora.frozen"  # where a node keeps the frozen factors
-KEY_STATE_DP = "fedlora.dp"  # where a node keeps its DP plan and accountant history
+KEY_RUN_ID = "fedlora-run"  # config key: the run's id (kept across a resume), which
+#   keys each client's privacy ledger

@@ -201,11 +201,12 @@ def test_fedsb_state_round_trips_and_every_node_gets_the_factors_again():
 
 
 # --- resume configuration -----------------------------------------------------------
-def checkpointed_run(tmp_path, overrides):
+def checkpointed_run(tmp_path, overrides, run_id="20261130-000000-0123abcd"):
     from experiments.server_app import compose, settings
 
     plain = settings(compose(overrides))
-    checkpoint.save(tmp_path, 2, {"global": {}}, {"settings": plain, "metrics": []})
+    state = {"settings": plain, "metrics": [], "run_id": run_id}
+    checkpoint.save(tmp_path, 2, {"global": {}}, state)
     return tmp_path
 
 
@@ -230,15 +231,29 @@ def test_resume_takes_the_checkpoints_settings_and_more_rounds(tmp_path):
         resume_config(compose([f"resume={tmp_path / 'nothing'}"]), [])
 
 
-def test_resume_refuses_dp_sgd_naming_the_key(tmp_path):
+DP_SGD = ["privacy=dp_sgd", "federation.fraction_evaluate=0"]
+
+
+def test_resume_of_a_dp_sgd_run_keeps_its_run_id_and_client_folder(tmp_path):
     from experiments.server_app import compose, resume_config
 
-    run = checkpointed_run(tmp_path, ["privacy=dp_sgd"])
-    with pytest.raises(ConfigError, match=r"^resume=.*privacy\.mode=dp_sgd"):
-        resume_config(
-            compose([f"resume={run}", "privacy=dp_sgd"]),
-            [f"resume={run}", "privacy=dp_sgd"],
-        )
+    run = checkpointed_run(tmp_path / "a", DP_SGD)
+    overrides = [f"resume={run}", "federation.rounds=4", *DP_SGD]
+    cfg = resume_config(compose(overrides), overrides)  # resumable now
+    assert cfg.federation.rounds == 4 and cfg.privacy.mode == "dp_sgd"
+    # the clients' ledgers live in simulation.client_dir: moving it is refused
+    moved = [*overrides, "simulation.client_dir=/elsewhere"]
+    with pytest.raises(ConfigError, match=r"^simulation\.client_dir=.*ledgers"):
+        resume_config(compose(moved), moved)
+
+
+def test_resume_refuses_a_dp_sgd_checkpoint_without_a_run_id(tmp_path):
+    from experiments.server_app import compose, resume_config
+
+    run = checkpointed_run(tmp_path, DP_SGD, run_id=None)  # written before ledgers
+    overrides = [f"resume={run}", *DP_SGD]
+    with pytest.raises(ConfigError, match=r"^resume=.*privacy\.mode=dp_sgd.*run id"):
+        resume_config(compose(overrides), overrides)
 
 
 # --- end to end ----------------------------------------------------------------

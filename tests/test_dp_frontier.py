@@ -17,7 +17,6 @@ DP = {
     "max_grad_norm": 1.0,
     "clipping": "flat",
     "accountant": "rdp",
-    "poisson_sampling": True,
     "max_physical_batch_size": 4,
     "planned_rounds": None,
 }

@@ -21,7 +21,6 @@ DP = {
     "max_grad_norm": 1.0,
     "clipping": "flat",
     "accountant": "prv",
-    "poisson_sampling": True,
     "max_physical_batch_size": None,
     "planned_rounds": None,
     "mode": "dp_sgd",
@@ -52,7 +51,7 @@ def run_rounds(settings, rounds, dp=DP):
             accountant,
             CPU,
             tok.pad_token_id,
-            seed=r,
+            noise_seed=r,
         )
         state = privacy.accountant_state(accountant)  # what the client keeps
         epsilons.append(
@@ -159,7 +158,6 @@ def test_per_example_clipping_matches_a_hand_computed_reference(
         **DP,
         "max_grad_norm": norm,
         "clipping": clipping,
-        "poisson_sampling": False,
         "max_physical_batch_size": physical,
     }
     plan = privacy.DPPlan(0.0, 1.0, 1, 1, 1e-5, 3.0, "rdp")  # no noise
@@ -172,7 +170,7 @@ def test_per_example_clipping_matches_a_hand_computed_reference(
         privacy.make_accountant("rdp"),
         CPU,
         tok.pad_token_id,
-        seed=0,
+        poisson=False,  # fixed batches: the reference sums them all
     )
     for n, p in params.items():  # SGD, lr 1: the update is the mean clipped gradient
         torch.testing.assert_close(
@@ -242,5 +240,23 @@ def test_bad_dp_settings_name_the_key(key, value):
         privacy.check_settings({**DP, key: value})
 
 
+@pytest.mark.filterwarnings("ignore:Optimal order is the smallest alpha")
 def test_a_large_target_epsilon_is_fine_with_rdp():
-    privacy.check_settings({**DP, "target_epsilon": 1000.0, "accountant": "rdp"})
+    """epsilon 1000 is refused with PRV (above) but plans and accounts with RDP."""
+    big = {**DP, "target_epsilon": 1000.0, "accountant": "rdp", "target_delta": 1e-5}
+    privacy.check_settings(big)  # no ConfigError
+    train = {"batch_size": 32, "local_epochs": 1, "local_steps": None}
+    loose = privacy.plan(big, train, num_examples=1000, planned_rounds=50)
+    tight = privacy.plan(
+        {**big, "target_epsilon": 3.0}, train, num_examples=1000, planned_rounds=50
+    )
+    assert loose.accountant == "rdp" and loose.steps_per_round == 32
+    assert 0 < loose.noise_multiplier < tight.noise_multiplier
+    for p in (loose, tight):  # every planned step, as the client accounts them
+        accountant = privacy.make_accountant("rdp")
+        accountant.history = [
+            (p.noise_multiplier, p.sample_rate, p.steps_per_round)
+        ] * p.planned_rounds
+        spent = accountant.get_epsilon(p.delta)
+        # calibrated to the target from below (Opacus' tolerance: 0.01)
+        assert p.target_epsilon - 0.011 <= spent <= p.target_epsilon
