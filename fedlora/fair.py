@@ -7,7 +7,7 @@ the clients' average product ``ideal = sum p_k B_k A_k``::
     gd:    the paper's cosine objective with lambda relative to ||Bbar||^2,
                f(dB) = 1 - cos(ideal, M Abar) + lambda ||dB||_F^2 / ||Bbar||_F^2,
            whose minimiser fixes the direction of M; the scale of M, which the
-           cosine leaves free, is then fitted by least squares (see gd_correction)
+           cosine leaves free, is then fitted by least squares (see gd_solve)
     ridge: dB = (ideal - Bbar Abar) Abar^T (Abar Abar^T + lambda I)^-1
 
 Both are computed from the factors (``ideal Abar^T = sum p_k B_k (A_k Abar^T)``,
