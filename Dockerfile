@@ -13,7 +13,6 @@ COPY --chown=app:app pyproject.toml README.md ./
 COPY --chown=app:app fedlora fedlora
 COPY --chown=app:app strategies strategies
 COPY --chown=app:app clients clients
-COPY --chown=app:app experiments experiments
 COPY --chown=app:app conf conf
 # flwr is in the base image at the pinned version: install fedlora's other
 # dependencies, without the simulation extra (Ray) that a deployment does not use

@@ -87,7 +87,7 @@ def data_overrides(data: Path | None) -> list[str]:
 
 def plain_settings(overrides: list[str]) -> dict[str, Any]:
     """The validated settings dict the front door would build from ``overrides``."""
-    from experiments.server_app import compose, settings
+    from strategies.server_app import compose, settings
 
     plain = settings(compose(overrides))
     plain["train"]["device"] = "cpu"
@@ -751,7 +751,7 @@ def measure_memory(base: list[str], n: int, layers: int, clients: int) -> dict:
 def measure_scale(clients: int, rounds: int, per_client: int, work: Path) -> dict:
     """Seconds per round and peak memory with ``clients`` nodes, 10% sampled,
     against ``clients // 10`` nodes all sampled (the same work per round)."""
-    from experiments.tiny import save_tiny_bert
+    from fedlora.testing import save_tiny_bert
 
     model = save_tiny_bert(work / "tiny_bert")
     sampled = max(clients // 10, 2)

@@ -32,13 +32,13 @@ from typing import Any
 
 import torch
 
-from experiments.server_app import compose, settings
-from experiments.simulation import simulate
+from experiments.run import simulate
 from fedlora import results
 from fedlora.build import build
 from fedlora.data import client_examples, server_examples
 from fedlora.models import resolve_device
 from fedlora.train import evaluate, train_local
+from strategies.server_app import compose, settings
 
 REPO = Path(__file__).resolve().parent.parent
 FULL = {"clients": 10, "rounds": 4, "train": 8000, "dev": None}

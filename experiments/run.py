@@ -1,26 +1,94 @@
 """The Hydra front door: ``python -m experiments.run [overrides]`` (``-m`` sweeps).
 
-Composes ``conf/``, checks it, runs the federation on Flower's simulation engine and
-leaves everything in Hydra's output directory (``hydra.run.dir=...``).
+Composes ``conf/``, checks it, runs the federation on Flower's simulation engine (in
+this process, :func:`simulate`) and leaves everything in Hydra's output directory
+(``hydra.run.dir=...``).
 
 ``resume=<run dir>`` continues that run from its newest valid checkpoint up to
-``federation.rounds`` (see :func:`experiments.server_app.resume_config`).
+``federation.rounds`` (see :func:`strategies.server_app.resume_config`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from experiments.server_app import resume_config, settings
-from experiments.simulation import simulate
+from clients.client_app import app as client_app
 from fedlora.errors import ConfigError
+from fedlora.privacy import CLIENT_DIR_ENV
 from fedlora.validate import validate
+from strategies.server_app import resume_config, run_server, settings
+
+QUIET_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+}
+
+
+def simulate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Simulate ``federation.num_clients`` SuperNodes; return the run's summary.
+
+    Ray is shut down afterwards, also on failure, so no worker outlives the run.
+    """
+    from flwr.simulation import run_simulation
+
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    # the simulated clients' own folder (privacy ledgers), as a deployed node's
+    # data-dir; Ray's workers inherit the environment
+    if cfg.simulation.client_dir:
+        os.environ[CLIENT_DIR_ENV] = str(Path(cfg.simulation.client_dir).resolve())
+    if cfg.get("quiet"):
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    out: dict[str, Any] = {}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        out["summary"] = run_server(grid, cfg, run_dir)
+
+    sim = cfg.simulation
+    init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": "error"}
+    if sim.ray_num_cpus:
+        init_args["num_cpus"] = int(sim.ray_num_cpus)
+    backend_config = {
+        "client_resources": {
+            "num_cpus": float(sim.client_num_cpus),
+            "num_gpus": float(sim.client_num_gpus),
+        },
+        "init_args": init_args,
+    }
+    try:
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=int(cfg.federation.num_clients),
+            backend_config=backend_config,
+        )
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    if "summary" not in out:
+        raise RuntimeError(
+            f"the simulation ended without a result; see the log above and {run_dir}"
+        )
+    return out["summary"]
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)

@@ -21,7 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer BERT (hidden 32) with MiniLM's tokenizer, saved to a folder."""
-    from experiments.tiny import save_tiny_bert
+    from fedlora.testing import save_tiny_bert
 
     return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
@@ -29,7 +29,7 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer Llama (hidden 32) with MiniLM's word pieces as its vocabulary."""
-    from experiments.tiny import save_tiny_llama
+    from fedlora.testing import save_tiny_llama
 
     return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 

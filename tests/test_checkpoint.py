@@ -202,7 +202,7 @@ def test_fedsb_state_round_trips_and_every_node_gets_the_factors_again():
 
 # --- resume configuration -----------------------------------------------------------
 def checkpointed_run(tmp_path, overrides, run_id="20261130-000000-0123abcd"):
-    from experiments.server_app import compose, settings
+    from strategies.server_app import compose, settings
 
     plain = settings(compose(overrides))
     state = {"settings": plain, "metrics": [], "run_id": run_id}
@@ -211,7 +211,7 @@ def checkpointed_run(tmp_path, overrides, run_id="20261130-000000-0123abcd"):
 
 
 def test_resume_takes_the_checkpoints_settings_and_more_rounds(tmp_path):
-    from experiments.server_app import compose, resume_config
+    from strategies.server_app import compose, resume_config
 
     run = checkpointed_run(tmp_path, ["strategy=fedsb", "train.lr=0.01"])
     cfg = resume_config(
@@ -235,7 +235,7 @@ DP_SGD = ["privacy=dp_sgd", "federation.fraction_evaluate=0"]
 
 
 def test_resume_of_a_dp_sgd_run_keeps_its_run_id_and_client_folder(tmp_path):
-    from experiments.server_app import compose, resume_config
+    from strategies.server_app import compose, resume_config
 
     run = checkpointed_run(tmp_path / "a", DP_SGD)
     overrides = [f"resume={run}", "federation.rounds=4", *DP_SGD]
@@ -248,7 +248,7 @@ def test_resume_of_a_dp_sgd_run_keeps_its_run_id_and_client_folder(tmp_path):
 
 
 def test_resume_refuses_a_dp_sgd_checkpoint_without_a_run_id(tmp_path):
-    from experiments.server_app import compose, resume_config
+    from strategies.server_app import compose, resume_config
 
     run = checkpointed_run(tmp_path, DP_SGD, run_id=None)  # written before ledgers
     overrides = [f"resume={run}", *DP_SGD]

@@ -8,9 +8,9 @@ import pytest
 from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
 
-from experiments.server_app import CONF_DIR, compose, settings
 from fedlora.errors import ConfigError
 from fedlora.validate import validate
+from strategies.server_app import CONF_DIR, compose, settings
 
 GROUPS = {
     g.name: sorted(p.stem for p in g.glob("*.yaml"))

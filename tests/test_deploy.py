@@ -17,7 +17,7 @@ import psutil
 import pytest
 import yaml
 
-from experiments import deploy
+from deploy import launch as deploy
 from tests.conftest import REPO
 
 COMPOSE = REPO / "docker-compose.yml"
@@ -253,7 +253,7 @@ def test_deploy_launcher_stops_its_services_when_terminated(tmp_path):
         [
             sys.executable,
             "-m",
-            "experiments.deploy",
+            "deploy.launch",
             "--work",
             str(tmp_path),
             "federation.num_clients=1",

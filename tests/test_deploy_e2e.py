@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from experiments import deploy
+from deploy import launch as deploy
 from tests.conftest import REPO
 from tests.test_deploy import leftovers
 
@@ -114,7 +114,7 @@ def test_deploy_grpc_loopback_completes_and_matches_the_simulation(
     log = run_python(
         [
             "-m",
-            "experiments.deploy",
+            "deploy.launch",
             "--work",
             str(work),
             "--out",
@@ -212,7 +212,7 @@ def test_deploy_refuses_a_supernode_without_registered_key_or_without_the_ca(tmp
 LAUNCH = """
 import json, signal, sys
 from pathlib import Path
-from experiments import deploy
+from deploy import launch as deploy
 spec = json.loads(sys.argv[1])
 deploy.become_subreaper()
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

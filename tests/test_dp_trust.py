@@ -15,13 +15,13 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from clients.client_app import evaluate as client_evaluate
 from clients.client_app import train as client_train
-from experiments.server_app import compose, settings
 from fedlora import privacy
 from fedlora.adapters import get_state, set_state, trainable_parameters
 from fedlora.build import build
 from fedlora.data import client_examples
 from fedlora.errors import ConfigError
 from fedlora.validate import validate
+from strategies.server_app import compose, settings
 from strategies.wire import (
     KEY_ARRAYS,
     KEY_CONFIG,

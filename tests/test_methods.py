@@ -18,12 +18,12 @@ from flwr.supercore.task_identity import TaskIdentity
 from hydra.utils import instantiate
 
 from clients import client_app
-from experiments.server_app import compose, settings
 from fedlora.adapters import get_frozen_state, get_state, lora_scaling
 from fedlora.aggregation import client_weights, fedavg_lora, lora_fair
 from fedlora.build import build
 from fedlora.fair import gd_correction, ridge_correction
 from fedlora.lora_sb import init_from_gradient, init_random_orthogonal, to_plain_lora
+from strategies.server_app import compose, settings
 from strategies.wire import KEY_EXPERIMENT, record_to_state, state_to_record
 
 D_OUT, D_IN, R, K = 20, 14, 3, 4

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from experiments import server_app
+from strategies import server_app
 from fedlora import data
 from fedlora.errors import ConfigError
 from strategies.fedsb import FedSB

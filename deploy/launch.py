@@ -1,6 +1,6 @@
 """Local deployment without Docker: a SuperLink and N SuperNodes as processes.
 
-    python -m experiments.deploy [--tls] [--auth] [--out DIR] [--work DIR]
+    python -m deploy.launch [--tls] [--auth] [--out DIR] [--work DIR]
                                  [--timeout S] [hydra overrides ...]
 
 It starts the services of ``docker-compose.yml`` with the same flags
@@ -611,16 +611,9 @@ def deploy(
 
 def experiment(overrides: list[str]) -> dict[str, Any]:
     """``conf/`` composed with ``overrides`` and checked, as the ServerApp will."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    from strategies.server_app import compose, settings
 
-    from fedlora.validate import validate
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        cfg = compose(config_name="config", overrides=overrides)
-    plain: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore
-    validate(plain)
-    return plain
+    return settings(compose(overrides))
 
 
 def main(argv: list[str] | None = None) -> None:
