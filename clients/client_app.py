@@ -20,21 +20,33 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlora import privacy
-from fedlora.adapters import frozen_digest, get_state, set_frozen_state, set_state
+from fedlora.adapters import (
+    FROZEN_CRC_KEY,
+    frozen_digest,
+    get_state,
+    set_frozen_state,
+    set_state,
+)
 from fedlora.build import build_cached
 from fedlora.data import client_examples
 from fedlora.lora_sb import gradient_sums
+from fedlora.methods import from_settings
 from fedlora.models import resolve_device
 from fedlora.train import evaluate as evaluate_model
 from fedlora.train import train_local
 from strategies.wire import (
     KEY_ARRAYS,
+    KEY_CALIBRATION,
     KEY_CONFIG,
+    KEY_DECLINED,
+    KEY_EPSILON,
     KEY_EXPERIMENT,
     KEY_FROZEN,
     KEY_METRICS,
     KEY_NUM_EXAMPLES,
+    KEY_PARTITION,
     KEY_PHASE,
+    KEY_REASON,
     KEY_ROUND,
     KEY_RUN_ID,
     KEY_STATE_FROZEN,
@@ -56,6 +68,7 @@ def _setup(msg: Message, context: Context) -> tuple[Any, ...]:
     num_parts = int(node.get("num-partitions", cfg["federation"]["num_clients"]))
     if node.get("data-path"):  # a real site points at its own data
         cfg["data"]["path"] = str(node["data-path"])
+    cfg["adapter"].update(from_settings(cfg).client_overrides(pid))  # e.g. a rank
     threads = int(cfg["train"].get("num_threads") or 0)
     if threads > 0:
         torch.set_num_threads(threads)
@@ -108,7 +121,7 @@ def train(msg: Message, context: Context) -> Message:
         public = _train_dp(
             cfg, model, examples, device, tokenizer, noise_seed, ledger, server_round
         )
-        if public.pop("declined", False):  # the budget would be exceeded
+        if public.pop(KEY_DECLINED, False):  # the budget would be exceeded
             return _declined(msg, pid, public)
     else:
         result = train_local(
@@ -121,7 +134,7 @@ def train(msg: Message, context: Context) -> Message:
             "train_time": result["train_time"],
         }
     metrics = MetricRecord(
-        {**public, "partition-id": pid, "frozen-crc": frozen_digest(model)}
+        {**public, KEY_PARTITION: pid, FROZEN_CRC_KEY: frozen_digest(model)}
     )
     content = RecordDict(
         {KEY_ARRAYS: state_to_record(get_state(model)), KEY_METRICS: metrics}
@@ -166,14 +179,14 @@ def _train_dp(
         dp_plan, history, rounds = saved
     accountant = privacy.make_accountant(dp_plan.accountant, history)
     public: dict[str, Any] = {
-        "epsilon": float(accountant.get_epsilon(dp_plan.delta)) if history else 0.0,
+        KEY_EPSILON: float(accountant.get_epsilon(dp_plan.delta)) if history else 0.0,
         "delta": dp_plan.delta,
         "noise_multiplier": dp_plan.noise_multiplier,
     }
     if privacy.epsilon_after_round(dp_plan, history) > dp_plan.target_epsilon * (
         1 + 1e-9
     ):
-        return {**public, "declined": True}
+        return {**public, KEY_DECLINED: True}
     privacy.train_local_dp(
         model,
         examples,
@@ -186,7 +199,7 @@ def _train_dp(
         noise_seed,
     )
     ledger.save(dp_plan, accountant, [*rounds, server_round])  # before any reply
-    public["epsilon"] = float(accountant.get_epsilon(dp_plan.delta))
+    public[KEY_EPSILON] = float(accountant.get_epsilon(dp_plan.delta))
     return {
         **public,
         KEY_NUM_EXAMPLES: dp_plan.expected_examples(),
@@ -214,9 +227,9 @@ def _declined(msg: Message, pid: int, info: dict[str, Any]) -> Message:
     content = RecordDict(
         {
             KEY_METRICS: MetricRecord(
-                {KEY_NUM_EXAMPLES: 0, "declined": 1, "partition-id": pid, **info}
+                {KEY_NUM_EXAMPLES: 0, KEY_DECLINED: 1, KEY_PARTITION: pid, **info}
             ),
-            KEY_CONFIG: ConfigRecord({"reason": reason}),
+            KEY_CONFIG: ConfigRecord({KEY_REASON: reason}),
         }
     )
     return Message(content=content, reply_to=msg)
@@ -231,7 +244,7 @@ def _gradient_reply(
     examples: list[Any],
 ) -> Message:
     """Fed-SB init round: summed gradients of the adapted base weights."""
-    calib = examples[: int(cfg["strategy"].get("calibration_examples", 64))]
+    calib = examples[: int(msg.content[KEY_CONFIG][KEY_CALIBRATION])]
     grads = gradient_sums(
         model, calib, int(cfg["train"]["batch_size"]), tokenizer.pad_token_id, device
     )

@@ -513,22 +513,15 @@ def numpy_mean(states: Sequence[dict[str, np.ndarray]], p: np.ndarray) -> dict:
     }
 
 
-def make_strategy(method: str, frozen: dict[str, np.ndarray]) -> Any:
-    from strategies.fedavg_lora import FedAvgLoRA
-    from strategies.fedsb import FedSB
-    from strategies.ffa_lora import FFALoRA
-    from strategies.lora_fair import LoRAFAIR
+def make_strategy(method: str, frozen: dict[str, np.ndarray], **params: Any) -> Any:
+    """The Flower strategy around the method called ``method`` (its defaults;
+    Fed-SB with the data-free init), holding ``frozen``."""
+    from fedlora.methods import available
+    from strategies.strategy import LoRAStrategy
 
-    cls = {
-        "fedavg_lora": FedAvgLoRA,
-        "ffa_lora": FFALoRA,
-        "fedsb": FedSB,
-        "lora_fair": LoRAFAIR,
-    }[method]
-    kwargs: dict[str, Any] = {"min_available_nodes": 1}
     if method == "fedsb":
-        kwargs["init"] = "random_orthogonal"
-    strategy = cls(**kwargs)
+        params.setdefault("init", "random_orthogonal")
+    strategy = LoRAStrategy(available()[method](**params), min_available_nodes=1)
     strategy.frozen = frozen
     return strategy
 
@@ -594,16 +587,14 @@ def server_arm(
     from strategies.wire import record_to_state, state_to_record
 
     states, sent, frozen = llm_states(method, r, clients, layers)
-    strategy = make_strategy(method, frozen)
-    if solver:
-        strategy.solver = solver
+    strategy = make_strategy(method, frozen, **({"solver": solver} if solver else {}))
     p = client_weights([100 + k for k in range(1, clients + 1)], "num_examples")
     t_mean = timed(lambda: numpy_mean(states, p), repeats)
-    t_agg = timed(lambda: strategy.aggregate_states(states, p), repeats)
+    t_agg = timed(lambda: strategy.method.aggregate(states, p), repeats)
     msgs = replies(states, sent, frozen)
 
     def server_round() -> None:
-        strategy._sent = record_to_state(state_to_record(sent))
+        strategy.sent = record_to_state(state_to_record(sent))
         strategy.round_log = {1: {"clients_sampled": clients}}
         strategy.aggregate_train(1, msgs)
 
@@ -717,7 +708,7 @@ def _child_server(args: dict[str, Any]) -> dict[str, Any]:
     raw = sum(v.nbytes for s in states for v in s.values()) / 2**20
     del states  # the server holds the replies, not our copies
     before = reset_peak_rss()
-    strategy._sent = record_to_state(state_to_record(sent))
+    strategy.sent = record_to_state(state_to_record(sent))
     strategy.round_log = {1: {"clients_sampled": args["clients"]}}
     strategy.aggregate_train(1, msgs)
     return {"peak_rss_mb": peak_rss_mb(), "before_mb": before, "updates_mb": raw}

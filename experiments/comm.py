@@ -14,12 +14,14 @@ import argparse
 import json
 
 from fedlora.comm import (
-    METHODS,
     MODEL_SHAPES,
     layer_shapes,
     one_time_parameters,
     round_parameters,
 )
+from fedlora.methods import available
+
+METHODS = available()  # {name: Method class}, every method fedlora ships
 
 
 def table(
@@ -35,8 +37,8 @@ def table(
     rows = []
     for method in methods:
         r = ranks[method]
-        per_round = round_parameters(shapes, r, method)
-        once_up, once_down = one_time_parameters(shapes, r, method)
+        per_round = round_parameters(shapes, r, METHODS[method]())
+        once_up, once_down = one_time_parameters(shapes, r, METHODS[method]())
         rows.append(
             {
                 "method": method,

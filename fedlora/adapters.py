@@ -27,8 +27,6 @@ from fedlora.errors import ConfigError, StateMismatchError
 ADAPTER_NAME = "default"
 _PREFIX = "base_model.model."
 PEFT_TASK = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
-# lora: train A and B; ffa: A frozen (FFA-LoRA); lora_sb: B R A with only R trained
-PARAMETRISATIONS = ("lora", "ffa", "lora_sb")
 
 
 def lora_config(adapter_cfg: dict[str, Any], task: str) -> Any:
@@ -75,13 +73,6 @@ def wrap_with_lora(
     from peft.utils.error import NoMatchingPeftModuleError
 
     config = lora_config(adapter_cfg, task)
-    kind = adapter_cfg.get("parametrisation", "lora")
-    if kind not in PARAMETRISATIONS:
-        raise ConfigError(
-            "adapter.parametrisation",
-            kind,
-            f"choose one of {', '.join(PARAMETRISATIONS)}",
-        )
     torch.manual_seed(seed)
     try:
         model = get_peft_model(model, config)
@@ -97,14 +88,6 @@ def wrap_with_lora(
             "no module of the model matches; module names in this model include "
             + ", ".join(names[:30]),
         ) from exc
-    if kind == "ffa":  # FFA-LoRA: A stays at its seeded init, never trained or sent
-        for name, p in model.named_parameters():
-            if ".lora_A." in name:
-                p.requires_grad_(False)
-    elif kind == "lora_sb":
-        from fedlora.lora_sb import add_r
-
-        add_r(model)
     return model
 
 

@@ -8,13 +8,16 @@ from typing import Any
 import torch
 
 from fedlora.adapters import wrap_with_lora
+from fedlora.methods import from_settings
 from fedlora.models import load_base_model, load_tokenizer
 
 _CACHE: dict[str, tuple[torch.nn.Module, Any]] = {}
 
 
-def build(cfg: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
-    """``(peft_model, tokenizer)`` for ``cfg["model"]`` and ``cfg["adapter"]``.
+def build(cfg: dict[str, Any], plain: bool = False) -> tuple[torch.nn.Module, Any]:
+    """``(peft_model, tokenizer)`` for ``cfg["model"]`` and ``cfg["adapter"]``,
+    parametrised by the method of ``cfg["strategy"]`` (``plain``: ordinary PEFT
+    LoRA, the export format).
 
     The base model's new head and the LoRA factors are initialised from
     ``federation.seed``, so the server and every client build identical models.
@@ -22,7 +25,10 @@ def build(cfg: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
     seed = int(cfg["federation"]["seed"])
     tokenizer = load_tokenizer(cfg["model"])
     model = load_base_model(cfg["model"], seed)
-    return wrap_with_lora(model, cfg["adapter"], cfg["model"]["task"], seed), tokenizer
+    model = wrap_with_lora(model, cfg["adapter"], cfg["model"]["task"], seed)
+    if not plain:
+        from_settings(cfg).parametrise(model)
+    return model, tokenizer
 
 
 def build_cached(cfg: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
@@ -30,7 +36,7 @@ def build_cached(cfg: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
     process (a simulation worker serves many rounds; every round overwrites all
     trainable tensors, so reuse is safe)."""
     key = json.dumps(
-        [cfg["model"], cfg["adapter"], cfg["federation"]["seed"]],
+        [cfg["model"], cfg["adapter"], cfg["strategy"], cfg["federation"]["seed"]],
         sort_keys=True,
         default=str,
     )

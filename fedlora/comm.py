@@ -7,6 +7,7 @@ this module gives the reference figures those measurements are compared against.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -52,7 +53,6 @@ MODEL_SHAPES: dict[str, tuple[int, list[tuple[int, int]]]] = {
     # all-MiniLM-L6-v2 with LoRA on query and value
     "minilm": (6, [(384, 384), (384, 384)]),
 }
-METHODS = ("fedavg_lora", "ffa_lora", "fedsb", "lora_fair")
 
 
 def layer_shapes(model: str) -> list[tuple[int, int]]:
@@ -61,29 +61,18 @@ def layer_shapes(model: str) -> list[tuple[int, int]]:
     return per_layer * layers
 
 
-def round_parameters(shapes: list[tuple[int, int]], r: int, method: str) -> int:
-    """Parameters one client receives (and sends back) in one round.
-
-    FedAvg-LoRA / LoRA-FAIR ``r (d_out + d_in)``; FFA-LoRA ``r d_out`` (B only);
-    Fed-SB ``r^2`` per adapted layer. Heads are not included.
-    """
-    if method in ("fedavg_lora", "lora_fair"):
-        return lora_parameters(shapes, r)
-    if method == "ffa_lora":
-        return int(sum(r * d_out for d_out, _ in shapes))
-    if method == "fedsb":
-        return int(r * r * len(shapes))
-    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+def round_parameters(shapes: list[tuple[int, int]], r: int, method: Any) -> int:
+    """Parameters one client receives (and sends back) in one round, by the
+    method's own count per layer (``Method.round_parameters``): FedAvg-LoRA /
+    LoRA-FAIR ``r (d_out + d_in)``; FFA-LoRA ``r d_out`` (B only); Fed-SB ``r^2``.
+    Heads are not included."""
+    return int(sum(method.round_parameters(d_out, d_in, r) for d_out, d_in in shapes))
 
 
 def one_time_parameters(
-    shapes: list[tuple[int, int]], r: int, method: str
+    shapes: list[tuple[int, int]], r: int, method: Any
 ) -> tuple[int, int]:
     """``(up, down)`` per client, once: Fed-SB's federated init (gradients of every
     ``W0`` up; ``B`` and ``A`` down). Zero for the other methods."""
-    if method != "fedsb":
-        return 0, 0
-    return (
-        int(sum(d_out * d_in for d_out, d_in in shapes)),
-        lora_parameters(shapes, r),
-    )
+    pairs = [method.one_time_parameters(d_out, d_in, r) for d_out, d_in in shapes]
+    return int(sum(u for u, _ in pairs)), int(sum(d for _, d in pairs))

@@ -25,3 +25,11 @@ def choice(cfg: dict[str, Any], dotted: str, options: tuple[str, ...]) -> str:
     if value not in options:
         raise ConfigError(dotted, value, f"choose one of {', '.join(options)}")
     return str(value)
+
+
+def sampled_clients(federation: dict[str, Any]) -> int:
+    """Clients Flower samples for training each round:
+    ``min(N, max(int(N * fraction_train), min_train_clients))``."""
+    n = int(federation["num_clients"])
+    wanted = int(n * float(federation["fraction_train"]))
+    return min(n, max(wanted, int(federation["min_train_clients"])))

@@ -489,8 +489,10 @@ def _data_files(data_cfg: dict[str, Any]) -> list[tuple[str, Path | None]]:
     ]
 
 
-def server_calibration_examples(cfg: dict[str, Any], tokenizer: Any) -> list[Example]:
-    """The first ``strategy.calibration_examples`` rows of the server's own
+def server_calibration_examples(
+    cfg: dict[str, Any], tokenizer: Any, n: int
+) -> list[Example]:
+    """The first ``n`` (``strategy.calibration_examples``) rows of the server's own
     calibration file (:func:`server_data_file`), tokenised: Fed-SB's
     ``init=server_data`` estimates its gradient on them.
 
@@ -512,7 +514,6 @@ def server_calibration_examples(cfg: dict[str, Any], tokenizer: Any) -> list[Exa
             f"it has no column {exc.found!r} ({exc.key}); its columns are "
             f"{list(table.columns)}",
         ) from exc
-    n = int(cfg["strategy"].get("calibration_examples", 64))
     if len(table) == 0 or n < 1:
         raise ConfigError(
             SERVER_DATA_KEY,

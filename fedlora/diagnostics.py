@@ -1,4 +1,4 @@
-"""The aggregation-error diagnostic of algorithms.md.
+"""The aggregation-error diagnostic every strategy reports each round.
 
 With ``E`` a model's effective adapter delta per layer (``s B A``), ``E_k`` what
 client k returned, ``E_old`` what the server sent and ``E_new`` what it sends next::

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from fedlora.config import sampled_clients
 from fedlora.data import Example
 from fedlora.errors import ConfigError
 from fedlora.train import collate, make_optimizer, physical_batches
@@ -177,11 +178,8 @@ def planned_rounds(cfg: dict[str, Any]) -> int:
     if cfg["privacy"].get("planned_rounds"):
         return int(cfg["privacy"]["planned_rounds"])
     fed = cfg["federation"]
-    n = int(fed["num_clients"])
-    sampled = min(
-        n, max(int(n * float(fed["fraction_train"])), int(fed["min_train_clients"]))
-    )
-    return max(1, math.ceil(int(fed["rounds"]) * sampled / n))
+    sampled = sampled_clients(fed)
+    return max(1, math.ceil(int(fed["rounds"]) * sampled / int(fed["num_clients"])))
 
 
 def make_accountant(name: str, state: str | None = None) -> Any:

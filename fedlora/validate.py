@@ -142,11 +142,10 @@ def _problems(cfg: dict[str, Any]) -> list[ConfigError]:
 
 def _privacy_problems(cfg: dict[str, Any]) -> list[ConfigError]:
     """Combinations of privacy mode and method that are unsafe or unsupported."""
+    from fedlora.methods import from_settings
     from fedlora.privacy import check_settings
 
     mode = cfg["privacy"].get("mode", "none")
-    strategy = cfg.get("strategy", {})
-    target = str(strategy.get("_target_", ""))
     out: list[ConfigError] = []
     if mode == "dp_sgd":
         try:
@@ -165,45 +164,10 @@ def _privacy_problems(cfg: dict[str, Any]) -> list[ConfigError]:
                     "on its own data every round)",
                 )
             )
-    if mode in ("dp_sgd", "central") and strategy.get("init") == "federated_gradient":
-        out.append(
-            ConfigError(
-                "strategy.init",
-                "federated_gradient",
-                f"with privacy={mode} the Fed-SB init round would release "
-                "unprotected gradients of private data; use "
-                "strategy.init=random_orthogonal (data-free), or "
-                "strategy.init=server_data with strategy.server_data_path set to "
-                "a calibration file the server itself holds (never the clients' "
-                "data)",
-            )
-        )
-    if strategy.get("init") == "server_data":
-        from fedlora.data import server_data_file
-
-        try:
-            server_data_file(cfg)
-        except ConfigError as exc:
-            out.append(exc)
-    if mode == "central" and target.endswith("LoRAFAIR"):
-        out.append(
-            ConfigError(
-                "privacy",
-                "central",
-                "LoRA-FAIR's server correction uses every client's factors, "
-                "not just their mean, so client-level DP noise on the mean does "
-                "not cover it; use privacy=dp_sgd or another strategy",
-            )
-        )
-    if mode == "central" and strategy.get("weighting") != "uniform":
-        out.append(
-            ConfigError(
-                "strategy.weighting",
-                strategy.get("weighting"),
-                "privacy=central needs strategy.weighting=uniform (the noise "
-                "scale assumes a uniform average)",
-            )
-        )
+    try:  # the method's own problems with the rest of the experiment
+        out.extend(from_settings(cfg).problems(cfg))
+    except ConfigError as exc:
+        out.append(exc)
     if mode not in ("none", "dp_sgd", "central"):
         out.append(ConfigError("privacy.mode", mode, "choose none, dp_sgd or central"))
     return out

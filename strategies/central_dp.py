@@ -49,7 +49,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 
 from fedlora.errors import ConfigError
 from fedlora.updates import check_update
-from strategies.fedavg_lora import FedAvgLoRA
+from strategies.strategy import LoRAStrategy
 from strategies.wire import (
     KEY_ARRAYS,
     KEY_METRICS,
@@ -85,7 +85,7 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
 
     Parameters
     ----------
-    strategy : FedAvgLoRA
+    strategy : LoRAStrategy
         The fedlora strategy to wrap (uniform weighting).
     noise_multiplier : float
         ``z`` > 0: noise std over the sensitivity of the mean.
@@ -100,7 +100,7 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
 
     def __init__(
         self,
-        strategy: FedAvgLoRA,
+        strategy: LoRAStrategy,
         noise_multiplier: float,
         clipping_norm: float,
         num_sampled_clients: int,
@@ -112,10 +112,10 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
                 noise_multiplier,
                 "must be positive: without noise no epsilon holds",
             )
-        if getattr(strategy, "weighting", "uniform") != "uniform":
+        if strategy.method.weighting != "uniform":
             raise ConfigError(
                 "strategy.weighting",
-                strategy.weighting,
+                strategy.method.weighting,
                 "privacy=central needs strategy.weighting=uniform (the noise "
                 "scale assumes a uniform average)",
             )
@@ -125,10 +125,30 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
         self.rdp = RDPAccountant()
         self.delta = float(delta)
 
-    def __getattr__(self, name: str) -> Any:
-        if name == "strategy":  # not set yet (during __init__)
-            raise AttributeError(name)
-        return getattr(self.strategy, name)
+    # --- what the ServerApp asks of a strategy besides Flower's hooks: the
+    # wrapped strategy's, delegated explicitly
+    @property
+    def name(self) -> str:
+        """The wrapped method's name."""
+        return self.strategy.name
+
+    @property
+    def round_log(self) -> dict[int, dict[str, Any]]:
+        """The wrapped strategy's round log (with this wrapper's records)."""
+        return self.strategy.round_log
+
+    @property
+    def frozen(self) -> dict[str, np.ndarray]:
+        """The wrapped strategy's frozen factors."""
+        return self.strategy.frozen
+
+    def initialize(self, *args: Any, **kwargs: Any) -> ArrayRecord:
+        """The wrapped strategy's initialisation."""
+        return self.strategy.initialize(*args, **kwargs)
+
+    def export(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The wrapped strategy's export."""
+        return self.strategy.export(state)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -26,17 +26,18 @@ from fedlora import checkpoint, results
 from fedlora.adapters import (
     get_frozen_state,
     get_state,
-    lora_scaling,
     set_frozen_state,
     set_state,
 )
 from fedlora.build import build
+from fedlora.config import sampled_clients
 from fedlora.data import server_calibration_examples, server_examples
 from fedlora.errors import ConfigError
 from fedlora.lora_sb import gradient_sums
 from fedlora.models import resolve_device
 from fedlora.train import evaluate
 from fedlora.validate import validate
+from strategies.strategy import LoRAStrategy
 from strategies.wire import (
     KEY_EXPERIMENT,
     KEY_RUN_ID,
@@ -93,22 +94,14 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     eval_examples = server_examples(plain, tokenizer)
     initial = get_state(model)
 
-    # 2. the strategy: YAML settings plus runtime values
-    method = instantiate(cfg.strategy, scaling=lora_scaling(plain["adapter"]))
-    strategy = method
+    # 2. the strategy: Flower's sampling around the method of conf/strategy/
+    method = LoRAStrategy.from_settings(plain)
+    strategy: Any = method
     if "wrapper" in cfg.privacy:  # client-level DP around the strategy
-        fed = plain["federation"]
-        sampled = min(
-            fed["num_clients"],
-            max(
-                int(fed["num_clients"] * fed["fraction_train"]),
-                fed["min_train_clients"],
-            ),
-        )
         strategy = instantiate(
             cfg.privacy.wrapper,
             strategy=method,
-            num_sampled_clients=sampled,
+            num_sampled_clients=sampled_clients(plain["federation"]),
             delta=plain["privacy"]["target_delta"],
         )
     rounds = int(plain["federation"]["rounds"])
@@ -162,9 +155,9 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     #    state; then Flower's round loop for the rounds still to run
     train_config = ConfigRecord({KEY_EXPERIMENT: json.dumps(plain), KEY_RUN_ID: run_id})
 
-    def server_gradient() -> dict[str, Any]:  # Fed-SB init=server_data
+    def server_gradient(n: int) -> dict[str, Any]:  # Fed-SB init=server_data
         # the server's own calibration file, never the clients' data
-        calib = server_calibration_examples(plain, tokenizer)
+        calib = server_calibration_examples(plain, tokenizer, n)
         return gradient_sums(
             model,
             calib,
@@ -213,9 +206,8 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if len(result.arrays)
         else record_to_state(initial_arrays)
     )
-    export_state, overrides = strategy.export(final)
-    export_model, _ = build({**plain, "adapter": {**plain["adapter"], **overrides}})
-    results.save_adapter(export_model, export_state, run_dir / "adapter")
+    export_model, _ = build(plain, plain=True)  # ordinary PEFT LoRA
+    results.save_adapter(export_model, strategy.export(final), run_dir / "adapter")
     rows = results.read_metrics(run_dir)
     extra = {
         "strategy": strategy.name,

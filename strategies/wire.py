@@ -16,6 +16,10 @@ KEY_METRICS = "metrics"  # the MetricRecord of a reply
 KEY_NUM_EXAMPLES = "num-examples"  # aggregation weight, in every train reply
 KEY_ROUND = "server-round"  # injected by Flower's FedAvg into every config
 KEY_EXPERIMENT = "fedlora"  # the experiment settings (JSON) in every config
+KEY_PARTITION = "partition-id"  # in every reply's metrics: the client's partition
+KEY_EPSILON = "epsilon"  # DP-SGD: the privacy a client has spent (its metrics)
+KEY_DECLINED = "declined"  # a reply's metric: the client sat the round out
+KEY_REASON = "reason"  # a declined reply's config: why
 
 
 def state_to_record(state: dict[str, np.ndarray]) -> ArrayRecord:
@@ -42,6 +46,7 @@ def payload_bytes(content: RecordDict) -> int:
 KEY_FROZEN = "frozen"  # frozen LoRA factors (Fed-SB's B and A), sent once per node
 KEY_PHASE = "phase"  # config key: what a train message asks for
 PHASE_GRADIENT = "gradient"  # Fed-SB init round: reply with gradient sums
+KEY_CALIBRATION = "calibration-examples"  # ... over this many of a client's examples
 KEY_STATE_FROZEN = "fedlora.frozen"  # where a node keeps the frozen factors
 KEY_RUN_ID = "fedlora-run"  # config key: the run's id (kept across a resume), which
 #   keys each client's privacy ledger

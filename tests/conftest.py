@@ -34,8 +34,15 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
+FEDAVG_LORA = "fedlora.methods.fedavg_lora.FedAvgLoRA"
+FFA_LORA = "fedlora.methods.ffa_lora.FFALoRA"
+FEDSB = "fedlora.methods.fedsb.FedSB"
+LORA_FAIR = "fedlora.methods.lora_fair.LoRAFAIR"
+
 BASE_SETTINGS: dict[str, Any] = {
     "model": {"name": "minilm", "task": "seq_cls", "num_labels": 2},
+    "strategy": {"_target_": FEDAVG_LORA},
+    "privacy": {"mode": "none"},
     "adapter": {
         "r": 4,
         "alpha": 8,
@@ -124,14 +131,16 @@ def front_door_command(out: Path, model: Path, *overrides: str) -> list[str]:
     ]
 
 
-def run_front_door(out: Path, model: Path, *overrides: str) -> list[dict[str, Any]]:
+def run_front_door(
+    out: Path, model: Path, *overrides: str, env: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
     """``python -m experiments.run`` on a tiny model: 3 clients x 2 rounds.
 
     Asserts it succeeded, showed progress and left no process behind; returns the rows
-    of ``metrics.jsonl``.
+    of ``metrics.jsonl``. ``env`` adds environment variables.
     """
     cmd = front_door_command(out, model, *overrides)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     with subprocess.Popen(
         cmd,
         cwd=REPO,
@@ -154,3 +163,26 @@ def run_front_door(out: Path, model: Path, *overrides: str) -> list[dict[str, An
     return [
         json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
     ]
+
+
+def exchange(strategy: Any, global_state: dict, contents: list) -> list:
+    """Send ``global_state`` to ``len(contents)`` fake nodes (recorded as the
+    strategy's ``sent``, as ``configure_train`` would); return their replies, node
+    ``i`` answering with ``contents[i - 1]`` (a RecordDict)."""
+    from flwr.app import Message, RecordDict
+
+    from strategies.wire import record_to_state, state_to_record
+
+    arrays = state_to_record(global_state)
+    strategy.sent = record_to_state(arrays)
+    replies = []
+    for node, content in enumerate(contents, start=1):
+        sent = Message(
+            content=RecordDict({"arrays": arrays}),
+            dst_node_id=node,
+            message_type="train",
+        )
+        reply = Message(content=content, reply_to=sent)
+        reply.metadata.__dict__["_src_node_id"] = node  # Flower's runtime sets it
+        replies.append(reply)
+    return replies

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedlora.aggregation import client_weights, fedavg_lora
+from fedlora.aggregation import client_weights
 from fedlora.diagnostics import (
     aggregation_error,
     frozen_triangles,
@@ -14,6 +14,7 @@ from fedlora.diagnostics import (
     sum_of_products_sqnorm,
 )
 from fedlora.errors import ConfigError
+from fedlora.methods.fedavg_lora import FedAvgLoRA
 
 LAYERS = ("enc.0.attn.query", "enc.0.attn.value", "enc.1.attn.query")
 
@@ -40,7 +41,7 @@ def test_fedavg_lora_equals_float64_numpy_reference():
     rng = np.random.default_rng(0)
     states = [random_state(rng) for _ in range(4)]
     counts = [5, 1, 7, 3]
-    out = fedavg_lora(states, client_weights(counts, "num_examples"))
+    out = FedAvgLoRA().aggregate(states, client_weights(counts, "num_examples"))
     for key in states[0]:
         stacked = np.stack([s[key] for s in states])
         reference = np.average(stacked, axis=0, weights=counts)
@@ -53,7 +54,7 @@ def test_fedavg_lora_keeps_float32_without_upcasting():
         {k: v.astype(np.float32) for k, v in random_state(rng).items()}
         for _ in range(2)
     ]
-    out = fedavg_lora(states, np.array([0.5, 0.5]))
+    out = FedAvgLoRA().aggregate(states, np.array([0.5, 0.5]))
     assert all(v.dtype == np.float32 for v in out.values())
 
 
@@ -75,7 +76,7 @@ def test_aggregation_identity_holds():
     p = np.asarray(counts, np.float64) / sum(counts)  # the dense formula's weights
     states = [random_state(rng) for _ in counts]  # float64
     old = random_state(rng)
-    new = fedavg_lora(states, client_weights(counts, "num_examples"))
+    new = FedAvgLoRA().aggregate(states, client_weights(counts, "num_examples"))
     scaling = 2.0
     overall, _ = aggregation_error(
         [layer_factors(s) for s in states],
@@ -104,7 +105,7 @@ def test_aggregation_identity_holds():
 
 
 def _error(states, old, weights, scaling=2.0):
-    new = fedavg_lora(states, weights)
+    new = FedAvgLoRA().aggregate(states, weights)
     return aggregation_error(
         [layer_factors(s) for s in states],
         weights,
@@ -131,7 +132,7 @@ def test_aggregation_error_is_positive_and_matches_dense_definition():
     states = [random_state(rng) for _ in range(3)]
     p = client_weights([1, 2, 3], "num_examples")
     overall, by_module = _error(states, old, p, scaling=2.0)
-    new = fedavg_lora(states, p)
+    new = FedAvgLoRA().aggregate(states, p)
 
     def delta(s, layer):
         return 2.0 * s[f"{layer}.lora_B.weight"] @ s[f"{layer}.lora_A.weight"]

@@ -13,8 +13,9 @@ from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant
 
 from fedlora.errors import ConfigError
+from fedlora.methods.fedavg_lora import FedAvgLoRA
 from strategies.central_dp import CentralDP
-from strategies.fedavg_lora import FedAvgLoRA
+from strategies.strategy import LoRAStrategy
 from strategies.wire import record_to_state, state_to_record
 
 Z, C, DELTA = 1.0, 0.5, 1e-5
@@ -46,8 +47,8 @@ class Grid:
 
 def central(num_clients, sampled, noise_multiplier=Z, **strategy_kwargs):
     """CentralDP around uniform FedAvg-LoRA sampling ``sampled`` of ``num_clients``."""
-    method = FedAvgLoRA(
-        weighting="uniform",
+    method = LoRAStrategy(
+        FedAvgLoRA(weighting="uniform"),
         fraction_train=sampled / num_clients,
         min_train_nodes=sampled,
         min_available_nodes=num_clients,
@@ -298,7 +299,7 @@ def test_no_noise_or_a_weighted_mean_is_refused():
         central(3, 3, noise_multiplier=0.0)
     with pytest.raises(ConfigError, match="uniform"):
         CentralDP(
-            FedAvgLoRA(weighting="num_examples"),
+            LoRAStrategy(FedAvgLoRA(weighting="num_examples")),
             noise_multiplier=Z,
             clipping_norm=C,
             num_sampled_clients=3,

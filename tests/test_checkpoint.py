@@ -21,8 +21,9 @@ from safetensors.numpy import load_file
 
 from fedlora import checkpoint
 from fedlora.errors import ConfigError
-from strategies.fedavg_lora import FedAvgLoRA
-from strategies.fedsb import FedSB
+from fedlora.methods.fedavg_lora import FedAvgLoRA
+from fedlora.methods.fedsb import FedSB
+from strategies.strategy import LoRAStrategy
 from strategies.wire import KEY_CONFIG, KEY_ROUND, state_to_record
 from tests.conftest import (
     REPO,
@@ -170,7 +171,7 @@ def task_identity(monkeypatch):
 
 
 def test_round_offset_keeps_the_real_round_numbers(task_identity):
-    strategy = FedAvgLoRA(min_available_nodes=1)
+    strategy = LoRAStrategy(FedAvgLoRA(), min_available_nodes=1)
     strategy.round_offset = 2
     record = state_to_record(arrays(0)["global"])
     messages = list(strategy.configure_train(1, record, ConfigRecord(), FakeGrid()))
@@ -185,19 +186,19 @@ def test_fedsb_state_round_trips_and_every_node_gets_the_factors_again():
         "l.lora_B.weight": np.arange(6.0).reshape(3, 2),
         "l.lora_A.weight": np.ones((2, 4)),
     }
-    old = FedSB(min_available_nodes=1, init="random_orthogonal")
-    old.frozen, old._has_frozen, old._failed_rounds = frozen, {11, 12}, 1
+    old = LoRAStrategy(FedSB(init="random_orthogonal"), min_available_nodes=1)
+    old.frozen, old.has_frozen, old.failed_rounds = frozen, {11, 12}, 1
     old.epsilon = {0: 1.25}
     groups, state = old.checkpoint_state()
-    assert state["has_frozen"] == [11, 12]
-    new = FedSB(min_available_nodes=1, init="random_orthogonal")
+    assert state["method"] == {"init": "random_orthogonal"}
+    new = LoRAStrategy(FedSB(init="random_orthogonal"), min_available_nodes=1)
     new.restore_state(groups, json.loads(json.dumps(state)))
     assert new.frozen.keys() == frozen.keys()
     assert all(np.array_equal(new.frozen[k], v) for k, v in frozen.items())
-    assert new._failed_rounds == 1 and new.epsilon == {0: 1.25}
-    assert new._has_frozen == set()  # a new Flower run: nodes start empty
+    assert new.failed_rounds == 1 and new.epsilon == {0: 1.25}
+    assert new.has_frozen == set()  # a new Flower run: nodes start empty
     with pytest.raises(ValueError, match="fedavg_lora"):
-        FedAvgLoRA().restore_state(groups, state)
+        LoRAStrategy(FedAvgLoRA()).restore_state(groups, state)
 
 
 # --- resume configuration -----------------------------------------------------------
@@ -219,7 +220,9 @@ def test_resume_takes_the_checkpoints_settings_and_more_rounds(tmp_path):
         [f"resume={run}", "federation.rounds=7"],
     )
     assert cfg.federation.rounds == 7 and cfg.resume == str(run)
-    assert cfg.strategy._target_ == "strategies.fedsb.FedSB" and cfg.train.lr == 0.01
+    assert (
+        cfg.strategy._target_ == "fedlora.methods.fedsb.FedSB" and cfg.train.lr == 0.01
+    )
     with pytest.raises(ConfigError, match=r"train\.lr"):  # not silently ignored
         resume_config(
             compose([f"resume={run}", "train.lr=0.5"]),

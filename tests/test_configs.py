@@ -11,9 +11,10 @@ from hydra.utils import instantiate
 from fedlora.errors import ConfigError
 from fedlora.validate import validate
 from strategies.server_app import CONF_DIR, compose, settings
+from strategies.strategy import LoRAStrategy
 
-GROUPS = {
-    g.name: sorted(p.stem for p in g.glob("*.yaml"))
+GROUPS = {  # files starting with _ are bases the options extend, not options
+    g.name: sorted(p.stem for p in g.glob("*.yaml") if not p.stem.startswith("_"))
     for g in Path(CONF_DIR).iterdir()
     if g.is_dir()
 }
@@ -39,15 +40,17 @@ def test_every_group_option_composes_and_validates(group, option):
 @pytest.mark.parametrize("option", GROUPS["strategy"])
 def test_every_strategy_instantiates(option):
     cfg = compose([f"strategy={option}"])
-    strategy = instantiate(cfg.strategy, scaling=2.0)
-    assert strategy.name == option
+    strategy = LoRAStrategy.from_settings(settings(cfg))
+    assert strategy.name == option == strategy.method.name
     assert strategy.min_available_nodes == cfg.federation.num_clients
+    # Hydra's own instantiate builds the same method from the YAML
+    assert type(instantiate(cfg.strategy)) is type(strategy.method)
 
 
 @pytest.mark.parametrize("option", GROUPS["strategy"])
 def test_min_available_clients_sets_the_nodes_a_round_waits_for(option):
     cfg = compose([f"strategy={option}", "federation.min_available_clients=2"])
-    assert instantiate(cfg.strategy, scaling=2.0).min_available_nodes == 2
+    assert LoRAStrategy.from_settings(settings(cfg)).min_available_nodes == 2
 
 
 def test_unknown_strategy_lists_the_options():

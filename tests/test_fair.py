@@ -18,10 +18,11 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedlora import fair
-from fedlora.aggregation import client_weights, fedavg_lora
+from fedlora.aggregation import client_weights
 from fedlora.fair import gd_correction, ridge_correction
-from strategies.fedavg_lora import FedAvgLoRA
-from strategies.lora_fair import LoRAFAIR
+from fedlora.methods.fedavg_lora import FedAvgLoRA
+from fedlora.methods.lora_fair import LoRAFAIR
+from strategies.strategy import LoRAStrategy
 from strategies.wire import record_to_state, state_to_record
 
 D_OUT, D_IN, R, K = 384, 384, 8, 3
@@ -266,10 +267,15 @@ def round_states(seed):
     return as32[0], as32[1:]
 
 
+def strategy(method):
+    """The Flower strategy around ``method``, for fake nodes."""
+    return LoRAStrategy(method, min_available_nodes=1)
+
+
 def exchange(strategy, sent, clients, num_examples):
     """Flower train messages to ``len(clients)`` fake nodes and their replies."""
     arrays = state_to_record(sent)
-    strategy._sent = record_to_state(arrays)
+    strategy.sent = record_to_state(arrays)  # what configure_train would record
     replies = []
     for node, (state, n) in enumerate(zip(clients, num_examples, strict=True), 1):
         msg = Message(
@@ -308,8 +314,8 @@ def test_strategy_records_the_solver_and_beats_fedavg_through_messages():
     aggregation error is not above FedAvg-LoRA's on the same replies, and B is
     Bbar + dB with A the average."""
     sent, clients = round_states(0)
-    new, entry = run_round(LoRAFAIR(min_available_nodes=1), sent, clients)
-    _, plain = run_round(FedAvgLoRA(min_available_nodes=1), sent, clients)
+    new, entry = run_round(strategy(LoRAFAIR()), sent, clients)
+    _, plain = run_round(strategy(FedAvgLoRA()), sent, clients)
 
     record = entry["lora_fair"]
     assert record["solver"] == "gd" and record["layers"] == len(LAYERS)
@@ -323,7 +329,7 @@ def test_strategy_records_the_solver_and_beats_fedavg_through_messages():
     assert entry["aggregation_error"] <= plain["aggregation_error"] * (1 + 1e-6)
 
     p = client_weights([120, 40, 300], "num_examples")
-    avg = fedavg_lora(clients, p)
+    avg = FedAvgLoRA().aggregate(clients, p)
     for layer in LAYERS:
         a, b = f"{layer}.lora_A.weight", f"{layer}.lora_B.weight"
         np.testing.assert_allclose(new[a], avg[a], rtol=1e-6)
@@ -338,9 +344,8 @@ def test_strategy_logs_and_records_a_round_that_hits_the_step_limit(caplog):
     """A round whose solver stops at ``max_iter`` is not silent: a warning names
     the layers and the round log counts them."""
     sent, clients = round_states(3)
-    strategy = LoRAFAIR(min_available_nodes=1, lam=1.0, max_iter=1)
-    with caplog.at_level(logging.WARNING, logger="strategies.lora_fair"):
-        _, entry = run_round(strategy, sent, clients)
+    with caplog.at_level(logging.WARNING, logger="fedlora"):
+        _, entry = run_round(strategy(LoRAFAIR(lam=1.0, max_iter=1)), sent, clients)
     record = entry["lora_fair"]
     assert record["unconverged"] == len(LAYERS)
     assert record["unconverged_layers"] == list(LAYERS)
@@ -352,7 +357,7 @@ def test_strategy_logs_and_records_a_round_that_hits_the_step_limit(caplog):
 @pytest.mark.usefixtures("task_identity")
 def test_ridge_solver_is_recorded_too():
     sent, clients = round_states(0)
-    _, entry = run_round(LoRAFAIR(min_available_nodes=1, solver="ridge"), sent, clients)
+    _, entry = run_round(strategy(LoRAFAIR(solver="ridge")), sent, clients)
     record = entry["lora_fair"]
     assert record["solver"] == "ridge" and record["unconverged"] == 0
     assert record["objective_end"] <= record["objective_start"]

@@ -13,8 +13,9 @@ from clients import client_app
 from fedlora import adapters
 from fedlora.adapters import frozen_digest, get_frozen_state
 from fedlora.build import build
-from strategies.fedavg_lora import FedAvgLoRA
-from strategies.ffa_lora import FFALoRA
+from fedlora.methods.fedavg_lora import FedAvgLoRA
+from fedlora.methods.ffa_lora import FFALoRA
+from strategies.strategy import LoRAStrategy
 from strategies.wire import (
     KEY_CONFIG,
     KEY_EXPERIMENT,
@@ -22,6 +23,7 @@ from strategies.wire import (
     record_to_state,
     state_to_record,
 )
+from tests.conftest import FFA_LORA, exchange
 from tests.test_methods import (  # noqa: F401 - fixtures
     client_frozen,
     dense_check,
@@ -41,29 +43,10 @@ def state(seed, with_a=True):
     return out if with_a else {k: v for k, v in out.items() if ".lora_A." not in k}
 
 
-def exchange(strategy, global_state, contents):
-    """Send the global state to len(contents) fake nodes; return their replies."""
-    arrays = state_to_record(global_state)
-    strategy._sent = record_to_state(arrays)
-    replies = []
-    for node, content in enumerate(contents, start=1):
-        sent = Message(
-            content=RecordDict({"arrays": arrays}),
-            dst_node_id=node,
-            message_type="train",
-        )
-        answer = Message(content=content, reply_to=sent)
-        answer.metadata.__dict__["_src_node_id"] = node
-        replies.append(answer)
-    return replies
-
-
 # --- one digest, on both sides -----------------------------------------------------
 def test_server_and_client_compute_the_same_digest(settings):
     assert client_app.frozen_digest is adapters.frozen_digest  # one function
-    model, _ = build(
-        {**settings, "adapter": {**settings["adapter"], "parametrisation": "ffa"}}
-    )
+    model, _ = build({**settings, "strategy": {"_target_": FFA_LORA}})
     frozen = get_frozen_state(model)
     assert frozen and all(".lora_A." in k for k in frozen)
     digest = frozen_digest(model)
@@ -94,7 +77,7 @@ def reply(seed, crc, with_a=True, n=10):
 
 @pytest.fixture
 def ffa(task_identity):  # noqa: F811 - the fixture imported above
-    strategy = FFALoRA(min_available_nodes=1)
+    strategy = LoRAStrategy(FFALoRA(), min_available_nodes=1)
     strategy.frozen = {"l.lora_A.weight": np.full(A_SHAPE, 0.5, np.float32)}
     return strategy
 
@@ -118,7 +101,7 @@ def test_an_update_with_other_frozen_factors_is_rejected(ffa):
 
 
 def test_methods_without_frozen_factors_skip_the_check(task_identity):  # noqa: F811
-    strategy = FedAvgLoRA(min_available_nodes=1)
+    strategy = LoRAStrategy(FedAvgLoRA(), min_available_nodes=1)
     assert strategy.frozen == {}
     strategy.aggregate_train(
         1, exchange(strategy, state(9), [reply(0, None), reply(1, 12345)])

@@ -1,4 +1,4 @@
-"""The identities of algorithms.md for FFA-LoRA, Fed-SB and LoRA-FAIR (float64).
+"""The methods' identities for FFA-LoRA, Fed-SB and LoRA-FAIR (float64).
 
 FFA-LoRA's and Fed-SB's exactness (and FedAvg-LoRA's inexactness) are checked on
 the real path: the real ClientApp trains 3 clients of different sizes from the same
@@ -15,15 +15,17 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-from hydra.utils import instantiate
 
 from clients import client_app
-from fedlora.adapters import get_frozen_state, get_state, lora_scaling
-from fedlora.aggregation import client_weights, fedavg_lora, lora_fair
+from fedlora.adapters import get_frozen_state, get_state
+from fedlora.aggregation import client_weights
 from fedlora.build import build
 from fedlora.fair import gd_correction, ridge_correction
 from fedlora.lora_sb import init_from_gradient, init_random_orthogonal, to_plain_lora
+from fedlora.methods.fedavg_lora import FedAvgLoRA
+from fedlora.methods.lora_fair import LoRAFAIR
 from strategies.server_app import compose, settings
+from strategies.strategy import LoRAStrategy
 from strategies.wire import KEY_EXPERIMENT, record_to_state, state_to_record
 
 D_OUT, D_IN, R, K = 20, 14, 3, 4
@@ -118,7 +120,7 @@ def federated_round(cfg, client_frozen, tamper=None, previous=None):
     grid = FakeGrid(plain["federation"]["num_clients"])
     if previous is None:
         model, _ = build(plain)
-        strategy = instantiate(cfg.strategy, scaling=lora_scaling(plain["adapter"]))
+        strategy = LoRAStrategy.from_settings(plain)
         arrays = strategy.initialize(
             grid, state_to_record(get_state(model)), get_frozen_state(model), config
         )
@@ -333,8 +335,8 @@ def test_lora_fair_aggregation_corrects_b_and_averages_a(rng, p):
         {"x.lora_A.weight": a, "x.lora_B.weight": b, "head": rng.standard_normal(2)}
         for b, a in zip(*fair_problem(rng), strict=False)
     ]
-    out = lora_fair(states, p, 0.01, "ridge")
-    avg = fedavg_lora(states, p)
+    out = LoRAFAIR(lam=0.01, solver="ridge").aggregate(states, p)
+    avg = FedAvgLoRA().aggregate(states, p)
     np.testing.assert_allclose(out["x.lora_A.weight"], avg["x.lora_A.weight"])
     np.testing.assert_allclose(out["head"], avg["head"])
     assert not np.allclose(out["x.lora_B.weight"], avg["x.lora_B.weight"])

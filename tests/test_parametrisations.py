@@ -20,6 +20,7 @@ from fedlora.lora_sb import gradient_sums, lora_layers_of, to_plain_lora
 from fedlora.models import load_base_model
 from fedlora.results import save_adapter
 from fedlora.train import batches, train_local
+from tests.conftest import FEDSB, FFA_LORA
 
 CPU = torch.device("cpu")
 
@@ -33,7 +34,7 @@ def randomise(state, seed):
 
 
 def test_ffa_trains_and_sends_only_b_and_the_head(settings):
-    settings["adapter"]["parametrisation"] = "ffa"
+    settings["strategy"] = {"_target_": FFA_LORA}
     model, tok = build(settings)
     state, frozen = get_state(model), get_frozen_state(model)
     assert all(".lora_B." in k or "classifier" in k for k in state)
@@ -45,8 +46,9 @@ def test_ffa_trains_and_sends_only_b_and_the_head(settings):
     assert any(not np.array_equal(get_state(model)[k], state[k]) for k in state)
 
 
-def sb_settings(settings):
-    settings["adapter"].update(parametrisation="lora_sb", r=4, alpha=4)
+def sb_settings(settings, r=4):
+    settings["strategy"] = {"_target_": FEDSB, "init": "random_orthogonal"}
+    settings["adapter"].update(r=r, alpha=r)
     return settings
 
 
@@ -103,9 +105,7 @@ def test_fedsb_export_loads_in_peft_with_the_same_logits(settings, tmp_path):
     trained = randomise(get_state(model), 4)
     set_frozen_state(model, frozen)
     set_state(model, trained)
-    exported, _ = build(
-        {**cfg, "adapter": {**cfg["adapter"], "parametrisation": "lora"}}
-    )
+    exported, _ = build(cfg, plain=True)
     save_adapter(exported, to_plain_lora(frozen, trained), tmp_path / "adapter")
     loaded = PeftModel.from_pretrained(
         load_base_model(cfg["model"], seed=99), str(tmp_path / "adapter")
@@ -119,13 +119,13 @@ def test_fedsb_export_loads_in_peft_with_the_same_logits(settings, tmp_path):
         )
 
 
-def test_unknown_parametrisation_names_the_key(settings):
-    settings["adapter"]["parametrisation"] = "dora"
-    with pytest.raises(ConfigError, match="adapter.parametrisation"):
+def test_an_unknown_method_names_the_key(settings):
+    settings["strategy"] = {"_target_": "fedlora.methods.dora.DoRA"}
+    with pytest.raises(ConfigError, match=r"strategy\._target_"):
         build(settings)
 
 
 def test_lora_sb_rank_larger_than_the_layer_names_the_key(settings):
-    settings["adapter"].update(parametrisation="lora_sb", r=40, alpha=40)  # hidden 32
+    sb_settings(settings, r=40)  # hidden 32
     with pytest.raises(ConfigError, match="adapter.r"):
         build(settings)

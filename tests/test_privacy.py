@@ -13,6 +13,7 @@ from fedlora.adapters import get_frozen_state, get_state
 from fedlora.build import build
 from fedlora.data import client_examples
 from fedlora.errors import ConfigError
+from tests.conftest import FFA_LORA
 
 CPU = torch.device("cpu")
 DP = {
@@ -110,7 +111,7 @@ def test_trainable_weights_change_under_dp(settings):
 
 
 def test_ffa_under_dp_no_gradient_or_noise_reaches_a(settings):
-    settings["adapter"]["parametrisation"] = "ffa"
+    settings["strategy"] = {"_target_": FFA_LORA}
     frozen = get_frozen_state(build(settings)[0])
     model, *_ = run_rounds(settings, 1)
     after = get_frozen_state(model)

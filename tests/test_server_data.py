@@ -8,10 +8,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from strategies import server_app
 from fedlora import data
 from fedlora.errors import ConfigError
-from strategies.fedsb import FedSB
+from fedlora.methods.fedsb import FedSB
+from strategies import server_app
+from strategies.strategy import LoRAStrategy
 
 NUM_CLIENTS = 3
 CALIBRATION = 24
@@ -96,7 +97,7 @@ def test_calibration_rows_are_never_client_training_rows(
     monkeypatch.setattr(data, "_PARTITIONED", {})
     monkeypatch.setattr(data, "tokenise", tokenise)
     monkeypatch.setattr(server_app, "gradient_sums", gradient_sums)
-    monkeypatch.setattr(FedSB, "start", stop)
+    monkeypatch.setattr(LoRAStrategy, "start", stop)
     with pytest.raises(Stop):
         server_app.run_server(None, cfg, tmp_path / "run")  # init=server_data ran
     assert calibration, "the server computed no calibration gradient"
@@ -191,7 +192,7 @@ def test_a_missing_file_or_column_is_refused(folders, tiny_bert, tmp_path):
     plain = server_app.settings(cfg)
     _, tokenizer = server_app.build(plain)
     with pytest.raises(ConfigError) as err:
-        data.server_calibration_examples(plain, tokenizer)
+        data.server_calibration_examples(plain, tokenizer, 8)
     assert err.value.key == "strategy.server_data_path"
     assert "'review'" in str(err.value) and "row_id" in str(err.value)
 

@@ -8,9 +8,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedlora.methods.fedavg_lora import FedAvgLoRA
 from fedlora.updates import check_update
-from strategies.fedavg_lora import FedAvgLoRA
+from strategies.strategy import LoRAStrategy
 from strategies.wire import record_to_state, state_to_record
+from tests.conftest import exchange
 
 SHAPES = {"l.lora_A.weight": (2, 6), "l.lora_B.weight": (5, 2), "head.weight": (2, 6)}
 
@@ -25,23 +27,6 @@ def task_identity(monkeypatch):
 def state(seed):
     rng = np.random.default_rng(seed)
     return {k: rng.standard_normal(v).astype(np.float32) for k, v in SHAPES.items()}
-
-
-def exchange(strategy, global_state, contents):
-    """Send the global state to len(contents) fake nodes; return their replies."""
-    arrays = state_to_record(global_state)
-    strategy._sent = record_to_state(arrays)
-    replies = []
-    for node, content in enumerate(contents, start=1):
-        sent = Message(
-            content=RecordDict({"arrays": arrays}),
-            dst_node_id=node,
-            message_type="train",
-        )
-        reply = Message(content=content, reply_to=sent)
-        reply.metadata.__dict__["_src_node_id"] = node
-        replies.append(reply)
-    return replies
 
 
 def good(seed, n=10):
@@ -87,7 +72,7 @@ def test_only_valid_updates_reach_the_global_model():
             }
         ),
     ]
-    strategy = FedAvgLoRA(min_available_nodes=1)
+    strategy = LoRAStrategy(FedAvgLoRA(), min_available_nodes=1)
     arrays, _ = strategy.aggregate_train(1, exchange(strategy, state(9), contents))
     out = record_to_state(arrays)
     for k in SHAPES:  # the example-weighted mean of the two valid updates
@@ -111,7 +96,9 @@ def test_update_norm_outlier_is_rejected_when_enabled():
             }
         )
     ]
-    strategy = FedAvgLoRA(min_available_nodes=1, max_update_norm_ratio=5.0)
+    strategy = LoRAStrategy(
+        FedAvgLoRA(max_update_norm_ratio=5.0), min_available_nodes=1
+    )
     strategy.aggregate_train(1, exchange(strategy, state(9), contents))
     assert [r["node"] for r in strategy.round_log[1]["rejected"]] == [5]
 
@@ -202,7 +189,9 @@ def garbage_contents(rng):
 
 def test_fuzzed_payloads_never_crash_the_server_and_are_all_rejected():
     rng = np.random.default_rng(0)
-    strategy = FedAvgLoRA(min_available_nodes=1, max_failed_rounds=10**6)
+    strategy = LoRAStrategy(
+        FedAvgLoRA(), min_available_nodes=1, max_failed_rounds=10**6
+    )
     for round_ in range(1, 301):
         contents = [garbage_contents(rng) for _ in range(2)]
         arrays, _ = strategy.aggregate_train(
@@ -218,11 +207,13 @@ def test_check_update_accepts_a_well_formed_update():
 
 
 def test_fedavg_is_flowers_base():
-    assert issubclass(FedAvgLoRA, FedAvg)
+    assert issubclass(LoRAStrategy, FedAvg)
 
 
 def test_too_few_usable_updates_keep_the_model_then_stop_the_run_clearly():
-    strategy = FedAvgLoRA(min_available_nodes=1, min_replies=2, max_failed_rounds=2)
+    strategy = LoRAStrategy(
+        FedAvgLoRA(), min_available_nodes=1, min_replies=2, max_failed_rounds=2
+    )
     assert (
         strategy.aggregate_train(1, exchange(strategy, state(9), [good(0)]))[0] is None
     )
@@ -238,7 +229,7 @@ def test_too_few_usable_updates_keep_the_model_then_stop_the_run_clearly():
 def test_an_error_the_superlink_writes_for_a_lost_node_names_that_node():
     from flwr.app import Error
 
-    strategy = FedAvgLoRA(min_available_nodes=1)
+    strategy = LoRAStrategy(FedAvgLoRA(), min_available_nodes=1)
     replies = exchange(strategy, state(9), [good(0), good(1), good(2)])
     strategy._sampled = [1, 2, 3]
     strategy.round_log = {1: {"clients_sampled": 3}}

@@ -1,0 +1,64 @@
+"""Federated LoRA methods, one per module, each a :class:`~fedlora.methods.base.Method`.
+
+A method is chosen by its YAML in ``conf/strategy/``, whose ``_target_`` names the
+class and whose other keys are its constructor's arguments; server and clients build
+it the same way, with :func:`from_settings`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Any
+
+from fedlora.errors import ConfigError
+from fedlora.methods.base import InitInputs, Method
+
+__all__ = ["InitInputs", "Method", "available", "from_settings", "load_class"]
+
+
+def load_class(target: str) -> type[Method]:
+    """The :class:`Method` subclass at the dotted path ``target``."""
+    module, _, attr = str(target).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(
+            "strategy._target_",
+            target,
+            f"no such class ({exc}); name a Method subclass, e.g. "
+            "fedlora.methods.fedavg_lora.FedAvgLoRA",
+        ) from None
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise ConfigError(
+            "strategy._target_", target, "is not a fedlora.methods.base.Method"
+        )
+    return cls
+
+
+def from_settings(cfg: dict[str, Any]) -> Method:
+    """The method of the experiment settings ``cfg`` (its ``strategy`` section)."""
+    spec = dict(cfg["strategy"])
+    cls = load_class(spec.pop("_target_"))
+    try:
+        return cls(**spec)
+    except TypeError as exc:
+        raise ConfigError(
+            "strategy", sorted(spec), f"does not fit {cls.__name__}: {exc}"
+        ) from None
+
+
+def available() -> dict[str, type[Method]]:
+    """Every method shipped in this package, by name (for reports and tools)."""
+    out: dict[str, type[Method]] = {}
+    for info in pkgutil.iter_modules(__path__):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for value in vars(module).values():
+            if (
+                isinstance(value, type)
+                and issubclass(value, Method)
+                and value.name
+                and value.__module__ == module.__name__
+            ):
+                out[value.name] = value
+    return out

@@ -1,0 +1,190 @@
+"""What a federated LoRA method is, independent of Flower: the method protocol.
+
+A method says, in one object:
+
+- how the client parametrises its adapter (:meth:`Method.parametrise`: what is
+  trained, what is frozen; the frozen factors come from the shared seed or from the
+  server),
+- what travels: the trainable wire state up and down each round, plus, when
+  :attr:`Method.ships_frozen`, the frozen factors once per node (a node keeps them
+  between rounds),
+- the server step (:meth:`Method.aggregate`, a pure function of the clients' states
+  and weights; its equation in the docstring),
+- any initialisation protocol (:meth:`Method.initialize`, e.g. Fed-SB's init round,
+  reached through :class:`InitInputs`' callables),
+- per-client settings (:meth:`Method.client_overrides`, e.g. a client's rank),
+- the effective adapter for diagnostics (:meth:`Method.layer_factors`) and its
+  export as plain PEFT LoRA (:meth:`Method.export`),
+- what it must keep in a checkpoint (:meth:`Method.state_dict`).
+
+:class:`Method` holds the defaults, which are FedAvg-LoRA's (train and average ``A``
+and ``B``); a method overrides what it changes, in one file under
+``fedlora/methods/``, and one YAML under ``conf/strategy/`` names its class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from fedlora.aggregation import client_weights, weighted_average
+from fedlora.diagnostics import layer_factors
+from fedlora.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+State = dict[str, np.ndarray]
+Factors = dict[str, tuple[np.ndarray, np.ndarray]]  # {layer: (B, A)}, delta = s B A
+GradientFn = Callable[[int], State]  # calibration examples -> summed W0 gradients
+
+
+@dataclass(frozen=True)
+class InitInputs:
+    """What :meth:`Method.initialize` may use.
+
+    Attributes
+    ----------
+    arrays : dict
+        The trainable wire state of the model built from the shared seed.
+    frozen : dict
+        Its frozen LoRA factors (also from the shared seed).
+    federated_gradients : callable or None
+        ``f(n)`` runs an init round in which every client sends the summed loss
+        gradient of each adapted ``W0`` over its first ``n`` examples; returns
+        their sum.
+    server_gradients : callable or None
+        ``f(n)``: the same sums over the first ``n`` rows of the server's own
+        calibration data.
+    """
+
+    arrays: State
+    frozen: State
+    federated_gradients: GradientFn | None = None
+    server_gradients: GradientFn | None = None
+
+
+class Method:
+    """A federated LoRA method; the defaults are FedAvg-LoRA's.
+
+    Parameters
+    ----------
+    weighting : str
+        ``num_examples`` (``p_k = n_k / sum n``) or ``uniform`` (``p_k = 1/K``).
+    max_update_norm_ratio : float
+        The server rejects an update whose norm exceeds this multiple of the
+        round's median update norm (0 disables; needs 3 or more updates).
+    """
+
+    #: the method's name in logs, metrics and checkpoints (its YAML's name)
+    name: ClassVar[str] = ""
+    #: the server step is the weighted mean of what the clients send, so
+    #: client-level DP noise on that mean covers it (privacy=central)
+    aggregates_by_mean: ClassVar[bool] = True
+    #: the frozen factors travel to each node once (else every party rebuilds
+    #: them from the shared seed)
+    ships_frozen: ClassVar[bool] = False
+
+    def __init__(
+        self, *, weighting: str = "num_examples", max_update_norm_ratio: float = 0.0
+    ) -> None:
+        client_weights([1.0], weighting)  # checks the name
+        if max_update_norm_ratio < 0:
+            raise ConfigError(
+                "strategy.max_update_norm_ratio",
+                max_update_norm_ratio,
+                "must be >= 0 (0 turns the check off)",
+            )
+        self.weighting = weighting
+        self.max_update_norm_ratio = float(max_update_norm_ratio)
+
+    def problems(self, cfg: dict[str, Any]) -> list[ConfigError]:
+        """What is wrong with running this method in the experiment ``cfg`` (its
+        privacy mode, its data...); the validator reports them all at once."""
+        out = []
+        if cfg["privacy"]["mode"] == "central" and not self.aggregates_by_mean:
+            out.append(
+                ConfigError(
+                    "privacy",
+                    "central",
+                    f"{self.name}'s server step uses every client's update, not "
+                    "just their mean, so client-level DP noise on the mean does not "
+                    "cover it; use privacy=dp_sgd or another strategy",
+                )
+            )
+        if cfg["privacy"]["mode"] == "central" and self.weighting != "uniform":
+            out.append(
+                ConfigError(
+                    "strategy.weighting",
+                    self.weighting,
+                    "privacy=central needs strategy.weighting=uniform (the noise "
+                    "scale assumes a uniform average)",
+                )
+            )
+        return out
+
+    # --- the client --------------------------------------------------------------
+    def parametrise(self, model: "torch.nn.Module") -> None:
+        """Turn a freshly built PEFT LoRA model into this method's adapter, in
+        place (default: train ``A``, ``B`` and the head)."""
+
+    def client_overrides(self, partition: int) -> dict[str, Any]:
+        """``adapter.*`` settings a client overrides before building its model
+        (e.g. its own rank); default none."""
+        return {}
+
+    # --- the server --------------------------------------------------------------
+    def weights(self, num_examples: Sequence[float]) -> np.ndarray:
+        """The clients' aggregation weights ``p_k``."""
+        return client_weights(num_examples, self.weighting)
+
+    def initialize(self, inputs: InitInputs) -> tuple[State, State]:
+        """``(initial global arrays, frozen factors)`` before round 1 (default: the
+        seeded model's, no protocol)."""
+        return dict(inputs.arrays), dict(inputs.frozen)
+
+    def aggregate(self, states: Sequence[State], weights: np.ndarray) -> State:
+        """FedAvg-LoRA: ``A <- sum p_k A_k``, ``B <- sum p_k B_k`` (and the head).
+
+        Inexact: ``sum p_k B_k A_k - Bbar Abar = sum p_k (B_k - Bbar)(A_k - Abar)``.
+        """
+        return weighted_average(states, weights)
+
+    def round_record(self) -> dict[str, Any]:
+        """What the last :meth:`aggregate` wants in the round's metrics (default
+        nothing)."""
+        return {}
+
+    # --- diagnostics, export, checkpoints ---------------------------------------
+    def layer_factors(self, state: State, frozen: State) -> Factors:
+        """``{layer: (B, A)}`` whose product is the layer's delta over ``s``."""
+        return layer_factors({**frozen, **state})
+
+    def shared_layers(self, sent: State) -> dict[str, tuple[str | None, str, str]]:
+        """For a delta ``s L X R`` with ``L`` (or none) and ``R`` frozen and shared,
+        ``{layer: (L key or None, R key, X key)}`` (a cheaper exact diagnostic);
+        empty when the outer factors are not shared."""
+        return {}
+
+    def export(self, state: State, frozen: State) -> State:
+        """The final adapter as plain PEFT LoRA (``lora_A``/``lora_B`` and head)."""
+        return {**frozen, **state}
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON state a checkpoint keeps besides the arrays (default none)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back :meth:`state_dict`."""
+
+    # --- communication, analytically ---------------------------------------------
+    def round_parameters(self, d_out: int, d_in: int, r: int) -> int:
+        """Parameters of one adapted layer a client receives (and sends) a round."""
+        return r * (d_out + d_in)
+
+    def one_time_parameters(self, d_out: int, d_in: int, r: int) -> tuple[int, int]:
+        """``(up, down)`` parameters of one layer per client, once (init)."""
+        return 0, 0

@@ -1,0 +1,164 @@
+"""What the strategy does with a round's replies before the method sees them:
+who failed and why, who declined, which updates are well formed, and what each
+client reported of its privacy. Plain functions over Flower messages."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import Message
+
+from fedlora.adapters import FROZEN_CRC_KEY, FROZEN_DIFFER, FROZEN_MISSING
+from fedlora.updates import check_update, update_norm_outliers
+from strategies.wire import (
+    KEY_ARRAYS,
+    KEY_CONFIG,
+    KEY_DECLINED,
+    KEY_EPSILON,
+    KEY_METRICS,
+    KEY_NUM_EXAMPLES,
+    KEY_PARTITION,
+    KEY_REASON,
+    record_to_state,
+)
+
+log = logging.getLogger(__name__)
+State = dict[str, Any]
+
+
+def failures(
+    replies: list[Message], sampled: list[int], missing: int
+) -> list[dict[str, Any]]:
+    """Who failed, why and when. An error the SuperLink wrote for a node (e.g.
+    "Node Unavailable" for a dead SuperNode) does not come from that node, so such
+    errors are matched to the sampled nodes that sent nothing usable; ``missing``
+    sampled nodes sent nothing at all."""
+    now = time.time()
+    errors = [m for m in replies if m.has_error()]
+    answered = {m.metadata.src_node_id for m in replies}
+    silent = iter(n for n in sampled if n not in answered)
+    out = []
+    for m in errors:
+        node = m.metadata.src_node_id
+        if node not in sampled:  # written by the SuperLink for a lost node
+            node = next(silent, node)
+        out.append({"node": node, "reason": m.error.reason, "time": now})
+    for _ in range(missing):
+        out.append(
+            {
+                "node": next(silent, None),
+                "reason": "no reply within federation.round_timeout",
+                "time": now,
+            }
+        )
+    for failure in out:
+        log.warning(
+            "aggregate_train: node %s failed: %s", failure["node"], failure["reason"]
+        )
+    return out
+
+
+def is_declined(msg: Message) -> bool:
+    """A reply without arrays whose metrics say the client sat the round out."""
+    return (
+        KEY_ARRAYS not in msg.content
+        and KEY_METRICS in msg.content
+        and bool(msg.content[KEY_METRICS].get(KEY_DECLINED))
+    )
+
+
+def declined(replies: list[Message]) -> list[dict[str, Any]]:
+    """``{partition-id, reason}`` of every client that declined the round."""
+    return [
+        {
+            KEY_PARTITION: m.content[KEY_METRICS].get(KEY_PARTITION),
+            KEY_REASON: (
+                m.content[KEY_CONFIG].get(KEY_REASON, "")
+                if KEY_CONFIG in m.content
+                else ""
+            ),
+        }
+        for m in replies
+        if is_declined(m)
+    ]
+
+
+def epsilons(replies: list[Message]) -> dict[int, float]:
+    """The epsilon each DP-SGD client reports, by partition (others: none)."""
+    out = {}
+    for m in replies:
+        try:
+            metrics = m.content[KEY_METRICS]
+            out[int(metrics[KEY_PARTITION])] = float(metrics[KEY_EPSILON])
+        except (KeyError, TypeError, ValueError):  # no DP, or a malformed reply
+            continue
+    return out
+
+
+@dataclass
+class Accepted:
+    """The updates a round aggregates, in a fixed order (by partition, then node,
+    so the float sums do not depend on arrival), and those it refused."""
+
+    states: list[State] = field(default_factory=list)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+
+
+def frozen_mismatch(metrics: dict[str, Any], digest: int | None) -> str | None:
+    """Why a reply's frozen factors are not the server's (its ``frozen-crc``
+    differs from ``digest`` or is absent), or None; ``digest`` None: the method has
+    no frozen factors."""
+    if digest is None:
+        return None
+    theirs = metrics.get(FROZEN_CRC_KEY)
+    if theirs is None:
+        return (
+            f"{FROZEN_MISSING}: its frozen factors cannot be checked against "
+            f"the server's (crc {digest})"
+        )
+    if int(theirs) != digest:
+        return f"{FROZEN_DIFFER} (crc {int(theirs)} != {digest})"
+    return None
+
+
+def accept(
+    replies: list[Message], sent: State, digest: int | None, max_ratio: float
+) -> Accepted:
+    """Decode and check every reply against what was ``sent``: keys, shapes, finite
+    values, example count, frozen factors (``digest``), and the update-norm outlier
+    rule (``max_ratio`` times the median; 0 turns it off)."""
+    expected = {k: v.shape for k, v in sent.items()}
+    decoded: list[tuple[int, State, dict[str, Any]]] = []
+    out = Accepted()
+    for m in replies:
+        node = m.metadata.src_node_id
+        try:  # whatever the bytes, decoding must not take the server down
+            state = record_to_state(m.content[KEY_ARRAYS])
+            metrics = dict(m.content[KEY_METRICS])
+            reason = check_update(state, expected, metrics.get(KEY_NUM_EXAMPLES))
+            reason = reason or frozen_mismatch(metrics, digest)
+        except Exception as exc:  # noqa: BLE001 - any malformed payload
+            reason = f"undecodable reply: {type(exc).__name__}: {exc}"
+        if reason is None:
+            decoded.append((node, state, metrics))
+        else:
+            out.rejected.append({"node": node, "reason": reason})
+    outliers = update_norm_outliers([s for _, s, _ in decoded], sent, max_ratio)
+    kept = []
+    for item, reason in zip(decoded, outliers, strict=True):
+        if reason is None:
+            kept.append(item)
+        else:
+            out.rejected.append({"node": item[0], "reason": reason})
+    kept.sort(key=lambda d: (str(d[2].get(KEY_PARTITION)), d[0]))
+    out.states = [s for _, s, _ in kept]
+    out.metrics = [m for _, _, m in kept]
+    for r in out.rejected:
+        log.warning(
+            "aggregate_train: update of node %s rejected: %s", r["node"], r["reason"]
+        )
+    return out

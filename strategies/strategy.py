@@ -1,0 +1,424 @@
+"""The one Flower strategy: Flower's FedAvg sampling and messaging around a
+federated LoRA method (:class:`fedlora.methods.base.Method`).
+
+The strategy overrides Flower's hooks only; what the server computes is the
+method's (:meth:`~fedlora.methods.base.Method.aggregate`), and the checks,
+diagnostics and byte accounting are helpers (:mod:`strategies.replies`,
+:mod:`fedlora.diagnostics`, :mod:`strategies.wire`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+from fedlora.adapters import (
+    FROZEN_DIFFER,
+    FROZEN_MISSING,
+    frozen_digest,
+    lora_scaling,
+)
+from fedlora.comm import num_parameters
+from fedlora.diagnostics import aggregation_error, frozen_triangles, shared_factor_error
+from fedlora.methods import InitInputs, Method, from_settings
+from strategies import replies as checks
+from strategies.wire import (
+    KEY_ARRAYS,
+    KEY_CALIBRATION,
+    KEY_CONFIG,
+    KEY_FROZEN,
+    KEY_METRICS,
+    KEY_NUM_EXAMPLES,
+    KEY_PHASE,
+    KEY_ROUND,
+    PHASE_GRADIENT,
+    payload_bytes,
+    record_to_state,
+    state_to_record,
+)
+
+log = logging.getLogger(__name__)
+State = dict[str, np.ndarray]
+
+
+class LoRAStrategy(FedAvg):
+    """A federated LoRA method on Flower's FedAvg sampling and messaging.
+
+    Each round's ``round_log[r]`` holds ``bytes_down``/``bytes_up`` (measured from
+    the serialized messages), ``params_down``/``params_up`` (analytic), the
+    ``aggregation_error`` overall and by module, the client replies, failures,
+    rejections, declines, epsilon and the method's own record.
+
+    Parameters
+    ----------
+    method : Method
+        What is trained, sent and aggregated.
+    scaling : float
+        LoRA scale ``s`` of the adapters (for the aggregation-error diagnostic).
+    min_replies : int
+        Usable updates a round needs; with fewer, the global adapter is kept.
+    max_failed_rounds : int
+        Consecutive rounds below ``min_replies`` after which the run stops.
+    **fedavg_kwargs
+        Flower's FedAvg sampling settings (``fraction_train``, ``min_train_nodes``...).
+
+    Attributes
+    ----------
+    frozen : dict
+        The frozen LoRA factors every party shares (FFA's ``A``, Fed-SB's ``B``, ``A``).
+    round_offset : int
+        Rounds completed before Flower's loop started (a resumed run). Flower numbers
+        its rounds from 1; every hook adds this offset first, so the messages'
+        ``server-round``, ``round_log`` and the metrics carry the real round numbers.
+    """
+
+    def __init__(
+        self,
+        method: Method,
+        *,
+        scaling: float = 1.0,
+        min_replies: int = 1,
+        max_failed_rounds: int = 3,
+        **fedavg_kwargs: Any,
+    ) -> None:
+        super().__init__(**fedavg_kwargs)
+        self.method = method
+        self.scaling = float(scaling)
+        self.min_replies, self.max_failed_rounds = int(min_replies), max_failed_rounds
+        self.round_log: dict[int, dict[str, Any]] = {}
+        self.epsilon: dict[int, float] = {}  # latest epsilon spent per partition
+        self.round_offset = 0
+        self.failed_rounds = 0  # consecutive rounds with too few usable updates
+        self.has_frozen: set[int] = set()  # nodes holding shipped frozen factors
+        self._frozen: State = {}
+        self._digest: int | None = None
+        self._triangles: dict[str, Any] | None = None  # frozen factors' QR, cached
+        self.sent: State = {}  # what this round's train messages carried
+        self._sampled: list[int] = []  # node ids of this round's train messages
+
+    @classmethod
+    def from_settings(cls, cfg: dict[str, Any]) -> LoRAStrategy:
+        """The strategy of the experiment settings: the method of ``strategy``,
+        Flower's sampling from ``federation``, the LoRA scale from ``adapter``."""
+        fed = cfg["federation"]
+        return cls(
+            from_settings(cfg),
+            scaling=lora_scaling(cfg["adapter"]),
+            min_replies=fed["min_replies"],
+            max_failed_rounds=fed["max_failed_rounds"],
+            fraction_train=fed["fraction_train"],
+            fraction_evaluate=fed["fraction_evaluate"],
+            min_train_nodes=fed["min_train_clients"],
+            min_evaluate_nodes=fed["min_train_clients"],
+            min_available_nodes=fed["min_available_clients"],
+        )
+
+    @property
+    def name(self) -> str:
+        """The method's name."""
+        return self.method.name
+
+    @property
+    def frozen(self) -> State:
+        """The frozen factors every party shares."""
+        return self._frozen
+
+    @frozen.setter
+    def frozen(self, value: State) -> None:
+        self._frozen = dict(value)
+        self._digest = frozen_digest(self._frozen) if self._frozen else None
+        self._triangles = None
+
+    # --- before round 1 ----------------------------------------------------------
+    def initialize(
+        self,
+        grid: Grid,
+        arrays: ArrayRecord,
+        frozen: State,
+        config: ConfigRecord,
+        server_gradient: Any = None,
+    ) -> ArrayRecord:
+        """The method's initialisation (its init protocol, if any): sets
+        :attr:`frozen` and returns the initial global arrays."""
+        inputs = InitInputs(
+            arrays=record_to_state(arrays),
+            frozen=frozen,
+            federated_gradients=lambda n: self._gradient_round(grid, config, n),
+            server_gradients=server_gradient,
+        )
+        state, self.frozen = self.method.initialize(inputs)
+        return state_to_record(state)
+
+    def export(self, state: State) -> State:
+        """The final adapter as plain PEFT LoRA."""
+        return self.method.export(state, self.frozen)
+
+    # --- Flower hooks ------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample clients as FedAvg does; ship frozen factors to nodes lacking
+        them; remember what was sent and its size."""
+        server_round += self.round_offset
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        if self.method.ships_frozen:
+            messages = [self._with_frozen(m) for m in messages]
+        self.sent = record_to_state(arrays)
+        self._sampled = [m.metadata.dst_node_id for m in messages]
+        self.round_log[server_round] = {
+            "clients_sampled": len(messages),
+            "bytes_down": sum(payload_bytes(m.content) for m in messages),
+            "params_down": num_parameters(self.sent) * len(messages),
+        }
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Check the replies, aggregate the usable updates with the method, record
+        the round. Error replies count as failures; replies without arrays are
+        clients that declined (privacy budget); malformed updates are rejected."""
+        started = time.perf_counter()
+        server_round += self.round_offset
+        replies = list(replies)
+        entry = self.round_log.setdefault(server_round, {})
+        ok = [m for m in replies if not m.has_error()]
+        missing = max(entry.get("clients_sampled", 0) - len(replies), 0)
+        self.epsilon.update(checks.epsilons(ok))
+        accepted = checks.accept(
+            [m for m in ok if not checks.is_declined(m)],
+            self.sent,
+            self._digest,
+            self.method.max_update_norm_ratio,
+        )
+        self._track_frozen(ok, accepted.rejected)
+        entry.update(
+            failures=len(replies) - len(ok) + missing,
+            failure_reasons=checks.failures(replies, self._sampled, missing),
+            bytes_up=sum(payload_bytes(m.content) for m in ok),
+            declined=checks.declined(ok),
+            rejected=accepted.rejected,
+            clients=len(accepted.states),
+        )
+        if self.epsilon:
+            entry["epsilon"] = {str(k): v for k, v in sorted(self.epsilon.items())}
+            entry["epsilon_max"] = max(self.epsilon.values())
+        if not self._enough(server_round, len(accepted.states)):
+            return None, None
+        weights = self.method.weights([c[KEY_NUM_EXAMPLES] for c in accepted.metrics])
+        new = self.method.aggregate(accepted.states, weights)
+        overall, by_module = self.diagnose(accepted.states, weights, new)
+        entry.update(
+            aggregation_error=overall,
+            aggregation_error_by_module=by_module,
+            params_up=sum(num_parameters(s) for s in accepted.states),
+            client_replies=accepted.metrics,
+            **self.method.round_record(),
+        )
+        summary = {"aggregation_error": overall}
+        if all("train_loss" in c for c in accepted.metrics):  # not sent under DP
+            summary["train_loss"] = float(
+                np.dot(weights, [c["train_loss"] for c in accepted.metrics])
+            )
+        record = state_to_record(new)
+        entry["server_aggregate_time"] = time.perf_counter() - started
+        return record, MetricRecord(summary)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's evaluation messages, with the real round as ``server-round``."""
+        return super().configure_evaluate(
+            server_round + self.round_offset, arrays, config, grid
+        )
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """FedAvg's weighted mean of client evaluations, also kept in round_log,
+        with the clients' summed evaluation time (``client_eval_time``)."""
+        server_round += self.round_offset
+        replies = list(replies)
+        metrics = super().aggregate_evaluate(server_round, replies)
+        if metrics is not None:
+            entry = self.round_log.setdefault(server_round, {})
+            entry.update(
+                {f"federated_{k}": v for k, v in metrics.items() if k != "eval_time"}
+            )
+            entry["client_eval_time"] = sum(
+                float(m.content[KEY_METRICS].get("eval_time", 0.0))
+                for m in replies
+                if not m.has_error() and KEY_METRICS in m.content
+            )
+        return metrics
+
+    # --- checkpoints -------------------------------------------------------------
+    def checkpoint_state(self) -> tuple[dict[str, State], dict[str, Any]]:
+        """What a checkpoint must keep to continue: ``(array groups, JSON state)``:
+        the frozen factors; the method's name and state, the latest epsilon per
+        partition and the count of consecutive failed rounds."""
+        return (
+            {"frozen": dict(self.frozen)},
+            {
+                "name": self.name,
+                "method": self.method.state_dict(),
+                "failed_rounds": self.failed_rounds,
+                "epsilon": {str(k): v for k, v in sorted(self.epsilon.items())},
+            },
+        )
+
+    def restore_state(self, arrays: dict[str, State], state: dict[str, Any]) -> None:
+        """Take back what :meth:`checkpoint_state` saved (instead of initialising).
+
+        No node is assumed to hold shipped frozen factors: a resumed run is a new
+        Flower run whose nodes start with empty state, so each gets them again.
+
+        Raises
+        ------
+        ValueError
+            If the checkpoint was written by another method, or holds no frozen
+            factors where the method ships them.
+        """
+        if state.get("name") != self.name:
+            raise ValueError(
+                f"the checkpoint was written by strategy "
+                f"{state.get('name')!r}, not {self.name!r}"
+            )
+        self.frozen = dict(arrays.get("frozen", {}))
+        if self.method.ships_frozen and not self.frozen:
+            raise ValueError(f"the checkpoint holds no {self.name} frozen factors")
+        self.method.load_state_dict(state.get("method", {}))
+        self.failed_rounds = int(state.get("failed_rounds", 0))
+        self.epsilon = {int(k): float(v) for k, v in state.get("epsilon", {}).items()}
+        self.has_frozen = set()
+
+    # --- diagnostics -------------------------------------------------------------
+    def diagnose(
+        self, states: list[State], weights: np.ndarray, new: State
+    ) -> tuple[float, dict[str, float]]:
+        """The round's aggregation error, overall and by module (see
+        :mod:`fedlora.diagnostics`), from the sent, returned and new states."""
+        layers = self.method.shared_layers(self.sent)
+        if not layers:
+            factors = self.method.layer_factors
+            return aggregation_error(
+                [factors(s, self.frozen) for s in states],
+                weights,
+                factors(self.sent, self.frozen),
+                factors(new, self.frozen),
+                self.scaling,
+            )
+        if self._triangles is None:
+            outer = {layer: (left, right) for layer, (left, right, _) in layers.items()}
+            self._triangles = frozen_triangles(self.frozen, outer)
+
+        def middle(state: State) -> dict[str, np.ndarray]:
+            return {layer: state[x] for layer, (_, _, x) in layers.items()}
+
+        return shared_factor_error(
+            [middle(s) for s in states],
+            weights,
+            middle(self.sent),
+            middle(new),
+            self._triangles,
+        )
+
+    # --- helpers -----------------------------------------------------------------
+    def _enough(self, server_round: int, usable: int) -> bool:
+        """Whether ``usable`` updates make a round; stop after too many that don't."""
+        if usable >= max(self.min_replies, 1):
+            self.failed_rounds = 0
+            return True
+        self.failed_rounds += 1
+        if self.failed_rounds >= self.max_failed_rounds:
+            raise RuntimeError(
+                f"round {server_round}: {usable} usable updates, fewer than "
+                f"federation.min_replies={self.min_replies}, for "
+                f"{self.failed_rounds} rounds in a row; stopping. See "
+                "failure_reasons/rejected in metrics.jsonl; lower "
+                "federation.min_replies or fix the clients."
+            )
+        log.warning(
+            "aggregate_train: %s usable updates in round %s (< %s); the global "
+            "adapter is unchanged",
+            usable,
+            server_round,
+            self.min_replies,
+        )
+        return False
+
+    def _with_frozen(self, msg: Message) -> Message:
+        """``msg`` plus the frozen factors, for a node that does not hold them."""
+        if msg.metadata.dst_node_id in self.has_frozen:
+            return msg
+        content = RecordDict(
+            {**dict(msg.content.items()), KEY_FROZEN: state_to_record(self.frozen)}
+        )
+        return Message(
+            content=content,
+            message_type=msg.metadata.message_type,
+            dst_node_id=msg.metadata.dst_node_id,
+        )
+
+    def _track_frozen(self, ok: list[Message], rejected: list[dict[str, Any]]) -> None:
+        """Nodes that replied hold the shipped frozen factors from now on, except
+        those rejected for other ones (they get them again)."""
+        if not self.method.ships_frozen:
+            return
+        self.has_frozen.update(m.metadata.src_node_id for m in ok)
+        for r in rejected:
+            if str(r["reason"]).startswith((FROZEN_DIFFER, FROZEN_MISSING)):
+                self.has_frozen.discard(r["node"])
+
+    def _gradient_round(self, grid: Grid, config: ConfigRecord, n: int) -> State:
+        """An init round: every node sends its gradient sums over its first ``n``
+        examples; returns their sum. Its traffic is reported as round 0."""
+        node_ids, _ = sample_nodes(
+            grid, self.min_available_nodes, len(list(grid.get_node_ids()))
+        )
+        content = RecordDict(
+            {
+                KEY_CONFIG: ConfigRecord(
+                    {
+                        **dict(config),
+                        KEY_ROUND: 0,
+                        KEY_PHASE: PHASE_GRADIENT,
+                        KEY_CALIBRATION: n,
+                    }
+                )
+            }
+        )
+        messages = [
+            Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
+            for node in node_ids
+        ]
+        replies = [m for m in grid.send_and_receive(messages) if not m.has_error()]
+        if not replies:
+            raise RuntimeError(
+                f"{self.name} init round: no client returned its gradient; see the "
+                "client logs, or use strategy.init=random_orthogonal"
+            )
+        grads = [record_to_state(m.content[KEY_ARRAYS]) for m in replies]
+        self.round_log[0] = {
+            "bytes_down": sum(payload_bytes(m.content) for m in messages),
+            "bytes_up": sum(payload_bytes(m.content) for m in replies),
+            "params_up": sum(num_parameters(s) for s in grads),
+            "clients": len(replies),
+            "failures": len(messages) - len(replies),
+        }
+        return {k: np.sum([g[k] for g in grads], axis=0) for k in grads[0]}
