@@ -37,6 +37,12 @@ _TOKENISED: dict[str, tuple[list[Example], list[Example]]] = {}
 _PARTITIONED: dict[str, tuple[pd.DataFrame, list[np.ndarray]]] = {}
 
 
+def clear_caches() -> None:
+    """Forget the partitions and tokenised examples kept in this process."""
+    _TOKENISED.clear()
+    _PARTITIONED.clear()
+
+
 # --------------------------------------------------------------------------- loading
 def synthetic_table(n: int, seed: int) -> pd.DataFrame:
     """A small sentiment-like task: the label is the polarity of one adjective.

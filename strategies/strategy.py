@@ -109,7 +109,7 @@ class LoRAStrategy(FedAvg):
         self._digest: int | None = None
         self._triangles: dict[str, Any] | None = None  # frozen factors' QR, cached
         self.sent: State = {}  # what this round's train messages carried
-        self._sampled: list[int] = []  # node ids of this round's train messages
+        self.sampled: list[int] = []  # node ids of this round's train messages
 
     @classmethod
     def from_settings(cls, cfg: dict[str, Any]) -> LoRAStrategy:
@@ -179,7 +179,7 @@ class LoRAStrategy(FedAvg):
         if self.method.ships_frozen:
             messages = [self._with_frozen(m) for m in messages]
         self.sent = record_to_state(arrays)
-        self._sampled = [m.metadata.dst_node_id for m in messages]
+        self.sampled = [m.metadata.dst_node_id for m in messages]
         self.round_log[server_round] = {
             "clients_sampled": len(messages),
             "bytes_down": sum(payload_bytes(m.content) for m in messages),
@@ -209,7 +209,7 @@ class LoRAStrategy(FedAvg):
         self._track_frozen(ok, accepted.rejected)
         entry.update(
             failures=len(replies) - len(ok) + missing,
-            failure_reasons=checks.failures(replies, self._sampled, missing),
+            failure_reasons=checks.failures(replies, self.sampled, missing),
             bytes_up=sum(payload_bytes(m.content) for m in ok),
             declined=checks.declined(ok),
             rejected=accepted.rejected,

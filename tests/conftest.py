@@ -167,14 +167,17 @@ def run_front_door(
 
 def exchange(strategy: Any, global_state: dict, contents: list) -> list:
     """Send ``global_state`` to ``len(contents)`` fake nodes (recorded as the
-    strategy's ``sent``, as ``configure_train`` would); return their replies, node
-    ``i`` answering with ``contents[i - 1]`` (a RecordDict)."""
+    strategy's ``sent``, ``sampled`` and round-1 ``clients_sampled``, as
+    ``configure_train`` would); return their replies, node ``i`` answering with
+    ``contents[i - 1]`` (a RecordDict)."""
     from flwr.app import Message, RecordDict
 
     from strategies.wire import record_to_state, state_to_record
 
     arrays = state_to_record(global_state)
     strategy.sent = record_to_state(arrays)
+    strategy.sampled = list(range(1, len(contents) + 1))
+    strategy.round_log.setdefault(1, {})["clients_sampled"] = len(contents)
     replies = []
     for node, content in enumerate(contents, start=1):
         sent = Message(

@@ -93,8 +93,7 @@ def test_calibration_rows_are_never_client_training_rows(
     def stop(*_args, **_kwargs):
         raise Stop
 
-    monkeypatch.setattr(data, "_TOKENISED", {})  # nothing cached: all pass the spy
-    monkeypatch.setattr(data, "_PARTITIONED", {})
+    data.clear_caches()  # nothing cached: every example passes the spy
     monkeypatch.setattr(data, "tokenise", tokenise)
     monkeypatch.setattr(server_app, "gradient_sums", gradient_sums)
     monkeypatch.setattr(LoRAStrategy, "start", stop)

@@ -231,8 +231,6 @@ def test_an_error_the_superlink_writes_for_a_lost_node_names_that_node():
 
     strategy = LoRAStrategy(FedAvgLoRA(), min_available_nodes=1)
     replies = exchange(strategy, state(9), [good(0), good(1), good(2)])
-    strategy._sampled = [1, 2, 3]
-    strategy.round_log = {1: {"clients_sampled": 3}}
     lost = Message(Error(code=0, reason="Node Unavailable"), reply_to=replies[1])
     lost.metadata.__dict__["_src_node_id"] = 0  # no sampled node's (the SuperLink)
     raised = Message(Error(code=0, reason="boom"), reply_to=replies[2])
