@@ -43,8 +43,8 @@ def test_every_strategy_instantiates(option):
     strategy = LoRAStrategy.from_settings(settings(cfg))
     assert strategy.name == option == strategy.method.name
     assert strategy.min_available_nodes == cfg.federation.num_clients
-    # Hydra's own instantiate builds the same method from the YAML
-    assert type(instantiate(cfg.strategy)) is type(strategy.method)
+    # Hydra's own instantiate builds the same method from the settings
+    assert type(instantiate(settings(cfg)["strategy"])) is type(strategy.method)
 
 
 @pytest.mark.parametrize("option", GROUPS["strategy"])
@@ -82,3 +82,49 @@ def test_several_problems_are_reported_together():
     with pytest.raises(ConfigError) as info:
         compose(["train.lr=0", "train.batch_size=0"])
     assert "train.lr" in str(info.value) and "train.batch_size" in str(info.value)
+
+
+# --- keys the privacy mode fills in (no group writes another group's keys) -------
+@pytest.mark.parametrize(
+    "privacy,fraction_evaluate,weighting",
+    [
+        ("none", 1.0, "num_examples"),
+        ("dp_sgd", 0.0, "num_examples"),
+        ("central", 1.0, "uniform"),
+    ],
+)
+def test_the_privacy_mode_fills_the_keys_left_null(
+    privacy, fraction_evaluate, weighting
+):
+    cfg = compose([f"privacy={privacy}"])  # each privacy option alone validates
+    assert cfg.federation.fraction_evaluate is None and cfg.strategy.weighting is None
+    plain = settings(cfg)
+    assert plain["federation"]["fraction_evaluate"] == fraction_evaluate
+    assert plain["strategy"]["weighting"] == weighting
+
+
+def test_a_value_set_by_hand_is_kept_or_refused_never_replaced():
+    plain = settings(compose(["privacy=dp_sgd", "federation.fraction_evaluate=0"]))
+    assert plain["federation"]["fraction_evaluate"] == 0
+    with pytest.raises(ConfigError, match=r"^federation\.fraction_evaluate=1\b"):
+        compose(["privacy=dp_sgd", "federation.fraction_evaluate=1"])
+    with pytest.raises(ConfigError, match=r"^strategy\.weighting='num_examples'"):
+        compose(["privacy=central", "strategy.weighting=num_examples"])
+    plain = settings(compose(["privacy=none", "strategy.weighting=uniform"]))
+    assert plain["strategy"]["weighting"] == "uniform"
+
+
+def test_command_line_overrides_win_over_the_primary_config_and_the_groups():
+    cfg = compose(
+        [
+            "federation.rounds=7",  # a key of conf/config.yaml
+            "strategy=fedsb",  # selects adapter=lora_sb (r 32) ...
+            "adapter.r=4",  # ... whose r the command line still sets
+            "strategy.init=random_orthogonal",
+            "privacy=dp_sgd",
+            "privacy.target_epsilon=8",
+            "federation.fraction_evaluate=0",
+        ]
+    )
+    assert cfg.federation.rounds == 7 and cfg.adapter.r == 4 and cfg.adapter.alpha == 4
+    assert cfg.privacy.target_epsilon == 8 and cfg.federation.fraction_evaluate == 0
