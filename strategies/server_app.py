@@ -47,7 +47,9 @@ from strategies.wire import (
 
 log = logging.getLogger("fedlora")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-#: the settings a resumed run may change; all others come from the checkpoint
+#: the settings a resumed run may change; all others come from the checkpoint (a
+#: key among these that the resumed run lacks, e.g. the test-only ``faults`` added
+#: with ``+faults...``, is dropped, not carried over)
 RESUMABLE = (
     "federation.rounds",
     "federation.round_timeout",
