@@ -16,7 +16,17 @@ from strategies.strategy import LoRAStrategy
 GROUPS = {  # files starting with _ are bases the options extend, not options
     g.name: sorted(p.stem for p in g.glob("*.yaml") if not p.stem.startswith("_"))
     for g in Path(CONF_DIR).iterdir()
-    if g.is_dir()
+    if g.is_dir() and g.name != "experiment"  # presets: +experiment=<name>, below
+}
+PRESETS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
+#: the multirun presets and the sweep each holds in hydra.sweeper.params
+SWEEPS = {
+    "compare_methods": {
+        "strategy": "fedavg_lora,ffa_lora,fedsb,lora_fair",
+        "federation.seed": "0,1",
+    },
+    "lora_fair_rerun": {"strategy": "fedavg_lora,lora_fair", "federation.seed": "0,1"},
+    "dp_large_batch64": {"strategy": "fedavg_lora,ffa_lora", "federation.seed": "0"},
 }
 
 
@@ -128,3 +138,65 @@ def test_command_line_overrides_win_over_the_primary_config_and_the_groups():
     )
     assert cfg.federation.rounds == 7 and cfg.adapter.r == 4 and cfg.adapter.alpha == 4
     assert cfg.privacy.target_epsilon == 8 and cfg.federation.fraction_evaluate == 0
+
+
+# --- experiment presets (conf/experiment/, +experiment=<name>) ---------------------
+def test_contract_presets_exist():
+    assert {"compare_methods", "lora_fair_rerun", "dp_sweep", "dp_large"} <= set(
+        PRESETS
+    )
+
+
+def test_only_presets_write_outside_their_own_package():
+    """No group option declares ``@package _global_`` (each writes only its own
+    section); presets do, as Hydra's pattern for experiment presets has them."""
+    offenders = [
+        str(p.relative_to(CONF_DIR))
+        for p in Path(CONF_DIR).rglob("*.yaml")
+        if "@package _global_" in p.read_text() and p.parent.name != "experiment"
+    ]
+    assert offenders == []
+    for name in PRESETS:
+        first = (Path(CONF_DIR) / "experiment" / f"{name}.yaml").read_text()
+        assert first.startswith("# @package _global_\n"), name
+
+
+def compose_with_hydra(overrides: list[str]):
+    """The composed config with its ``hydra`` node (sweeper, sweep dir)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return hydra_compose("config", overrides=overrides, return_hydra_config=True)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_composes_and_validates(name):
+    overrides = [f"+experiment={name}", "data.path=."]  # the data is not here
+    plain = settings(compose(overrides))
+    assert "${" not in str(plain)
+    hydra_cfg = compose_with_hydra(overrides).hydra
+    assert hydra_cfg.runtime.choices.experiment == name
+    params = hydra_cfg.sweeper.params or {}
+    assert dict(params) == SWEEPS.get(name, {})
+    # every point of the sweep composes and validates too
+    points = [[]]
+    for key, values in params.items():
+        points = [[*p, f"{key}={v}"] for p in points for v in str(values).split(",")]
+    for point in points:
+        compose([*overrides, *point])
+
+
+@pytest.mark.parametrize("name", ["dp_sweep", "dp_large"])
+def test_the_dp_presets_validate_under_every_privacy_arm(name):
+    for strategy in ("fedavg_lora", "ffa_lora", "fedsb"):
+        init = ["strategy.init=random_orthogonal"] if strategy == "fedsb" else []
+        for arm in (["privacy=none"], ["privacy=dp_sgd", "privacy.target_epsilon=1"]):
+            overrides = [f"+experiment={name}", "data.path=.", f"strategy={strategy}"]
+            plain = settings(compose([*overrides, *init, *arm]))
+            assert plain["federation"]["fraction_evaluate"] == 0
+
+
+def test_a_preset_is_overridden_by_the_command_line():
+    cfg = compose(["+experiment=dp_large", "data.path=.", "federation.rounds=5"])
+    assert cfg.federation.rounds == 5 and cfg.data.max_train_examples == 30000
