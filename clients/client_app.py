@@ -99,6 +99,8 @@ def train(msg: Message, context: Context) -> Message:
         _refuse_under_dp(cfg, "send the summed gradients of its data (Fed-SB init)")
         return _gradient_reply(msg, cfg, model, tokenizer, device, examples)
     server_round = int(msg.content[KEY_CONFIG][KEY_ROUND])
+    # fault injection for tests and drills: keys absent from conf/, added with
+    # +faults.raise_partition=<k> [+faults.raise_every=<n>, default every round]
     faults = cfg.get("faults") or {}
     if (
         faults.get("raise_partition") == pid

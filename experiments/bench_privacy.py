@@ -4,20 +4,20 @@
    same trainer without DP, same model (MiniLM, LoRA r=8 on query/value + head), same
    SST-2 examples and batches (Poisson sampling off for the comparison), in this
    process: the ratio ``t_dp / t_plain``.
-2. **Privacy-utility sweep**: SST-2, MiniLM, 3 clients, Dirichlet(0.5), for
+2. **Privacy-utility sweep**: the settings of an experiment preset
+   (``conf/experiment/dp_sweep.yaml`` by default: SST-2, MiniLM, 3 clients,
+   Dirichlet(0.5), 1,200 training phrases, 2 rounds, lr 5e-3, 400 dev phrases) for
    target epsilon in {1, 3, 8} and no DP, strategies FedAvg-LoRA, FFA-LoRA and Fed-SB
-   (1,200 training phrases, 2 rounds, lr 5e-3, 400 dev phrases;
-   ``init=random_orthogonal`` in every arm: a data-free init keeps the arms
-   comparable and the DP ones private), seeds 0..S-1; one Hydra multirun per arm.
+   (``init=random_orthogonal`` in every arm: a data-free init keeps the arms
+   comparable and the DP ones private), seeds 0..S-1; each run its own
+   ``experiments.run -m`` process, so that a stopped sweep goes on where it stopped.
    Reported: mean and standard deviation over seeds of the final dev accuracy.
 
     HF_HUB_OFFLINE=1 python -m experiments.bench_privacy [--seeds 3] [--out PATH]
     HF_HUB_OFFLINE=1 python -m experiments.bench_privacy --quick   # smoke test
-    ... --out results/dp_large.json --arms 8,3,none,1 --set \
-        data.max_train_examples=30000 data.max_eval_examples=null \
-        federation.rounds=3 train.batch_size=2500 train.max_physical_batch_size=64 \
-        ++privacy.max_physical_batch_size=64
-        # where DP-SGD learns (README, Privacy); stop it any time, run it again to go on
+    ... --experiment dp_large --out results/dp_large.json --arms 8,3,none,1
+        # where DP-SGD learns (conf/experiment/dp_large.yaml; docs/privacy.md);
+        # stop it any time, run it again to go on
     ... --out results/dp_large.json --report-only   # table and plot of what finished
 """
 
@@ -44,35 +44,19 @@ STRATEGIES = ["fedavg_lora", "ffa_lora", "fedsb"]
 EPSILONS = [1.0, 3.0, 8.0]
 
 
-def common(data: Path, quick: bool) -> list[str]:
-    """Overrides shared by every run of the sweep."""
-    size = (
-        [
-            "data.max_train_examples=150",
-            "data.max_eval_examples=64",
-            "federation.rounds=1",
-        ]
-        if quick
-        else [
-            "data.max_train_examples=1200",
-            "data.max_eval_examples=400",
-            "federation.rounds=2",
-        ]
-    )
-    return [
-        "data=sst2",
-        f"data.path={data}",
-        "data.client_eval_fraction=0",
-        "federation.num_clients=3",
-        "federation.min_train_clients=3",
-        "federation.fraction_evaluate=0",
-        "partition.type=dirichlet",
-        "partition.alpha=0.5",
-        "partition.min_partition_size=20",
-        "train.lr=5e-3",  # learns SST-2 in 2 short rounds (1e-3 stays at chance)
-        "quiet=true",
-        *size,
-    ]
+EXPERIMENT = "dp_sweep"  # conf/experiment/<name>.yaml: the sweep's fixed settings
+QUICK = [
+    "data.max_train_examples=150",
+    "data.max_eval_examples=64",
+    "federation.rounds=1",
+]
+
+
+def common(data: Path, quick: bool, experiment: str = EXPERIMENT) -> list[str]:
+    """Overrides shared by every run of the sweep: the preset ``experiment`` (its
+    settings: ``conf/experiment/<experiment>.yaml``), the data folder and, with
+    ``quick``, toy sizes."""
+    return [f"+experiment={experiment}", f"data.path={data}", *(QUICK if quick else [])]
 
 
 def dp_overhead(data: Path, n: int, threads: int, repeats: int) -> dict[str, float]:
@@ -126,6 +110,7 @@ def sweep(
     extra_overrides: Sequence[str] = (),
     arms: Sequence[str] = ("none", *(f"{e:g}" for e in EPSILONS)),
     run: bool = True,
+    experiment: str = EXPERIMENT,
 ) -> dict[str, list[float]]:
     """One run per (arm, strategy, seed), in ``arms`` order; returns final accuracies
     per ``"strategy | arm"``.
@@ -133,8 +118,9 @@ def sweep(
     Resumable: a seed with a finished run (``summary.json``) anywhere under its
     ``out/<arm>/<strategy>/`` folder is not run again, so a long sweep can be stopped
     and restarted; ``run=False`` only collects what has finished.
-    ``extra_overrides`` (``--set``) go to every run after the sweep's own settings,
-    e.g. a larger data set and logical batch."""
+    ``experiment`` names the preset of the sweep's fixed settings (``dp_large``: a
+    larger data set and logical batch); ``extra_overrides`` (``--set``) go to every
+    run after them and the grid's own."""
     accs: dict[str, list[float]] = {}
     for arm in arms:
         name = arm_name(arm)
@@ -155,7 +141,7 @@ def sweep(
                     "-m",
                     f"strategy={strategy}",
                     f"federation.seed={seed}",
-                    *common(data, quick),
+                    *common(data, quick, experiment),
                     *init,
                     *arm_overrides(arm),
                     *extra_overrides,
@@ -259,6 +245,12 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared/data/sst2")
     ap.add_argument("--out", type=Path, default=REPO / "results/bench_privacy.json")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument(
+        "--experiment",
+        default=EXPERIMENT,
+        help="the preset (conf/experiment/<name>.yaml) of the sweep's fixed "
+        "settings: dp_sweep (default) or dp_large",
+    )
     ap.add_argument("--quick", action="store_true", help="toy sizes, seconds")
     ap.add_argument("--overhead-only", action="store_true")
     ap.add_argument(
@@ -276,13 +268,17 @@ def main() -> None:
         nargs="*",
         default=[],
         metavar="KEY=VALUE",
-        help="Hydra overrides for every run, after the sweep's own (pair with --out: "
-        "finished arms under the output folder are reused)",
+        help="Hydra overrides for every run, after the preset's and the sweep's own "
+        "(pair with --out: finished arms under the output folder are reused)",
     )
     args = ap.parse_args()
     bad = [o for o in args.set if "=" not in o]
     if bad:
         raise SystemExit(f"--set {bad}: each override is KEY=VALUE")
+    presets = REPO / "conf" / "experiment"
+    if not (presets / f"{args.experiment}.yaml").is_file():
+        names = ", ".join(sorted(p.stem for p in presets.glob("*.yaml")))
+        raise SystemExit(f"--experiment {args.experiment!r}: no such preset ({names})")
     if not args.data.is_dir():
         raise SystemExit(
             f"--data {args.data}: no such folder (SST-2 train.tsv/dev.tsv)"
@@ -312,7 +308,9 @@ def main() -> None:
             args.set,
             arms[:2] if args.quick else arms,
             run=not args.report_only,
+            experiment=args.experiment,
         )
+        result["experiment"] = args.experiment
         result["overrides"] = args.set
         result["final_accuracy"] = accs
         result["table"] = report(accs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from fedlora.config import with_privacy_defaults
 from fedlora.errors import ConfigError
 
 
@@ -160,8 +161,9 @@ def _privacy_problems(cfg: dict[str, Any]) -> list[ConfigError]:
                     "with privacy=dp_sgd the clients would report their exact "
                     "loss and accuracy on their own held-out examples, which the "
                     "DP-SGD accountant does not cover; set "
-                    "federation.fraction_evaluate=0 (the server still evaluates "
-                    "on its own data every round)",
+                    "federation.fraction_evaluate=0, or leave it null and "
+                    "privacy=dp_sgd turns federated evaluation off (the server "
+                    "still evaluates on its own data every round)",
                 )
             )
     try:  # the method's own problems with the rest of the experiment
@@ -174,8 +176,9 @@ def _privacy_problems(cfg: dict[str, Any]) -> list[ConfigError]:
 
 
 def validate(cfg: dict[str, Any]) -> None:
-    """Raise ConfigError listing every problem of ``cfg`` (a resolved settings dict)."""
-    problems = _problems(cfg)
+    """Raise ConfigError listing every problem of ``cfg`` (a resolved settings dict;
+    keys left null for the privacy mode are checked as that mode fills them)."""
+    problems = _problems(with_privacy_defaults(cfg))
     if len(problems) == 1:
         raise problems[0]
     if problems:

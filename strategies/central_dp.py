@@ -116,8 +116,9 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
             raise ConfigError(
                 "strategy.weighting",
                 strategy.method.weighting,
-                "privacy=central needs strategy.weighting=uniform (the noise "
-                "scale assumes a uniform average)",
+                "privacy=central needs strategy.weighting=uniform, or null, "
+                "which it turns into uniform (the noise scale assumes a "
+                "uniform average)",
             )
         super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients)
         from opacus.accountants import RDPAccountant

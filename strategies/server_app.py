@@ -30,7 +30,7 @@ from fedlora.adapters import (
     set_state,
 )
 from fedlora.build import build
-from fedlora.config import sampled_clients
+from fedlora.config import sampled_clients, with_privacy_defaults
 from fedlora.data import server_calibration_examples, server_examples
 from fedlora.errors import ConfigError
 from fedlora.lora_sb import gradient_sums
@@ -47,7 +47,9 @@ from strategies.wire import (
 
 log = logging.getLogger("fedlora")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-#: the settings a resumed run may change; all others come from the checkpoint
+#: the settings a resumed run may change; all others come from the checkpoint (a
+#: key among these that the resumed run lacks, e.g. the test-only ``faults`` added
+#: with ``+faults...``, is dropped, not carried over)
 RESUMABLE = (
     "federation.rounds",
     "federation.round_timeout",
@@ -61,8 +63,11 @@ _MISSING = object()
 
 
 def settings(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved experiment settings as a plain dict (what clients receive)."""
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    """The resolved experiment settings as a plain dict (what clients receive and
+    the run directory's ``config.yaml`` records), the keys left null for the
+    privacy mode to choose filled in (:data:`fedlora.config.PRIVACY_DEFAULTS`)."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    return with_privacy_defaults(plain)  # type: ignore[arg-type]
 
 
 def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -83,7 +88,7 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         ckpt = load_resume_checkpoint(plain["resume"])
         check_resume(plain, ckpt)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(plain))
     if ckpt is None:
         (run_dir / results.METRICS_FILE).unlink(missing_ok=True)
     else:  # drop rows the crashed run wrote after its checkpoint (and torn lines)

@@ -40,6 +40,59 @@ def test_every_run_gets_the_arm_the_strategy_and_the_extra_overrides(
     assert all("strategy.init=random_orthogonal" in c for c in fedsb)
 
 
+def test_the_presets_hold_the_settings_the_sweeps_used_to_spell_out(tmp_path):
+    from strategies.server_app import compose, settings
+
+    before = [  # the overrides bench_privacy built itself (and the docs' --set)
+        "data=sst2",
+        f"data.path={tmp_path}",
+        "data.client_eval_fraction=0",
+        "federation.num_clients=3",
+        "federation.min_train_clients=3",
+        "federation.fraction_evaluate=0",
+        "partition.type=dirichlet",
+        "partition.alpha=0.5",
+        "partition.min_partition_size=20",
+        "train.lr=5e-3",
+        "quiet=true",
+        "data.max_train_examples=1200",
+        "data.max_eval_examples=400",
+        "federation.rounds=2",
+    ]
+    large = [
+        "data.max_train_examples=30000",
+        "data.max_eval_examples=null",
+        "federation.rounds=3",
+        "train.batch_size=2500",
+        "train.max_physical_batch_size=64",
+        "++privacy.max_physical_batch_size=64",
+    ]
+    for arm in (["privacy=none"], ["privacy=dp_sgd", "privacy.target_epsilon=8"]):
+        run = ["strategy=ffa_lora", "federation.seed=1", *arm]
+        small = bench_privacy.common(tmp_path, False)
+        assert small[0] == "+experiment=dp_sweep"
+        assert settings(compose([*run, *small])) == settings(compose([*run, *before]))
+        dp_large = bench_privacy.common(tmp_path, False, "dp_large")
+        assert settings(compose([*run, *dp_large])) == settings(
+            compose([*run, *before, *large])
+        )
+
+
+def test_the_sweep_runs_the_preset_it_is_given(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(
+        bench_privacy.subprocess, "run", lambda cmd, **kw: calls.append(cmd)
+    )
+    monkeypatch.setattr(bench_privacy, "load_runs", lambda folder: {})
+    bench_privacy.sweep(tmp_path, tmp_path / "r", 1, False, (), experiment="dp_large")
+    assert calls and all("+experiment=dp_large" in c for c in calls)
+    monkeypatch.setattr(
+        sys, "argv", ["bench_privacy", "--data", str(tmp_path), "--experiment", "nope"]
+    )
+    with pytest.raises(SystemExit, match="no such preset.*dp_large"):
+        bench_privacy.main()
+
+
 def write_run(folder, strategy, seed, accuracy, failures=0):
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(f"federation:\n  seed: {seed}\n")

@@ -234,6 +234,19 @@ def test_resume_takes_the_checkpoints_settings_and_more_rounds(tmp_path):
         resume_config(compose([f"resume={tmp_path / 'nothing'}"]), [])
 
 
+def test_resume_may_add_or_drop_the_test_only_faults(tmp_path):
+    from strategies.server_app import compose, resume_config
+
+    faults = ["+faults.raise_partition=1", "+faults.raise_every=2"]
+    run = checkpointed_run(tmp_path / "plain", [])  # its settings have no faults
+    overrides = [f"resume={run}", *faults]
+    cfg = resume_config(compose(overrides), overrides)
+    assert cfg.faults == {"raise_partition": 1, "raise_every": 2}
+    run = checkpointed_run(tmp_path / "faulty", faults)
+    cfg = resume_config(compose([f"resume={run}"]), [f"resume={run}"])
+    assert "faults" not in cfg  # not given again: the resumed run has none
+
+
 DP_SGD = ["privacy=dp_sgd", "federation.fraction_evaluate=0"]
 
 

@@ -14,8 +14,8 @@ def test_a_client_raising_every_other_round_does_not_stop_the_run(tiny_bert, tmp
         tmp_path / "run",
         tiny_bert,
         "federation.rounds=4",
-        "faults.raise_partition=1",
-        "faults.raise_every=2",
+        "+faults.raise_partition=1",  # test-only keys: not in conf/config.yaml
+        "+faults.raise_every=2",
     )
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
     for r in rows[1:]:

@@ -120,8 +120,9 @@ class Method:
                 ConfigError(
                     "strategy.weighting",
                     self.weighting,
-                    "privacy=central needs strategy.weighting=uniform (the noise "
-                    "scale assumes a uniform average)",
+                    "privacy=central needs strategy.weighting=uniform, or null, "
+                    "which it turns into uniform (the noise scale assumes a "
+                    "uniform average)",
                 )
             )
         return out
