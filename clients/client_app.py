@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from fedlora.data import client_examples
 from fedlora.lora_sb import gradient_sums
 from fedlora.methods import from_settings
 from fedlora.models import resolve_device
+from fedlora.settings import Settings
 from fedlora.train import evaluate as evaluate_model
 from fedlora.train import train_local
 from strategies.wire import (
@@ -62,18 +64,20 @@ log = logging.getLogger("fedlora")
 def _setup(msg: Message, context: Context) -> tuple[Any, ...]:
     """Settings, model (global adapter loaded), tokenizer, device, partition."""
     config = msg.content[KEY_CONFIG]
-    cfg = json.loads(str(config[KEY_EXPERIMENT]))
+    cfg = Settings.from_dict(json.loads(str(config[KEY_EXPERIMENT])))
     node = context.node_config
     pid = int(node["partition-id"])
-    num_parts = int(node.get("num-partitions", cfg["federation"]["num_clients"]))
+    num_parts = int(node.get("num-partitions", cfg.federation.num_clients))
     if node.get("data-path"):  # a real site points at its own data
-        cfg["data"]["path"] = str(node["data-path"])
-    cfg["adapter"].update(from_settings(cfg).client_overrides(pid))  # e.g. a rank
-    threads = int(cfg["train"].get("num_threads") or 0)
+        cfg = replace(cfg, data=replace(cfg.data, path=str(node["data-path"])))
+    overrides = from_settings(cfg).client_overrides(pid)  # e.g. a rank
+    if overrides:
+        cfg = replace(cfg, adapter=replace(cfg.adapter, **overrides))
+    threads = int(cfg.train.num_threads or 0)
     if threads > 0:
         torch.set_num_threads(threads)
     model, tokenizer = build_cached(cfg)
-    device = resolve_device(str(cfg["train"].get("device", "auto")))
+    device = resolve_device(str(cfg.train.device))
     model.to(device)  # move before any optimizer exists (opacus#820)
     if KEY_FROZEN in msg.content:  # Fed-SB's B and A arrive once; keep them
         context.state[KEY_STATE_FROZEN] = msg.content[KEY_FROZEN]
@@ -99,22 +103,16 @@ def train(msg: Message, context: Context) -> Message:
         _refuse_under_dp(cfg, "send the summed gradients of its data (Fed-SB init)")
         return _gradient_reply(msg, cfg, model, tokenizer, device, examples)
     server_round = int(msg.content[KEY_CONFIG][KEY_ROUND])
-    # fault injection for tests and drills: keys absent from conf/, added with
-    # +faults.raise_partition=<k> [+faults.raise_every=<n>, default every round]
-    faults = cfg.get("faults") or {}
-    if (
-        faults.get("raise_partition") == pid
-        and server_round % int(faults.get("raise_every", 1)) == 0
-    ):
+    if cfg.faults is not None and cfg.faults.raises(pid, server_round):
         raise RuntimeError(f"injected fault: partition {pid}, round {server_round}")
     # the public seed drives the data order of plain training; never DP noise
-    seed = int(cfg["federation"]["seed"]) * 100_003 + server_round * 1_009 + pid
-    if cfg["privacy"]["mode"] == "dp_sgd":
+    seed = int(cfg.federation.seed) * 100_003 + server_round * 1_009 + pid
+    if cfg.privacy.mode == "dp_sgd":
         ledger = privacy.Ledger(
             ledger_root(context), msg.content[KEY_CONFIG].get(KEY_RUN_ID), pid
         )
         noise_seed = None  # fresh OS entropy, drawn inside train_local_dp
-        if cfg["privacy"]["reproducible_noise"]:
+        if cfg.privacy.reproducible_noise:
             noise_seed = seed
             log.warning(
                 "privacy.reproducible_noise=true: DP-SGD noise from the public seed; "
@@ -127,7 +125,7 @@ def train(msg: Message, context: Context) -> Message:
             return _declined(msg, pid, public)
     else:
         result = train_local(
-            model, examples, cfg["train"], device, tokenizer.pad_token_id, seed
+            model, examples, cfg.train, device, tokenizer.pad_token_id, seed
         )
         public = {
             KEY_NUM_EXAMPLES: int(result["num_examples"]),
@@ -155,7 +153,7 @@ def ledger_root(context: Context) -> Path:
 
 
 def _train_dp(
-    cfg: dict[str, Any],
+    cfg: Settings,
     model: Any,
     examples: list[Any],
     device: Any,
@@ -174,7 +172,7 @@ def _train_dp(
     saved = ledger.load()
     if saved is None:  # the first round of this run: calibrate once, for the run
         dp_plan = privacy.plan(
-            cfg["privacy"], cfg["train"], len(examples), privacy.planned_rounds(cfg)
+            cfg.privacy, cfg.train, len(examples), cfg.dp_planned_rounds
         )
         history, rounds = None, []
     else:
@@ -192,8 +190,8 @@ def _train_dp(
     privacy.train_local_dp(
         model,
         examples,
-        cfg["train"],
-        cfg["privacy"],
+        cfg.train,
+        cfg.privacy,
         dp_plan,
         accountant,
         device,
@@ -209,10 +207,10 @@ def _train_dp(
     }
 
 
-def _refuse_under_dp(cfg: dict[str, Any], what: str) -> None:
+def _refuse_under_dp(cfg: Settings, what: str) -> None:
     """Raise when a DP-SGD client is asked to release an unaccounted statistic of
     its data (the server's config is checked too; this holds on the client)."""
-    if cfg["privacy"]["mode"] == "dp_sgd":
+    if cfg.privacy.mode == "dp_sgd":
         raise PermissionError(
             f"privacy.mode=dp_sgd: this client will not {what}; the DP-SGD "
             "accountant does not cover it (set federation.fraction_evaluate=0 and "
@@ -239,7 +237,7 @@ def _declined(msg: Message, pid: int, info: dict[str, Any]) -> Message:
 
 def _gradient_reply(
     msg: Message,
-    cfg: dict[str, Any],
+    cfg: Settings,
     model: Any,
     tokenizer: Any,
     device: Any,
@@ -248,7 +246,7 @@ def _gradient_reply(
     """Fed-SB init round: summed gradients of the adapted base weights."""
     calib = examples[: int(msg.content[KEY_CONFIG][KEY_CALIBRATION])]
     grads = gradient_sums(
-        model, calib, int(cfg["train"]["batch_size"]), tokenizer.pad_token_id, device
+        model, calib, int(cfg.train.batch_size), tokenizer.pad_token_id, device
     )
     content = RecordDict(
         {
@@ -274,10 +272,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     result = evaluate_model(
         model,
         examples,
-        cfg["model"]["task"],
+        cfg.model.task,
         device,
         tokenizer.pad_token_id,
-        int(cfg["train"].get("eval_batch_size", 64)),
+        int(cfg.train.eval_batch_size),
     )
     metrics = {k: v for k, v in result.items() if k != "eval_examples"}
     metrics["eval_time"] = time.perf_counter() - start

@@ -33,7 +33,10 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+if TYPE_CHECKING:
+    from fedlora.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # flower-superlink & co. of this environment
@@ -609,11 +612,11 @@ def deploy(
     return json.loads((out / "summary.json").read_text())
 
 
-def experiment(overrides: list[str]) -> dict[str, Any]:
+def experiment(overrides: list[str]) -> Settings:
     """``conf/`` composed with ``overrides`` and checked, as the ServerApp will."""
-    from strategies.server_app import compose, settings
+    from strategies.server_app import compose_settings
 
-    return settings(compose(overrides))
+    return compose_settings(overrides)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -648,7 +651,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     become_subreaper()
     signal.signal(signal.SIGTERM, on_sigterm)  # exit 143, services stopped first
-    n = int(cfg["federation"]["num_clients"])  # one SuperNode per client
+    n = int(cfg.federation.num_clients)  # one SuperNode per client
     work = args.work or Path(tempfile.mkdtemp(prefix="fedlora-deploy-"))
     out = args.out or ROOT / "outputs/deployment" / time.strftime("%Y-%m-%d_%H-%M-%S")
     plan = Plan(work, n, tls=args.tls, auth=args.auth)

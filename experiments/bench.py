@@ -49,6 +49,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -86,12 +87,12 @@ def data_overrides(data: Path | None) -> list[str]:
 
 
 def plain_settings(overrides: list[str]) -> dict[str, Any]:
-    """The validated settings dict the front door would build from ``overrides``."""
-    from strategies.server_app import compose, settings
+    """The validated settings the front door would build from ``overrides``, on the
+    CPU."""
+    from fedlora.settings import with_
+    from strategies.server_app import compose_settings
 
-    plain = settings(compose(overrides))
-    plain["train"]["device"] = "cpu"
-    return plain
+    return with_(compose_settings(overrides), "train.device", "cpu")
 
 
 def _status_mb(field: str) -> float:
@@ -204,7 +205,7 @@ def plain_peft_loop(
     examples: list[dict[str, Any]],
     tokenizer: Any,
     steps: int,
-    cfg: dict,
+    cfg: Any,
     seed: int = 0,
 ) -> float:
     """The baseline: what a user would write with PyTorch, transformers and PEFT,
@@ -218,14 +219,14 @@ def plain_peft_loop(
     rows = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
     order = batch_indices(
         [len(r["input_ids"]) for r in rows],
-        int(cfg["batch_size"]),
+        int(cfg.batch_size),
         torch.Generator().manual_seed(seed),
     )
     loader = DataLoader(
         rows, batch_sampler=order, collate_fn=DataCollatorWithPadding(tokenizer)
     )
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=float(cfg["lr"]))
+    optimizer = torch.optim.AdamW(params, lr=float(cfg.lr))
     model.train()
     start, done = time.perf_counter(), 0
     while done < steps:
@@ -240,7 +241,7 @@ def plain_peft_loop(
     return time.perf_counter() - start
 
 
-def trainer_setup(base: list[str], n: int) -> tuple[dict, Any, Any, list]:
+def trainer_setup(base: list[str], n: int) -> tuple[Any, Any, Any, list]:
     """Settings, MiniLM PEFT model, tokenizer and ``n`` tokenised training examples."""
     from fedlora.build import build
     from fedlora.data import client_examples
@@ -262,10 +263,9 @@ def measure_trainer(base: list[str], n: int, repeats: int) -> dict[str, Any]:
     from fedlora.train import train_local
 
     plain, model, tok, examples = trainer_setup(base, n)
-    cfg = dict(plain["train"])
-    steps = math.ceil(len(examples) / int(cfg["batch_size"]))
-    cfg["local_steps"] = steps
-    ungrouped = {**cfg, "group_by_length": False}
+    steps = math.ceil(len(examples) / int(plain.train.batch_size))
+    cfg = replace(plain.train, local_steps=steps)
+    ungrouped = replace(cfg, group_by_length=False)
     cpu = torch.device("cpu")
     speed: dict[str, list[float]] = {"ours": [], "ungrouped": [], "baseline": []}
     for rep in range(repeats + 1):  # the first round warms up
@@ -285,7 +285,7 @@ def measure_trainer(base: list[str], n: int, repeats: int) -> dict[str, Any]:
     return {
         "examples": len(examples),
         "steps": steps,
-        "batch_size": int(cfg["batch_size"]),
+        "batch_size": int(cfg.batch_size),
         "threads": torch.get_num_threads(),
         "ours_examples_per_s": median(speed["ours"]),
         "ours_ungrouped_examples_per_s": median(speed["ungrouped"]),
@@ -301,8 +301,8 @@ def measure_trainer(base: list[str], n: int, repeats: int) -> dict[str, Any]:
 def dp_epoch_seconds(
     model: Any,
     examples: list,
-    train_cfg: dict,
-    privacy_cfg: dict,
+    train_cfg: Any,
+    privacy_cfg: Any,
     pad_id: int,
     poisson: bool = True,
 ) -> float:
@@ -337,12 +337,12 @@ def dp_overhead(base: list[str], n: int, repeats: int = 5) -> dict[str, Any]:
 
     plain, model, tok, examples = trainer_setup(base + ["privacy=dp_sgd"], n)
     cpu = torch.device("cpu")
-    same_batches = {**plain["train"], "group_by_length": False}
+    same_batches = replace(plain.train, group_by_length=False)
     # Without Poisson sampling DP-SGD takes fixed batches in data order: hand it the
     # examples in the plain epoch's shuffled order, so both pad the very same batches.
     lengths = [len(e["input_ids"]) for e in examples]
     batches = batch_indices(
-        lengths, int(same_batches["batch_size"]), torch.Generator().manual_seed(0)
+        lengths, int(same_batches.batch_size), torch.Generator().manual_seed(0)
     )
     in_plain_order = [examples[i] for idx in batches for i in idx]
     train_local(model, examples[:32], same_batches, cpu, tok.pad_token_id, seed=0)
@@ -357,8 +357,8 @@ def dp_overhead(base: list[str], n: int, repeats: int = 5) -> dict[str, Any]:
             dp_epoch_seconds(
                 model,
                 in_plain_order,
-                plain["train"],
-                plain["privacy"],
+                plain.train,
+                plain.privacy,
                 tok.pad_token_id,
                 poisson=False,
             )
@@ -382,7 +382,7 @@ def dp_overhead(base: list[str], n: int, repeats: int = 5) -> dict[str, Any]:
     }
 
 
-def dp_physical(plain: dict, model: Any, tok: Any, examples: list) -> dict[str, Any]:
+def dp_physical(plain: Any, model: Any, tok: Any, examples: list) -> dict[str, Any]:
     """A large logical batch in physical batches: ours (sorted by length) over the
     same batches cut in sampling order; one epoch each, twice, interleaved."""
 
@@ -390,8 +390,8 @@ def dp_physical(plain: dict, model: Any, tok: Any, examples: list) -> dict[str, 
 
     quick = len(examples) < 256
     logical, physical = (32, 8) if quick else (256, 64)
-    cfg = {**plain["train"], "batch_size": logical}
-    dp = {**plain["privacy"], "max_physical_batch_size": physical}
+    cfg = replace(plain.train, batch_size=logical)
+    dp = replace(plain.privacy, max_physical_batch_size=physical)
 
     def epoch() -> float:
         # fixed batches in data order: both variants cut the very same batches
@@ -689,11 +689,11 @@ def _child_client(args: dict[str, Any]) -> dict[str, Any]:
     before = reset_peak_rss()
     if args["mode"] == "ours":
         train_local(
-            model, examples, plain["train"], torch.device("cpu"), tok.pad_token_id, 0
+            model, examples, plain.train, torch.device("cpu"), tok.pad_token_id, 0
         )
     else:
-        steps = math.ceil(len(examples) / int(plain["train"]["batch_size"]))
-        plain_peft_loop(model, examples, tok, steps, plain["train"])
+        steps = math.ceil(len(examples) / int(plain.train.batch_size))
+        plain_peft_loop(model, examples, tok, steps, plain.train)
     return {"peak_rss_mb": peak_rss_mb(), "before_training_mb": before}
 
 

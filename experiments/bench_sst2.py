@@ -37,6 +37,7 @@ from fedlora import results
 from fedlora.build import build
 from fedlora.data import client_examples, server_examples
 from fedlora.models import resolve_device
+from fedlora.settings import Settings
 from fedlora.train import evaluate, train_local
 from strategies.server_app import compose, settings
 
@@ -68,17 +69,17 @@ def overrides(data: Path, size: dict[str, Any]) -> list[str]:
     ]
 
 
-def centralised(plain: dict[str, Any], rounds: int) -> dict[str, Any]:
+def centralised(plain: Settings, rounds: int) -> dict[str, Any]:
     """LoRA on the union of the client partitions, one pass per round-equivalent."""
     model, tokenizer = build(plain)  # same seed -> same initial adapter and head
-    device = resolve_device(plain["train"]["device"])
+    device = resolve_device(plain.train.device)
     model.to(device)
-    n = int(plain["federation"]["num_clients"])
+    n = int(plain.federation.num_clients)
     parts = [client_examples(plain, tokenizer, pid, n)[0] for pid in range(n)]
     union = [e for part in parts for e in part]
     dev = server_examples(plain, tokenizer)
-    pad, task = tokenizer.pad_token_id, plain["model"]["task"]
-    bs = int(plain["train"]["eval_batch_size"])
+    pad, task = tokenizer.pad_token_id, plain.model.task
+    bs = int(plain.train.eval_batch_size)
     started, rows = time.perf_counter(), []
     for rnd in range(rounds + 1):  # round 0: the untrained model, as the server does
         train = (
@@ -87,10 +88,10 @@ def centralised(plain: dict[str, Any], rounds: int) -> dict[str, Any]:
             else train_local(
                 model,
                 union,
-                plain["train"],
+                plain.train,
                 device,
                 pad,
-                int(plain["federation"]["seed"]) * 100_003 + rnd * 1_009,
+                int(plain.federation.seed) * 100_003 + rnd * 1_009,
             )
         )
         metrics = evaluate(model, dev, task, device, pad, bs)
@@ -138,7 +139,7 @@ def main() -> None:
     # 1. compose and check the federated configuration (paths absolute, for Ray)
     run_dir = args.out.resolve().with_suffix("") / "federated"
     cfg = compose(overrides(args.data.resolve(), size))
-    plain = settings(cfg)
+    plain = Settings.from_dict(settings(cfg))  # compose validated it
 
     # 2. the federation, on Flower's simulation engine
     started = time.perf_counter()
@@ -171,7 +172,7 @@ def main() -> None:
         "command": shlex.join(["python", "-m", "experiments.bench_sst2", *argv]),
         "quick": args.quick,
         "size": size,
-        "config": plain,
+        "config": plain.to_dict(),
         "load_average": load,
         "federated": {
             "accuracy": fed_acc,

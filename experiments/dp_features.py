@@ -67,10 +67,13 @@ def embed(run_dir: Path, data: Path, base: bool) -> dict[str, Any]:
     from fedlora.build import build
     from fedlora.checkpoint import load_latest
     from fedlora.data import server_examples
+    from fedlora.settings import Settings, with_
     from fedlora.train import batches
 
-    cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
-    cfg["data"]["path"] = str(data)
+    plain = OmegaConf.to_container(
+        OmegaConf.load(run_dir / "config.yaml"), resolve=True
+    )
+    cfg = with_(Settings.from_dict(plain), "data.path", str(data))  # type: ignore[arg-type]
     checkpoint = load_latest(run_dir)
     if checkpoint is None:
         raise SystemExit(f"{run_dir}: no checkpoint under checkpoints/")

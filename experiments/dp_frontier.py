@@ -40,7 +40,7 @@ ARMS: dict[str, tuple[int, str, int, int, int]] = {
 DEFAULT = "n2000_b32_fedavg,n2000_b256_fedavg,n7000_b875_fedavg,n7000_b875_ffa"
 
 
-def settings(data: Path, arm: str, epsilon: float, lr: float) -> dict[str, Any]:
+def settings(data: Path, arm: str, epsilon: float, lr: float) -> Any:
     """Validated settings of one arm (one client holding all ``n`` phrases)."""
     from experiments.bench import plain_settings
 
@@ -90,7 +90,7 @@ def alignment(model: torch.nn.Module, examples: list, pad_id: int, norm: float):
     )
 
 
-def run_arm(cfg: dict[str, Any], noise: bool, probe: int = 0) -> dict[str, Any]:
+def run_arm(cfg: Any, noise: bool, probe: int = 0) -> dict[str, Any]:
     """Train one DP-SGD round on the whole set (noise off: sigma = 0) and evaluate."""
     import dataclasses
 
@@ -102,11 +102,11 @@ def run_arm(cfg: dict[str, Any], noise: bool, probe: int = 0) -> dict[str, Any]:
     model, tok = build(cfg)
     examples, _ = client_examples(cfg, tok, 0, 1)
     dev = server_examples(cfg, tok)
-    plan = privacy.plan(cfg["privacy"], cfg["train"], len(examples), 1)
+    plan = privacy.plan(cfg.privacy, cfg.train, len(examples), 1)
     out: dict[str, Any] = {"examples": len(examples), "sigma": plan.noise_multiplier}
     if probe:
         out["alignment"], out["head_share"] = alignment(
-            model, examples[:probe], tok.pad_token_id, cfg["privacy"]["max_grad_norm"]
+            model, examples[:probe], tok.pad_token_id, cfg.privacy.max_grad_norm
         )
     if not noise:
         plan = dataclasses.replace(plan, noise_multiplier=0.0)
@@ -115,15 +115,17 @@ def run_arm(cfg: dict[str, Any], noise: bool, probe: int = 0) -> dict[str, Any]:
     stats = privacy.train_local_dp(
         model,
         examples,
-        cfg["train"],
-        cfg["privacy"],
+        cfg.train,
+        cfg.privacy,
         plan,
         accountant,
         cpu,
         tok.pad_token_id,
         noise_seed=0,  # one party, no server: the DP and noise-free twins share
     )  # their Poisson batches
-    ev = evaluate(model, dev, cfg["model"]["task"], cpu, tok.pad_token_id)
+    ev = evaluate(
+        model, dev, cfg.model.task, cpu, tok.pad_token_id, cfg.train.eval_batch_size
+    )
     out.update(
         steps=int(stats["steps"]),
         train_s=round(stats["train_time"], 1),

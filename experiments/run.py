@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 from clients.client_app import app as client_app
 from fedlora.errors import ConfigError
 from fedlora.privacy import CLIENT_DIR_ENV
+from fedlora.settings import Settings
 from fedlora.validate import validate
 from strategies.server_app import resume_config, run_server, settings
 
@@ -50,9 +51,10 @@ def simulate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         os.environ.setdefault(key, value)
     # the simulated clients' own folder (privacy ledgers), as a deployed node's
     # data-dir; Ray's workers inherit the environment
-    if cfg.simulation.client_dir:
-        os.environ[CLIENT_DIR_ENV] = str(Path(cfg.simulation.client_dir).resolve())
-    if cfg.get("quiet"):
+    s = Settings.from_dict(settings(cfg))  # validated by the caller
+    if s.simulation.client_dir:
+        os.environ[CLIENT_DIR_ENV] = str(Path(s.simulation.client_dir).resolve())
+    if s.quiet:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     out: dict[str, Any] = {}
     server_app = ServerApp()
@@ -61,7 +63,7 @@ def simulate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     def _main(grid: Grid, context: Context) -> None:
         out["summary"] = run_server(grid, cfg, run_dir)
 
-    sim = cfg.simulation
+    sim = s.simulation
     init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": "error"}
     if sim.ray_num_cpus:
         init_args["num_cpus"] = int(sim.ray_num_cpus)
@@ -76,7 +78,7 @@ def simulate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         run_simulation(
             server_app=server_app,
             client_app=client_app,
-            num_supernodes=int(cfg.federation.num_clients),
+            num_supernodes=int(s.federation.num_clients),
             backend_config=backend_config,
         )
     finally:
@@ -97,8 +99,7 @@ def main(cfg: DictConfig) -> float | None:
     # 1. check the configuration before any work
     #    (a resumed run: the checkpoint's settings, more rounds allowed)
     try:
-        validate(settings(cfg))
-        if cfg.get("resume"):
+        if validate(settings(cfg)).resume:
             cfg = resume_config(cfg, list(HydraConfig.get().overrides.task))
     except ConfigError as exc:
         print(f"[fedlora] configuration error: {exc}", file=sys.stderr)

@@ -14,7 +14,6 @@ are trained, sent and aggregated; frozen tensors never travel.
 
 from __future__ import annotations
 
-import math
 import zlib
 from collections.abc import Mapping
 from typing import Any
@@ -23,46 +22,44 @@ import numpy as np
 import torch
 
 from fedlora.errors import ConfigError, StateMismatchError
+from fedlora.settings import AdapterSettings
 
 ADAPTER_NAME = "default"
 _PREFIX = "base_model.model."
 PEFT_TASK = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
 
 
-def lora_config(adapter_cfg: dict[str, Any], task: str) -> Any:
-    """Build a ``peft.LoraConfig`` from ``adapter.*`` settings.
+def lora_config(adapter: AdapterSettings, task: str) -> Any:
+    """Build a ``peft.LoraConfig`` from the ``adapter`` settings.
 
-    Keys: ``r``, ``alpha``, ``dropout``, ``target_modules`` (list or comma string),
-    ``use_rslora``, ``modules_to_save`` (optional extra trainable modules).
+    ``r``, ``alpha``, ``dropout``, ``target_modules`` (a list or a comma string),
+    ``use_rslora``.
     """
     from peft import LoraConfig
 
-    targets = adapter_cfg.get("target_modules", ["query", "value"])
+    targets: Any = adapter.target_modules
     if isinstance(targets, str):
         targets = [t.strip() for t in targets.split(",") if t.strip()]
-    r = int(adapter_cfg.get("r", 8))
+    r = int(adapter.r)
     if r <= 0:
         raise ConfigError("adapter.r", r, "the LoRA rank must be a positive integer")
     return LoraConfig(
         task_type=PEFT_TASK[task],
         r=r,
-        lora_alpha=float(adapter_cfg.get("alpha", 2 * r)),
-        lora_dropout=float(adapter_cfg.get("dropout", 0.0)),
+        lora_alpha=float(adapter.alpha),
+        lora_dropout=float(adapter.dropout),
         target_modules=list(targets),
-        use_rslora=bool(adapter_cfg.get("use_rslora", False)),
-        modules_to_save=adapter_cfg.get("modules_to_save") or None,
+        use_rslora=bool(adapter.use_rslora),
     )
 
 
-def lora_scaling(adapter_cfg: dict[str, Any]) -> float:
+def lora_scaling(adapter: AdapterSettings) -> float:
     """``s = alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA)."""
-    r = int(adapter_cfg.get("r", 8))
-    alpha = float(adapter_cfg.get("alpha", 2 * r))
-    return alpha / (math.sqrt(r) if adapter_cfg.get("use_rslora") else r)
+    return adapter.scaling
 
 
 def wrap_with_lora(
-    model: torch.nn.Module, adapter_cfg: dict[str, Any], task: str, seed: int
+    model: torch.nn.Module, adapter: AdapterSettings, task: str, seed: int
 ) -> torch.nn.Module:
     """Wrap ``model`` with LoRA; the factors are initialised from ``seed``.
 
@@ -72,7 +69,7 @@ def wrap_with_lora(
     from peft import get_peft_model
     from peft.utils.error import NoMatchingPeftModuleError
 
-    config = lora_config(adapter_cfg, task)
+    config = lora_config(adapter, task)
     torch.manual_seed(seed)
     try:
         model = get_peft_model(model, config)

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from fedlora.errors import ConfigError
+from fedlora.settings import DataSettings, PartitionSettings, Settings
 
 Example = dict[str, Any]  # {"input_ids": [...], "attention_mask": [...], "labels": ...}
 FORMATS = {
@@ -98,17 +99,17 @@ def _find_split(folder: Path, split: str) -> Path | None:
     return None
 
 
-def load_splits(data_cfg: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def load_splits(data: DataSettings) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Return ``(train, eval)`` tables as configured (synthetic, local or hub)."""
-    seed = int(data_cfg.get("seed", 0))
-    if data_cfg.get("name") == "synthetic":
-        n = int(data_cfg.get("num_examples", 2000))
-        table = synthetic_table(n + int(data_cfg.get("num_eval_examples", 400)), seed)
+    seed = int(data.seed)
+    if data.name == "synthetic":
+        n = int(data.num_examples)
+        table = synthetic_table(n + int(data.num_eval_examples), seed)
         train, evals = table.iloc[:n], table.iloc[n:]
-    elif data_cfg.get("path"):
-        train, evals = _load_local(data_cfg, seed)
-    elif data_cfg.get("hub_id"):
-        train, evals = _load_hub(data_cfg)
+    elif data.path:
+        train, evals = _load_local(data, seed)
+    elif data.hub_id:
+        train, evals = _load_hub(data)
     else:
         raise ConfigError(
             "data.path",
@@ -116,15 +117,13 @@ def load_splits(data_cfg: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
             "set data.path to a local file or folder "
             "(or data.hub_id for a Hugging Face dataset when online)",
         )
-    train = _subsample(train, data_cfg.get("max_train_examples"), seed)
-    evals = _subsample(evals, data_cfg.get("max_eval_examples"), seed)
+    train = _subsample(train, data.max_train_examples, seed)
+    evals = _subsample(evals, data.max_eval_examples, seed)
     return train.reset_index(drop=True), evals.reset_index(drop=True)
 
 
-def _load_local(
-    data_cfg: dict[str, Any], seed: int
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    path = Path(str(data_cfg["path"])).expanduser()
+def _load_local(data: DataSettings, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    path = Path(str(data.path)).expanduser()
     if not path.exists():
         raise ConfigError(
             "data.path",
@@ -138,7 +137,7 @@ def _load_local(
         return table.iloc[n_eval:], table.iloc[:n_eval]
     splits = []
     for key in ("train_split", "eval_split"):
-        name = str(data_cfg.get(key, "train" if key == "train_split" else "dev"))
+        name = str(getattr(data, key))
         found = _find_split(path, name)
         if found is None:
             raise ConfigError(
@@ -151,13 +150,13 @@ def _load_local(
     return splits[0], splits[1]
 
 
-def _load_hub(data_cfg: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:  # online
+def _load_hub(data: DataSettings) -> tuple[pd.DataFrame, pd.DataFrame]:  # online
     import datasets
 
-    ds = datasets.load_dataset(data_cfg["hub_id"], data_cfg.get("hub_config"))
+    ds = datasets.load_dataset(data.hub_id, data.hub_config)
     return (
-        ds[data_cfg.get("train_split", "train")].to_pandas(),
-        ds[data_cfg.get("eval_split", "validation")].to_pandas(),
+        ds[data.train_split].to_pandas(),
+        ds[data.eval_split].to_pandas(),
     )
 
 
@@ -167,7 +166,7 @@ def _subsample(table: pd.DataFrame, limit: Any, seed: int) -> pd.DataFrame:
     return table.sample(n=int(limit), random_state=seed)
 
 
-def check_columns(table: pd.DataFrame, data_cfg: dict[str, Any], task: str) -> None:
+def check_columns(table: pd.DataFrame, data: DataSettings, task: str) -> None:
     """Raise ConfigError naming the column setting when a needed column is absent."""
     keys = (
         ("text_column", "label_column")
@@ -175,7 +174,7 @@ def check_columns(table: pd.DataFrame, data_cfg: dict[str, Any], task: str) -> N
         else ("prompt_column", "response_column")
     )
     for key in keys:
-        column = data_cfg.get(key)
+        column = getattr(data, key)
         if column not in table.columns:
             raise ConfigError(
                 f"data.{key}",
@@ -186,7 +185,7 @@ def check_columns(table: pd.DataFrame, data_cfg: dict[str, Any], task: str) -> N
 
 # ---------------------------------------------------------------------- partitioning
 def partition_indices(
-    labels: np.ndarray, num_partitions: int, part_cfg: dict[str, Any]
+    labels: np.ndarray, num_partitions: int, part: PartitionSettings
 ) -> list[np.ndarray]:
     """Row indices of each client's partition, via flwr-datasets partitioners.
 
@@ -201,8 +200,8 @@ def partition_indices(
         ShardPartitioner,
     )
 
-    kind = part_cfg.get("type", "iid")
-    seed = int(part_cfg.get("seed", 0))
+    kind = part.type
+    seed = int(part.seed)
     if num_partitions < 1 or num_partitions > len(labels):
         raise ConfigError(
             "federation.num_clients",
@@ -214,7 +213,7 @@ def partition_indices(
     if kind == "iid":
         part = IidPartitioner(num_partitions)
     elif kind == "dirichlet":
-        min_size = int(part_cfg.get("min_partition_size", 10))
+        min_size = int(part.min_partition_size)
         if min_size * num_partitions > len(labels):
             raise ConfigError(
                 "partition.min_partition_size",
@@ -225,8 +224,8 @@ def partition_indices(
         part = DirichletPartitioner(
             num_partitions,
             "label",
-            alpha=float(part_cfg.get("alpha", 0.5)),
-            min_partition_size=int(part_cfg.get("min_partition_size", 10)),
+            alpha=float(part.alpha),
+            min_partition_size=int(part.min_partition_size),
             self_balancing=False,
             shuffle=True,
             seed=seed,
@@ -235,7 +234,7 @@ def partition_indices(
         part = ShardPartitioner(
             num_partitions,
             "label",
-            num_shards_per_partition=int(part_cfg.get("shards_per_client", 2)),
+            num_shards_per_partition=int(part.shards_per_client),
             shuffle=True,
             seed=seed,
         )
@@ -252,15 +251,15 @@ def partition_indices(
         if kind == "dirichlet":
             raise ConfigError(
                 "partition.min_partition_size",
-                part_cfg.get("min_partition_size"),
-                f"Dir(alpha={part_cfg.get('alpha')}) over {num_partitions} clients and "
+                part.min_partition_size,
+                f"Dir(alpha={part.alpha}) over {num_partitions} clients and "
                 f"{len(labels)} examples cannot give every client that many examples; "
                 "lower partition.min_partition_size, raise partition.alpha, or use "
                 "fewer clients",
             ) from exc
         raise ConfigError(
             f"partition.{'shards_per_client' if kind == 'shard' else 'type'}",
-            part_cfg.get("shards_per_client", kind),
+            part.shards_per_client,
             str(exc),
         ) from exc
 
@@ -269,7 +268,7 @@ def partition_indices(
 def tokenise(
     table: pd.DataFrame,
     tokenizer: Any,
-    data_cfg: dict[str, Any],
+    data: DataSettings,
     task: str,
     max_length: int,
 ) -> list[Example]:
@@ -280,11 +279,11 @@ def tokenise(
     """
     if task == "seq_cls":
         enc = tokenizer(
-            table[data_cfg["text_column"]].astype(str).tolist(),
+            table[data.text_column].astype(str).tolist(),
             truncation=True,
             max_length=max_length,
         )
-        labels = table[data_cfg["label_column"]].astype(int).tolist()
+        labels = table[data.label_column].astype(int).tolist()
         return [
             {"input_ids": ids, "attention_mask": am, "labels": y}
             for ids, am, y in zip(
@@ -292,10 +291,10 @@ def tokenise(
             )
         ]
     prompts = tokenizer(
-        table[data_cfg["prompt_column"]].astype(str).tolist(), add_special_tokens=False
+        table[data.prompt_column].astype(str).tolist(), add_special_tokens=False
     )["input_ids"]
     responses = tokenizer(
-        table[data_cfg["response_column"]].astype(str).tolist(),
+        table[data.response_column].astype(str).tolist(),
         add_special_tokens=False,
     )["input_ids"]
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
@@ -310,7 +309,7 @@ def tokenise(
 
 
 def client_examples(
-    cfg: dict[str, Any],
+    settings: Settings,
     tokenizer: Any,
     partition_id: int,
     num_partitions: int,
@@ -322,13 +321,14 @@ def client_examples(
     The partition is computed from the shared seeds, so every process agrees on it;
     ``data.client_eval_fraction`` of it is held out for federated evaluation.
     """
+    s = settings
     key = json.dumps(
         [
-            cfg["data"],
-            cfg["partition"],
-            cfg["model"]["name"],
-            cfg["model"]["task"],
-            cfg["train"]["max_length"],
+            s.data.to_dict(),
+            s.partition.to_dict(),
+            s.model.name,
+            s.model.task,
+            s.train.max_length,
             partition_id,
             num_partitions,
         ],
@@ -339,13 +339,11 @@ def client_examples(
     if cached is not None:
         _TOKENISED[key] = (cached[0], cached[1])
     if key not in _TOKENISED:
-        train, parts = _partitioned(cfg, num_partitions)
-        task = cfg["model"]["task"]
+        train, parts = _partitioned(s, num_partitions)
+        task = s.model.task
         rows = train.iloc[parts[partition_id]]
-        n_eval = int(len(rows) * float(cfg["data"].get("client_eval_fraction", 0.1)))
-        examples = tokenise(
-            rows, tokenizer, cfg["data"], task, int(cfg["train"]["max_length"])
-        )
+        n_eval = int(len(rows) * float(s.data.client_eval_fraction))
+        examples = tokenise(rows, tokenizer, s.data, task, int(s.train.max_length))
         _TOKENISED[key] = (examples[n_eval:], examples[:n_eval])
         if cache_dir:
             write_cache(cache_dir, key, _TOKENISED[key])
@@ -379,42 +377,37 @@ def _cache_file(cache_dir: str | Path, key: str) -> Path:
 
 
 def _partitioned(
-    cfg: dict[str, Any], num_partitions: int
+    s: Settings, num_partitions: int
 ) -> tuple[pd.DataFrame, list[np.ndarray]]:
     """The training table and every client's row indices, computed once per process
     (a simulation worker serves many partitions)."""
     key = json.dumps(
-        [cfg["data"], cfg["partition"], cfg["model"]["task"], num_partitions],
+        [s.data.to_dict(), s.partition.to_dict(), s.model.task, num_partitions],
         sort_keys=True,
         default=str,
     )
     if key not in _PARTITIONED:
-        train, _ = load_splits(cfg["data"])
-        check_columns(train, cfg["data"], cfg["model"]["task"])
+        train, _ = load_splits(s.data)
+        check_columns(train, s.data, s.model.task)
         labels = (
-            train[cfg["data"]["label_column"]].to_numpy()
-            if cfg["data"].get("label_column") in train.columns
+            train[s.data.label_column].to_numpy()
+            if s.data.label_column in train.columns
             else np.zeros(len(train), dtype=int)
         )
         _PARTITIONED.clear()  # one experiment per process at a time
         _PARTITIONED[key] = (
             train,
-            partition_indices(labels, num_partitions, cfg["partition"]),
+            partition_indices(labels, num_partitions, s.partition),
         )
     return _PARTITIONED[key]
 
 
-def server_examples(cfg: dict[str, Any], tokenizer: Any) -> list[Example]:
+def server_examples(settings: Settings, tokenizer: Any) -> list[Example]:
     """The held-out split for the server's centralised evaluation, tokenised."""
-    _, evals = load_splits(cfg["data"])
-    check_columns(evals, cfg["data"], cfg["model"]["task"])
-    return tokenise(
-        evals,
-        tokenizer,
-        cfg["data"],
-        cfg["model"]["task"],
-        int(cfg["train"]["max_length"]),
-    )
+    s = settings
+    _, evals = load_splits(s.data)
+    check_columns(evals, s.data, s.model.task)
+    return tokenise(evals, tokenizer, s.data, s.model.task, int(s.train.max_length))
 
 
 # ------------------------------------------------- the server's own calibration data
@@ -428,7 +421,7 @@ SERVER_DATA_MISSING = (
 )
 
 
-def server_data_file(cfg: dict[str, Any]) -> Path:
+def server_data_file(settings: Settings) -> Path:
     """The server's calibration file for Fed-SB's ``init=server_data``.
 
     It must be data the server itself holds: ``strategy.server_data_path``, a file
@@ -442,7 +435,8 @@ def server_data_file(cfg: dict[str, Any]) -> Path:
     ConfigError
         ``strategy.server_data_path``, with what was found and the fix.
     """
-    raw = (cfg.get("strategy") or {}).get("server_data_path")
+    arg = SERVER_DATA_KEY.split(".")[1]  # Fed-SB's argument; other methods lack it
+    raw = settings.strategy[arg] if arg in settings.strategy else None
     if not raw:
         raise ConfigError(SERVER_DATA_KEY, raw, SERVER_DATA_MISSING)
     path = Path(str(raw)).expanduser()
@@ -458,7 +452,7 @@ def server_data_file(cfg: dict[str, Any]) -> Path:
             str(path),
             f"unsupported file type; use one of {', '.join(FORMATS)}",
         )
-    for role, other in _data_files(cfg.get("data") or {}):
+    for role, other in _data_files(settings.data):
         if other is not None and os.path.samefile(path, other):
             raise ConfigError(
                 SERVER_DATA_KEY,
@@ -470,19 +464,19 @@ def server_data_file(cfg: dict[str, Any]) -> Path:
     return path
 
 
-def _data_files(data_cfg: dict[str, Any]) -> list[tuple[str, Path | None]]:
+def _data_files(data: DataSettings) -> list[tuple[str, Path | None]]:
     """The files ``data.path`` names: ``(role, file)`` pairs."""
-    if data_cfg.get("name") == "synthetic" or not data_cfg.get("path"):
+    if data.name == "synthetic" or not data.path:
         return []
-    path = Path(str(data_cfg["path"])).expanduser()
+    path = Path(str(data.path)).expanduser()
     if path.is_file():
         return [
             ("data.path, the clients' training data and the evaluation split", path)
         ]
     if not path.is_dir():
         return []
-    train = str(data_cfg.get("train_split", "train"))
-    evals = str(data_cfg.get("eval_split", "dev"))
+    train = str(data.train_split)
+    evals = str(data.eval_split)
     return [
         (
             f"the clients' training split (data.train_split={train})",
@@ -496,7 +490,7 @@ def _data_files(data_cfg: dict[str, Any]) -> list[tuple[str, Path | None]]:
 
 
 def server_calibration_examples(
-    cfg: dict[str, Any], tokenizer: Any, n: int
+    settings: Settings, tokenizer: Any, n: int
 ) -> list[Example]:
     """The first ``n`` (``strategy.calibration_examples``) rows of the server's own
     calibration file (:func:`server_data_file`), tokenised: Fed-SB's
@@ -508,11 +502,11 @@ def server_calibration_examples(
         ``strategy.server_data_path``: no usable file (see :func:`server_data_file`),
         no rows, or a column the data settings name is absent.
     """
-    path = server_data_file(cfg)
+    path = server_data_file(settings)
     table = read_table(path)
-    task = cfg["model"]["task"]
+    task = settings.model.task
     try:
-        check_columns(table, cfg["data"], task)
+        check_columns(table, settings.data, task)
     except ConfigError as exc:
         raise ConfigError(
             SERVER_DATA_KEY,
@@ -528,5 +522,5 @@ def server_calibration_examples(
             f"strategy.calibration_examples={n}); give it rows and a positive count",
         )
     return tokenise(
-        table.iloc[:n], tokenizer, cfg["data"], task, int(cfg["train"]["max_length"])
+        table.iloc[:n], tokenizer, settings.data, task, int(settings.train.max_length)
     )

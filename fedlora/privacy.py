@@ -40,9 +40,9 @@ from typing import Any
 
 import torch
 
-from fedlora.config import sampled_clients
 from fedlora.data import Example
 from fedlora.errors import ConfigError
+from fedlora.settings import PrivacySettings, TrainSettings
 from fedlora.train import collate, make_optimizer, physical_batches
 
 log = logging.getLogger("fedlora")
@@ -82,23 +82,21 @@ class DPPlan:
         return cls(**json.loads(text))
 
 
-def check_settings(privacy_cfg: dict[str, Any]) -> None:
+def check_settings(privacy: PrivacySettings) -> None:
     """Raise ConfigError on impossible DP settings (target, delta, norm, names)."""
-    eps = privacy_cfg.get("target_epsilon")
+    eps = privacy.target_epsilon
     if not isinstance(eps, (int, float)) or eps <= 0:
         raise ConfigError("privacy.target_epsilon", eps, "must be a number > 0")
-    delta = privacy_cfg.get("target_delta")
+    delta = privacy.target_delta
     if delta is not None and not (0 < float(delta) < 1):
         raise ConfigError(
             "privacy.target_delta",
             delta,
             "must be in (0, 1) or null (null: 0.1 / N_k, below 1 / N_k)",
         )
-    if privacy_cfg.get("accountant") not in ACCOUNTANTS:
-        raise ConfigError(
-            "privacy.accountant", privacy_cfg.get("accountant"), "choose rdp or prv"
-        )
-    if privacy_cfg["accountant"] == "prv" and eps > PRV_MAX_EPSILON:
+    if privacy.accountant not in ACCOUNTANTS:
+        raise ConfigError("privacy.accountant", privacy.accountant, "choose rdp or prv")
+    if privacy.accountant == "prv" and eps > PRV_MAX_EPSILON:
         raise ConfigError(  # Opacus' PRV grid grows with epsilon: 1 GB at 200
             "privacy.target_epsilon",
             eps,
@@ -106,58 +104,45 @@ def check_settings(privacy_cfg: dict[str, Any]) -> None:
             "computation then takes gigabytes or never ends; set "
             "privacy.accountant=rdp for such large targets",
         )
-    if privacy_cfg.get("clipping") not in CLIPPINGS:
+    if privacy.clipping not in CLIPPINGS:
         raise ConfigError(
-            "privacy.clipping", privacy_cfg.get("clipping"), "choose flat or per_layer"
+            "privacy.clipping", privacy.clipping, "choose flat or per_layer"
         )
-    norm = privacy_cfg.get("max_grad_norm")
+    norm = privacy.max_grad_norm
     if not isinstance(norm, (int, float)) or norm <= 0:
         raise ConfigError("privacy.max_grad_norm", norm, "must be a number > 0")
-    if privacy_cfg.get("poisson_sampling", True) is not True:
-        raise ConfigError(  # the accountants assume Poisson-subsampled steps
-            "privacy.poisson_sampling",
-            privacy_cfg.get("poisson_sampling"),
-            "DP-SGD here samples each batch by Poisson sampling, which the "
-            "accountant's amplification by subsampling assumes; fixed batches "
-            "would make every reported epsilon too small. Remove the key (or set "
-            "it true)",
-        )
-    if not isinstance(privacy_cfg.get("reproducible_noise", False), bool):
+    if not isinstance(privacy.reproducible_noise, bool):
         raise ConfigError(
             "privacy.reproducible_noise",
-            privacy_cfg.get("reproducible_noise"),
+            privacy.reproducible_noise,
             "must be true or false (false: noise from OS entropy, the default)",
         )
 
 
 def plan(
-    privacy_cfg: dict[str, Any],
-    train_cfg: dict[str, Any],
+    privacy: PrivacySettings,
+    train: TrainSettings,
     num_examples: int,
     planned_rounds: int,
 ) -> DPPlan:
-    """Calibrate the noise multiplier once for ``planned_rounds`` x local steps.
+    """Calibrate the noise multiplier once for ``planned_rounds`` x local steps
+    (``planned_rounds``: :attr:`fedlora.settings.Settings.dp_planned_rounds`).
 
     ``sigma = get_noise_multiplier(eps, delta, q, steps=planned_rounds * steps)``.
     """
     from opacus.accountants.utils import get_noise_multiplier
 
-    check_settings(privacy_cfg)
-    batch = int(train_cfg["batch_size"])
-    batches_per_epoch = max(1, math.ceil(num_examples / batch))
-    steps = (
-        int(train_cfg["local_steps"])
-        if train_cfg.get("local_steps")
-        else batches_per_epoch * int(train_cfg.get("local_epochs", 1))
-    )
-    delta = privacy_cfg.get("target_delta") or 0.1 / num_examples
-    q = 1.0 / batches_per_epoch
+    check_settings(privacy)
+    assert privacy.target_epsilon is not None and privacy.accountant is not None
+    steps = train.steps_per_round(num_examples)
+    delta = privacy.target_delta or 0.1 / num_examples
+    q = 1.0 / train.batches_per_epoch(num_examples)
     sigma = get_noise_multiplier(
-        target_epsilon=float(privacy_cfg["target_epsilon"]),
+        target_epsilon=float(privacy.target_epsilon),
         target_delta=float(delta),
         sample_rate=q,
         steps=steps * planned_rounds,
-        accountant=privacy_cfg["accountant"],
+        accountant=privacy.accountant,
     )
     return DPPlan(
         float(sigma),
@@ -165,21 +150,10 @@ def plan(
         steps,
         planned_rounds,
         float(delta),
-        float(privacy_cfg["target_epsilon"]),
-        privacy_cfg["accountant"],
+        float(privacy.target_epsilon),
+        privacy.accountant,
         int(num_examples),
     )
-
-
-def planned_rounds(cfg: dict[str, Any]) -> int:
-    """Rounds a client expects to train in: ``privacy.planned_rounds`` if set, else
-    ``ceil(rounds * sampled / num_clients)`` (all rounds under full participation).
-    A client sampled more often than planned declines once its budget is spent."""
-    if cfg["privacy"].get("planned_rounds"):
-        return int(cfg["privacy"]["planned_rounds"])
-    fed = cfg["federation"]
-    sampled = sampled_clients(fed)
-    return max(1, math.ceil(int(fed["rounds"]) * sampled / int(fed["num_clients"])))
 
 
 def make_accountant(name: str, state: str | None = None) -> Any:
@@ -286,8 +260,8 @@ def epsilon_after_round(p: DPPlan, state: str | None) -> float:
 def train_local_dp(
     model: torch.nn.Module,
     examples: Sequence[Example],
-    train_cfg: dict[str, Any],
-    privacy_cfg: dict[str, Any],
+    train: TrainSettings,
+    privacy: PrivacySettings,
     p: DPPlan,
     accountant: Any,
     device: torch.device,
@@ -318,7 +292,7 @@ def train_local_dp(
     from opacus import PrivacyEngine
 
     params = [q for q in model.parameters() if q.requires_grad]
-    optimizer = make_optimizer(params, train_cfg)
+    optimizer = make_optimizer(params, train)
     engine = PrivacyEngine(accountant=p.accountant)
     engine.accountant = accountant
     sampling_seed, noise_seed = (
@@ -328,13 +302,13 @@ def train_local_dp(
     )
     loader = torch.utils.data.DataLoader(
         list(examples),
-        batch_size=int(train_cfg["batch_size"]),
+        batch_size=int(train.batch_size),
         shuffle=False,
         generator=torch.Generator().manual_seed(sampling_seed),
     )  # only its batch sampler (Poisson, after make_private) is used; Opacus'
     # DPDataLoader draws the Poisson masks from this loader's generator
-    norm = float(privacy_cfg["max_grad_norm"])
-    per_layer = privacy_cfg["clipping"] == "per_layer"
+    norm = float(privacy.max_grad_norm or 0)
+    per_layer = privacy.clipping == "per_layer"
     hooks, optimizer, loader = engine.make_private(
         module=model,
         optimizer=optimizer,
@@ -343,13 +317,13 @@ def train_local_dp(
         max_grad_norm=[norm / math.sqrt(len(params))] * len(params)
         if per_layer
         else norm,
-        clipping=privacy_cfg["clipping"],
+        clipping=privacy.clipping,
         poisson_sampling=poisson,
         grad_sample_mode="hooks",
         wrap_model=False,
         noise_generator=torch.Generator(device=device).manual_seed(noise_seed),
     )
-    physical = int(privacy_cfg.get("max_physical_batch_size") or 0)
+    physical = int(privacy.max_physical_batch_size or 0)  # null: whole batches
     lengths = [len(e["input_ids"]) for e in examples]
     model.train()
     quiet = warnings.catch_warnings()

@@ -22,6 +22,7 @@ import torch
 
 from fedlora.data import Example
 from fedlora.errors import ConfigError
+from fedlora.settings import TrainSettings
 
 
 def collate(batch: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
@@ -113,12 +114,12 @@ def physical_batches(
 
 
 def make_optimizer(
-    params: list[torch.nn.Parameter], train_cfg: dict[str, Any]
+    params: list[torch.nn.Parameter], train: TrainSettings
 ) -> torch.optim.Optimizer:
     """AdamW or SGD over the trainable parameters."""
-    name = train_cfg.get("optimizer", "adamw")
-    lr = float(train_cfg.get("lr", 1e-3))
-    wd = float(train_cfg.get("weight_decay", 0.0))
+    name = train.optimizer
+    lr = float(train.lr)
+    wd = float(train.weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
     if name == "sgd":
@@ -126,7 +127,7 @@ def make_optimizer(
             params,
             lr=lr,
             weight_decay=wd,
-            momentum=float(train_cfg.get("momentum", 0.0)),
+            momentum=float(train.momentum),
         )
     raise ConfigError("train.optimizer", name, "choose adamw or sgd")
 
@@ -137,8 +138,8 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext()
 
 
-def _physical_limit(train_cfg: dict[str, Any]) -> int:
-    value = train_cfg.get("max_physical_batch_size") or 0
+def _physical_limit(train: TrainSettings) -> int:
+    value = train.max_physical_batch_size
     if not isinstance(value, int) or value < 0:
         raise ConfigError(
             "train.max_physical_batch_size",
@@ -187,7 +188,7 @@ def _accumulate(
 def train_local(
     model: torch.nn.Module,
     examples: Sequence[Example],
-    train_cfg: dict[str, Any],
+    train: TrainSettings,
     device: torch.device,
     pad_id: int,
     seed: int,
@@ -204,20 +205,14 @@ def train_local(
             None,
             "a client has no training examples; use fewer clients or more data",
         )
-    batch_size = int(train_cfg.get("batch_size", 32))
-    steps_cfg = train_cfg.get("local_steps")
-    per_epoch = math.ceil(len(examples) / batch_size)
-    total = (
-        int(steps_cfg)
-        if steps_cfg
-        else per_epoch * int(train_cfg.get("local_epochs", 1))
-    )
+    batch_size = int(train.batch_size)
+    total = train.steps_per_round(len(examples))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, train_cfg)
+    optimizer = make_optimizer(params, train)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout
-    group = bool(train_cfg.get("group_by_length", True))
-    physical = _physical_limit(train_cfg)
+    group = bool(train.group_by_length)
+    physical = _physical_limit(train)
     lengths = [len(e["input_ids"]) for e in examples]
     model.train()
     start, step, seen, loss_sum = time.perf_counter(), 0, 0, 0.0
@@ -247,7 +242,7 @@ def evaluate(
     task: str,
     device: torch.device,
     pad_id: int,
-    batch_size: int = 64,
+    batch_size: int,
 ) -> dict[str, float]:
     """Loss and accuracy (classification) or loss and perplexity (causal LM).
 

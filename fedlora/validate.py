@@ -1,35 +1,36 @@
 """Check the experiment settings before any work starts.
 
-Every problem is collected, then one ConfigError-style report is raised, each line
-naming the key, the value found and the fix.
+The resolved config becomes typed :class:`~fedlora.settings.Settings` (a missing or
+unknown key is an error at once); then every problem with the values is collected
+and one ConfigError-style report is raised, each line naming the key, the value
+found and the fix.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedlora.config import with_privacy_defaults
 from fedlora.errors import ConfigError
+from fedlora.settings import Settings
 
 
-def _problems(cfg: dict[str, Any]) -> list[ConfigError]:
+def _problems(s: Settings) -> list[ConfigError]:
     out: list[ConfigError] = []
-    fed, train, adapter, data = (
-        cfg["federation"],
-        cfg["train"],
-        cfg["adapter"],
-        cfg["data"],
-    )
+    fed, train, adapter, data = s.federation, s.train, s.adapter, s.data
 
     def need(ok: bool, key: str, value: Any, fix: str) -> None:
         if not ok:
             out.append(ConfigError(key, value, fix))
 
-    def positive_int(section: dict[str, Any], prefix: str, key: str) -> None:
-        value = section.get(key)
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def positive_int(section: Any, prefix: str, key: str) -> None:
+        value = getattr(section, key)
         need(
-            isinstance(value, int) and not isinstance(value, bool) and value > 0,
+            is_int(value) and value > 0,
             f"{prefix}.{key}",
             value,
             "must be a positive integer",
@@ -38,126 +39,138 @@ def _problems(cfg: dict[str, Any]) -> list[ConfigError]:
     positive_int(fed, "federation", "num_clients")
     positive_int(fed, "federation", "rounds")
     positive_int(fed, "federation", "min_train_clients")
-    if "min_available_clients" in fed:  # absent in settings saved before it existed
+    if fed.min_available_clients is not None:  # absent in old checkpoints' settings
         positive_int(fed, "federation", "min_available_clients")
     positive_int(train, "train", "batch_size")
     positive_int(train, "train", "max_length")
     positive_int(adapter, "adapter", "r")
     for key in ("fraction_train", "fraction_evaluate"):
-        value = fed.get(key)
+        value = getattr(fed, key)
         need(
             isinstance(value, (int, float)) and 0.0 <= value <= 1.0,
             f"federation.{key}",
             value,
             "must be a number in [0, 1]",
         )
-    if isinstance(fed.get("num_clients"), int) and isinstance(
-        fed.get("min_train_clients"), int
-    ):
+    if is_int(fed.num_clients) and is_int(fed.min_train_clients):
         need(
-            fed["min_train_clients"] <= fed["num_clients"],
+            fed.min_train_clients <= fed.num_clients,
             "federation.min_train_clients",
-            fed["min_train_clients"],
+            fed.min_train_clients,
             f"cannot exceed federation.num_clients="
-            f"{fed['num_clients']}; lower it or add clients",
+            f"{fed.num_clients}; lower it or add clients",
         )
-    if isinstance(fed.get("num_clients"), int) and isinstance(
-        fed.get("min_available_clients"), int
-    ):
+    if is_int(fed.num_clients) and is_int(fed.min_available_clients):
         need(
-            fed["min_available_clients"] <= fed["num_clients"],
+            fed.min_available_clients <= fed.num_clients,
             "federation.min_available_clients",
-            fed["min_available_clients"],
-            f"cannot exceed federation.num_clients={fed['num_clients']}: rounds "
+            fed.min_available_clients,
+            f"cannot exceed federation.num_clients={fed.num_clients}: rounds "
             "would wait for nodes that do not exist",
         )
     need(
-        isinstance(train.get("lr"), (int, float)) and train["lr"] > 0,
+        isinstance(train.lr, (int, float)) and train.lr > 0,
         "train.lr",
-        train.get("lr"),
+        train.lr,
         "must be a positive number",
     )
-    steps = train.get("local_steps")
+    steps = train.local_steps
     need(
-        steps is None or (isinstance(steps, int) and steps > 0),
+        steps is None or (is_int(steps) and steps > 0),
         "train.local_steps",
         steps,
         "must be null (use local_epochs) or a positive integer",
     )
     need(
-        steps is not None
-        or (isinstance(train.get("local_epochs"), int) and train["local_epochs"] > 0),
+        steps is not None or (is_int(train.local_epochs) and train.local_epochs > 0),
         "train.local_epochs",
-        train.get("local_epochs"),
+        train.local_epochs,
         "must be a positive integer",
     )
     need(
-        train.get("optimizer") in ("adamw", "sgd"),
+        train.optimizer in ("adamw", "sgd"),
         "train.optimizer",
-        train.get("optimizer"),
+        train.optimizer,
         "choose adamw or sgd",
     )
     need(
-        isinstance(train.get("group_by_length", True), bool),
+        isinstance(train.group_by_length, bool),
         "train.group_by_length",
-        train.get("group_by_length"),
+        train.group_by_length,
         "must be true or false",
     )
     need(
-        cfg["model"].get("task") in ("seq_cls", "causal_lm"),
+        is_int(train.max_physical_batch_size) and train.max_physical_batch_size >= 0,
+        "train.max_physical_batch_size",
+        train.max_physical_batch_size,
+        "give the most examples one forward pass may hold (0: the whole batch)",
+    )
+    need(
+        s.model.task in ("seq_cls", "causal_lm"),
         "model.task",
-        cfg["model"].get("task"),
+        s.model.task,
         "choose seq_cls or causal_lm",
     )
     need(
-        bool(adapter.get("target_modules")),
+        bool(adapter.target_modules),
         "adapter.target_modules",
-        adapter.get("target_modules"),
+        adapter.target_modules,
         "list the module names to adapt, e.g. "
         "[query, value] for BERT or [q_proj, v_proj] for Llama",
     )
+    part = s.partition
     need(
-        cfg["partition"].get("type") in ("iid", "dirichlet", "shard"),
+        part.type in ("iid", "dirichlet", "shard"),
         "partition.type",
-        cfg["partition"].get("type"),
+        part.type,
         "choose iid, dirichlet or shard",
     )
-    if cfg["partition"].get("type") == "dirichlet":
-        alpha = cfg["partition"].get("alpha")
+    if part.type == "dirichlet":
         need(
-            isinstance(alpha, (int, float)) and alpha > 0,
+            isinstance(part.alpha, (int, float)) and part.alpha > 0,
             "partition.alpha",
-            alpha,
+            part.alpha,
             "the Dirichlet concentration must be > 0 (0.5 is the usual choice)",
         )
-    if data.get("name") != "synthetic" and data.get("path"):
+    if data.name == "synthetic":
+        for key in ("num_examples", "num_eval_examples"):
+            positive_int(data, "data", key)
+    else:
+        for key in ("train_split", "eval_split"):
+            need(
+                bool(getattr(data, key)),
+                f"data.{key}",
+                getattr(data, key),
+                "name the split (set it in conf/data/ or on the command line)",
+            )
+    if data.name != "synthetic" and data.path:
         need(
-            Path(str(data["path"])).expanduser().exists(),
+            Path(str(data.path)).expanduser().exists(),
             "data.path",
-            data["path"],
+            data.path,
             "no such file or folder; point it at your data (e.g. ../shared/data/sst2)",
         )
-    out.extend(_privacy_problems(cfg))
+    out.extend(_privacy_problems(s))
     return out
 
 
-def _privacy_problems(cfg: dict[str, Any]) -> list[ConfigError]:
+def _privacy_problems(s: Settings) -> list[ConfigError]:
     """Combinations of privacy mode and method that are unsafe or unsupported."""
     from fedlora.methods import from_settings
     from fedlora.privacy import check_settings
 
-    mode = cfg["privacy"].get("mode", "none")
+    mode = s.privacy.mode
     out: list[ConfigError] = []
     if mode == "dp_sgd":
         try:
-            check_settings(cfg["privacy"])
+            check_settings(s.privacy)
         except ConfigError as exc:
             out.append(exc)
-        if float(cfg["federation"].get("fraction_evaluate") or 0) > 0:
+        if float(s.federation.fraction_evaluate or 0) > 0:
             out.append(
                 ConfigError(
                     "federation.fraction_evaluate",
-                    cfg["federation"]["fraction_evaluate"],
+                    s.federation.fraction_evaluate,
                     "with privacy=dp_sgd the clients would report their exact "
                     "loss and accuracy on their own held-out examples, which the "
                     "DP-SGD accountant does not cover; set "
@@ -166,8 +179,17 @@ def _privacy_problems(cfg: dict[str, Any]) -> list[ConfigError]:
                     "still evaluates on its own data every round)",
                 )
             )
+    if mode == "central" and not s.privacy.wrapper:
+        out.append(
+            ConfigError(
+                "privacy.wrapper",
+                s.privacy.wrapper,
+                "privacy=central needs the server-side DP wrapper (conf/privacy/"
+                "central.yaml)",
+            )
+        )
     try:  # the method's own problems with the rest of the experiment
-        out.extend(from_settings(cfg).problems(cfg))
+        out.extend(from_settings(s).problems(s))
     except ConfigError as exc:
         out.append(exc)
     if mode not in ("none", "dp_sgd", "central"):
@@ -175,10 +197,17 @@ def _privacy_problems(cfg: dict[str, Any]) -> list[ConfigError]:
     return out
 
 
-def validate(cfg: dict[str, Any]) -> None:
-    """Raise ConfigError listing every problem of ``cfg`` (a resolved settings dict;
-    keys left null for the privacy mode are checked as that mode fills them)."""
-    problems = _problems(with_privacy_defaults(cfg))
+def validate(plain: Mapping[str, Any] | Settings) -> Settings:
+    """The typed settings of ``plain`` (a resolved settings dict), checked.
+
+    Raises
+    ------
+    ConfigError
+        A missing or unknown key (at once), else every problem with the values,
+        listed in one report.
+    """
+    s = plain if isinstance(plain, Settings) else Settings.from_dict(plain)
+    problems = _problems(s)
     if len(problems) == 1:
         raise problems[0]
     if problems:
@@ -187,3 +216,4 @@ def validate(cfg: dict[str, Any]) -> None:
             problems[0].found,
             problems[0].fix + "\n" + "\n".join(f"  {p}" for p in problems[1:]),
         )
+    return s

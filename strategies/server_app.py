@@ -30,11 +30,11 @@ from fedlora.adapters import (
     set_state,
 )
 from fedlora.build import build
-from fedlora.config import sampled_clients, with_privacy_defaults
 from fedlora.data import server_calibration_examples, server_examples
 from fedlora.errors import ConfigError
 from fedlora.lora_sb import gradient_sums
 from fedlora.models import resolve_device
+from fedlora.settings import Settings, with_privacy_defaults
 from fedlora.train import evaluate
 from fedlora.validate import validate
 from strategies.strategy import LoRAStrategy
@@ -65,7 +65,7 @@ _MISSING = object()
 def settings(cfg: DictConfig) -> dict[str, Any]:
     """The resolved experiment settings as a plain dict (what clients receive and
     the run directory's ``config.yaml`` records), the keys left null for the
-    privacy mode to choose filled in (:data:`fedlora.config.PRIVACY_DEFAULTS`)."""
+    privacy mode to choose filled in (:data:`fedlora.settings.PRIVACY_DEFAULTS`)."""
     plain = OmegaConf.to_container(cfg, resolve=True)
     return with_privacy_defaults(plain)  # type: ignore[arg-type]
 
@@ -82,36 +82,38 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     the checkpoint's rows and the new rounds keep their real numbers.
     """
     # 1. the global model, from the shared seed, and the server's evaluation data
-    plain = settings(cfg)
+    #    (``cfg`` was validated by whoever composed it: typed once here)
+    s = Settings.from_dict(settings(cfg))
+    plain = s.to_dict()  # what the clients receive and checkpoints keep
     ckpt = None
-    if plain.get("resume"):
-        ckpt = load_resume_checkpoint(plain["resume"])
-        check_resume(plain, ckpt)
+    if s.resume:
+        ckpt = load_resume_checkpoint(s.resume)
+        check_resume(s, ckpt)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(plain))
     if ckpt is None:
         (run_dir / results.METRICS_FILE).unlink(missing_ok=True)
     else:  # drop rows the crashed run wrote after its checkpoint (and torn lines)
         checkpoint.rewrite_lines(run_dir / results.METRICS_FILE, ckpt.state["metrics"])
-    model, tokenizer = build(plain)
-    device = resolve_device(plain["train"]["device"])
+    model, tokenizer = build(s)
+    device = resolve_device(s.train.device)
     model.to(device)
-    eval_examples = server_examples(plain, tokenizer)
+    eval_examples = server_examples(s, tokenizer)
     initial = get_state(model)
 
     # 2. the strategy: Flower's sampling around the method of conf/strategy/
-    method = LoRAStrategy.from_settings(plain)
+    method = LoRAStrategy.from_settings(s)
     strategy: Any = method
-    if "wrapper" in cfg.privacy:  # client-level DP around the strategy
+    if s.privacy.wrapper:  # client-level DP around the strategy
         strategy = instantiate(
-            cfg.privacy.wrapper,
+            plain["privacy"]["wrapper"],
             strategy=method,
-            num_sampled_clients=sampled_clients(plain["federation"]),
-            delta=plain["privacy"]["target_delta"],
+            num_sampled_clients=s.federation.sampled_clients,
+            delta=s.privacy.target_delta,
         )
-    rounds = int(plain["federation"]["rounds"])
+    rounds = int(s.federation.rounds)
     done = ckpt.round if ckpt is not None else 0
-    if plain["privacy"]["mode"] == "dp_sgd" and plain["privacy"]["reproducible_noise"]:
+    if s.privacy.mode == "dp_sgd" and s.privacy.reproducible_noise:
         log.warning(
             "privacy.reproducible_noise=true: the clients' DP-SGD noise and sampling "
             "follow the public seed, so this server could remove the noise; the "
@@ -134,10 +136,10 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         metrics = evaluate(
             model,
             eval_examples,
-            plain["model"]["task"],
+            s.model.task,
             device,
             tokenizer.pad_token_id,
-            plain["train"]["eval_batch_size"],
+            s.train.eval_batch_size,
         )
         row = {
             "round": server_round,
@@ -162,11 +164,11 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     def server_gradient(n: int) -> dict[str, Any]:  # Fed-SB init=server_data
         # the server's own calibration file, never the clients' data
-        calib = server_calibration_examples(plain, tokenizer, n)
+        calib = server_calibration_examples(s, tokenizer, n)
         return gradient_sums(
             model,
             calib,
-            plain["train"]["batch_size"],
+            s.train.batch_size,
             tokenizer.pad_token_id,
             device,
         )
@@ -199,7 +201,7 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         grid=grid,
         initial_arrays=initial_arrays,
         num_rounds=rounds - done,
-        timeout=float(plain["federation"]["round_timeout"]),
+        timeout=float(s.federation.round_timeout),
         train_config=train_config,
         evaluate_config=ConfigRecord(dict(train_config)),
         evaluate_fn=evaluate_fn,
@@ -211,19 +213,19 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if len(result.arrays)
         else record_to_state(initial_arrays)
     )
-    export_model, _ = build(plain, plain=True)  # ordinary PEFT LoRA
+    export_model, _ = build(s, plain=True)  # ordinary PEFT LoRA
     results.save_adapter(export_model, strategy.export(final), run_dir / "adapter")
     rows = results.read_metrics(run_dir)
     extra = {
         "strategy": strategy.name,
-        "privacy": plain["privacy"]["mode"],
+        "privacy": s.privacy.mode,
         "wall_time": time.perf_counter() - started,
     }
     extra["run_id"] = run_id
-    if plain["privacy"]["mode"] == "dp_sgd":
-        extra["accountant"] = plain["privacy"]["accountant"]
-        extra["target_epsilon"] = plain["privacy"]["target_epsilon"]
-        extra["reproducible_noise"] = bool(plain["privacy"]["reproducible_noise"])
+    if s.privacy.mode == "dp_sgd":
+        extra["accountant"] = s.privacy.accountant
+        extra["target_epsilon"] = s.privacy.target_epsilon
+        extra["reproducible_noise"] = bool(s.privacy.reproducible_noise)
     summary = results.summarise(rows, extra)
     results.write_summary(run_dir, summary)
     results.plot_run(run_dir, rows)
@@ -314,7 +316,7 @@ def _differences(new: Any, old: Any, prefix: str = "") -> list[str]:
     return [] if new == old else [prefix.rstrip(".")]
 
 
-def check_resume(plain: dict[str, Any], ckpt: checkpoint.Checkpoint) -> None:
+def check_resume(settings: Settings, ckpt: checkpoint.Checkpoint) -> None:
     """Refuse a resume that could not continue the checkpointed run faithfully.
 
     Raises
@@ -326,17 +328,18 @@ def check_resume(plain: dict[str, Any], ckpt: checkpoint.Checkpoint) -> None:
         the checkpoint holds; a setting outside :data:`RESUMABLE` that differs
         from the checkpoint's.
     """
-    if plain["privacy"]["mode"] == "dp_sgd" and not ckpt.state.get("run_id"):
+    s, plain = settings, settings.to_dict()  # checkpoints keep the plain dict
+    if s.privacy.mode == "dp_sgd" and not ckpt.state.get("run_id"):
         raise ConfigError(
             "resume",
-            plain.get("resume"),
+            s.resume,
             f"the checkpoint {ckpt.path} of this privacy.mode=dp_sgd run holds no "
             "run id, so its clients' privacy ledgers cannot be found and the "
             "privacy already spent would be forgotten. Start a new run instead",
         )
-    if plain["privacy"]["mode"] == "dp_sgd":
+    if s.privacy.mode == "dp_sgd":
         before = _select(ckpt.state["settings"], "simulation.client_dir")
-        after = _select(plain, "simulation.client_dir")
+        after = s.simulation.client_dir
         if before is not _MISSING and after != before:
             raise ConfigError(
                 "simulation.client_dir",
@@ -345,7 +348,7 @@ def check_resume(plain: dict[str, Any], ckpt: checkpoint.Checkpoint) -> None:
                 f"privacy ledgers in {before!r}; a resume elsewhere would forget "
                 "the privacy already spent. Keep it as it was",
             )
-    rounds = int(plain["federation"]["rounds"])
+    rounds = int(s.federation.rounds)
     if rounds < ckpt.round:
         raise ConfigError(
             "federation.rounds",
@@ -359,7 +362,7 @@ def check_resume(plain: dict[str, Any], ckpt: checkpoint.Checkpoint) -> None:
     if changed:
         raise ConfigError(
             "resume",
-            plain.get("resume"),
+            s.resume,
             f"these settings differ from the checkpoint's: "
             f"{', '.join(changed)}; a resumed run may change only "
             f"{', '.join(RESUMABLE)}",
@@ -380,8 +383,9 @@ def resume_config(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
         No valid checkpoint in ``resume``; a conflicting override; or any reason
         of :func:`check_resume`.
     """
-    current = settings(cfg)
-    ckpt = load_resume_checkpoint(current["resume"])
+    current = settings(cfg)  # overrides name dotted keys of this plain dict
+    resume = Settings.from_dict(current).resume
+    ckpt = load_resume_checkpoint(str(resume))
     saved = ckpt.state["settings"]
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~").split("@", 1)[0]
@@ -392,7 +396,7 @@ def resume_config(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
             raise ConfigError(
                 key,
                 None if new is _MISSING else new,
-                f"the run being resumed ({current['resume']}) has "
+                f"the run being resumed ({resume}) has "
                 f"{key}={None if old is _MISSING else old!r}, and a resumed run keeps "
                 f"its settings except {', '.join(RESUMABLE)}; drop the override or "
                 "start a new run",
@@ -408,7 +412,7 @@ def resume_config(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
             node.pop(parts[-1], None)
         else:
             node[parts[-1]] = copy.deepcopy(value)
-    check_resume(merged, ckpt)
+    check_resume(Settings.from_dict(merged), ckpt)
     validate(merged)
     return OmegaConf.create(merged)
 
@@ -431,13 +435,21 @@ def _progress(row: dict[str, Any], rounds: int) -> None:
 
 def compose(overrides: list[str]) -> DictConfig:
     """Compose ``conf/`` with Hydra overrides (as the front door would), validated."""
+    return _compose(overrides)[0]
+
+
+def compose_settings(overrides: list[str]) -> Settings:
+    """The typed, validated settings of ``conf/`` composed with ``overrides``."""
+    return _compose(overrides)[1]
+
+
+def _compose(overrides: list[str]) -> tuple[DictConfig, Settings]:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = hydra_compose(config_name="config", overrides=overrides)
-    validate(settings(cfg))
-    return cfg
+    return cfg, validate(settings(cfg))
 
 
 app = ServerApp()
@@ -448,7 +460,7 @@ def main(grid: Grid, context: Context) -> None:
     """Deployment entry point: ``flwr run . <connection> --run-config ...``."""
     overrides = shlex.split(str(context.run_config.get("overrides", "")))
     cfg = compose(overrides)
-    if cfg.get("resume"):  # resume=<run dir> among the overrides
+    if cfg.resume:  # resume=<run dir> among the overrides
         cfg = resume_config(cfg, overrides)
     run_server(
         grid, cfg, Path(str(context.run_config.get("output-dir", "outputs/deployment")))

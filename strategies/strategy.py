@@ -31,11 +31,11 @@ from fedlora.adapters import (
     FROZEN_DIFFER,
     FROZEN_MISSING,
     frozen_digest,
-    lora_scaling,
 )
 from fedlora.comm import num_parameters
 from fedlora.diagnostics import aggregation_error, frozen_triangles, shared_factor_error
 from fedlora.methods import InitInputs, Method, from_settings
+from fedlora.settings import Settings
 from strategies import replies as checks
 from strategies.wire import (
     KEY_ARRAYS,
@@ -112,20 +112,20 @@ class LoRAStrategy(FedAvg):
         self.sampled: list[int] = []  # node ids of this round's train messages
 
     @classmethod
-    def from_settings(cls, cfg: dict[str, Any]) -> LoRAStrategy:
+    def from_settings(cls, settings: Settings) -> LoRAStrategy:
         """The strategy of the experiment settings: the method of ``strategy``,
         Flower's sampling from ``federation``, the LoRA scale from ``adapter``."""
-        fed = cfg["federation"]
+        fed = settings.federation
         return cls(
-            from_settings(cfg),
-            scaling=lora_scaling(cfg["adapter"]),
-            min_replies=fed["min_replies"],
-            max_failed_rounds=fed["max_failed_rounds"],
-            fraction_train=fed["fraction_train"],
-            fraction_evaluate=fed["fraction_evaluate"],
-            min_train_nodes=fed["min_train_clients"],
-            min_evaluate_nodes=fed["min_train_clients"],
-            min_available_nodes=fed["min_available_clients"],
+            from_settings(settings),
+            scaling=settings.adapter.scaling,
+            min_replies=fed.min_replies,
+            max_failed_rounds=fed.max_failed_rounds,
+            fraction_train=fed.fraction_train,
+            fraction_evaluate=fed.fraction_evaluate,
+            min_train_nodes=fed.min_train_clients,
+            min_evaluate_nodes=fed.min_train_clients,
+            min_available_nodes=fed.available_clients,
         )
 
     @property

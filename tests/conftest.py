@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -12,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from fedlora.settings import Settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -39,65 +40,41 @@ FFA_LORA = "fedlora.methods.ffa_lora.FFALoRA"
 FEDSB = "fedlora.methods.fedsb.FedSB"
 LORA_FAIR = "fedlora.methods.lora_fair.LoRAFAIR"
 
-BASE_SETTINGS: dict[str, Any] = {
-    "model": {"name": "minilm", "task": "seq_cls", "num_labels": 2},
-    "strategy": {"_target_": FEDAVG_LORA},
-    "privacy": {"mode": "none"},
-    "adapter": {
-        "r": 4,
-        "alpha": 8,
-        "dropout": 0.0,
-        "target_modules": ["query", "value"],
-        "use_rslora": False,
-    },
-    "data": {
-        "name": "synthetic",
-        "num_examples": 200,
-        "num_eval_examples": 40,
-        "text_column": "sentence",
-        "label_column": "label",
-        "prompt_column": "prompt",
-        "response_column": "response",
-        "client_eval_fraction": 0.1,
-        "seed": 0,
-    },
-    "partition": {
-        "type": "iid",
-        "alpha": 0.5,
-        "min_partition_size": 5,
-        "shards_per_client": 2,
-        "seed": 0,
-    },
-    "federation": {
-        "num_clients": 2,
-        "rounds": 2,
-        "fraction_train": 1.0,
-        "fraction_evaluate": 1.0,
-        "min_train_clients": 2,
-        "seed": 0,
-        "round_timeout": 600,
-    },
-    "train": {
-        "optimizer": "adamw",
-        "lr": 1e-2,
-        "weight_decay": 0.0,
-        "local_epochs": 1,
-        "local_steps": None,
-        "batch_size": 16,
-        "eval_batch_size": 32,
-        "max_length": 32,
-        "device": "cpu",
-        "num_threads": 0,
-    },
-}
+#: the unit tests' small experiment on the tiny BERT: conf/ composed with these
+#: overrides (the model's name is added by the fixture)
+BASE_OVERRIDES = [
+    "adapter.r=4",
+    "adapter.alpha=8",
+    "data.num_examples=200",
+    "data.num_eval_examples=40",
+    "partition.min_partition_size=5",
+    "federation.num_clients=2",
+    "federation.rounds=2",
+    "federation.min_train_clients=2",
+    "federation.round_timeout=600",
+    "train.lr=1e-2",
+    "train.batch_size=16",
+    "train.eval_batch_size=32",
+    "train.max_length=32",
+    "train.device=cpu",
+    "train.num_threads=0",
+]
+
+
+@pytest.fixture(scope="session")
+def base_settings(tiny_bert: Path) -> Settings:
+    """The typed settings of :data:`BASE_OVERRIDES` on the tiny BERT (immutable,
+    so one object serves every test)."""
+    from strategies.server_app import compose_settings
+
+    return compose_settings([*BASE_OVERRIDES, f"model.name={tiny_bert}"])
 
 
 @pytest.fixture
-def settings(tiny_bert: Path) -> dict[str, Any]:
-    """Plain experiment settings on the tiny BERT."""
-    cfg = copy.deepcopy(BASE_SETTINGS)
-    cfg["model"]["name"] = str(tiny_bert)
-    return cfg
+def settings(base_settings: Settings) -> Settings:
+    """Complete typed experiment settings on the tiny BERT; a test varies them
+    with ``with_(settings, "train.lr", 0.5)``."""
+    return base_settings
 
 
 REPO = Path(__file__).resolve().parent.parent

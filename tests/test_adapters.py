@@ -8,6 +8,7 @@ import pytest
 from fedlora.adapters import get_state, lora_layers, lora_scaling, set_state, wire_name
 from fedlora.build import build
 from fedlora.errors import ConfigError, StateMismatchError
+from fedlora.settings import with_
 
 
 def test_state_round_trip_is_lossless(settings):
@@ -43,7 +44,7 @@ def test_wire_state_holds_exactly_lora_factors_and_head(settings):
 def test_same_seed_builds_identical_models_and_other_seed_differs(settings):
     first = get_state(build(settings)[0])
     second = get_state(build(settings)[0])
-    settings["federation"]["seed"] = 1
+    settings = with_(settings, "federation.seed", 1)
     third = get_state(build(settings)[0])
     for k in first:
         np.testing.assert_array_equal(first[k], second[k])
@@ -63,15 +64,19 @@ def test_set_state_rejects_missing_extra_and_misshaped_keys(settings):
 
 
 def test_target_modules_matching_nothing_names_the_key(settings):
-    settings["adapter"]["target_modules"] = ["q_proj"]
+    settings = with_(settings, "adapter.target_modules", ["q_proj"])
     with pytest.raises(ConfigError, match="adapter.target_modules") as info:
         build(settings)
     assert "query" in str(info.value)  # lists the names the model does have
 
 
-def test_scaling_follows_alpha_over_r_and_rslora():
-    assert lora_scaling({"r": 8, "alpha": 16}) == 2.0
-    assert lora_scaling({"r": 16, "alpha": 16, "use_rslora": True}) == 4.0
+def test_scaling_follows_alpha_over_r_and_rslora(settings):
+    plain = with_(settings, "adapter.r", 8, "adapter.alpha", 16).adapter
+    assert lora_scaling(plain) == plain.scaling == 2.0
+    rs = with_(
+        settings, "adapter.r", 16, "adapter.alpha", 16, "adapter.use_rslora", True
+    )
+    assert lora_scaling(rs.adapter) == 4.0
 
 
 def test_wire_name_strips_peft_prefix_and_adapter_name():

@@ -13,6 +13,7 @@ from fedlora.adapters import get_state
 from fedlora.build import build
 from fedlora.comm import layer_shapes, num_parameters, raw_bytes, round_parameters
 from fedlora.methods import available
+from fedlora.settings import with_
 from strategies.wire import KEY_EXPERIMENT, payload_bytes, state_to_record
 from tests.conftest import FEDAVG_LORA, FEDSB, FFA_LORA
 
@@ -46,9 +47,17 @@ def test_calculator_table_has_one_row_per_method():
 
 @pytest.mark.parametrize("method,r", [(FEDAVG_LORA, 64), (FFA_LORA, 128), (FEDSB, 256)])
 def test_measured_bytes_are_within_5_percent_of_raw_parameters(settings, method, r):
-    settings["model"]["name"] = "minilm"
-    settings["strategy"] = {"_target_": method}
-    settings["adapter"].update(r=r, alpha=r)
+    settings = with_(
+        settings,
+        "model.name",
+        "minilm",
+        "strategy",
+        {"_target_": method},
+        "adapter.r",
+        r,
+        "adapter.alpha",
+        r,
+    )
     state = get_state(build(settings)[0])
     rng = np.random.default_rng(0)  # trained values: no identical arrays to share
     state = {
@@ -57,7 +66,7 @@ def test_measured_bytes_are_within_5_percent_of_raw_parameters(settings, method,
     content = RecordDict(
         {
             "arrays": state_to_record(state),
-            "config": ConfigRecord({KEY_EXPERIMENT: json.dumps(settings)}),
+            "config": ConfigRecord({KEY_EXPERIMENT: json.dumps(settings.to_dict())}),
         }
     )
     measured = payload_bytes(content)

@@ -9,6 +9,7 @@ from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
 
 from fedlora.errors import ConfigError
+from fedlora.settings import Settings
 from fedlora.validate import validate
 from strategies.server_app import CONF_DIR, compose, settings
 from strategies.strategy import LoRAStrategy
@@ -50,7 +51,7 @@ def test_every_group_option_composes_and_validates(group, option):
 @pytest.mark.parametrize("option", GROUPS["strategy"])
 def test_every_strategy_instantiates(option):
     cfg = compose([f"strategy={option}"])
-    strategy = LoRAStrategy.from_settings(settings(cfg))
+    strategy = LoRAStrategy.from_settings(Settings.from_dict(settings(cfg)))
     assert strategy.name == option == strategy.method.name
     assert strategy.min_available_nodes == cfg.federation.num_clients
     # Hydra's own instantiate builds the same method from the settings
@@ -60,7 +61,8 @@ def test_every_strategy_instantiates(option):
 @pytest.mark.parametrize("option", GROUPS["strategy"])
 def test_min_available_clients_sets_the_nodes_a_round_waits_for(option):
     cfg = compose([f"strategy={option}", "federation.min_available_clients=2"])
-    assert LoRAStrategy.from_settings(settings(cfg)).min_available_nodes == 2
+    typed = Settings.from_dict(settings(cfg))
+    assert LoRAStrategy.from_settings(typed).min_available_nodes == 2
 
 
 def test_unknown_strategy_lists_the_options():

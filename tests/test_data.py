@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -19,6 +21,16 @@ from fedlora.errors import ConfigError
 from fedlora.models import load_tokenizer
 
 
+def part(settings, **changes):
+    """The fixture's ``partition`` settings with ``changes``."""
+    return replace(settings.partition, **changes)
+
+
+def data(settings, **changes):
+    """The fixture's ``data`` settings with ``changes``."""
+    return replace(settings.data, **changes)
+
+
 def labels(n=1000, classes=2, seed=0):
     return np.random.default_rng(seed).integers(0, classes, n)
 
@@ -34,63 +46,65 @@ def skew(parts, y):
     return float(np.mean(tvs))
 
 
-def test_iid_partitions_are_disjoint_equal_and_cover_the_data():
+def test_iid_partitions_are_disjoint_equal_and_cover_the_data(settings):
     y = labels()
-    parts = partition_indices(y, 4, {"type": "iid"})
+    parts = partition_indices(y, 4, part(settings, type="iid"))
     assert [len(p) for p in parts] == [250] * 4
     assert sorted(np.concatenate(parts).tolist()) == list(range(1000))
 
 
-def test_dirichlet_respects_min_size_and_skews_more_with_smaller_alpha():
+def test_dirichlet_respects_min_size_and_skews_more_with_smaller_alpha(settings):
     y = labels(2000, classes=4)
-    cfg = {"type": "dirichlet", "min_partition_size": 20, "seed": 0}
-    sharp = partition_indices(y, 10, {**cfg, "alpha": 0.1})
-    flat = partition_indices(y, 10, {**cfg, "alpha": 100.0})
+    cfg = part(settings, type="dirichlet", min_partition_size=20, seed=0)
+    sharp = partition_indices(y, 10, replace(cfg, alpha=0.1))
+    flat = partition_indices(y, 10, replace(cfg, alpha=100.0))
     assert min(len(p) for p in sharp) >= 20
     assert sum(len(p) for p in sharp) == 2000
     assert skew(sharp, y) > 0.3 > 0.1 > skew(flat, y)
 
 
-def test_shard_partition_gives_few_labels_per_client():
+def test_shard_partition_gives_few_labels_per_client(settings):
     y = np.repeat(np.arange(10), 100)
-    parts = partition_indices(y, 10, {"type": "shard", "shards_per_client": 2})
+    parts = partition_indices(y, 10, part(settings, type="shard", shards_per_client=2))
     assert max(len(np.unique(y[p])) for p in parts) <= 2
 
 
-def test_partitions_are_reproducible_from_the_seed():
+def test_partitions_are_reproducible_from_the_seed(settings):
     y = labels()
-    cfg = {"type": "dirichlet", "alpha": 0.5, "min_partition_size": 10, "seed": 3}
+    cfg = part(settings, type="dirichlet", alpha=0.5, min_partition_size=10, seed=3)
     first, second = partition_indices(y, 5, cfg), partition_indices(y, 5, cfg)
     assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=False))
 
 
-def test_impossible_dirichlet_minimum_names_the_key():
+def test_impossible_dirichlet_minimum_names_the_key(settings):
     with pytest.raises(ConfigError, match="partition.min_partition_size"):
         partition_indices(
             labels(100),
             10,
-            {"type": "dirichlet", "alpha": 0.1, "min_partition_size": 50},
+            part(settings, type="dirichlet", alpha=0.1, min_partition_size=50),
         )
 
 
-def test_more_clients_than_examples_names_the_key():
+def test_more_clients_than_examples_names_the_key(settings):
     with pytest.raises(ConfigError, match="federation.num_clients"):
-        partition_indices(labels(5), 6, {"type": "iid"})
+        partition_indices(labels(5), 6, part(settings, type="iid"))
 
 
-def test_missing_path_and_missing_label_column_name_their_keys(tmp_path):
+def test_missing_path_and_missing_label_column_name_their_keys(settings, tmp_path):
     with pytest.raises(ConfigError, match="data.path"):
-        load_splits({"name": "x", "path": str(tmp_path / "nope")})
+        load_splits(data(settings, name="x", path=str(tmp_path / "nope")))
     table = pd.DataFrame({"sentence": ["a"], "target": [1]})
     with pytest.raises(ConfigError, match="data.label_column") as info:
         check_columns(
-            table, {"text_column": "sentence", "label_column": "label"}, "seq_cls"
+            table,
+            data(settings, text_column="sentence", label_column="label"),
+            "seq_cls",
         )
     assert "target" in str(info.value)
 
 
 @pytest.mark.parametrize("suffix", [".tsv", ".csv", ".jsonl", ".parquet"])
-def test_local_formats_load_the_same_table(tmp_path, suffix):
+def test_local_formats_load_the_same_table(settings, tmp_path, suffix):
     table = synthetic_table(30, seed=1)[["sentence", "label"]]
     path = tmp_path / f"train{suffix}"
     {
@@ -104,31 +118,39 @@ def test_local_formats_load_the_same_table(tmp_path, suffix):
     )
     (tmp_path / f"dev{suffix}").write_bytes(path.read_bytes())
     train, evals = load_splits(
-        {
-            "name": "custom",
-            "path": str(tmp_path),
-            "train_split": "train",
-            "eval_split": "dev",
-        }
+        data(
+            settings,
+            name="custom",
+            path=str(tmp_path),
+            train_split="train",
+            eval_split="dev",
+        )
     )
     assert len(train) == len(evals) == 30
 
 
-def test_missing_split_file_names_the_split_key(tmp_path):
+def test_missing_split_file_names_the_split_key(settings, tmp_path):
     synthetic_table(10, 0).to_csv(tmp_path / "train.tsv", sep="\t", index=False)
+    custom = data(
+        settings,
+        name="custom",
+        path=str(tmp_path),
+        train_split="train",
+        eval_split="dev",
+    )
     with pytest.raises(ConfigError, match="data.eval_split"):
-        load_splits({"name": "custom", "path": str(tmp_path), "eval_split": "dev"})
+        load_splits(custom)
 
 
-def test_causal_tokenisation_masks_the_prompt(tiny_llama):
-    tok = load_tokenizer({"name": str(tiny_llama)})
+def test_causal_tokenisation_masks_the_prompt(settings, tiny_llama):
+    tok = load_tokenizer(replace(settings.model, name=str(tiny_llama)))
     table = pd.DataFrame(
         {"prompt": ["Review: fine\nSentiment:"], "response": [" positive"]}
     )
     (ex,) = tokenise(
         table,
         tok,
-        {"prompt_column": "prompt", "response_column": "response"},
+        data(settings, prompt_column="prompt", response_column="response"),
         "causal_lm",
         64,
     )
@@ -141,7 +163,7 @@ def test_causal_tokenisation_masks_the_prompt(tiny_llama):
 
 
 def test_client_examples_are_tokenised_once_and_cached(settings):
-    tok = load_tokenizer(settings["model"])
+    tok = load_tokenizer(settings.model)
     first = client_examples(settings, tok, 0, 2)
     assert client_examples(settings, tok, 0, 2) is first
     train, held_out = first

@@ -205,7 +205,7 @@ def test_deploy_tokenised_partitions_are_cached_at_the_data_location(
     from fedlora import data
     from fedlora.models import load_tokenizer
 
-    tok = load_tokenizer(settings["model"])
+    tok = load_tokenizer(settings.model)
     first = data.client_examples(settings, tok, 1, 2, tmp_path)
     assert len(list(tmp_path.glob("tokenised-*.json"))) == 1
     data._TOKENISED.clear()  # what a fresh ClientApp process starts with

@@ -8,6 +8,7 @@ import torch
 from experiments import dp_frontier
 from fedlora.build import build
 from fedlora.data import client_examples
+from fedlora.settings import with_
 from fedlora.train import collate
 
 DP = {
@@ -19,6 +20,7 @@ DP = {
     "accountant": "rdp",
     "max_physical_batch_size": 4,
     "planned_rounds": None,
+    "reproducible_noise": False,
 }
 
 
@@ -39,9 +41,21 @@ def test_alignment_of_one_example_is_its_clipped_norm(settings):
 
 
 def test_an_arm_reports_its_noise_free_twin_and_dp_run(settings):
-    settings["federation"].update(num_clients=1, min_train_clients=1, rounds=1)
-    settings["privacy"] = dict(DP)
-    settings["train"].update(batch_size=16)
+    settings = with_(
+        settings,
+        "federation.num_clients",
+        1,
+        "federation.min_train_clients",
+        1,
+        "federation.min_available_clients",
+        1,
+        "federation.rounds",
+        1,
+        "privacy",
+        DP,
+        "train.batch_size",
+        16,
+    )
     twin = dp_frontier.run_arm(settings, noise=False)
     dp = dp_frontier.run_arm(settings, noise=True, probe=8)
     assert twin["epsilon"] == 0.0 and twin["sigma"] == dp["sigma"] > 0

@@ -20,8 +20,10 @@ from fedlora.adapters import get_state, set_state, trainable_parameters
 from fedlora.build import build
 from fedlora.data import client_examples
 from fedlora.errors import ConfigError
+from fedlora.models import load_tokenizer
+from fedlora.settings import PrivacySettings, Settings, with_
 from fedlora.validate import validate
-from strategies.server_app import compose, settings
+from strategies.server_app import compose_settings
 from strategies.wire import (
     KEY_ARRAYS,
     KEY_CONFIG,
@@ -67,32 +69,32 @@ def task_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, field, 1, raising=False)
 
 
-def dp_settings(tiny_bert, *extra: str) -> dict:
+def dp_settings(tiny_bert, *extra: str) -> Settings:
     """One SGD step (lr 1) over a whole partition (q = 1: every example in the
     one Poisson batch), so the update is ``(clipped sum + noise) / N``."""
-    return settings(
-        compose(
-            [
-                f"model.name={tiny_bert}",
-                "privacy=dp_sgd",
-                "privacy.accountant=rdp",
-                "federation.fraction_evaluate=0",
-                "federation.num_clients=2",
-                "data.num_examples=60",
-                "data.num_eval_examples=10",
-                "train.optimizer=sgd",
-                "train.lr=1.0",
-                "train.local_steps=1",
-                "train.batch_size=64",
-                "train.device=cpu",
-                *extra,
-            ]
-        )
+    return compose_settings(
+        [
+            f"model.name={tiny_bert}",
+            "privacy=dp_sgd",
+            "privacy.accountant=rdp",
+            "federation.fraction_evaluate=0",
+            "federation.num_clients=2",
+            "data.num_examples=60",
+            "data.num_eval_examples=10",
+            "train.optimizer=sgd",
+            "train.lr=1.0",
+            "train.local_steps=1",
+            "train.batch_size=64",
+            "train.device=cpu",
+            *extra,
+        ]
     )
 
 
-def train_message(cfg: dict, state: dict, server_round: int = 1, run=RUN) -> Message:
-    config = {KEY_EXPERIMENT: json.dumps(cfg), KEY_ROUND: server_round}
+def train_message(
+    cfg: Settings, state: dict, server_round: int = 1, run=RUN
+) -> Message:
+    config = {KEY_EXPERIMENT: json.dumps(cfg.to_dict()), KEY_ROUND: server_round}
     if run is not None:
         config[KEY_RUN_ID] = run
     content = RecordDict(
@@ -120,10 +122,16 @@ def flat(state: dict, keys) -> np.ndarray:
     return np.concatenate([state[k].astype(np.float64).ravel() for k in keys])
 
 
-def regenerated_noise(cfg: dict, model, seed: int) -> np.ndarray:
+def planned(cfg: Settings) -> privacy.DPPlan:
+    """Partition 0's DP plan (its noise multiplier), as the client computes it."""
+    examples, _ = client_examples(cfg, load_tokenizer(cfg.model), 0, 2)
+    return privacy.plan(cfg.privacy, cfg.train, len(examples), cfg.dp_planned_rounds)
+
+
+def regenerated_noise(cfg: Settings, model, seed: int) -> np.ndarray:
     """An attacker's copy of Opacus' noise, drawn from a seed it can guess."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    std = float(cfg["_sigma"]) * float(cfg["privacy"]["max_grad_norm"])
+    std = planned(cfg).noise_multiplier * float(cfg.privacy.max_grad_norm)
     return np.concatenate(
         [
             torch.normal(0.0, std, size=p.shape, generator=g).double().numpy().ravel()
@@ -143,18 +151,15 @@ def noise_in_reply(tiny_bert, tmp_path, *extra: str):
     # the clipped sum, without noise: the same step with sigma = 0 (q = 1, so the
     # batch is the whole partition whatever the sampler draws)
     examples, _ = client_examples(cfg, tok, 0, 2)
-    p = privacy.plan(
-        cfg["privacy"], cfg["train"], len(examples), privacy.planned_rounds(cfg)
-    )
+    p = privacy.plan(cfg.privacy, cfg.train, len(examples), cfg.dp_planned_rounds)
     assert p.sample_rate == 1.0
-    cfg["_sigma"] = p.noise_multiplier
     set_state(model, start)
     quiet = privacy.DPPlan(**{**p.__dict__, "noise_multiplier": 0.0})
     privacy.train_local_dp(
         model,
         examples,
-        cfg["train"],
-        cfg["privacy"],
+        cfg.train,
+        cfg.privacy,
         quiet,
         privacy.make_accountant("rdp"),
         CPU,
@@ -165,12 +170,12 @@ def noise_in_reply(tiny_bert, tmp_path, *extra: str):
     return (update - clipped) * len(examples), cfg, model, reply
 
 
-def best_attack(noise: np.ndarray, cfg: dict, model) -> float:
+def best_attack(noise: np.ndarray, cfg: Settings, model) -> float:
     """The smallest relative error of an attacker who regenerates the noise from
     seeds derived from the public config (the old derivation and its neighbours)."""
-    public = int(cfg["federation"]["seed"]) * 100_003 + 1 * 1_009 + 0  # round 1, k=0
+    public = int(cfg.federation.seed) * 100_003 + 1 * 1_009 + 0  # round 1, k=0
     errors = []
-    for seed in (public, public + 1, public - 1, int(cfg["federation"]["seed"])):
+    for seed in (public, public + 1, public - 1, int(cfg.federation.seed)):
         guess = regenerated_noise(cfg, model, seed)
         errors.append(float(np.linalg.norm(noise - guess) / np.linalg.norm(noise)))
     return min(errors)
@@ -178,7 +183,8 @@ def best_attack(noise: np.ndarray, cfg: dict, model) -> float:
 
 def test_the_server_cannot_regenerate_a_clients_noise(tiny_bert, tmp_path):
     noise, cfg, model, _ = noise_in_reply(tiny_bert, tmp_path)
-    expected = cfg["_sigma"] * cfg["privacy"]["max_grad_norm"] * np.sqrt(noise.size)
+    sigma = planned(cfg).noise_multiplier
+    expected = sigma * cfg.privacy.max_grad_norm * np.sqrt(noise.size)
     assert 0.8 < np.linalg.norm(noise) / expected < 1.2  # the noise is really there
     # subtracting a guessed noise leaves an error of the noise's own size
     # (about sqrt(2): two independent draws), not the 1e-7 of a regenerated one
@@ -215,11 +221,9 @@ def test_a_dp_reply_carries_only_accounted_or_data_free_figures(tiny_bert, tmp_p
     assert set(metrics) == PUBLIC  # no train_loss, no Poisson counts, no timings
     _, tok = build(cfg)
     examples, _ = client_examples(cfg, tok, 0, 2)
-    p = privacy.plan(
-        cfg["privacy"], cfg["train"], len(examples), privacy.planned_rounds(cfg)
-    )
+    p = privacy.plan(cfg.privacy, cfg.train, len(examples), cfg.dp_planned_rounds)
     assert metrics[KEY_NUM_EXAMPLES] == p.expected_examples() == len(examples)
-    assert 0 < metrics["epsilon"] <= cfg["privacy"]["target_epsilon"] + 1e-9
+    assert 0 < metrics["epsilon"] <= cfg.privacy.target_epsilon + 1e-9
 
 
 def test_a_dp_client_refuses_to_evaluate_on_its_own_data(tiny_bert, tmp_path):
@@ -227,7 +231,7 @@ def test_a_dp_client_refuses_to_evaluate_on_its_own_data(tiny_bert, tmp_path):
     msg = train_message(cfg, get_state(build(cfg)[0]))
     with pytest.raises(PermissionError, match="dp_sgd"):
         client_evaluate(msg, node(tmp_path))
-    cfg["federation"]["fraction_evaluate"] = 1.0
+    cfg = with_(cfg, "federation.fraction_evaluate", 1.0)
     with pytest.raises(ConfigError, match=r"^federation\.fraction_evaluate"):
         validate(cfg)
 
@@ -240,8 +244,8 @@ def test_fixed_batches_are_refused_since_the_accountant_assumes_poisson():
         "max_grad_norm": 1.0,
         "poisson_sampling": False,
     }
-    with pytest.raises(ConfigError, match=r"^privacy\.poisson_sampling=False"):
-        privacy.check_settings(dp)
+    with pytest.raises(ConfigError, match=r"^privacy\.poisson_sampling=False.*Poisson"):
+        privacy.check_settings(PrivacySettings.from_dict(dp, "privacy"))
 
 
 def test_the_ledger_survives_a_restarted_node_and_is_kept_per_run(tiny_bert, tmp_path):
@@ -255,7 +259,7 @@ def test_the_ledger_survives_a_restarted_node_and_is_kept_per_run(tiny_bert, tmp
         eps.append(float(reply.content[KEY_METRICS]["epsilon"]))
     # epsilon after two rounds = one accountant over both rounds' steps
     examples, _ = client_examples(cfg, tok, 0, 2)
-    p = privacy.plan(cfg["privacy"], cfg["train"], len(examples), 3)
+    p = privacy.plan(cfg.privacy, cfg.train, len(examples), 3)
     reference = privacy.make_accountant("rdp")
     reference.history = [(p.noise_multiplier, p.sample_rate, p.steps_per_round)] * 2
     assert eps[1] == pytest.approx(reference.get_epsilon(p.delta), rel=1e-9)

@@ -67,9 +67,10 @@ def test_global_adapter_changed_and_loads_in_peft_with_the_same_predictions(run_
     from fedlora.build import build
     from fedlora.data import server_examples
     from fedlora.models import load_base_model
+    from fedlora.settings import Settings
     from fedlora.train import evaluate
 
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg = Settings.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     initial_model, tok = build(cfg)
     initial = get_state(initial_model)
     saved = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
@@ -81,7 +82,7 @@ def test_global_adapter_changed_and_loads_in_peft_with_the_same_predictions(run_
     ]
     assert all(changed)  # every A moved away from its shared initialisation
 
-    base = load_base_model(cfg["model"], seed=12345)  # the head comes from the adapter
+    base = load_base_model(cfg.model, seed=12345)  # the head comes from the adapter
     loaded = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
     metrics = evaluate(
         loaded,
@@ -89,6 +90,7 @@ def test_global_adapter_changed_and_loads_in_peft_with_the_same_predictions(run_
         "seq_cls",
         torch.device("cpu"),
         tok.pad_token_id,
+        cfg.train.eval_batch_size,
     )
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert metrics["eval_accuracy"] == last["eval_accuracy"]

@@ -12,6 +12,7 @@ import yaml
 
 from fedlora.adapters import get_frozen_state
 from fedlora.build import build
+from fedlora.settings import Settings
 from tests.conftest import run_front_door
 
 pytestmark = pytest.mark.slow
@@ -30,7 +31,9 @@ def client_crcs(rows):
 
 def test_ffa_lora_a_is_identical_everywhere_and_never_changes(tiny_bert, tmp_path):
     rows = run_front_door(tmp_path / "run", tiny_bert, "strategy=ffa_lora")
-    cfg = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    cfg = Settings.from_dict(
+        yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    )
     server_a = get_frozen_state(build(cfg)[0])
     assert client_crcs(rows) == {crc(server_a)}  # bit-identical on every client, always
     for r in rows[1:]:

@@ -15,6 +15,7 @@ from fedlora.adapters import frozen_digest, get_frozen_state
 from fedlora.build import build
 from fedlora.methods.fedavg_lora import FedAvgLoRA
 from fedlora.methods.ffa_lora import FFALoRA
+from fedlora.settings import with_
 from strategies.strategy import LoRAStrategy
 from strategies.wire import (
     KEY_CONFIG,
@@ -46,7 +47,7 @@ def state(seed, with_a=True):
 # --- one digest, on both sides -----------------------------------------------------
 def test_server_and_client_compute_the_same_digest(settings):
     assert client_app.frozen_digest is adapters.frozen_digest  # one function
-    model, _ = build({**settings, "strategy": {"_target_": FFA_LORA}})
+    model, _ = build(with_(settings, "strategy", {"_target_": FFA_LORA}))
     frozen = get_frozen_state(model)
     assert frozen and all(".lora_A." in k for k in frozen)
     digest = frozen_digest(model)

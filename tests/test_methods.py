@@ -24,6 +24,7 @@ from fedlora.fair import gd_correction, ridge_correction
 from fedlora.lora_sb import init_from_gradient, init_random_orthogonal, to_plain_lora
 from fedlora.methods.fedavg_lora import FedAvgLoRA
 from fedlora.methods.lora_fair import LoRAFAIR
+from fedlora.settings import Settings
 from strategies.server_app import compose, settings
 from strategies.strategy import LoRAStrategy
 from strategies.wire import KEY_EXPERIMENT, record_to_state, state_to_record
@@ -115,12 +116,12 @@ def federated_round(cfg, client_frozen, tamper=None, previous=None):
 
     ``tamper(node, message)`` may replace a node's message (a faulty client);
     ``previous`` (a :class:`Round`) continues that run with its next round."""
-    plain = settings(cfg)
-    config = ConfigRecord({KEY_EXPERIMENT: json.dumps(plain)})
-    grid = FakeGrid(plain["federation"]["num_clients"])
+    typed = Settings.from_dict(settings(cfg))
+    config = ConfigRecord({KEY_EXPERIMENT: json.dumps(typed.to_dict())})
+    grid = FakeGrid(typed.federation.num_clients)
     if previous is None:
-        model, _ = build(plain)
-        strategy = LoRAStrategy.from_settings(plain)
+        model, _ = build(typed)
+        strategy = LoRAStrategy.from_settings(typed)
         arrays = strategy.initialize(
             grid, state_to_record(get_state(model)), get_frozen_state(model), config
         )

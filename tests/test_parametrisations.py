@@ -19,6 +19,7 @@ from fedlora.errors import ConfigError
 from fedlora.lora_sb import gradient_sums, lora_layers_of, to_plain_lora
 from fedlora.models import load_base_model
 from fedlora.results import save_adapter
+from fedlora.settings import with_
 from fedlora.train import batches, train_local
 from tests.conftest import FEDSB, FFA_LORA
 
@@ -34,22 +35,28 @@ def randomise(state, seed):
 
 
 def test_ffa_trains_and_sends_only_b_and_the_head(settings):
-    settings["strategy"] = {"_target_": FFA_LORA}
+    settings = with_(settings, "strategy", {"_target_": FFA_LORA})
     model, tok = build(settings)
     state, frozen = get_state(model), get_frozen_state(model)
     assert all(".lora_B." in k or "classifier" in k for k in state)
     assert frozen and all(".lora_A." in k for k in frozen)
     examples, _ = client_examples(settings, tok, 0, 2)
-    train_local(model, examples, settings["train"], CPU, tok.pad_token_id, seed=0)
+    train_local(model, examples, settings.train, CPU, tok.pad_token_id, seed=0)
     after = get_frozen_state(model)
     assert all(np.array_equal(after[k], frozen[k]) for k in frozen)  # A never moves
     assert any(not np.array_equal(get_state(model)[k], state[k]) for k in state)
 
 
 def sb_settings(settings, r=4):
-    settings["strategy"] = {"_target_": FEDSB, "init": "random_orthogonal"}
-    settings["adapter"].update(r=r, alpha=r)
-    return settings
+    return with_(
+        settings,
+        "strategy",
+        {"_target_": FEDSB, "init": "random_orthogonal"},
+        "adapter.r",
+        r,
+        "adapter.alpha",
+        r,
+    )
 
 
 def test_lora_sb_trains_only_r_and_the_head(settings):
@@ -62,7 +69,8 @@ def test_lora_sb_trains_only_r_and_the_head(settings):
 
 
 def test_lora_sb_forward_is_w0_plus_s_b_r_a(settings):
-    model, _ = build(sb_settings(settings))
+    settings = sb_settings(settings)
+    model, _ = build(settings)
     set_frozen_state(model, randomise(get_frozen_state(model), 1))
     set_state(model, randomise(get_state(model), 2))
     name, layer = next(iter(lora_layers_of(model).items()))
@@ -71,12 +79,13 @@ def test_lora_sb_forward_is_w0_plus_s_b_r_a(settings):
     r = layer.lora_R["default"].weight
     a = layer.lora_A["default"].weight
     x = torch.randn(5, base.in_features)
-    expected = base(x) + lora_scaling(settings["adapter"]) * x @ (b @ r @ a).T
+    expected = base(x) + lora_scaling(settings.adapter) * x @ (b @ r @ a).T
     torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=1e-5)
 
 
 def test_gradient_sums_match_autograd_and_leave_trainability_alone(settings):
-    model, tok = build(sb_settings(settings))
+    settings = sb_settings(settings)
+    model, tok = build(settings)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     examples, _ = client_examples(settings, tok, 0, 2)
     grads = gradient_sums(model, examples[:20], 8, tok.pad_token_id, CPU)
@@ -108,7 +117,7 @@ def test_fedsb_export_loads_in_peft_with_the_same_logits(settings, tmp_path):
     exported, _ = build(cfg, plain=True)
     save_adapter(exported, to_plain_lora(frozen, trained), tmp_path / "adapter")
     loaded = PeftModel.from_pretrained(
-        load_base_model(cfg["model"], seed=99), str(tmp_path / "adapter")
+        load_base_model(cfg.model, seed=99), str(tmp_path / "adapter")
     )
     batch = next(batches(client_examples(cfg, tok, 0, 2)[0][:8], 8, tok.pad_token_id))
     model.eval()
@@ -120,12 +129,12 @@ def test_fedsb_export_loads_in_peft_with_the_same_logits(settings, tmp_path):
 
 
 def test_an_unknown_method_names_the_key(settings):
-    settings["strategy"] = {"_target_": "fedlora.methods.dora.DoRA"}
+    settings = with_(settings, "strategy", {"_target_": "fedlora.methods.dora.DoRA"})
     with pytest.raises(ConfigError, match=r"strategy\._target_"):
         build(settings)
 
 
 def test_lora_sb_rank_larger_than_the_layer_names_the_key(settings):
-    sb_settings(settings, r=40)  # hidden 32
+    settings = sb_settings(settings, r=40)  # hidden 32
     with pytest.raises(ConfigError, match="adapter.r"):
         build(settings)

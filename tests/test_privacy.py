@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from fedlora.adapters import get_frozen_state, get_state
 from fedlora.build import build
 from fedlora.data import client_examples
 from fedlora.errors import ConfigError
+from fedlora.settings import PrivacySettings, with_
 from tests.conftest import FFA_LORA
 
 CPU = torch.device("cpu")
@@ -24,8 +26,14 @@ DP = {
     "accountant": "prv",
     "max_physical_batch_size": None,
     "planned_rounds": None,
+    "reproducible_noise": False,
     "mode": "dp_sgd",
 }
+
+
+def dp_of(plain: dict) -> PrivacySettings:
+    """Typed ``privacy`` settings from a plain dict."""
+    return PrivacySettings.from_dict(plain, "privacy")
 
 
 def no_dropout(model):
@@ -39,15 +47,15 @@ def run_rounds(settings, rounds, dp=DP):
     """Train ``rounds`` DP rounds, saving/reloading the accountant state in between."""
     model, tok = build(settings)
     examples, _ = client_examples(settings, tok, 0, 2)
-    plan = privacy.plan(dp, settings["train"], len(examples), planned_rounds=3)
+    plan = privacy.plan(dp_of(dp), settings.train, len(examples), planned_rounds=3)
     state, epsilons = None, []
     for r in range(rounds):
         accountant = privacy.make_accountant(plan.accountant, state)
         privacy.train_local_dp(
             model,
             examples,
-            settings["train"],
-            dp,
+            settings.train,
+            dp_of(dp),
             plan,
             accountant,
             CPU,
@@ -61,12 +69,12 @@ def run_rounds(settings, rounds, dp=DP):
     return model, plan, state, epsilons
 
 
-def test_worked_noise_multipliers_of_privacy_md():
+def test_worked_noise_multipliers_of_privacy_md(settings):
     # N = 1000, batch 32, one epoch per round, 50 rounds, delta 1e-5. privacy.md counts
     # q = 32/1000 and 31 steps an epoch (1550); we calibrate with what Opacus' Poisson
     # loader then does at run time, q = 1/ceil(1000/32) and 32 steps an epoch (1600),
     # so the accountant's records match the calibration exactly. Sigma differs < 0.1.
-    train = {"batch_size": 32, "local_epochs": 1}
+    train = replace(settings.train, batch_size=32, local_epochs=1, local_steps=None)
     for accountant, expected in (
         ("rdp", (5.23, 2.05, 1.27)),
         ("prv", (4.84, 1.93, 1.20)),
@@ -78,7 +86,7 @@ def test_worked_noise_multipliers_of_privacy_md():
                 "target_delta": 1e-5,
                 "accountant": accountant,
             }
-            p = privacy.plan(dp, train, 1000, planned_rounds=50)
+            p = privacy.plan(dp_of(dp), train, 1000, planned_rounds=50)
             assert p.steps_per_round * p.planned_rounds == 1600  # ceil(1000 / 32) = 32
             assert p.noise_multiplier == pytest.approx(sigma, abs=0.1)
 
@@ -111,7 +119,7 @@ def test_trainable_weights_change_under_dp(settings):
 
 
 def test_ffa_under_dp_no_gradient_or_noise_reaches_a(settings):
-    settings["strategy"] = {"_target_": FFA_LORA}
+    settings = with_(settings, "strategy", {"_target_": FFA_LORA})
     frozen = get_frozen_state(build(settings)[0])
     model, *_ = run_rounds(settings, 1)
     after = get_frozen_state(model)
@@ -129,7 +137,17 @@ def test_per_example_clipping_matches_a_hand_computed_reference(
 ):
     """One noise-free step equals the mean of hand-clipped per-example gradients,
     also when the logical batch of 8 runs as length-sorted physical ones of 3."""
-    settings["train"].update(optimizer="sgd", lr=1.0, batch_size=8, local_steps=1)
+    settings = with_(
+        settings,
+        "train.optimizer",
+        "sgd",
+        "train.lr",
+        1.0,
+        "train.batch_size",
+        8,
+        "train.local_steps",
+        1,
+    )
     model, tok = build(settings)
     no_dropout(model)
     examples = client_examples(settings, tok, 0, 2)[0][:8]
@@ -165,8 +183,8 @@ def test_per_example_clipping_matches_a_hand_computed_reference(
     privacy.train_local_dp(
         model,
         examples,
-        settings["train"],
-        dp,
+        settings.train,
+        dp_of(dp),
         plan,
         privacy.make_accountant("rdp"),
         CPU,
@@ -210,19 +228,23 @@ def test_logical_batches_split_into_physical_ones_still_count_logical_steps(sett
     ) == pytest.approx(single.get_epsilon(plan.delta))
 
 
-def test_planned_rounds_follow_participation():
-    cfg = {
-        "privacy": {},
-        "federation": {
-            "num_clients": 10,
-            "rounds": 20,
-            "fraction_train": 0.3,
-            "min_train_clients": 2,
-        },
-    }
-    assert privacy.planned_rounds(cfg) == 6
-    cfg["privacy"]["planned_rounds"] = 4
-    assert privacy.planned_rounds(cfg) == 4
+def test_planned_rounds_follow_participation(settings):
+    cfg = with_(
+        settings,
+        "privacy",
+        DP,
+        "federation.num_clients",
+        10,
+        "federation.rounds",
+        20,
+        "federation.fraction_train",
+        0.3,
+        "federation.min_train_clients",
+        2,
+    )
+    assert cfg.federation.sampled_clients == 3
+    assert cfg.dp_planned_rounds == 6
+    assert with_(cfg, "privacy.planned_rounds", 4).dp_planned_rounds == 4
 
 
 @pytest.mark.parametrize(
@@ -238,18 +260,21 @@ def test_planned_rounds_follow_participation():
 )
 def test_bad_dp_settings_name_the_key(key, value):
     with pytest.raises(ConfigError, match=f"privacy.{key}"):
-        privacy.check_settings({**DP, key: value})
+        privacy.check_settings(dp_of({**DP, key: value}))
 
 
 @pytest.mark.filterwarnings("ignore:Optimal order is the smallest alpha")
-def test_a_large_target_epsilon_is_fine_with_rdp():
+def test_a_large_target_epsilon_is_fine_with_rdp(settings):
     """epsilon 1000 is refused with PRV (above) but plans and accounts with RDP."""
     big = {**DP, "target_epsilon": 1000.0, "accountant": "rdp", "target_delta": 1e-5}
-    privacy.check_settings(big)  # no ConfigError
-    train = {"batch_size": 32, "local_epochs": 1, "local_steps": None}
-    loose = privacy.plan(big, train, num_examples=1000, planned_rounds=50)
+    privacy.check_settings(dp_of(big))  # no ConfigError
+    train = replace(settings.train, batch_size=32, local_epochs=1, local_steps=None)
+    loose = privacy.plan(dp_of(big), train, num_examples=1000, planned_rounds=50)
     tight = privacy.plan(
-        {**big, "target_epsilon": 3.0}, train, num_examples=1000, planned_rounds=50
+        dp_of({**big, "target_epsilon": 3.0}),
+        train,
+        num_examples=1000,
+        planned_rounds=50,
     )
     assert loose.accountant == "rdp" and loose.steps_per_round == 32
     assert 0 < loose.noise_multiplier < tight.noise_multiplier

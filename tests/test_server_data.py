@@ -11,6 +11,7 @@ import pytest
 from fedlora import data
 from fedlora.errors import ConfigError
 from fedlora.methods.fedsb import FedSB
+from fedlora.settings import Settings
 from strategies import server_app
 from strategies.strategy import LoRAStrategy
 
@@ -101,7 +102,7 @@ def test_calibration_rows_are_never_client_training_rows(
         server_app.run_server(None, cfg, tmp_path / "run")  # init=server_data ran
     assert calibration, "the server computed no calibration gradient"
 
-    plain = server_app.settings(cfg)
+    plain = Settings.from_dict(server_app.settings(cfg))
     _, tokenizer = server_app.build(plain)
     calib_rows = [origin[id(e)] for e in calibration]
     client_rows, client_texts = [], set()
@@ -188,7 +189,7 @@ def test_a_missing_file_or_column_is_refused(folders, tiny_bert, tmp_path):
             "data.text_column=review",
         )
     )
-    plain = server_app.settings(cfg)
+    plain = Settings.from_dict(server_app.settings(cfg))
     _, tokenizer = server_app.build(plain)
     with pytest.raises(ConfigError) as err:
         data.server_calibration_examples(plain, tokenizer, 8)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from fedlora.methods import from_settings
+from fedlora.settings import with_
 from tests.conftest import run_front_door
 
 METHOD = '''
@@ -54,8 +55,10 @@ def toy(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_a_method_in_one_file_loads_from_its_target(toy):
-    method = from_settings({"strategy": {"_target_": "toy_median.Median"}})
+def test_a_method_in_one_file_loads_from_its_target(toy, settings):
+    method = from_settings(
+        with_(settings, "strategy", {"_target_": "toy_median.Median"})
+    )
     states = [
         {"x": np.array([1.0, 5.0])},
         {"x": np.array([2.0, 0.0])},

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,6 +14,7 @@ from fedlora.build import build
 from fedlora.data import client_examples, synthetic_table, tokenise
 from fedlora.errors import ConfigError
 from fedlora.models import resolve_device
+from fedlora.settings import with_
 from fedlora.train import batch_indices, collate, evaluate, train_local
 
 CPU = torch.device("cpu")
@@ -54,7 +57,7 @@ def test_length_grouped_batches_cover_every_example_once_with_less_padding():
 def test_grouping_by_length_changes_speed_not_the_evaluation(settings):
     model, tok = build(settings)
     examples, _ = client_examples(settings, tok, 0, 1)
-    task = settings["model"]["task"]
+    task = settings.model.task
     grouped = evaluate(model, examples, task, CPU, tok.pad_token_id, batch_size=8)
     one_by_one = evaluate(model, examples, task, CPU, tok.pad_token_id, batch_size=1)
     assert grouped["eval_accuracy"] == one_by_one["eval_accuracy"]
@@ -70,7 +73,7 @@ def test_training_changes_exactly_the_trainable_weights(settings):
     }
     before = get_state(model)
     examples, _ = client_examples(settings, tok, 0, 2)
-    out = train_local(model, examples, settings["train"], CPU, tok.pad_token_id, seed=0)
+    out = train_local(model, examples, settings.train, CPU, tok.pad_token_id, seed=0)
     after = get_state(model)
     assert out["num_examples"] == len(examples) and out["steps"] == 6  # ceil(90/16)
     assert all(not np.array_equal(before[k], after[k]) for k in before)
@@ -80,13 +83,13 @@ def test_training_changes_exactly_the_trainable_weights(settings):
 
 
 def test_local_steps_override_epochs_and_training_is_seeded(settings):
-    settings["train"]["local_steps"] = 3
+    settings = with_(settings, "train.local_steps", 3)
     tok = build(settings)[1]
     examples, _ = client_examples(settings, tok, 0, 2)
     states = []
     for _ in range(2):
         model, _ = build(settings)
-        out = train_local(model, examples, settings["train"], CPU, tok.pad_token_id, 7)
+        out = train_local(model, examples, settings.train, CPU, tok.pad_token_id, 7)
         assert out["steps"] == 3 and out["num_examples"] == 48
         states.append(get_state(model))
     for k in states[0]:
@@ -94,28 +97,39 @@ def test_local_steps_override_epochs_and_training_is_seeded(settings):
 
 
 def test_training_on_minilm_learns_the_synthetic_task(settings):
-    settings["model"]["name"] = "minilm"
-    settings["train"].update(lr=2e-3, local_epochs=3)
+    settings = with_(
+        settings, "model.name", "minilm", "train.lr", 2e-3, "train.local_epochs", 3
+    )
     model, tok = build(settings)
     table = synthetic_table(200, seed=5)
-    ex = tokenise(table, tok, settings["data"], "seq_cls", 32)
-    before = evaluate(model, ex[150:], "seq_cls", CPU, tok.pad_token_id)
-    train_local(model, ex[:150], settings["train"], CPU, tok.pad_token_id, seed=0)
-    after = evaluate(model, ex[150:], "seq_cls", CPU, tok.pad_token_id)
+    ex = tokenise(table, tok, settings.data, "seq_cls", 32)
+    before = evaluate(model, ex[150:], "seq_cls", CPU, tok.pad_token_id, 64)
+    train_local(model, ex[:150], settings.train, CPU, tok.pad_token_id, seed=0)
+    after = evaluate(model, ex[150:], "seq_cls", CPU, tok.pad_token_id, 64)
     assert after["eval_loss"] < before["eval_loss"]
     assert after["eval_accuracy"] >= 0.8
 
 
 def test_causal_lm_instruction_tuning_lowers_response_loss(settings, tiny_llama):
-    settings["model"].update(name=str(tiny_llama), task="causal_lm")
-    settings["adapter"]["target_modules"] = ["q_proj", "v_proj"]
-    settings["train"].update(lr=5e-2, local_epochs=4)
+    settings = with_(
+        settings,
+        "model.name",
+        str(tiny_llama),
+        "model.task",
+        "causal_lm",
+        "adapter.target_modules",
+        ["q_proj", "v_proj"],
+        "train.lr",
+        5e-2,
+        "train.local_epochs",
+        4,
+    )
     model, tok = build(settings)
     table = synthetic_table(64, seed=2)
-    ex = tokenise(table, tok, settings["data"], "causal_lm", 48)
-    before = evaluate(model, ex, "causal_lm", CPU, tok.pad_token_id)
-    train_local(model, ex, settings["train"], CPU, tok.pad_token_id, seed=0)
-    after = evaluate(model, ex, "causal_lm", CPU, tok.pad_token_id)
+    ex = tokenise(table, tok, settings.data, "causal_lm", 48)
+    before = evaluate(model, ex, "causal_lm", CPU, tok.pad_token_id, 64)
+    train_local(model, ex, settings.train, CPU, tok.pad_token_id, seed=0)
+    after = evaluate(model, ex, "causal_lm", CPU, tok.pad_token_id, 64)
     assert set(after) == {"eval_loss", "eval_perplexity", "eval_examples"}
     assert after["eval_perplexity"] == pytest.approx(np.exp(after["eval_loss"]))
     assert after["eval_loss"] < before["eval_loss"] - 0.2
@@ -124,7 +138,7 @@ def test_causal_lm_instruction_tuning_lowers_response_loss(settings, tiny_llama)
 def test_empty_partition_and_bad_device_give_clear_errors(settings):
     model, tok = build(settings)
     with pytest.raises(ConfigError, match="federation.num_clients"):
-        train_local(model, [], settings["train"], CPU, tok.pad_token_id, seed=0)
+        train_local(model, [], settings.train, CPU, tok.pad_token_id, seed=0)
     with pytest.raises(ConfigError, match="train.device"):
         resolve_device("tpu")
     if not torch.cuda.is_available():
@@ -134,17 +148,17 @@ def test_empty_partition_and_bad_device_give_clear_errors(settings):
 
 
 def test_unknown_optimizer_names_the_key(settings):
-    settings["train"]["optimizer"] = "lion"
+    settings = with_(settings, "train.optimizer", "lion")
     model, tok = build(settings)
     ex = tokenise(
         pd.DataFrame({"sentence": ["a b"], "label": [1]}),
         tok,
-        settings["data"],
+        settings.data,
         "seq_cls",
         8,
     )
     with pytest.raises(ConfigError, match="train.optimizer"):
-        train_local(model, ex, settings["train"], CPU, tok.pad_token_id, seed=0)
+        train_local(model, ex, settings.train, CPU, tok.pad_token_id, seed=0)
 
 
 def _one_step_state(settings, examples, pad_id, physical):
@@ -153,8 +167,8 @@ def _one_step_state(settings, examples, pad_id, physical):
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0  # the same step with and without pieces, not the same masks
-    train_cfg = dict(
-        settings["train"],
+    train_cfg = replace(
+        settings.train,
         batch_size=len(examples),
         local_steps=1,
         max_physical_batch_size=physical,
@@ -168,17 +182,24 @@ def test_physical_batches_take_the_same_step_as_the_whole_batch(
     settings, tiny_llama, task
 ):
     if task == "causal_lm":
-        settings["model"].update(name=str(tiny_llama), task="causal_lm")
-        settings["adapter"]["target_modules"] = ["q_proj", "v_proj"]
-    settings["train"]["optimizer"] = "sgd"  # the step is lr x gradient: compared as is
-    settings["train"]["lr"] = 1.0
+        settings = with_(
+            settings,
+            "model.name",
+            str(tiny_llama),
+            "model.task",
+            "causal_lm",
+            "adapter.target_modules",
+            ["q_proj", "v_proj"],
+        )
+    # the step is lr x gradient: compared as is
+    settings = with_(settings, "train.optimizer", "sgd", "train.lr", 1.0)
     _, tok = build(settings)
     table = synthetic_table(23, seed=4)
-    ex = tokenise(table, tok, settings["data"], task, 48)
+    ex = tokenise(table, tok, settings.data, task, 48)
     assert len({len(e["input_ids"]) for e in ex}) > 1  # pieces pad differently
     whole, whole_loss = _one_step_state(settings, ex, tok.pad_token_id, 0)
     pieces, pieces_loss = _one_step_state(settings, ex, tok.pad_token_id, 5)
-    frozen = dict(settings, train=dict(settings["train"], lr=0.0))
+    frozen = with_(settings, "train.lr", 0.0)
     start, _ = _one_step_state(frozen, ex, tok.pad_token_id, 0)
     moved = 0
     for k in whole:  # LoRA's A gets no gradient while B is zero: only B and the head
@@ -190,8 +211,8 @@ def test_physical_batches_take_the_same_step_as_the_whole_batch(
 
 
 def test_a_bad_physical_batch_limit_names_the_key(settings):
-    settings["train"]["max_physical_batch_size"] = -1
+    settings = with_(settings, "train.max_physical_batch_size", -1)
     model, tok = build(settings)
     ex, _ = client_examples(settings, tok, 0, 2)
     with pytest.raises(ConfigError, match="train.max_physical_batch_size"):
-        train_local(model, ex, settings["train"], CPU, tok.pad_token_id, seed=0)
+        train_local(model, ex, settings.train, CPU, tok.pad_token_id, seed=0)

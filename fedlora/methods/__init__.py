@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Any
 
 from fedlora.errors import ConfigError
 from fedlora.methods.base import InitInputs, Method
+from fedlora.settings import Settings
 
 __all__ = ["InitInputs", "Method", "available", "from_settings", "load_class"]
 
@@ -36,9 +36,9 @@ def load_class(target: str) -> type[Method]:
     return cls
 
 
-def from_settings(cfg: dict[str, Any]) -> Method:
-    """The method of the experiment settings ``cfg`` (its ``strategy`` section)."""
-    spec = dict(cfg["strategy"])
+def from_settings(settings: Settings) -> Method:
+    """The method of the experiment settings (its ``strategy`` section)."""
+    spec = dict(settings.strategy)
     cls = load_class(spec.pop("_target_"))
     try:
         return cls(**spec)

@@ -37,6 +37,8 @@ from fedlora.errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
+    from fedlora.settings import Settings
+
 State = dict[str, np.ndarray]
 Factors = dict[str, tuple[np.ndarray, np.ndarray]]  # {layer: (B, A)}, delta = s B A
 GradientFn = Callable[[int], State]  # calibration examples -> summed W0 gradients
@@ -101,11 +103,12 @@ class Method:
         self.weighting = weighting
         self.max_update_norm_ratio = float(max_update_norm_ratio)
 
-    def problems(self, cfg: dict[str, Any]) -> list[ConfigError]:
-        """What is wrong with running this method in the experiment ``cfg`` (its
-        privacy mode, its data...); the validator reports them all at once."""
+    def problems(self, settings: Settings) -> list[ConfigError]:
+        """What is wrong with running this method in the experiment ``settings``
+        (its privacy mode, its data...); the validator reports them all at once."""
         out = []
-        if cfg["privacy"]["mode"] == "central" and not self.aggregates_by_mean:
+        mode = settings.privacy.mode
+        if mode == "central" and not self.aggregates_by_mean:
             out.append(
                 ConfigError(
                     "privacy",
@@ -115,7 +118,7 @@ class Method:
                     "cover it; use privacy=dp_sgd or another strategy",
                 )
             )
-        if cfg["privacy"]["mode"] == "central" and self.weighting != "uniform":
+        if mode == "central" and self.weighting != "uniform":
             out.append(
                 ConfigError(
                     "strategy.weighting",

@@ -28,6 +28,8 @@ from fedlora.methods.base import Factors, InitInputs, Method, State
 if TYPE_CHECKING:
     import torch
 
+    from fedlora.settings import Settings
+
 INITS = ("federated_gradient", "server_data", "random_orthogonal")
 _R = ".lora_R.weight"
 
@@ -78,11 +80,11 @@ class FedSB(Method):
         self.server_data_path = server_data_path
         self.calibration_examples = int(calibration_examples)
 
-    def problems(self, cfg: dict[str, Any]) -> list[ConfigError]:
+    def problems(self, settings: Settings) -> list[ConfigError]:
         """Besides the common ones: no init round of private gradients under DP;
         ``server_data`` needs a file the server holds."""
-        out = super().problems(cfg)
-        mode = cfg["privacy"]["mode"]
+        out = super().problems(settings)
+        mode = settings.privacy.mode
         if mode in ("dp_sgd", "central") and self.init == "federated_gradient":
             out.append(
                 ConfigError(
@@ -98,7 +100,7 @@ class FedSB(Method):
             )
         if self.init == "server_data":
             try:
-                server_data_file(cfg)
+                server_data_file(settings)
             except ConfigError as exc:
                 out.append(exc)
         return out
