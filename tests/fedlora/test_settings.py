@@ -12,7 +12,7 @@ from fedlora.errors import ConfigError
 from fedlora.settings import Settings, with_
 from strategies.server_app import compose, settings
 from tests.conftest import REPO
-from tests.test_configs import GROUPS
+from tests.fedlora.test_configs import GROUPS
 
 
 @pytest.mark.parametrize(

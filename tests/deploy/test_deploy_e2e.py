@@ -22,7 +22,7 @@ from safetensors.numpy import load_file
 
 from deploy import launch as deploy
 from tests.conftest import REPO
-from tests.test_deploy import leftovers
+from tests.deploy.test_deploy import leftovers
 
 # 2 clients x 2 rounds of FedAvg-LoRA. The same seeds, one torch thread per client and
 # replies aggregated in partition order: deployment and simulation agree bit for bit

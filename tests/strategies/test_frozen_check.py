@@ -25,7 +25,7 @@ from strategies.wire import (
     state_to_record,
 )
 from tests.conftest import FFA_LORA, exchange
-from tests.test_methods import (  # noqa: F401 - fixtures
+from tests.fedlora.methods.test_methods import (  # noqa: F401 - fixtures
     client_frozen,
     dense_check,
     experiment,
