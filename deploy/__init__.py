@@ -1,0 +1,2 @@
+"""Deployment: the local launcher (``python -m deploy.launch``), certificates and
+compose overlays."""

@@ -1,1 +1,2 @@
-"""Entry points: the Hydra front door, the ServerApp, benchmarks and reports."""
+"""The Hydra front door (``run.py``, which also launches the simulation), reports,
+benchmarks and studies."""

@@ -1,1 +1,2 @@
-"""Flower server strategies for federated LoRA (thin: the math is in ``fedlora``)."""
+"""Flower server side: the strategy composing a method, reply checks, central DP,
+the ServerApp, wire keys."""

@@ -195,49 +195,15 @@ class LoRAStrategy(FedAvg):
         clients that declined (privacy budget); malformed updates are rejected."""
         started = time.perf_counter()
         server_round += self.round_offset
-        replies = list(replies)
         entry = self.round_log.setdefault(server_round, {})
-        ok = [m for m in replies if not m.has_error()]
-        missing = max(entry.get("clients_sampled", 0) - len(replies), 0)
-        self.epsilon.update(checks.epsilons(ok))
-        accepted = checks.accept(
-            [m for m in ok if not checks.is_declined(m)],
-            self.sent,
-            self._digest,
-            self.method.max_update_norm_ratio,
-        )
-        self._track_frozen(ok, accepted.rejected)
-        entry.update(
-            failures=len(replies) - len(ok) + missing,
-            failure_reasons=checks.failures(replies, self.sampled, missing),
-            bytes_up=sum(payload_bytes(m.content) for m in ok),
-            declined=checks.declined(ok),
-            rejected=accepted.rejected,
-            clients=len(accepted.states),
-        )
-        if self.epsilon:
-            entry["epsilon"] = {str(k): v for k, v in sorted(self.epsilon.items())}
-            entry["epsilon_max"] = max(self.epsilon.values())
+        accepted = self._screen(list(replies), entry)
         if not self._enough(server_round, len(accepted.states)):
             return None, None
         weights = self.method.weights([c[KEY_NUM_EXAMPLES] for c in accepted.metrics])
         new = self.method.aggregate(accepted.states, weights)
-        overall, by_module = self.diagnose(accepted.states, weights, new)
-        entry.update(
-            aggregation_error=overall,
-            aggregation_error_by_module=by_module,
-            params_up=sum(num_parameters(s) for s in accepted.states),
-            client_replies=accepted.metrics,
-            **self.method.round_record(),
-        )
-        summary = {"aggregation_error": overall}
-        if all("train_loss" in c for c in accepted.metrics):  # not sent under DP
-            summary["train_loss"] = float(
-                np.dot(weights, [c["train_loss"] for c in accepted.metrics])
-            )
-        record = state_to_record(new)
+        summary = self._record(entry, accepted, weights, new)
         entry["server_aggregate_time"] = time.perf_counter() - started
-        return record, MetricRecord(summary)
+        return state_to_record(new), MetricRecord(summary)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -339,6 +305,57 @@ class LoRAStrategy(FedAvg):
         )
 
     # --- helpers -----------------------------------------------------------------
+    def _screen(self, replies: list[Message], entry: dict[str, Any]) -> checks.Accepted:
+        """Sort a round's replies into failures, declines, rejections and the
+        accepted updates; record them (and the privacy reported) in ``entry``."""
+        ok = [m for m in replies if not m.has_error()]
+        missing = max(entry.get("clients_sampled", 0) - len(replies), 0)
+        self.epsilon.update(checks.epsilons(ok))
+        accepted = checks.accept(
+            [m for m in ok if not checks.is_declined(m)],
+            self.sent,
+            self._digest,
+            self.method.max_update_norm_ratio,
+        )
+        self._track_frozen(ok, accepted.rejected)
+        entry.update(
+            failures=len(replies) - len(ok) + missing,
+            failure_reasons=checks.failures(replies, self.sampled, missing),
+            bytes_up=sum(payload_bytes(m.content) for m in ok),
+            declined=checks.declined(ok),
+            rejected=accepted.rejected,
+            clients=len(accepted.states),
+        )
+        if self.epsilon:
+            entry["epsilon"] = {str(k): v for k, v in sorted(self.epsilon.items())}
+            entry["epsilon_max"] = max(self.epsilon.values())
+        return accepted
+
+    def _record(
+        self,
+        entry: dict[str, Any],
+        accepted: checks.Accepted,
+        weights: np.ndarray,
+        new: State,
+    ) -> dict[str, float]:
+        """Record the aggregation's diagnostics in ``entry``; return the round's
+        summary metrics (the mean training loss only where every client sent one:
+        not under DP-SGD)."""
+        overall, by_module = self.diagnose(accepted.states, weights, new)
+        entry.update(
+            aggregation_error=overall,
+            aggregation_error_by_module=by_module,
+            params_up=sum(num_parameters(s) for s in accepted.states),
+            client_replies=accepted.metrics,
+            **self.method.round_record(),
+        )
+        summary = {"aggregation_error": overall}
+        if all("train_loss" in c for c in accepted.metrics):
+            summary["train_loss"] = float(
+                np.dot(weights, [c["train_loss"] for c in accepted.metrics])
+            )
+        return summary
+
     def _enough(self, server_round: int, usable: int) -> bool:
         """Whether ``usable`` updates make a round; stop after too many that don't."""
         if usable >= max(self.min_replies, 1):
