@@ -311,16 +311,10 @@ def gd_solve(
     return db, info
 
 
-def gd_correction(
-    bs: Sequence[np.ndarray],
-    as_: Sequence[np.ndarray],
-    p: np.ndarray,
-    lam: float,
-    max_iter: int = MAX_ITER,
-    tol: float = GRAD_TOL,
-) -> np.ndarray:
-    """``dB`` of :func:`gd_solve` (which documents the objective and the solver)."""
-    return gd_solve(bs, as_, p, lam, max_iter, tol)[0]
+def gd_correction(*args: Any, **kwargs: Any) -> np.ndarray:
+    """``dB`` of :func:`gd_solve` (same arguments; it documents the objective and
+    the solver)."""
+    return gd_solve(*args, **kwargs)[0]
 
 
 def correction(
