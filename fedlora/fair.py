@@ -108,27 +108,29 @@ class _Layer:
         }
 
 
+def _ridge_db(layer: _Layer, lam: float) -> np.ndarray:
+    """``dB = (C - Bbar G) (G + lambda I)^-1``, ``C - Bbar G = (ideal - Bbar Abar)
+    Abar^T``."""
+    rhs = layer.c - layer.bbar @ layer.gram
+    lhs = layer.gram + lam * np.eye(layer.gram.shape[0])
+    return np.linalg.solve(lhs.T, rhs.T).T  # rhs @ inv(lhs); lhs is symmetric
+
+
 def ridge_correction(
     bs: Sequence[np.ndarray], as_: Sequence[np.ndarray], p: np.ndarray, lam: float
 ) -> np.ndarray:
     """Closed form ``dB = (ideal - Bbar Abar) Abar^T (Abar Abar^T + lambda I)^-1``."""
-    bs64 = [b.astype(np.float64) for b in bs]
-    as64 = [a.astype(np.float64) for a in as_]
-    abar = sum(w * a for w, a in zip(p, as64, strict=True))
-    bbar = sum(w * b for w, b in zip(p, bs64, strict=True))
-    gram = abar @ abar.T
-    rhs = _ideal_dot(bs64, as64, p, abar) - bbar @ gram  # (ideal - Bbar Abar) Abar^T
-    lhs = gram + lam * np.eye(gram.shape[0])
-    return np.linalg.solve(lhs.T, rhs.T).T  # rhs @ inv(lhs); lhs is symmetric
+    return _ridge_db(_Layer.build(bs, as_, p), lam)
 
 
 def ridge_solve(
     bs: Sequence[np.ndarray], as_: Sequence[np.ndarray], p: np.ndarray, lam: float
 ) -> tuple[np.ndarray, SolverInfo]:
-    """:func:`ridge_correction` and its :data:`SolverInfo`; the objective reported
-    is ridge's own, ``(||ideal - M Abar||^2 + lambda ||dB||^2) / ||ideal||^2``."""
-    db = ridge_correction(bs, as_, p, lam)
+    """:func:`ridge_correction` and its :data:`SolverInfo` (one pass over the
+    factors for both); the objective reported is ridge's own,
+    ``(||ideal - M Abar||^2 + lambda ||dB||^2) / ||ideal||^2``."""
     layer = _Layer.build(bs, as_, p)
+    db = _ridge_db(layer, lam)
 
     def objective(d: np.ndarray) -> float:
         if layer.ideal_norm == 0.0:
