@@ -176,8 +176,9 @@ class LoRAStrategy(FedAvg):
         them; remember what was sent and its size."""
         server_round += self.round_offset
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        if self.method.ships_frozen:
-            messages = [self._with_frozen(m) for m in messages]
+        if self.method.ships_frozen:  # serialised once for every node lacking them
+            frozen = state_to_record(self.frozen)
+            messages = [self._with_frozen(m, frozen) for m in messages]
         self.sent = record_to_state(arrays)
         self.sampled = [m.metadata.dst_node_id for m in messages]
         self.round_log[server_round] = {
@@ -379,13 +380,11 @@ class LoRAStrategy(FedAvg):
         )
         return False
 
-    def _with_frozen(self, msg: Message) -> Message:
+    def _with_frozen(self, msg: Message, frozen: ArrayRecord) -> Message:
         """``msg`` plus the frozen factors, for a node that does not hold them."""
         if msg.metadata.dst_node_id in self.has_frozen:
             return msg
-        content = RecordDict(
-            {**dict(msg.content.items()), KEY_FROZEN: state_to_record(self.frozen)}
-        )
+        content = RecordDict({**dict(msg.content.items()), KEY_FROZEN: frozen})
         return Message(
             content=content,
             message_type=msg.metadata.message_type,
