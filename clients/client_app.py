@@ -23,21 +23,30 @@ from flwr.clientapp import ClientApp
 from fedlora import privacy
 from fedlora.adapters import (
     FROZEN_CRC_KEY,
+    check_state,
     frozen_digest,
     get_state,
+    load_state,
+    set_base_delta,
     set_frozen_state,
-    set_state,
+    set_trainable,
 )
-from fedlora.build import build_cached
+from fedlora.base_delta import BaseDelta
+from fedlora.build import build_cached, initial_state
 from fedlora.data import client_examples
 from fedlora.lora_sb import gradient_sums
-from fedlora.methods import from_settings
+from fedlora.methods import Method, from_settings
 from fedlora.models import resolve_device
 from fedlora.settings import Settings
 from fedlora.train import evaluate as evaluate_model
 from fedlora.train import train_local
 from strategies.wire import (
     KEY_ARRAYS,
+    KEY_BASE,
+    KEY_BASE_FROM,
+    KEY_BASE_ROUND,
+    KEY_BASE_SYNC,
+    KEY_BASE_TO,
     KEY_CALIBRATION,
     KEY_CONFIG,
     KEY_DECLINED,
@@ -51,7 +60,10 @@ from strategies.wire import (
     KEY_REASON,
     KEY_ROUND,
     KEY_RUN_ID,
+    KEY_STATE_BASE,
+    KEY_STATE_BASE_ROUND,
     KEY_STATE_FROZEN,
+    KEY_STATE_LOCAL,
     PHASE_GRADIENT,
     record_to_state,
     state_to_record,
@@ -62,7 +74,8 @@ log = logging.getLogger("fedlora")
 
 
 def _setup(msg: Message, context: Context) -> tuple[Any, ...]:
-    """Settings, model (global adapter loaded), tokenizer, device, partition."""
+    """Settings, method, model (the global adapter and this node's own state
+    loaded, this round's trainable set), tokenizer, device, partition."""
     config = msg.content[KEY_CONFIG]
     cfg = Settings.from_dict(json.loads(str(config[KEY_EXPERIMENT])))
     node = context.node_config
@@ -70,7 +83,8 @@ def _setup(msg: Message, context: Context) -> tuple[Any, ...]:
     num_parts = int(node.get("num-partitions", cfg.federation.num_clients))
     if node.get("data-path"):  # a real site points at its own data
         cfg = replace(cfg, data=replace(cfg.data, path=str(node["data-path"])))
-    overrides = from_settings(cfg).client_overrides(pid)  # e.g. a rank
+    method = from_settings(cfg)
+    overrides = method.client_overrides(pid)  # e.g. a rank
     if overrides:
         cfg = replace(cfg, adapter=replace(cfg.adapter, **overrides))
     threads = int(cfg.train.num_threads or 0)
@@ -83,9 +97,62 @@ def _setup(msg: Message, context: Context) -> tuple[Any, ...]:
         context.state[KEY_STATE_FROZEN] = msg.content[KEY_FROZEN]
     if KEY_STATE_FROZEN in context.state:
         set_frozen_state(model, record_to_state(context.state[KEY_STATE_FROZEN]))
-    if KEY_ARRAYS in msg.content:
-        set_state(model, record_to_state(msg.content[KEY_ARRAYS]))
-    return cfg, model, tokenizer, device, pid, num_parts
+    _load_adapter(msg, context, method, model, int(config.get(KEY_ROUND, 0)))
+    if method.folds_into_base:
+        _sync_base(msg, context, model)
+    return cfg, method, model, tokenizer, device, pid, num_parts
+
+
+def _load_adapter(
+    msg: Message, context: Context, method: Method, model: Any, server_round: int
+) -> None:
+    """Load the global adapter and this node's local keys (its own, or their
+    seeded values for a node that has none), and train this round's keys only."""
+    initial = initial_state(model)
+    local = {k: v for k, v in initial.items() if method.keeps_local(k)}
+    if local and KEY_STATE_LOCAL in context.state:
+        local = record_to_state(context.state[KEY_STATE_LOCAL])
+    sent = record_to_state(msg.content[KEY_ARRAYS]) if KEY_ARRAYS in msg.content else {}
+    if sent:  # all of it: a model reused across nodes holds another's values
+        state = {**sent, **local}
+        check_state({k: v.shape for k, v in initial.items()}, state)
+        load_state(model, state)
+    set_trainable(model, [k for k in initial if method.trains(k, server_round)])
+
+
+def _sync_base(msg: Message, context: Context, model: Any) -> None:
+    """Bring this node's summed base-weight folds up to date with the folds the
+    message carries, keep them in the node's state, and set the base weights.
+
+    Raises
+    ------
+    RuntimeError
+        The folds continue from a round this node does not hold (it lost its
+        state): the server then sends the whole sum next time.
+    """
+    held = BaseDelta()
+    held_round = 0
+    if KEY_STATE_BASE in context.state:
+        held = BaseDelta.from_state(record_to_state(context.state[KEY_STATE_BASE]))
+        held_round = int(context.state[KEY_STATE_BASE_ROUND][KEY_BASE_TO])
+    if KEY_BASE_SYNC in msg.content:
+        sync = msg.content[KEY_BASE_SYNC]
+        start, end = int(sync[KEY_BASE_FROM]), int(sync[KEY_BASE_TO])
+        folds = BaseDelta.from_state(record_to_state(msg.content[KEY_BASE]))
+        if start == 0:
+            held = folds
+        elif start == held_round:
+            held.add_delta(folds)
+        else:
+            raise RuntimeError(
+                f"base-weight folds continue from round {start}, but this node "
+                f"holds them up to round {held_round}; the server will send the "
+                "whole sum next time"
+            )
+        held_round = end
+        context.state[KEY_STATE_BASE] = state_to_record(held.to_state())
+    set_base_delta(model, held.matrices())
+    context.state[KEY_STATE_BASE_ROUND] = ConfigRecord({KEY_BASE_TO: held_round})
 
 
 def _cache_dir(context: Context) -> str | None:
@@ -97,7 +164,7 @@ def _cache_dir(context: Context) -> str | None:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the global adapter on this node's partition; reply with trained parts."""
-    cfg, model, tokenizer, device, pid, num_parts = _setup(msg, context)
+    cfg, method, model, tokenizer, device, pid, num_parts = _setup(msg, context)
     examples, _ = client_examples(cfg, tokenizer, pid, num_parts, _cache_dir(context))
     if msg.content[KEY_CONFIG].get(KEY_PHASE) == PHASE_GRADIENT:
         _refuse_under_dp(cfg, "send the summed gradients of its data (Fed-SB init)")
@@ -133,11 +200,16 @@ def train(msg: Message, context: Context) -> Message:
             "steps": int(result["steps"]),
             "train_time": result["train_time"],
         }
-    metrics = MetricRecord(
-        {**public, KEY_PARTITION: pid, FROZEN_CRC_KEY: frozen_digest(model)}
-    )
+    trained = get_state(model)
+    local = {k: v for k, v in trained.items() if method.keeps_local(k)}
+    if local:  # kept in the node, never sent
+        context.state[KEY_STATE_LOCAL] = state_to_record(local)
+    public.update({KEY_PARTITION: pid, FROZEN_CRC_KEY: frozen_digest(model)})
+    if method.folds_into_base:
+        public[KEY_BASE_ROUND] = int(context.state[KEY_STATE_BASE_ROUND][KEY_BASE_TO])
+    update = {k: v for k, v in trained.items() if k not in local}
     content = RecordDict(
-        {KEY_ARRAYS: state_to_record(get_state(model)), KEY_METRICS: metrics}
+        {KEY_ARRAYS: state_to_record(update), KEY_METRICS: MetricRecord(public)}
     )
     return Message(content=content, reply_to=msg)
 
@@ -260,7 +332,7 @@ def _gradient_reply(
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global adapter on this node's held-out slice."""
-    cfg, model, tokenizer, device, pid, num_parts = _setup(msg, context)
+    cfg, _, model, tokenizer, device, pid, num_parts = _setup(msg, context)
     _refuse_under_dp(cfg, "report its exact loss and accuracy on its own examples")
     _, examples = client_examples(cfg, tokenizer, pid, num_parts, _cache_dir(context))
     if not examples:

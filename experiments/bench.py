@@ -590,11 +590,11 @@ def server_arm(
     strategy = make_strategy(method, frozen, **({"solver": solver} if solver else {}))
     p = client_weights([100 + k for k in range(1, clients + 1)], "num_examples")
     t_mean = timed(lambda: numpy_mean(states, p), repeats)
-    t_agg = timed(lambda: strategy.method.aggregate(states, p), repeats)
+    t_agg = timed(lambda: strategy.method.aggregate(states, p, states[0]), repeats)
     msgs = replies(states, sent, frozen)
 
     def server_round() -> None:
-        strategy.sent = record_to_state(state_to_record(sent))
+        strategy.begin_round(1, record_to_state(state_to_record(sent)))
         strategy.round_log = {1: {"clients_sampled": clients}}
         strategy.aggregate_train(1, msgs)
 
@@ -708,7 +708,7 @@ def _child_server(args: dict[str, Any]) -> dict[str, Any]:
     raw = sum(v.nbytes for s in states for v in s.values()) / 2**20
     del states  # the server holds the replies, not our copies
     before = reset_peak_rss()
-    strategy.sent = record_to_state(state_to_record(sent))
+    strategy.begin_round(1, record_to_state(state_to_record(sent)))
     strategy.round_log = {1: {"clients_sampled": args["clients"]}}
     strategy.aggregate_train(1, msgs)
     return {"peak_rss_mb": peak_rss_mb(), "before_mb": before, "updates_mb": raw}

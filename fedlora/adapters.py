@@ -14,8 +14,9 @@ are trained, sent and aggregated; frozen tensors never travel.
 
 from __future__ import annotations
 
+import weakref
 import zlib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -179,6 +180,84 @@ def check_state(expected: dict[str, tuple[int, ...]], state: dict[str, Any]) -> 
 def set_state(model: torch.nn.Module, state: dict[str, np.ndarray]) -> None:
     """Load a wire state into the trainable tensors of ``model`` (in place)."""
     _copy_in(trainable_parameters(model), state)
+
+
+def load_state(model: torch.nn.Module, state: Mapping[str, Any]) -> None:
+    """Load ``state`` into the parameters of those wire names, trainable or not
+    (a method may freeze a wire key for a round, e.g. RoLoRA).
+
+    Raises
+    ------
+    StateMismatchError
+        A key the model does not have, or a shape that differs.
+    """
+    params = {wire_name(n): p for n, p in model.named_parameters()}
+    unknown = sorted(set(state) - set(params))
+    if unknown:
+        raise StateMismatchError(
+            f"adapter state keys the model lacks: {unknown[:5]} ({len(unknown)}); "
+            "were both sides built from the same model and adapter settings?"
+        )
+    _copy_in({k: params[k] for k in state}, state)
+
+
+def set_trainable(model: torch.nn.Module, keys: Collection[str]) -> None:
+    """Train exactly the parameters whose wire names are in ``keys``."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(wire_name(name) in keys)
+
+
+#: each model's base weights as built, for models whose base weights get a delta
+_PRISTINE: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, torch.Tensor]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def set_base_delta(model: torch.nn.Module, delta: Mapping[str, np.ndarray]) -> None:
+    """Set every adapted layer's base weight to its value as built plus
+    ``delta[layer]`` (``d_out x d_in``; a layer not in ``delta``: as built).
+
+    The sum is formed in float64 and rounded once to the weight's dtype, so the
+    same delta gives the same weights whatever the model held before (a model
+    reused across simulated nodes).
+    """
+    layers = {
+        wire_name(n): m
+        for n, m in model.named_modules()
+        if isinstance(getattr(m, "base_layer", None), torch.nn.Linear)
+    }
+    unknown = sorted(set(delta) - set(layers))
+    if unknown:
+        raise StateMismatchError(
+            f"base delta for layers the model lacks: {unknown[:5]}"
+        )
+    if model not in _PRISTINE:
+        _PRISTINE[model] = {
+            k: m.base_layer.weight.detach().to("cpu", torch.float64).clone()
+            for k, m in layers.items()
+        }
+    pristine = _PRISTINE[model]
+    with torch.no_grad():
+        for layer, module in layers.items():
+            weight = pristine[layer]
+            if layer in delta:
+                add = torch.as_tensor(np.asarray(delta[layer], dtype=np.float64))
+                if tuple(add.shape) != tuple(weight.shape):
+                    raise StateMismatchError(
+                        f"{layer}: base delta of shape {tuple(add.shape)}, weight "
+                        f"{tuple(weight.shape)}"
+                    )
+                weight = weight + add
+            target = module.base_layer.weight
+            target.copy_(weight.to(target.device, target.dtype))
+
+
+def base_weight(model: torch.nn.Module, layer: str) -> np.ndarray:
+    """The base weight of adapted layer ``layer`` (wire name), as float64."""
+    for n, m in model.named_modules():
+        if wire_name(n) == layer and hasattr(m, "base_layer"):
+            return m.base_layer.weight.detach().to("cpu", torch.float64).numpy().copy()
+    raise KeyError(layer)
 
 
 def lora_layers(state: dict[str, Any]) -> dict[str, tuple[str, str]]:

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import weakref
 from typing import Any
 
 import torch
 
-from fedlora.adapters import wrap_with_lora
+from fedlora.adapters import get_state, wrap_with_lora
 from fedlora.methods import from_settings
 from fedlora.models import load_base_model, load_tokenizer
 from fedlora.settings import Settings
 
 _CACHE: dict[str, tuple[torch.nn.Module, Any]] = {}
+_INITIAL: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Any]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def build(settings: Settings, plain: bool = False) -> tuple[torch.nn.Module, Any]:
@@ -30,13 +34,21 @@ def build(settings: Settings, plain: bool = False) -> tuple[torch.nn.Module, Any
     model = wrap_with_lora(model, s.adapter, s.model.task, seed)
     if not plain:
         from_settings(s).parametrise(model)
+    _INITIAL[model] = get_state(model)
     return model, tokenizer
+
+
+def initial_state(model: torch.nn.Module) -> dict[str, Any]:
+    """The wire state ``model`` had when :func:`build` made it: every key the
+    method trains, at its seeded value (a node's start for keys it keeps local)."""
+    return _INITIAL[model]
 
 
 def build_cached(settings: Settings) -> tuple[torch.nn.Module, Any]:
     """Like :func:`build`, but reuse the model built for the same settings in this
-    process (a simulation worker serves many rounds; every round overwrites all
-    trainable tensors, so reuse is safe)."""
+    process (a simulation worker serves many nodes and rounds: each message resets
+    what it uses, the wire state, the trainable set and the base weights, from the
+    message and the node's state)."""
     key = json.dumps(
         [
             settings.model.to_dict(),

@@ -15,6 +15,7 @@ from fedlora.adapters import FROZEN_CRC_KEY, FROZEN_DIFFER, FROZEN_MISSING
 from fedlora.updates import check_update, update_norm_outliers
 from strategies.wire import (
     KEY_ARRAYS,
+    KEY_BASE_ROUND,
     KEY_CONFIG,
     KEY_DECLINED,
     KEY_EPSILON,
@@ -26,6 +27,8 @@ from strategies.wire import (
 )
 
 log = logging.getLogger(__name__)
+#: how the reason for rejecting a reply whose base weights differ begins
+FOLDS_DIFFER = "base-weight folds differ from the server's"
 State = dict[str, Any]
 
 
@@ -125,12 +128,30 @@ def frozen_mismatch(metrics: dict[str, Any], digest: int | None) -> str | None:
     return None
 
 
+def fold_mismatch(metrics: dict[str, Any], sent_to: int | None) -> str | None:
+    """Why a reply's base weights are not the server's (the last fold round it
+    reports, ``base-round``, is not ``sent_to``, the one it was sent), or None."""
+    theirs = metrics.get(KEY_BASE_ROUND)
+    if theirs is None or sent_to is None or int(theirs) != int(sent_to):
+        return (
+            f"{FOLDS_DIFFER}: the node holds folds up to round {theirs}, the "
+            f"server sent them up to round {sent_to}"
+        )
+    return None
+
+
 def accept(
-    replies: list[Message], sent: State, digest: int | None, max_ratio: float
+    replies: list[Message],
+    sent: State,
+    digest: int | None,
+    max_ratio: float,
+    folds_sent: dict[int, int] | None = None,
 ) -> Accepted:
     """Decode and check every reply against what was ``sent``: keys, shapes, finite
-    values, example count, frozen factors (``digest``), and the update-norm outlier
-    rule (``max_ratio`` times the median; 0 turns it off)."""
+    values, example count, frozen factors (``digest``), base-weight folds (the
+    round sent to each node, ``folds_sent``; None: the method folds nothing), and
+    the update-norm outlier rule (``max_ratio`` times the median; 0 turns it
+    off)."""
     expected = {k: v.shape for k, v in sent.items()}
     decoded: list[tuple[int, State, dict[str, Any]]] = []
     out = Accepted()
@@ -141,6 +162,8 @@ def accept(
             metrics = dict(m.content[KEY_METRICS])
             reason = check_update(state, expected, metrics.get(KEY_NUM_EXAMPLES))
             reason = reason or frozen_mismatch(metrics, digest)
+            if folds_sent is not None:
+                reason = reason or fold_mismatch(metrics, folds_sent.get(node))
         except Exception as exc:  # noqa: BLE001 - any malformed payload
             reason = f"undecodable reply: {type(exc).__name__}: {exc}"
         if reason is None:

@@ -26,6 +26,7 @@ from fedlora import checkpoint, results
 from fedlora.adapters import (
     get_frozen_state,
     get_state,
+    set_base_delta,
     set_frozen_state,
     set_state,
 )
@@ -133,6 +134,8 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         server_round += done  # Flower counts the rounds of this process from 1
         eval_start = time.perf_counter()
         set_state(model, record_to_state(arrays))
+        if method.method.folds_into_base:
+            set_base_delta(model, method.folds.total.matrices())
         metrics = evaluate(
             model,
             eval_examples,

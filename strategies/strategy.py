@@ -32,6 +32,7 @@ from fedlora.adapters import (
     FROZEN_MISSING,
     frozen_digest,
 )
+from fedlora.base_delta import BaseDelta, FoldLog
 from fedlora.comm import num_parameters
 from fedlora.diagnostics import aggregation_error, frozen_triangles, shared_factor_error
 from fedlora.methods import InitInputs, Method, from_settings
@@ -39,6 +40,10 @@ from fedlora.settings import Settings
 from strategies import replies as checks
 from strategies.wire import (
     KEY_ARRAYS,
+    KEY_BASE,
+    KEY_BASE_FROM,
+    KEY_BASE_SYNC,
+    KEY_BASE_TO,
     KEY_CALIBRATION,
     KEY_CONFIG,
     KEY_FROZEN,
@@ -81,6 +86,11 @@ class LoRAStrategy(FedAvg):
     ----------
     frozen : dict
         The frozen LoRA factors every party shares (FFA's ``A``, Fed-SB's ``B``, ``A``).
+    folds : FoldLog
+        What the method folded into the base weights, in total and by round.
+    current, sent : dict
+        This round's whole global state, and what of it went down (without the
+        keys nodes keep for themselves).
     round_offset : int
         Rounds completed before Flower's loop started (a resumed run). Flower numbers
         its rounds from 1; every hook adds this offset first, so the messages'
@@ -108,8 +118,14 @@ class LoRAStrategy(FedAvg):
         self._frozen: State = {}
         self._digest: int | None = None
         self._triangles: dict[str, Any] | None = None  # frozen factors' QR, cached
-        self.sent: State = {}  # what this round's train messages carried
+        self.current: State = {}  # this round's global state, all of it
+        self.sent: State = {}  # what of it this round's train messages carried
+        self.expected: State = {}  # what of it the clients train and send back
         self.sampled: list[int] = []  # node ids of this round's train messages
+        self.folds = FoldLog()
+        self.node_folds: dict[int, int] = {}  # node -> last fold round it holds
+        self._folds_sent: dict[int, int] = {}  # node -> fold round this round sent
+        self._eval_folds_sent: dict[int, int] = {}  # ... in its evaluate messages
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LoRAStrategy:
@@ -166,20 +182,27 @@ class LoRAStrategy(FedAvg):
 
     def export(self, state: State) -> State:
         """The final adapter as plain PEFT LoRA."""
-        return self.method.export(state, self.frozen)
+        base = self.folds.total.matrices() if self.folds.total else None
+        return self.method.export(state, self.frozen, base)
 
     # --- Flower hooks ------------------------------------------------------------
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Sample clients as FedAvg does; ship frozen factors to nodes lacking
+        """Sample clients as FedAvg does, sending the global state but the keys
+        nodes keep; ship frozen factors and base-weight folds to nodes lacking
         them; remember what was sent and its size."""
         server_round += self.round_offset
+        method = self.method
+        if self.begin_round(server_round, record_to_state(arrays)):
+            arrays = state_to_record(self.sent)
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        if self.method.ships_frozen:  # serialised once for every node lacking them
+        if method.ships_frozen:  # serialised once for every node lacking them
             frozen = state_to_record(self.frozen)
             messages = [self._with_frozen(m, frozen) for m in messages]
-        self.sent = record_to_state(arrays)
+        if method.folds_into_base:
+            self._folds_sent = {}
+            messages = [self._with_folds(m, self._folds_sent) for m in messages]
         self.sampled = [m.metadata.dst_node_id for m in messages]
         self.round_log[server_round] = {
             "clients_sampled": len(messages),
@@ -187,6 +210,18 @@ class LoRAStrategy(FedAvg):
             "params_down": num_parameters(self.sent) * len(messages),
         }
         return messages
+
+    def begin_round(self, server_round: int, state: State) -> bool:
+        """Make ``state`` this round's global state: set :attr:`current`,
+        :attr:`sent` (without the keys nodes keep) and :attr:`expected` (what the
+        clients train and send back). Returns whether :attr:`sent` is smaller."""
+        method = self.method
+        self.current = dict(state)
+        self.sent = {k: v for k, v in state.items() if not method.keeps_local(k)}
+        self.expected = {
+            k: v for k, v in self.sent.items() if method.trains(k, server_round)
+        }
+        return len(self.sent) < len(self.current)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -200,19 +235,29 @@ class LoRAStrategy(FedAvg):
         accepted = self._screen(list(replies), entry)
         if not self._enough(server_round, len(accepted.states)):
             return None, None
-        weights = self.method.weights([c[KEY_NUM_EXAMPLES] for c in accepted.metrics])
-        new = self.method.aggregate(accepted.states, weights)
-        summary = self._record(entry, accepted, weights, new)
+        method, states = self.method, accepted.states
+        weights = method.weights([c[KEY_NUM_EXAMPLES] for c in accepted.metrics])
+        new = {**self.current, **method.aggregate(states, weights, self.sent)}
+        fold = method.fold(states, weights, self.sent)
+        self.folds.add(server_round, fold)
+        summary = self._record(entry, accepted, weights, new, fold)
         entry["server_aggregate_time"] = time.perf_counter() - started
         return state_to_record(new), MetricRecord(summary)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """FedAvg's evaluation messages, with the real round as ``server-round``."""
-        return super().configure_evaluate(
-            server_round + self.round_offset, arrays, config, grid
+        """FedAvg's evaluation messages, with the real round as ``server-round``
+        (and the base-weight folds each node lacks)."""
+        messages = list(
+            super().configure_evaluate(
+                server_round + self.round_offset, arrays, config, grid
+            )
         )
+        if self.method.folds_into_base:
+            self._eval_folds_sent = {}
+            messages = [self._with_folds(m, self._eval_folds_sent) for m in messages]
+        return messages
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -221,6 +266,13 @@ class LoRAStrategy(FedAvg):
         with the clients' summed evaluation time (``client_eval_time``)."""
         server_round += self.round_offset
         replies = list(replies)
+        if self.method.folds_into_base:  # who now holds the folds sent
+            for m in replies:
+                node = m.metadata.src_node_id
+                if m.has_error():
+                    self.node_folds.pop(node, None)
+                elif node in self._eval_folds_sent:
+                    self.node_folds[node] = self._eval_folds_sent[node]
         metrics = super().aggregate_evaluate(server_round, replies)
         if metrics is not None:
             entry = self.round_log.setdefault(server_round, {})
@@ -237,12 +289,14 @@ class LoRAStrategy(FedAvg):
     # --- checkpoints -------------------------------------------------------------
     def checkpoint_state(self) -> tuple[dict[str, State], dict[str, Any]]:
         """What a checkpoint must keep to continue: ``(array groups, JSON state)``:
-        the frozen factors; the method's name and state, the latest epsilon per
-        partition and the count of consecutive failed rounds."""
+        the frozen factors and the summed base-weight folds; the method's name and
+        state, the latest epsilon per partition and the count of consecutive failed
+        rounds."""
         return (
-            {"frozen": dict(self.frozen)},
+            {"frozen": dict(self.frozen), "base": self.folds.total.to_state()},
             {
                 "name": self.name,
+                "base_round": self.folds.latest,
                 "method": self.method.state_dict(),
                 "failed_rounds": self.failed_rounds,
                 "epsilon": {str(k): v for k, v in sorted(self.epsilon.items())},
@@ -252,8 +306,9 @@ class LoRAStrategy(FedAvg):
     def restore_state(self, arrays: dict[str, State], state: dict[str, Any]) -> None:
         """Take back what :meth:`checkpoint_state` saved (instead of initialising).
 
-        No node is assumed to hold shipped frozen factors: a resumed run is a new
-        Flower run whose nodes start with empty state, so each gets them again.
+        No node is assumed to hold shipped frozen factors or base-weight folds: a
+        resumed run is a new Flower run whose nodes start with empty state, so each
+        gets them again (the folds as their sum).
 
         Raises
         ------
@@ -273,21 +328,37 @@ class LoRAStrategy(FedAvg):
         self.failed_rounds = int(state.get("failed_rounds", 0))
         self.epsilon = {int(k): float(v) for k, v in state.get("epsilon", {}).items()}
         self.has_frozen = set()
+        base = BaseDelta.from_state(arrays.get("base", {}))
+        self.folds.restart(base, int(state.get("base_round", 0)))
+        self.node_folds = {}
 
     # --- diagnostics -------------------------------------------------------------
     def diagnose(
-        self, states: list[State], weights: np.ndarray, new: State
-    ) -> tuple[float, dict[str, float]]:
+        self,
+        states: list[State],
+        weights: np.ndarray,
+        new: State,
+        fold: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    ) -> tuple[float | None, dict[str, float]]:
         """The round's aggregation error, overall and by module (see
-        :mod:`fedlora.diagnostics`), from the sent, returned and new states."""
+        :mod:`fedlora.diagnostics`), from the sent, returned and new states and
+        the round's fold into the base weights; None where the server does not see
+        the clients' whole adapters (keys nodes keep)."""
+        if len(self.sent) < len(self.current):
+            return None, {}
+        states = [{**self.sent, **s} for s in states]  # keys frozen this round
         layers = self.method.shared_layers(self.sent)
-        if not layers:
+        if not layers or fold:
             factors = self.method.layer_factors
+            after = factors(new, self.frozen)
+            for layer, (u, v) in (fold or {}).items():  # s (B A) + U V
+                b, a = after[layer]
+                after[layer] = (np.hstack([b, u / self.scaling]), np.vstack([a, v]))
             return aggregation_error(
                 [factors(s, self.frozen) for s in states],
                 weights,
                 factors(self.sent, self.frozen),
-                factors(new, self.frozen),
+                after,
                 self.scaling,
             )
         if self._triangles is None:
@@ -314,11 +385,13 @@ class LoRAStrategy(FedAvg):
         self.epsilon.update(checks.epsilons(ok))
         accepted = checks.accept(
             [m for m in ok if not checks.is_declined(m)],
-            self.sent,
+            self.expected,
             self._digest,
             self.method.max_update_norm_ratio,
+            self._folds_sent if self.method.folds_into_base else None,
         )
         self._track_frozen(ok, accepted.rejected)
+        self._track_folds(ok, accepted.rejected)
         entry.update(
             failures=len(replies) - len(ok) + missing,
             failure_reasons=checks.failures(replies, self.sampled, missing),
@@ -338,11 +411,12 @@ class LoRAStrategy(FedAvg):
         accepted: checks.Accepted,
         weights: np.ndarray,
         new: State,
+        fold: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
     ) -> dict[str, float]:
         """Record the aggregation's diagnostics in ``entry``; return the round's
         summary metrics (the mean training loss only where every client sent one:
         not under DP-SGD)."""
-        overall, by_module = self.diagnose(accepted.states, weights, new)
+        overall, by_module = self.diagnose(accepted.states, weights, new, fold)
         entry.update(
             aggregation_error=overall,
             aggregation_error_by_module=by_module,
@@ -350,7 +424,7 @@ class LoRAStrategy(FedAvg):
             client_replies=accepted.metrics,
             **self.method.round_record(),
         )
-        summary = {"aggregation_error": overall}
+        summary = {} if overall is None else {"aggregation_error": overall}
         if all("train_loss" in c for c in accepted.metrics):
             summary["train_loss"] = float(
                 np.dot(weights, [c["train_loss"] for c in accepted.metrics])
@@ -384,12 +458,32 @@ class LoRAStrategy(FedAvg):
         """``msg`` plus the frozen factors, for a node that does not hold them."""
         if msg.metadata.dst_node_id in self.has_frozen:
             return msg
-        content = RecordDict({**dict(msg.content.items()), KEY_FROZEN: frozen})
-        return Message(
-            content=content,
-            message_type=msg.metadata.message_type,
-            dst_node_id=msg.metadata.dst_node_id,
+        return _with(msg, {KEY_FROZEN: frozen})
+
+    def _with_folds(self, msg: Message, log_to: dict[int, int]) -> Message:
+        """``msg`` plus the base-weight folds its node lacks (all of them, summed,
+        for a node the server knows nothing of); ``log_to[node]``: the last fold
+        round sent."""
+        node = msg.metadata.dst_node_id
+        start, delta = self.folds.since(self.node_folds.get(node))
+        log_to[node] = self.folds.latest
+        sync = ConfigRecord({KEY_BASE_FROM: start, KEY_BASE_TO: self.folds.latest})
+        return _with(
+            msg, {KEY_BASE: state_to_record(delta.to_state()), KEY_BASE_SYNC: sync}
         )
+
+    def _track_folds(self, ok: list[Message], rejected: list[dict[str, Any]]) -> None:
+        """Nodes whose update was accepted hold the folds sent to them; any other
+        sampled node (failed, rejected) gets the whole sum next time."""
+        if not self.method.folds_into_base:
+            return
+        refused = {r["node"] for r in rejected}
+        for node in self.sampled:
+            self.node_folds.pop(node, None)
+        for m in ok:
+            node = m.metadata.src_node_id
+            if node not in refused and node in self._folds_sent:
+                self.node_folds[node] = self._folds_sent[node]
 
     def _track_frozen(self, ok: list[Message], rejected: list[dict[str, Any]]) -> None:
         """Nodes that replied hold the shipped frozen factors from now on, except
@@ -438,3 +532,12 @@ class LoRAStrategy(FedAvg):
             "failures": len(messages) - len(replies),
         }
         return {k: np.sum([g[k] for g in grads], axis=0) for k in grads[0]}
+
+
+def _with(msg: Message, records: dict[str, Any]) -> Message:
+    """A copy of the outgoing ``msg`` with ``records`` added to its content."""
+    return Message(
+        content=RecordDict({**dict(msg.content.items()), **records}),
+        message_type=msg.metadata.message_type,
+        dst_node_id=msg.metadata.dst_node_id,
+    )

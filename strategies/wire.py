@@ -50,3 +50,11 @@ KEY_CALIBRATION = "calibration-examples"  # ... over this many of a client's exa
 KEY_STATE_FROZEN = "fedlora.frozen"  # where a node keeps the frozen factors
 KEY_RUN_ID = "fedlora-run"  # config key: the run's id (kept across a resume), which
 #   keys each client's privacy ledger
+KEY_BASE = "base"  # ArrayRecord: the base-weight folds a node lacks (base_delta wire)
+KEY_BASE_SYNC = "base-sync"  # ConfigRecord beside it: KEY_BASE_FROM, KEY_BASE_TO
+KEY_BASE_FROM = "from"  # the round the folds continue from (0: they are the whole sum)
+KEY_BASE_TO = "to"  # the round of the last fold they hold
+KEY_BASE_ROUND = "base-round"  # reply metric: the last fold round the node holds
+KEY_STATE_BASE = "fedlora.base"  # where a node keeps its summed folds
+KEY_STATE_BASE_ROUND = "fedlora.base-round"  # ... and the round they reach
+KEY_STATE_LOCAL = "fedlora.local"  # where a node keeps its local keys (FedSA's B)

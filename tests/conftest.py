@@ -152,7 +152,7 @@ def exchange(strategy: Any, global_state: dict, contents: list) -> list:
     from strategies.wire import record_to_state, state_to_record
 
     arrays = state_to_record(global_state)
-    strategy.sent = record_to_state(arrays)
+    strategy.begin_round(1, record_to_state(arrays))
     strategy.sampled = list(range(1, len(contents) + 1))
     strategy.round_log.setdefault(1, {})["clients_sampled"] = len(contents)
     replies = []

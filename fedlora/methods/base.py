@@ -5,17 +5,24 @@ A method says, in one object:
 - how the client parametrises its adapter (:meth:`Method.parametrise`: what is
   trained, what is frozen; the frozen factors come from the shared seed or from the
   server),
-- what travels: the trainable wire state up and down each round, plus, when
-  :attr:`Method.ships_frozen`, the frozen factors once per node (a node keeps them
-  between rounds),
-- the server step (:meth:`Method.aggregate`, a pure function of the clients' states
-  and weights; its equation in the docstring),
+- what travels: the trainable wire state down, minus what each node keeps for
+  itself (:meth:`Method.keeps_local`, e.g. FedSA-LoRA's ``B``); up, what the client
+  trained this round (:meth:`Method.trains`, e.g. RoLoRA's alternating factor); plus,
+  when :attr:`Method.ships_frozen`, the frozen factors once per node (a node keeps
+  them between rounds),
+- the server step (:meth:`Method.aggregate`, a pure function of the clients' states,
+  their weights and what was sent; its equation in the docstring), and what it folds
+  into every party's base weights (:meth:`Method.fold`, e.g. FedEx-LoRA's residual;
+  the strategy sends each node the folds it lacks, see :mod:`fedlora.base_delta`),
 - any initialisation protocol (:meth:`Method.initialize`, e.g. Fed-SB's init round,
   reached through :class:`InitInputs`' callables),
 - per-client settings (:meth:`Method.client_overrides`, e.g. a client's rank),
 - the effective adapter for diagnostics (:meth:`Method.layer_factors`) and its
   export as plain PEFT LoRA (:meth:`Method.export`),
 - what it must keep in a checkpoint (:meth:`Method.state_dict`).
+
+A node's own state between rounds (shipped frozen factors, its local keys, its base
+delta) is kept by the ClientApp in the node's state, from what these hooks say.
 
 :class:`Method` holds the defaults, which are FedAvg-LoRA's (train and average ``A``
 and ``B``); a method overrides what it changes, in one file under
@@ -31,6 +38,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from fedlora.aggregation import client_weights, weighted_average
+from fedlora.base_delta import Fold
 from fedlora.diagnostics import layer_factors
 from fedlora.errors import ConfigError
 
@@ -89,6 +97,8 @@ class Method:
     #: the frozen factors travel to each node once (else every party rebuilds
     #: them from the shared seed)
     ships_frozen: ClassVar[bool] = False
+    #: :meth:`fold` adds to the base weights: every party keeps the sum of the folds
+    folds_into_base: ClassVar[bool] = False
 
     def __init__(
         self, *, weighting: str = "num_examples", max_update_norm_ratio: float = 0.0
@@ -135,6 +145,18 @@ class Method:
         """Turn a freshly built PEFT LoRA model into this method's adapter, in
         place (default: train ``A``, ``B`` and the head)."""
 
+    def trains(self, key: str, server_round: int) -> bool:
+        """Whether clients train wire key ``key`` in round ``server_round`` (and
+        send it, unless :meth:`keeps_local`); default every key, every round. A key
+        not trained in a round stays frozen at the value the server sent."""
+        return True
+
+    def keeps_local(self, key: str) -> bool:
+        """Whether wire key ``key`` stays on the node: trained there, kept in the
+        node's state between rounds, never sent up or down (default none). A node
+        without it (new, restarted) starts it from the seeded initial value."""
+        return False
+
     def client_overrides(self, partition: int) -> dict[str, Any]:
         """``adapter.*`` settings a client overrides before building its model
         (e.g. its own rank); default none."""
@@ -150,12 +172,25 @@ class Method:
         seeded model's, no protocol)."""
         return dict(inputs.arrays), dict(inputs.frozen)
 
-    def aggregate(self, states: Sequence[State], weights: np.ndarray) -> State:
+    def aggregate(
+        self, states: Sequence[State], weights: np.ndarray, sent: State
+    ) -> State:
         """FedAvg-LoRA: ``A <- sum p_k A_k``, ``B <- sum p_k B_k`` (and the head).
 
         Inexact: ``sum p_k B_k A_k - Bbar Abar = sum p_k (B_k - Bbar)(A_k - Abar)``.
+
+        ``states`` hold the keys the clients sent this round, ``sent`` the global
+        state they started from (the previous global, for server optimizers and
+        residuals). Returns new values for any of ``sent``'s keys; the others keep
+        theirs.
         """
         return weighted_average(states, weights)
+
+    def fold(self, states: Sequence[State], weights: np.ndarray, sent: State) -> Fold:
+        """``{layer: (U, V)}``: ``U @ V`` (scale included, ``d_out x d_in``) is
+        added to that layer's base weight on every party after this round
+        (default nothing). Needs :attr:`folds_into_base`."""
+        return {}
 
     def round_record(self) -> dict[str, Any]:
         """What the last :meth:`aggregate` wants in the round's metrics (default
@@ -173,8 +208,19 @@ class Method:
         empty when the outer factors are not shared."""
         return {}
 
-    def export(self, state: State, frozen: State) -> State:
-        """The final adapter as plain PEFT LoRA (``lora_A``/``lora_B`` and head)."""
+    def export(
+        self, state: State, frozen: State, base: dict[str, np.ndarray] | None = None
+    ) -> State:
+        """The final adapter as plain PEFT LoRA (``lora_A``/``lora_B`` and head).
+
+        ``base`` is the summed fold per layer (dense); a method that folds must
+        override this to carry it into the export.
+        """
+        if base:
+            raise NotImplementedError(
+                f"{self.name} folds into the base weights but does not say how to "
+                "export them"
+            )
         return {**frozen, **state}
 
     def state_dict(self) -> dict[str, Any]:

@@ -150,9 +150,11 @@ class FedSB(Method):
             frozen[b_key], frozen[a_key], state[r_key] = b, a, r0
         return state, frozen
 
-    def aggregate(self, states: Sequence[State], weights: np.ndarray) -> State:
+    def aggregate(
+        self, states: Sequence[State], weights: np.ndarray, sent: State
+    ) -> State:
         """``R <- sum p_k R_k`` (and the head): exact, ``B`` and ``A`` shared."""
-        return super().aggregate(states, weights)
+        return super().aggregate(states, weights, sent)
 
     def layer_factors(self, state: State, frozen: State) -> Factors:
         """``{layer: (B R, A)}``: the delta is ``s B R A``."""
@@ -175,7 +177,9 @@ class FedSB(Method):
                 out[key[: -len(_R)]] = (b_key, a_key, r_key)
         return out
 
-    def export(self, state: State, frozen: State) -> State:
+    def export(
+        self, state: State, frozen: State, base: dict[str, np.ndarray] | None = None
+    ) -> State:
         """Plain LoRA ``B' = B R``, ``A' = A`` with ``alpha = r`` (PEFT-loadable)."""
         return to_plain_lora(frozen, state)
 

@@ -67,7 +67,9 @@ class LoRAFAIR(Method):
         self.solver, self.lam, self.max_iter = solver, float(lam), int(max_iter)
         self._record: dict[str, Any] = {}
 
-    def aggregate(self, states: Sequence[State], weights: np.ndarray) -> State:
+    def aggregate(
+        self, states: Sequence[State], weights: np.ndarray, sent: State
+    ) -> State:
         """``A <- Abar``, ``B <- Bbar + dB*`` per layer; the head averaged."""
         out = weighted_average(states, weights)
         infos: list[SolverInfo] = []

@@ -41,7 +41,9 @@ def test_fedavg_lora_equals_float64_numpy_reference():
     rng = np.random.default_rng(0)
     states = [random_state(rng) for _ in range(4)]
     counts = [5, 1, 7, 3]
-    out = FedAvgLoRA().aggregate(states, client_weights(counts, "num_examples"))
+    out = FedAvgLoRA().aggregate(
+        states, client_weights(counts, "num_examples"), states[0]
+    )
     for key in states[0]:
         stacked = np.stack([s[key] for s in states])
         reference = np.average(stacked, axis=0, weights=counts)
@@ -54,7 +56,7 @@ def test_fedavg_lora_keeps_float32_without_upcasting():
         {k: v.astype(np.float32) for k, v in random_state(rng).items()}
         for _ in range(2)
     ]
-    out = FedAvgLoRA().aggregate(states, np.array([0.5, 0.5]))
+    out = FedAvgLoRA().aggregate(states, np.array([0.5, 0.5]), states[0])
     assert all(v.dtype == np.float32 for v in out.values())
 
 
@@ -76,7 +78,9 @@ def test_aggregation_identity_holds():
     p = np.asarray(counts, np.float64) / sum(counts)  # the dense formula's weights
     states = [random_state(rng) for _ in counts]  # float64
     old = random_state(rng)
-    new = FedAvgLoRA().aggregate(states, client_weights(counts, "num_examples"))
+    new = FedAvgLoRA().aggregate(
+        states, client_weights(counts, "num_examples"), states[0]
+    )
     scaling = 2.0
     overall, _ = aggregation_error(
         [layer_factors(s) for s in states],
@@ -105,7 +109,7 @@ def test_aggregation_identity_holds():
 
 
 def _error(states, old, weights, scaling=2.0):
-    new = FedAvgLoRA().aggregate(states, weights)
+    new = FedAvgLoRA().aggregate(states, weights, states[0])
     return aggregation_error(
         [layer_factors(s) for s in states],
         weights,
@@ -132,7 +136,7 @@ def test_aggregation_error_is_positive_and_matches_dense_definition():
     states = [random_state(rng) for _ in range(3)]
     p = client_weights([1, 2, 3], "num_examples")
     overall, by_module = _error(states, old, p, scaling=2.0)
-    new = FedAvgLoRA().aggregate(states, p)
+    new = FedAvgLoRA().aggregate(states, p, states[0])
 
     def delta(s, layer):
         return 2.0 * s[f"{layer}.lora_B.weight"] @ s[f"{layer}.lora_A.weight"]

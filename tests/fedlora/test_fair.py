@@ -275,7 +275,7 @@ def strategy(method):
 def exchange(strategy, sent, clients, num_examples):
     """Flower train messages to ``len(clients)`` fake nodes and their replies."""
     arrays = state_to_record(sent)
-    strategy.sent = record_to_state(arrays)  # what configure_train would record
+    strategy.begin_round(1, record_to_state(arrays))  # as configure_train does
     replies = []
     for node, (state, n) in enumerate(zip(clients, num_examples, strict=True), 1):
         msg = Message(
@@ -329,7 +329,7 @@ def test_strategy_records_the_solver_and_beats_fedavg_through_messages():
     assert entry["aggregation_error"] <= plain["aggregation_error"] * (1 + 1e-6)
 
     p = client_weights([120, 40, 300], "num_examples")
-    avg = FedAvgLoRA().aggregate(clients, p)
+    avg = FedAvgLoRA().aggregate(clients, p, clients[0])
     for layer in LAYERS:
         a, b = f"{layer}.lora_A.weight", f"{layer}.lora_B.weight"
         np.testing.assert_allclose(new[a], avg[a], rtol=1e-6)

@@ -336,8 +336,8 @@ def test_lora_fair_aggregation_corrects_b_and_averages_a(rng, p):
         {"x.lora_A.weight": a, "x.lora_B.weight": b, "head": rng.standard_normal(2)}
         for b, a in zip(*fair_problem(rng), strict=False)
     ]
-    out = LoRAFAIR(lam=0.01, solver="ridge").aggregate(states, p)
-    avg = FedAvgLoRA().aggregate(states, p)
+    out = LoRAFAIR(lam=0.01, solver="ridge").aggregate(states, p, states[0])
+    avg = FedAvgLoRA().aggregate(states, p, states[0])
     np.testing.assert_allclose(out["x.lora_A.weight"], avg["x.lora_A.weight"])
     np.testing.assert_allclose(out["head"], avg["head"])
     assert not np.allclose(out["x.lora_B.weight"], avg["x.lora_B.weight"])

@@ -27,7 +27,7 @@ class Median(Method):
 
     name = "toy_median"
 
-    def aggregate(self, states, weights):
+    def aggregate(self, states, weights, sent):
         return {
             k: np.median(np.stack([s[k] for s in states]), axis=0).astype(
                 states[0][k].dtype
@@ -64,7 +64,7 @@ def test_a_method_in_one_file_loads_from_its_target(toy, settings):
         {"x": np.array([2.0, 0.0])},
         {"x": np.array([9.0, 1.0])},
     ]
-    out = method.aggregate(states, np.full(3, 1 / 3))
+    out = method.aggregate(states, np.full(3, 1 / 3), states[0])
     np.testing.assert_array_equal(out["x"], [2.0, 1.0])
 
 
