@@ -20,8 +20,8 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 
 State = dict[str, np.ndarray]
-#: one round's fold: ``{layer: (U, V)}``, ``W0 += U @ V``
-Fold = dict[str, tuple[np.ndarray, np.ndarray]]
+#: one round's fold: ``{layer: (U, V)}``, ``W0 += U @ V``, or ``{layer: D}`` dense
+Fold = dict[str, "tuple[np.ndarray, np.ndarray] | np.ndarray"]
 
 _U, _V, _D = ".base_U", ".base_V", ".base_D"
 
@@ -49,9 +49,13 @@ class BaseDelta:
         out._layers = {k: tuple(a.copy() for a in v) for k, v in self._layers.items()}
         return out
 
-    def add(self, fold: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
-        """Add one fold ``{layer: (U, V)}``."""
-        for layer, (u, v) in fold.items():
+    def add(self, fold: Fold) -> None:
+        """Add one fold: ``{layer: (U, V)}`` (factored) or ``{layer: D}`` (dense)."""
+        for layer, value in fold.items():
+            if isinstance(value, np.ndarray):
+                self._add_dense(layer, value)
+                continue
+            u, v = value
             u = np.ascontiguousarray(u, dtype=np.float32)
             v = np.ascontiguousarray(v, dtype=np.float32)
             if u.ndim != 2 or v.ndim != 2 or u.shape[1] != v.shape[0]:
@@ -69,14 +73,19 @@ class BaseDelta:
             self._densify_if_smaller(layer)
 
     def add_delta(self, other: BaseDelta) -> None:
-        """Add every layer of ``other`` (factored layers as folds, dense as dense)."""
-        for layer, held in other._layers.items():
-            if len(held) == 2:
-                self.add({layer: (held[0], held[1])})
-            else:
-                mine = self._layers.get(layer)
-                base = 0.0 if mine is None else self.matrix(layer)
-                self._layers[layer] = (base + held[0],)
+        """Add every layer of ``other``."""
+        self.add(
+            {
+                layer: (held[0], held[1]) if len(held) == 2 else held[0]
+                for layer, held in other._layers.items()
+            }
+        )
+
+    def _add_dense(self, layer: str, dense: np.ndarray) -> None:
+        dense = np.asarray(dense, dtype=np.float64)
+        if layer in self._layers:
+            dense = self.matrix(layer) + dense
+        self._layers[layer] = (dense,)
 
     def matrix(self, layer: str) -> np.ndarray:
         """The layer's summed delta, dense, float64."""

@@ -32,7 +32,7 @@ from fedlora.adapters import (
     FROZEN_MISSING,
     frozen_digest,
 )
-from fedlora.base_delta import BaseDelta, FoldLog
+from fedlora.base_delta import BaseDelta, Fold, FoldLog
 from fedlora.comm import num_parameters
 from fedlora.diagnostics import aggregation_error, frozen_triangles, shared_factor_error
 from fedlora.methods import InitInputs, Method, from_settings
@@ -338,7 +338,7 @@ class LoRAStrategy(FedAvg):
         states: list[State],
         weights: np.ndarray,
         new: State,
-        fold: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+        fold: Fold | None = None,
     ) -> tuple[float | None, dict[str, float]]:
         """The round's aggregation error, overall and by module (see
         :mod:`fedlora.diagnostics`), from the sent, returned and new states and
@@ -351,8 +351,10 @@ class LoRAStrategy(FedAvg):
         if not layers or fold:
             factors = self.method.layer_factors
             after = factors(new, self.frozen)
-            for layer, (u, v) in (fold or {}).items():  # s (B A) + U V
-                b, a = after[layer]
+            for layer, value in (fold or {}).items():  # s (B A) + U V
+                if isinstance(value, np.ndarray):  # dense: D = D I
+                    value = (value, np.eye(value.shape[1]))
+                (u, v), (b, a) = value, after[layer]
                 after[layer] = (np.hstack([b, u / self.scaling]), np.vstack([a, v]))
             return aggregation_error(
                 [factors(s, self.frozen) for s in states],
@@ -411,7 +413,7 @@ class LoRAStrategy(FedAvg):
         accepted: checks.Accepted,
         weights: np.ndarray,
         new: State,
-        fold: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+        fold: Fold | None = None,
     ) -> dict[str, float]:
         """Record the aggregation's diagnostics in ``entry``; return the round's
         summary metrics (the mean training loss only where every client sent one:
