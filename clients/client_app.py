@@ -53,6 +53,7 @@ from strategies.wire import (
     KEY_EPSILON,
     KEY_EXPERIMENT,
     KEY_FROZEN,
+    KEY_LOCAL_ROUNDS,
     KEY_METRICS,
     KEY_NUM_EXAMPLES,
     KEY_PARTITION,
@@ -64,6 +65,7 @@ from strategies.wire import (
     KEY_STATE_BASE_ROUND,
     KEY_STATE_FROZEN,
     KEY_STATE_LOCAL,
+    KEY_STATE_LOCAL_ROUNDS,
     PHASE_GRADIENT,
     record_to_state,
     state_to_record,
@@ -202,8 +204,12 @@ def train(msg: Message, context: Context) -> Message:
         }
     trained = get_state(model)
     local = {k: v for k, v in trained.items() if method.keeps_local(k)}
-    if local:  # kept in the node, never sent
+    if local:  # kept in the node, never sent; how many rounds it has kept them
         context.state[KEY_STATE_LOCAL] = state_to_record(local)
+        kept = context.state.get(KEY_STATE_LOCAL_ROUNDS)
+        rounds = int(kept[KEY_LOCAL_ROUNDS]) + 1 if kept is not None else 1
+        context.state[KEY_STATE_LOCAL_ROUNDS] = ConfigRecord({KEY_LOCAL_ROUNDS: rounds})
+        public[KEY_LOCAL_ROUNDS] = rounds
     public.update({KEY_PARTITION: pid, FROZEN_CRC_KEY: frozen_digest(model)})
     if method.folds_into_base:
         public[KEY_BASE_ROUND] = int(context.state[KEY_STATE_BASE_ROUND][KEY_BASE_TO])

@@ -54,6 +54,17 @@ def summarise(rounds: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, 
         for r in trained
         if r.get("aggregation_error") is not None
     ]
+    federated = [
+        r["federated_eval_accuracy"]
+        for r in trained
+        if r.get("federated_eval_accuracy") is not None
+    ]
+    if federated:  # the clients' own evaluation (FedSA-LoRA's main metric)
+        extra = {
+            **extra,
+            "final_federated_eval_accuracy": federated[-1],
+            "best_federated_eval_accuracy": max(federated),
+        }
     return _jsonable(
         {
             **extra,

@@ -225,6 +225,7 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "wall_time": time.perf_counter() - started,
     }
     extra["run_id"] = run_id
+    extra.update(method.method.summary_notes())
     if s.privacy.mode == "dp_sgd":
         extra["accountant"] = s.privacy.accountant
         extra["target_epsilon"] = s.privacy.target_epsilon

@@ -58,3 +58,5 @@ KEY_BASE_ROUND = "base-round"  # reply metric: the last fold round the node hold
 KEY_STATE_BASE = "fedlora.base"  # where a node keeps its summed folds
 KEY_STATE_BASE_ROUND = "fedlora.base-round"  # ... and the round they reach
 KEY_STATE_LOCAL = "fedlora.local"  # where a node keeps its local keys (FedSA's B)
+KEY_STATE_LOCAL_ROUNDS = "fedlora.local-rounds"  # ... and for how many rounds
+KEY_LOCAL_ROUNDS = "local-rounds"  # reply metric: rounds the node has kept them

@@ -142,6 +142,16 @@ def run_front_door(
     ]
 
 
+@pytest.fixture
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower's messages need a run identity, which its runtime sets; fake one
+    (``pytestmark = pytest.mark.usefixtures("task_identity")``)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for field in ("_run_id", "_task_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, field, 1, raising=False)
+
+
 def exchange(strategy: Any, global_state: dict, contents: list) -> list:
     """Send ``global_state`` to ``len(contents)`` fake nodes (recorded as the
     strategy's ``sent``, ``sampled`` and round-1 ``clients_sampled``, as

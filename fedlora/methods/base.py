@@ -223,6 +223,11 @@ class Method:
             )
         return {**frozen, **state}
 
+    def summary_notes(self) -> dict[str, Any]:
+        """What ``summary.json`` should say about reading this method's results
+        (e.g. which metric is the main one); default nothing."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         """JSON state a checkpoint keeps besides the arrays (default none)."""
         return {}

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from clients.client_app import evaluate as client_evaluate
 from clients.client_app import train as client_train
@@ -62,11 +61,7 @@ def tiny_bert(tiny_bert, tmp_path_factory):
     return folder
 
 
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    """Messages need a run identity, which Flower's runtime sets; fake one."""
-    for field in ("_run_id", "_task_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, field, 1, raising=False)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def dp_settings(tiny_bert, *extra: str) -> Settings:

@@ -68,3 +68,28 @@ def test_lora_fair_runs_and_exports_a_plain_lora_adapter(tiny_bert, tmp_path):
     )
     assert config["peft_type"] == "LORA" and config["r"] == 8
     assert np.isfinite(rows[-1]["eval_loss"])
+
+
+def test_rolora_sends_one_factor_a_round_and_is_exact(tiny_bert, tmp_path):
+    rows = run_front_door(tmp_path / "run", tiny_bert, "strategy=rolora")
+    factor, head = 4 * 32 * 8, 2 * 32 + 2  # one factor of 4 layers (32 x 8)
+    for r in rows[1:]:
+        assert r["aggregation_error"] < 1e-5
+        assert r["params_up"] == 3 * (factor + head)
+        assert r["params_down"] == 3 * (2 * factor + head)
+
+
+def test_fedsa_lora_keeps_b_on_each_node_across_rounds(tiny_bert, tmp_path):
+    rows = run_front_door(tmp_path / "run", tiny_bert, "strategy=fedsa_lora")
+    a_and_head = 4 * 8 * 32 + 2 * 32 + 2
+    for r in rows[1:]:
+        assert r["params_up"] == r["params_down"] == 3 * a_and_head
+        assert r["aggregation_error"] is None  # the server never sees B
+        assert "federated_eval_accuracy" in r
+    # every node kept its own B from round 1 into round 2 (Flower's node state)
+    assert [c["local-rounds"] for c in rows[2]["client_replies"]] == [2, 2, 2]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["main_metric"] == "federated_eval_accuracy"
+    assert (
+        summary["final_federated_eval_accuracy"] == rows[-1]["federated_eval_accuracy"]
+    )

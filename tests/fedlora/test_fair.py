@@ -15,7 +15,6 @@ import logging
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedlora import fair
 from fedlora.aggregation import client_weights
@@ -241,13 +240,6 @@ def test_step_limit_is_reported_and_still_no_worse_than_fedavg():
 
 # --- through the strategy, with real Flower messages ------------------------------
 LAYERS = ("enc.0.query", "enc.0.value")
-
-
-@pytest.fixture
-def task_identity(monkeypatch):
-    """Messages need a run identity, which Flower's runtime sets; fake one."""
-    for field in ("_run_id", "_task_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, field, 1, raising=False)
 
 
 def round_states(seed):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant
 
 from fedlora.errors import ConfigError
@@ -28,11 +27,7 @@ LARGE = {
 }
 
 
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    """Messages need a run identity, which Flower's runtime sets; fake one."""
-    for field in ("_run_id", "_task_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, field, 1, raising=False)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 class Grid:

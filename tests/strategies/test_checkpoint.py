@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord
-from flwr.supercore.task_identity import TaskIdentity
 from safetensors.numpy import load_file
 
 from fedlora import checkpoint
@@ -161,13 +160,6 @@ def test_rewrite_lines_replaces_extra_and_torn_rows(tmp_path):
 class FakeGrid:
     def get_node_ids(self):
         return [11, 12, 13]
-
-
-@pytest.fixture
-def task_identity(monkeypatch):
-    """Messages need a run identity, which Flower's runtime sets; fake one."""
-    for field in ("_run_id", "_task_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, field, 1, raising=False)
 
 
 def test_round_offset_keeps_the_real_round_numbers(task_identity):

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedlora.methods.fedavg_lora import FedAvgLoRA
 from fedlora.updates import check_update
@@ -17,11 +16,7 @@ from tests.conftest import exchange
 SHAPES = {"l.lora_A.weight": (2, 6), "l.lora_B.weight": (5, 2), "head.weight": (2, 6)}
 
 
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    """Messages need a run identity, which Flower's runtime sets; fake one."""
-    for field in ("_run_id", "_task_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, field, 1, raising=False)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def state(seed):

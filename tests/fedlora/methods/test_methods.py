@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from clients import client_app
 from fedlora.adapters import get_frozen_state, get_state
@@ -52,13 +51,6 @@ class FakeGrid:
 
     def get_node_ids(self):
         return self.nodes
-
-
-@pytest.fixture
-def task_identity(monkeypatch):
-    """Messages need a run identity, which Flower's runtime sets; fake one."""
-    for field in ("_run_id", "_task_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, field, 1, raising=False)
 
 
 @pytest.fixture

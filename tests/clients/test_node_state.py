@@ -1,0 +1,203 @@
+"""What a node keeps between rounds, through the real ClientApp functions: the
+factor RoLoRA trains this round, FedSA-LoRA's own B, and the base-weight folds a
+folding method sends. The simulation reuses one model across nodes, so each test
+also interleaves another node to check that nothing leaks between them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from clients.client_app import evaluate as client_evaluate
+from clients.client_app import train as client_train
+from fedlora.adapters import base_weight, get_state, lora_layers, set_trainable
+from fedlora.base_delta import BaseDelta
+from fedlora.build import build, build_cached, initial_state
+from fedlora.settings import Settings, with_
+from strategies.wire import (
+    KEY_ARRAYS,
+    KEY_BASE,
+    KEY_BASE_FROM,
+    KEY_BASE_ROUND,
+    KEY_BASE_SYNC,
+    KEY_BASE_TO,
+    KEY_CONFIG,
+    KEY_EXPERIMENT,
+    KEY_METRICS,
+    KEY_ROUND,
+    KEY_STATE_LOCAL,
+    record_to_state,
+    state_to_record,
+)
+
+ROLORA = "fedlora.methods.rolora.RoLoRA"
+FEDSA = "fedlora.methods.fedsa_lora.FedSALoRA"
+TOY_FOLD = "tests.toy_methods.ToyFold"
+
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+
+def method_settings(settings: Settings, target: str, *changes) -> Settings:
+    return with_(
+        settings,
+        "strategy",
+        {"_target_": target, "weighting": "num_examples", "max_update_norm_ratio": 0},
+        "train.local_steps",
+        2,
+        *changes,
+    )
+
+
+def message(cfg, state, server_round=1, kind="train", extra=None) -> Message:
+    config = ConfigRecord(
+        {KEY_EXPERIMENT: json.dumps(cfg.to_dict()), KEY_ROUND: server_round}
+    )
+    content = {KEY_CONFIG: config, KEY_ARRAYS: state_to_record(state)}
+    return Message(
+        content=RecordDict({**content, **(extra or {})}),
+        dst_node_id=1,
+        message_type=kind,
+    )
+
+
+def node(pid: int) -> Context:
+    """A fresh node (empty state) holding partition ``pid``."""
+    return Context(
+        run_id=1,
+        node_id=pid + 1,
+        node_config={"partition-id": pid, "num-partitions": 2},
+        state=RecordDict(),
+        run_config={},
+    )
+
+
+def sent_up(reply: Message) -> dict[str, np.ndarray]:
+    return record_to_state(reply.content[KEY_ARRAYS])
+
+
+def test_rolora_trains_and_sends_b_in_odd_rounds_and_a_in_even_rounds(settings):
+    cfg = method_settings(settings, ROLORA)
+    start = {k: v.copy() for k, v in _wire(cfg).items()}
+    a_keys = {k for k in start if ".lora_A." in k}
+    b_keys = {k for k in start if ".lora_B." in k}
+    head = set(start) - a_keys - b_keys
+    assert a_keys and b_keys and head
+    odd = sent_up(client_train(message(cfg, start, 1), node(0)))
+    assert set(odd) == b_keys | head
+    assert any(np.abs(odd[k] - start[k]).max() > 0 for k in b_keys)
+    # the frozen factor stayed at what the server sent
+    cached, _ = build_cached(cfg)
+    set_trainable(cached, start)
+    held = get_state(cached)
+    for k in a_keys:
+        np.testing.assert_array_equal(held[k], start[k])
+    even = sent_up(client_train(message(cfg, {**start, **odd}, 2), node(0)))
+    assert set(even) == a_keys | head
+    assert any(np.abs(even[k] - start[k]).max() > 0 for k in a_keys)
+
+
+def _wire(cfg):
+    """The wire state of the model the client builds, as seeded."""
+    model, _ = build_cached(cfg)
+    return initial_state(model)
+
+
+def test_fedsa_keeps_each_nodes_b_on_the_node_and_sends_only_a(settings):
+    cfg = method_settings(settings, FEDSA)
+    initial = _wire(cfg)
+    b_keys = {k for k in initial if ".lora_B." in k}
+    sent = {k: v for k, v in initial.items() if k not in b_keys}
+    first, other = node(0), node(1)
+    reply = sent_up(client_train(message(cfg, sent, 1), first))
+    assert set(reply) == set(sent)  # B never leaves the node
+    own_b = record_to_state(first.state[KEY_STATE_LOCAL])
+    assert set(own_b) == b_keys
+    assert all(np.abs(own_b[k]).max() > 0 for k in b_keys)  # trained from B = 0
+    client_train(message(cfg, sent, 1), other)  # another node on the same model
+    other_b = record_to_state(other.state[KEY_STATE_LOCAL])
+    assert any(np.abs(other_b[k] - own_b[k]).max() > 0 for k in b_keys)
+    # with lr 0 nothing trains, so the B a node ends with is the B it started with:
+    # its own, not the other node's (which the shared model held last) ...
+    still = with_(cfg, "train.lr", 0.0)
+    client_train(message(still, sent, 2), first)
+    for k, v in record_to_state(first.state[KEY_STATE_LOCAL]).items():
+        np.testing.assert_array_equal(v, own_b[k])
+    # ... and a restarted node starts again from the initial B
+    fresh = node(0)
+    client_train(message(still, sent, 2), fresh)
+    for k, v in record_to_state(fresh.state[KEY_STATE_LOCAL]).items():
+        np.testing.assert_array_equal(v, initial[k])
+    # its federated evaluation uses its own B: a different result than with B = 0
+    ev_own = client_evaluate(message(cfg, sent, 2, "evaluate"), first)
+    ev_fresh = client_evaluate(message(cfg, sent, 2, "evaluate"), node(0))
+    assert ev_own.content[KEY_METRICS]["eval_loss"] != pytest.approx(
+        ev_fresh.content[KEY_METRICS]["eval_loss"], rel=1e-9
+    )
+
+
+def folds_message(cfg, state, server_round, start, end, delta: BaseDelta):
+    extra = {
+        KEY_BASE: state_to_record(delta.to_state()),
+        KEY_BASE_SYNC: ConfigRecord({KEY_BASE_FROM: start, KEY_BASE_TO: end}),
+    }
+    return message(cfg, state, server_round, extra=extra)
+
+
+def test_a_node_keeps_its_summed_folds_and_a_restarted_one_catches_up(settings):
+    cfg = method_settings(settings, TOY_FOLD, "train.lr", 0.0)
+    initial = _wire(cfg)
+    layers = list(lora_layers(initial))
+    plain, _ = build(cfg)
+    w0 = {layer: base_weight(plain, layer) for layer in layers}
+    rng = np.random.default_rng(0)
+
+    def random_fold():
+        return {
+            layer: (
+                (rng.normal(size=(w0[layer].shape[0], 1)) * 1e-3).astype(np.float32),
+                (rng.normal(size=(1, w0[layer].shape[1])) * 0.1).astype(np.float32),
+            )
+            for layer in layers
+        }
+
+    f1, f2 = random_fold(), random_fold()
+    one, two = BaseDelta(), BaseDelta()
+    one.add(f1)
+    two.add(f2)
+    kept = node(0)
+    reply = client_train(folds_message(cfg, initial, 1, 0, 1, one), kept)
+    assert reply.content[KEY_METRICS][KEY_BASE_ROUND] == 1
+    reply = client_train(folds_message(cfg, initial, 2, 1, 2, two), kept)
+    assert reply.content[KEY_METRICS][KEY_BASE_ROUND] == 2
+    model, _ = build_cached(cfg)
+    kept_w = {layer: base_weight(model, layer) for layer in layers}
+    for layer in layers:  # W0 + f1 + f2, against a dense float64 reference
+        want = w0[layer] + sum(
+            u.astype(float) @ v.astype(float) for u, v in (f1[layer], f2[layer])
+        )
+        np.testing.assert_allclose(kept_w[layer], want, rtol=0, atol=1e-6)
+    # a restarted node asked to continue from round 1 refuses ...
+    restarted = node(0)
+    with pytest.raises(RuntimeError, match="continue from round 1"):
+        client_train(folds_message(cfg, initial, 3, 1, 2, two), restarted)
+    # ... and given the whole sum ends with the same base weights as the node
+    # that kept its state
+    whole = BaseDelta()
+    whole.add_delta(one)
+    whole.add_delta(two)
+    client_train(folds_message(cfg, initial, 3, 0, 2, whole), restarted)
+    for layer in layers:
+        np.testing.assert_allclose(
+            base_weight(model, layer), kept_w[layer], rtol=0, atol=1e-6
+        )
+    # a message with no new folds leaves each node at its own sum (the shared
+    # model is reset per node): a node that never got any is back at W0
+    client_train(message(cfg, initial, 3), node(1))
+    for layer in layers:
+        np.testing.assert_array_equal(
+            base_weight(model, layer), w0[layer].astype(np.float32)
+        )

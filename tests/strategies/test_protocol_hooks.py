@@ -1,0 +1,263 @@
+"""The method protocol's newer hooks through the real strategy: Flower's
+``configure_train`` on a stand-in grid, client replies, ``aggregate_train``.
+
+- ``trains`` (RoLoRA): a round's replies carry one factor; the other keeps the
+  server's value; every round is exact.
+- ``keeps_local`` (FedSA-LoRA): B never goes down or up; A is the weighted mean.
+- ``fold`` (a toy folding method): each node gets the folds it lacks, a node that
+  failed gets the whole sum, a reply from other base weights is rejected, and the
+  sum survives a checkpoint.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedlora.aggregation import client_weights
+from fedlora.base_delta import BaseDelta
+from fedlora.methods.fedavg_lora import FedAvgLoRA
+from fedlora.methods.fedsa_lora import FedSALoRA
+from fedlora.methods.rolora import RoLoRA
+from strategies.replies import FOLDS_DIFFER
+from strategies.strategy import LoRAStrategy
+from strategies.wire import (
+    KEY_ARRAYS,
+    KEY_BASE,
+    KEY_BASE_FROM,
+    KEY_BASE_ROUND,
+    KEY_BASE_SYNC,
+    KEY_BASE_TO,
+    KEY_METRICS,
+    KEY_NUM_EXAMPLES,
+    KEY_PARTITION,
+    record_to_state,
+    state_to_record,
+)
+from tests.toy_methods import ToyFold
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+LAYERS = {"l0": (16, 12), "l1": (8, 20)}
+R = 3
+COUNTS = [30, 50, 20]
+
+
+class Grid:
+    """Flower's grid as far as sampling needs it: the connected node ids."""
+
+    def __init__(self, nodes):
+        self.nodes = list(nodes)
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
+def global_state(rng) -> dict[str, np.ndarray]:
+    """LoRA-scale factors (B ~ 1e-3, A ~ 0.1) and a head."""
+    out = {}
+    for layer, (d_out, d_in) in LAYERS.items():
+        out[f"{layer}.lora_A.weight"] = (rng.normal(size=(R, d_in)) * 0.1).astype("f4")
+        out[f"{layer}.lora_B.weight"] = (rng.normal(size=(d_out, R)) * 1e-3).astype(
+            "f4"
+        )
+    out["classifier.weight"] = rng.normal(size=(2, 4)).astype("f4")
+    return out
+
+
+def trained(rng, sent, keys):
+    """A client's update of ``keys``: a small step from what it received."""
+    return {
+        k: (
+            sent[k] + rng.normal(size=sent[k].shape) * 0.05 * np.abs(sent[k]).mean()
+        ).astype("f4")
+        for k in keys
+    }
+
+
+def reply_to(msg: Message, state: dict, pid: int, **metrics) -> Message:
+    content = RecordDict(
+        {
+            KEY_ARRAYS: state_to_record(state),
+            KEY_METRICS: MetricRecord(
+                {KEY_NUM_EXAMPLES: COUNTS[pid], KEY_PARTITION: pid, **metrics}
+            ),
+        }
+    )
+    reply = Message(content=content, reply_to=msg)
+    reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
+    return reply
+
+
+def strategy_for(method) -> LoRAStrategy:
+    return LoRAStrategy(method, scaling=2.0, min_available_nodes=3, min_train_nodes=3)
+
+
+def one_round(strategy, server_round, state, rng, train=None, **metrics):
+    """configure_train -> replies of every node -> aggregate_train."""
+    msgs = list(
+        strategy.configure_train(
+            server_round, state_to_record(state), ConfigRecord({}), Grid([11, 12, 13])
+        )
+    )
+    msgs.sort(key=lambda m: m.metadata.dst_node_id)
+    sent = [record_to_state(m.content[KEY_ARRAYS]) for m in msgs]
+    updates = [
+        trained(rng, s, train(server_round, s) if train else list(s)) for s in sent
+    ]
+    replies = [
+        reply_to(m, u, pid, **metrics)
+        for pid, (m, u) in enumerate(zip(msgs, updates, strict=True))
+    ]
+    arrays, _ = strategy.aggregate_train(server_round, replies)
+    return msgs, sent, updates, record_to_state(arrays)
+
+
+def test_rolora_sends_one_factor_up_and_its_rounds_are_exact():
+    rng = np.random.default_rng(0)
+    strategy = strategy_for(RoLoRA())
+    state = global_state(rng)
+    p = client_weights(COUNTS, "num_examples")
+    for server_round in (1, 2, 3):
+        factor = "lora_B" if server_round % 2 else "lora_A"
+        frozen = "lora_A" if server_round % 2 else "lora_B"
+        _, sent, updates, new = one_round(
+            strategy,
+            server_round,
+            state,
+            rng,
+            train=lambda r, s, f=factor: [k for k in s if f in k or "classifier" in k],
+        )
+        assert all(set(s) == set(state) for s in sent)  # both factors come down
+        for k in state:
+            if frozen in k:  # the frozen factor keeps the server's value
+                np.testing.assert_array_equal(new[k], state[k])
+            else:  # the trained one is the weighted mean (float64 reference)
+                want = sum(
+                    pk * u[k].astype(np.float64)
+                    for pk, u in zip(p, updates, strict=True)
+                )
+                np.testing.assert_allclose(new[k], want, rtol=1e-6, atol=1e-9)
+        error = strategy.round_log[server_round]["aggregation_error"]
+        assert error < 1e-5  # exact up to float32 round-off of the 5% steps
+        state = new
+    # a reply carrying the frozen factor too does not fit the round: rejected
+    msgs = list(
+        strategy.configure_train(
+            4, state_to_record(state), ConfigRecord({}), Grid([11, 12, 13])
+        )
+    )
+    replies = [reply_to(m, dict(state), pid) for pid, m in enumerate(msgs)]
+    assert strategy.aggregate_train(4, replies) == (None, None)
+    assert len(strategy.round_log[4]["rejected"]) == 3
+
+
+def test_fedavg_lora_on_the_same_replies_is_inexact():
+    """The control for the exactness above: training both factors is not."""
+    rng = np.random.default_rng(0)
+    strategy = strategy_for(FedAvgLoRA())
+    one_round(strategy, 1, global_state(rng), rng)
+    assert strategy.round_log[1]["aggregation_error"] > 1e-3
+
+
+def test_fedsa_lora_shares_a_and_never_moves_b():
+    rng = np.random.default_rng(1)
+    strategy = strategy_for(FedSALoRA())
+    state = global_state(rng)
+    p = client_weights(COUNTS, "num_examples")
+    msgs, sent, updates, new = one_round(strategy, 1, state, rng)
+    b_keys = {k for k in state if "lora_B" in k}
+    assert all(not (set(s) & b_keys) for s in sent)  # B does not go down ...
+    for k in b_keys:  # ... or come back, and the server never changes it
+        np.testing.assert_array_equal(new[k], state[k])
+    for k in set(state) - b_keys:
+        want = sum(
+            pk * u[k].astype(np.float64) for pk, u in zip(p, updates, strict=True)
+        )
+        np.testing.assert_allclose(new[k], want, rtol=1e-6, atol=1e-9)
+    # the server cannot see the clients' B, so it reports no aggregation error
+    assert strategy.round_log[1]["aggregation_error"] is None
+    # a reply that sends its B is refused
+    msgs = list(
+        strategy.configure_train(
+            2, state_to_record(new), ConfigRecord({}), Grid([11, 12, 13])
+        )
+    )
+    bad = [reply_to(m, dict(new), pid) for pid, m in enumerate(msgs)]
+    assert strategy.aggregate_train(2, bad) == (None, None)
+
+
+def folds_of(msg: Message) -> tuple[int, int, BaseDelta]:
+    sync = msg.content[KEY_BASE_SYNC]
+    delta = BaseDelta.from_state(record_to_state(msg.content[KEY_BASE]))
+    return int(sync[KEY_BASE_FROM]), int(sync[KEY_BASE_TO]), delta
+
+
+def test_each_node_gets_the_folds_it_lacks():
+    rng = np.random.default_rng(2)
+    strategy = strategy_for(ToyFold())
+    state = global_state(rng)
+    p = client_weights(COUNTS, "num_examples")
+    grid = Grid([11, 12, 13])
+
+    def round_(server_round, state, fail=(), base_round=None):
+        msgs = sorted(
+            strategy.configure_train(
+                server_round, state_to_record(state), ConfigRecord({}), grid
+            ),
+            key=lambda m: m.metadata.dst_node_id,
+        )
+        replies = []
+        for pid, m in enumerate(msgs):
+            if m.metadata.dst_node_id in fail:
+                replies.append(Message(content=RecordDict(), reply_to=m))  # empty
+                continue
+            _, to, _ = folds_of(m)
+            held = to if base_round is None else base_round
+            update = trained(rng, record_to_state(m.content[KEY_ARRAYS]), state)
+            replies.append(reply_to(m, update, pid, **{KEY_BASE_ROUND: held}))
+        arrays, _ = strategy.aggregate_train(server_round, replies)
+        return msgs, record_to_state(arrays) if arrays is not None else state
+
+    msgs, state = round_(1, state)
+    assert [folds_of(m)[:2] for m in msgs] == [(0, 0)] * 3  # nothing folded yet
+    fold1 = strategy.folds.total.copy()
+    assert set(fold1) == set(LAYERS)
+    # the exactness check includes the fold: it is part of the new model
+    assert strategy.round_log[1]["aggregation_error"] > 0
+    msgs, state = round_(2, state, fail={12})
+    for m in msgs:  # nodes held round 0: the whole sum (= round 1's fold)
+        start, end, delta = folds_of(m)
+        assert (start, end) == (0, 1)
+        for layer in LAYERS:
+            np.testing.assert_array_equal(delta.matrix(layer), fold1.matrix(layer))
+    msgs, state = round_(3, state)
+    by_node = {m.metadata.dst_node_id: folds_of(m) for m in msgs}
+    assert by_node[11][:2] == (1, 2) and by_node[13][:2] == (1, 2)
+    assert by_node[12][:2] == (0, 2)  # it failed in round 2: the whole sum
+    for layer in LAYERS:
+        np.testing.assert_allclose(
+            by_node[12][2].matrix(layer),
+            fold1.matrix(layer) + by_node[11][2].matrix(layer),
+            rtol=1e-6,
+            atol=1e-12,
+        )
+    # a reply computed on other base weights is rejected, and its node resynced
+    msgs, _ = round_(4, state, base_round=1)
+    reasons = [r["reason"] for r in strategy.round_log[4]["rejected"]]
+    assert len(reasons) == 3 and all(r.startswith(FOLDS_DIFFER) for r in reasons)
+    assert not strategy.node_folds
+    # the summed folds survive a checkpoint; every node then gets the whole sum
+    arrays, json_state = strategy.checkpoint_state()
+    restored = strategy_for(ToyFold())
+    restored.restore_state(arrays, json_state)
+    for layer in LAYERS:
+        np.testing.assert_array_equal(
+            restored.folds.total.matrix(layer), strategy.folds.total.matrix(layer)
+        )
+    msgs = list(
+        restored.configure_train(5, state_to_record(state), ConfigRecord({}), grid)
+    )
+    assert all(folds_of(m)[:2] == (0, 3) for m in msgs)
+    del p
