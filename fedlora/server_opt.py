@@ -189,10 +189,9 @@ class ServerOptimizer:
             slot, _, key = name.partition("/")
             if slot not in slots or key not in steps:
                 raise ValueError(
-                    f"the checkpoint's server optimizer state has {name!r}, which "
-                    f"{type(self).__name__} (slots {', '.join(self.slots) or 'none'}) "
-                    "with steps for "
-                    f"{len(steps)} keys does not hold"
+                    f"the checkpoint's server optimizer state has {name!r}, which is "
+                    f"not one of {type(self).__name__}'s arrays (<slot>/<key> with "
+                    f"slot in {list(self.slots)} and a key that has taken steps)"
                 )
             slots[slot][key] = np.array(value, dtype=WIRE_DTYPE, copy=True)
         self.steps = steps
@@ -303,8 +302,9 @@ class _Adaptive(ServerOptimizer):
 
     def _update(self, key: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         delta = y - x
-        m = self.m.get(key, np.zeros_like(y))
-        v = self.v.get(key, np.zeros_like(y))
+        if key not in self.m:  # Flower's m_0 = v_0 = 0, in the aggregate's dtype
+            self.m[key], self.v[key] = np.zeros_like(y), np.zeros_like(y)
+        m, v = self.m[key], self.v[key]
         m = self.beta_1 * m + (1 - self.beta_1) * delta
         v = self._second_moment(v, delta)
         self.m[key], self.v[key] = m, v
