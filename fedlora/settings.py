@@ -10,7 +10,10 @@ settings under ``privacy=none``, which has only ``mode``) is optional and None.
 JSON and what a checkpoint keeps.
 
 The method (``strategy``) keeps its constructor arguments as a read-only mapping:
-its typed form is the object :func:`fedlora.methods.from_settings` builds.
+its typed form is the object :func:`fedlora.methods.from_settings` builds. The server
+optimizer (``server_optimizer``) is held the same way and built by
+:func:`fedlora.server_opt.from_settings`; it is None in settings written before the
+section existed (no server optimizer).
 """
 
 from __future__ import annotations
@@ -342,6 +345,9 @@ class Settings:
     simulation: SimulationSettings
     #: the method's constructor arguments, ``_target_`` naming its class
     strategy: Mapping[str, Any]
+    #: the server optimizer's arguments, ``_target_`` naming its class (null: none);
+    #: None when absent (settings written before the section existed: none)
+    server_optimizer: Mapping[str, Any] | None
     quiet: bool
     resume: str | None  # a run directory to continue
     faults: FaultSettings | None  # tests and drills only; None when absent
@@ -357,7 +363,7 @@ class Settings:
             command line), or an unknown key (a typo), naming it.
         """
         plain = with_privacy_defaults(plain)
-        known = [*_SECTIONS, "strategy", *_SCALARS, "faults"]
+        known = [*_SECTIONS, "strategy", "server_optimizer", *_SCALARS, "faults"]
         for key in plain:
             if key not in known:
                 raise _unknown(str(key), plain[key], known)
@@ -373,6 +379,7 @@ class Settings:
         return cls(
             **{k: t.from_dict(plain[k], k) for k, t in _SECTIONS.items()},
             strategy=Frozen(strategy),
+            server_optimizer=_server_optimizer(plain),
             quiet=plain["quiet"],
             resume=plain["resume"],
             faults=None
@@ -384,6 +391,8 @@ class Settings:
         """The plain dict (what travels to clients as JSON, what checkpoints keep)."""
         out = {k: getattr(self, k).to_dict() for k in _SECTIONS}
         out["strategy"] = _thaw(self.strategy)
+        if self.server_optimizer is not None:
+            out["server_optimizer"] = _thaw(self.server_optimizer)
         out.update({k: getattr(self, k) for k in _SCALARS})
         if self.faults is not None:
             out["faults"] = self.faults.to_dict()
@@ -402,6 +411,23 @@ class Settings:
             1,
             math.ceil(int(fed.rounds) * fed.sampled_clients / int(fed.num_clients)),
         )
+
+
+def _server_optimizer(plain: Mapping[str, Any]) -> Frozen | None:
+    """The ``server_optimizer`` section, frozen; None when ``plain`` has none."""
+    if "server_optimizer" not in plain:
+        return None  # settings written before the section existed
+    section = plain["server_optimizer"]
+    if not isinstance(section, Mapping):
+        raise ConfigError(
+            "server_optimizer",
+            section,
+            "must be a mapping of settings with _target_ (server_optimizer=none "
+            "for no server optimizer)",
+        )
+    if "_target_" not in section:
+        raise _missing("server_optimizer._target_")
+    return Frozen(section)
 
 
 #: settings whose ``null`` lets the privacy mode choose, as
@@ -437,7 +463,8 @@ def with_(settings: Settings, *changes: Any) -> Settings:
     keys and values, e.g. ``with_(s, "train.lr", 0.5, "train.batch_size", 8)``.
 
     A whole section may be given as a plain mapping (``with_(s, "privacy", {...})``,
-    checked as :meth:`Settings.from_dict` would); ``strategy`` takes a mapping.
+    checked as :meth:`Settings.from_dict` would); ``strategy`` and
+    ``server_optimizer`` take a mapping.
     """
     if len(changes) % 2:
         raise TypeError("with_ takes pairs of a dotted key and its value")
@@ -450,10 +477,13 @@ def with_(settings: Settings, *changes: Any) -> Settings:
                 value = FaultSettings.from_dict(value, section)
             elif section == "strategy":
                 value = Frozen(value)
+            elif section == "server_optimizer" and value is not None:
+                value = _server_optimizer({section: value})
             settings = dataclasses.replace(settings, **{section: value})
-        elif section == "strategy":
+        elif section in ("strategy", "server_optimizer"):
+            mapping = getattr(settings, section) or {}
             settings = dataclasses.replace(
-                settings, strategy=Frozen({**settings.strategy, key: value})
+                settings, **{section: Frozen({**mapping, key: value})}
             )
         else:
             inner = getattr(settings, section)

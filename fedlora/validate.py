@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fedlora import server_opt
 from fedlora.errors import ConfigError
 from fedlora.settings import Settings
 
@@ -151,6 +152,10 @@ def _problems(s: Settings) -> list[ConfigError]:
             "no such file or folder; point it at your data (e.g. ../shared/data/sst2)",
         )
     out.extend(_privacy_problems(s))
+    try:  # the server optimizer builds (its class, its keys and their values)
+        server_opt.from_settings(s.server_optimizer)
+    except ConfigError as exc:
+        out.append(exc)
     return out
 
 
