@@ -153,9 +153,20 @@ def _problems(s: Settings) -> list[ConfigError]:
         )
     out.extend(_privacy_problems(s))
     try:  # the server optimizer builds (its class, its keys and their values)
-        server_opt.from_settings(s.server_optimizer)
+        optimizer = server_opt.from_settings(s.server_optimizer)
     except ConfigError as exc:
         out.append(exc)
+    else:
+        if optimizer.name != "none" and s.privacy.mode == "central":
+            out.append(
+                ConfigError(
+                    "server_optimizer",
+                    optimizer.name,
+                    "privacy=central calibrates its noise to the mean of the "
+                    "clients' updates, not to an optimizer's step on it; use "
+                    "server_optimizer=none with privacy=central",
+                )
+            )
     return out
 
 

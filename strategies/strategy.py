@@ -27,6 +27,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+from fedlora import server_opt
 from fedlora.adapters import (
     FROZEN_DIFFER,
     FROZEN_MISSING,
@@ -73,6 +74,9 @@ class LoRAStrategy(FedAvg):
     ----------
     method : Method
         What is trained, sent and aggregated.
+    optimizer : ServerOptimizer or None
+        A server optimizer stepping from the sent state towards the method's
+        aggregate (``server_optimizer``; None: the aggregate as it is).
     scaling : float
         LoRA scale ``s`` of the adapters (for the aggregation-error diagnostic).
     min_replies : int
@@ -101,6 +105,7 @@ class LoRAStrategy(FedAvg):
         self,
         method: Method,
         *,
+        optimizer: server_opt.ServerOptimizer | None = None,
         scaling: float = 1.0,
         min_replies: int = 1,
         max_failed_rounds: int = 3,
@@ -108,6 +113,7 @@ class LoRAStrategy(FedAvg):
     ) -> None:
         super().__init__(**fedavg_kwargs)
         self.method = method
+        self.optimizer = optimizer or server_opt.NoOptimizer()
         self.scaling = float(scaling)
         self.min_replies, self.max_failed_rounds = int(min_replies), max_failed_rounds
         self.round_log: dict[int, dict[str, Any]] = {}
@@ -134,6 +140,7 @@ class LoRAStrategy(FedAvg):
         fed = settings.federation
         return cls(
             from_settings(settings),
+            optimizer=server_opt.from_settings(settings.server_optimizer),
             scaling=settings.adapter.scaling,
             min_replies=fed.min_replies,
             max_failed_rounds=fed.max_failed_rounds,
@@ -241,6 +248,9 @@ class LoRAStrategy(FedAvg):
         fold = method.fold(states, weights, self.sent)
         self.folds.add(server_round, fold)
         summary = self._record(entry, accepted, weights, new, fold)
+        # the diagnostic above measures the method's aggregation; the server
+        # optimizer then moves deliberately from the sent state towards it
+        new.update(self.optimizer.step(self.sent, {k: new[k] for k in self.expected}))
         entry["server_aggregate_time"] = time.perf_counter() - started
         return state_to_record(new), MetricRecord(summary)
 
@@ -289,13 +299,19 @@ class LoRAStrategy(FedAvg):
     # --- checkpoints -------------------------------------------------------------
     def checkpoint_state(self) -> tuple[dict[str, State], dict[str, Any]]:
         """What a checkpoint must keep to continue: ``(array groups, JSON state)``:
-        the frozen factors and the summed base-weight folds; the method's name and
-        state, the latest epsilon per partition and the count of consecutive failed
-        rounds."""
+        the frozen factors, the summed base-weight folds and the server optimizer's
+        moments; the method's name and state, the optimizer's step counts, the
+        latest epsilon per partition and the count of consecutive failed rounds."""
+        opt_arrays, opt_state = self.optimizer.state_dict()
         return (
-            {"frozen": dict(self.frozen), "base": self.folds.total.to_state()},
+            {
+                "frozen": dict(self.frozen),
+                "base": self.folds.total.to_state(),
+                "server_opt": opt_arrays,
+            },
             {
                 "name": self.name,
+                "server_opt": opt_state,
                 "base_round": self.folds.latest,
                 "method": self.method.state_dict(),
                 "failed_rounds": self.failed_rounds,
@@ -325,6 +341,10 @@ class LoRAStrategy(FedAvg):
         if self.method.ships_frozen and not self.frozen:
             raise ValueError(f"the checkpoint holds no {self.name} frozen factors")
         self.method.load_state_dict(state.get("method", {}))
+        if "server_opt" in state:  # checkpoints before server optimizers have none
+            self.optimizer.load_state_dict(
+                arrays.get("server_opt", {}), state["server_opt"]
+            )
         self.failed_rounds = int(state.get("failed_rounds", 0))
         self.epsilon = {int(k): float(v) for k, v in state.get("epsilon", {}).items()}
         self.has_frozen = set()

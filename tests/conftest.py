@@ -142,6 +142,16 @@ def run_front_door(
     ]
 
 
+class Grid:
+    """Flower's grid as far as its sampling needs one: the connected node ids."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = list(nodes)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+
 @pytest.fixture
 def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     """Flower's messages need a run identity, which its runtime sets; fake one

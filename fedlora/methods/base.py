@@ -99,6 +99,8 @@ class Method:
     ships_frozen: ClassVar[bool] = False
     #: :meth:`fold` adds to the base weights: every party keeps the sum of the folds
     folds_into_base: ClassVar[bool] = False
+    #: a server optimizer may step on what :meth:`aggregate` returns
+    accepts_server_optimizer: ClassVar[bool] = True
 
     def __init__(
         self, *, weighting: str = "num_examples", max_update_norm_ratio: float = 0.0
@@ -126,6 +128,20 @@ class Method:
                     f"{self.name}'s server step uses every client's update, not "
                     "just their mean, so client-level DP noise on the mean does not "
                     "cover it; use privacy=dp_sgd or another strategy",
+                )
+            )
+        optimizer = settings.server_optimizer
+        if (
+            not self.accepts_server_optimizer
+            and optimizer is not None
+            and optimizer.get("_target_") is not None
+        ):
+            out.append(
+                ConfigError(
+                    "server_optimizer",
+                    optimizer["_target_"],
+                    f"{self.name}'s server step is not a mean an optimizer can "
+                    "step towards; use server_optimizer=none",
                 )
             )
         if mode == "central" and self.weighting != "uniform":

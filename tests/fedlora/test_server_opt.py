@@ -13,14 +13,13 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedlora import checkpoint
 from fedlora import server_opt as so
 from fedlora.errors import ConfigError
 from fedlora.settings import Settings, with_
 from strategies.server_app import CONF_DIR, compose, settings
-from tests.conftest import REPO
+from tests.conftest import REPO, Grid
 
 State = dict[str, np.ndarray]
 SHAPES = {  # one adapted layer and a head: B (d_out, r), A (r, d_in)
@@ -59,23 +58,6 @@ PAIRS = {
 ROUNDS = 5
 
 
-class _Grid:
-    """What Flower's ``configure_train`` asks of a Grid: the connected nodes."""
-
-    def __init__(self, nodes: int) -> None:
-        self.nodes = nodes
-
-    def get_node_ids(self) -> list[int]:
-        return list(range(1, self.nodes + 1))
-
-
-@pytest.fixture
-def task_identity(monkeypatch):
-    """Flower's Message needs a run id (its runtime sets it)."""
-    for name in ("_run_id", "_task_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, name, 1, raising=False)
-
-
 def _record(state: State) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
 
@@ -86,7 +68,7 @@ def _replies(strategy, server_round: int, sent: State, clients: list, counts: li
     ``num-examples`` metric Flower weights by). Replies in node order, so that
     every aggregation sums the clients in the same order."""
     messages = strategy.configure_train(
-        server_round, _record(sent), ConfigRecord(), _Grid(len(clients))
+        server_round, _record(sent), ConfigRecord(), Grid(range(1, len(clients) + 1))
     )
     out = []
     for msg in sorted(messages, key=lambda m: m.metadata.dst_node_id):

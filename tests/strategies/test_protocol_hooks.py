@@ -35,6 +35,7 @@ from strategies.wire import (
     record_to_state,
     state_to_record,
 )
+from tests.conftest import Grid
 from tests.toy_methods import ToyFold
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -42,16 +43,6 @@ pytestmark = pytest.mark.usefixtures("task_identity")
 LAYERS = {"l0": (16, 12), "l1": (8, 20)}
 R = 3
 COUNTS = [30, 50, 20]
-
-
-class Grid:
-    """Flower's grid as far as sampling needs it: the connected node ids."""
-
-    def __init__(self, nodes):
-        self.nodes = list(nodes)
-
-    def get_node_ids(self):
-        return list(self.nodes)
 
 
 def global_state(rng) -> dict[str, np.ndarray]:
