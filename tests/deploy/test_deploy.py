@@ -206,6 +206,7 @@ def test_deploy_tokenised_partitions_are_cached_at_the_data_location(
     from fedlora.models import load_tokenizer
 
     tok = load_tokenizer(settings.model)
+    data._TOKENISED.clear()  # earlier tests in this process tokenised it in memory
     first = data.client_examples(settings, tok, 1, 2, tmp_path)
     assert len(list(tmp_path.glob("tokenised-*.json"))) == 1
     data._TOKENISED.clear()  # what a fresh ClientApp process starts with

@@ -30,7 +30,6 @@ from tests.fedlora.methods.test_methods import (  # noqa: F401 - fixtures
     dense_check,
     experiment,
     federated_round,
-    task_identity,
 )
 
 SHAPES = {"l.lora_A.weight": (2, 6), "l.lora_B.weight": (5, 2), "head.weight": (2, 6)}
