@@ -43,7 +43,13 @@ import torch
 from fedlora.data import Example
 from fedlora.errors import ConfigError
 from fedlora.settings import PrivacySettings, TrainSettings
-from fedlora.train import collate, make_optimizer, physical_batches
+from fedlora.train import (
+    ProximalTerm,
+    collate,
+    make_optimizer,
+    physical_batches,
+    proximal_term,
+)
 
 log = logging.getLogger("fedlora")
 
@@ -257,6 +263,22 @@ def epsilon_after_round(p: DPPlan, state: str | None) -> float:
     return float(accountant.get_epsilon(p.delta))
 
 
+def _dp_step(optimizer: Any, proximal: ProximalTerm | None) -> None:
+    """``DPOptimizer.step()``, with FedProx's gradient added after the noise.
+
+    Opacus' ``pre_step`` clips the per-example gradients and adds them up; unless
+    the step is signalled skipped (a physical piece before the last), it then adds
+    the noise, divides by the expected batch size, records the step with the
+    accountant and returns True, leaving the private gradient in ``.grad``. The
+    proximal gradient (no data in it: post-processing) goes there, once per
+    logical step, before the wrapped optimizer's update.
+    """
+    if optimizer.pre_step():
+        if proximal is not None:
+            proximal.add_gradient()
+        optimizer.original_optimizer.step()
+
+
 def train_local_dp(
     model: torch.nn.Module,
     examples: Sequence[Example],
@@ -277,7 +299,9 @@ def train_local_dp(
     Batches are Poisson-sampled; an empty one is a noise-only step (still
     accounted). A logical batch runs as physical batches of at most
     ``max_physical_batch_size``, longest first (:func:`physical_batches`). The
-    accountant is updated in place by the optimizer's step hook.
+    accountant is updated in place by the optimizer's step hook. With
+    ``train.proximal_mu > 0`` (FedProx) each step adds ``mu (theta - theta_global)``
+    to the noised gradient (:func:`_dp_step`): no privacy cost, no clipping.
 
     ``noise_seed`` None (the default, and the only choice the product makes unless
     ``privacy.reproducible_noise``) seeds the noise and the Poisson sampler with two
@@ -293,6 +317,7 @@ def train_local_dp(
 
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = make_optimizer(params, train)
+    proximal = proximal_term(params, train)  # theta_global: the server's values
     engine = PrivacyEngine(accountant=p.accountant)
     engine.accountant = accountant
     sampling_seed, noise_seed = (
@@ -339,7 +364,7 @@ def train_local_dp(
                 if not chunks:  # empty Poisson batch: noise only (BERT can't run on 0)
                     for q in params:
                         q.grad_sample = torch.zeros((0, *q.shape), device=q.device)
-                    optimizer.step()
+                    _dp_step(optimizer, proximal)
                 for i, chunk in enumerate(chunks):
                     batch = collate([examples[j] for j in chunk], pad_id)
                     batch = {k: v.to(device) for k, v in batch.items()}
@@ -350,7 +375,7 @@ def train_local_dp(
                     seen += len(chunk)
                     # all but the last chunk: clip and accumulate, no step yet
                     optimizer.signal_skip_step(do_skip=i < len(chunks) - 1)
-                    optimizer.step()
+                    _dp_step(optimizer, proximal)
                     optimizer.zero_grad(set_to_none=True)
                 steps += 1
                 if steps >= p.steps_per_round:

@@ -259,6 +259,9 @@ class TrainSettings(_Section):
     device: str
     num_threads: int
     group_by_length: bool
+    #: FedProx's mu (0: off); optional only for checkpoints written before the key
+    #: existed (then off, as they trained)
+    proximal_mu: float | None = optional()
 
     def batches_per_epoch(self, num_examples: int) -> int:
         """``ceil(N_k / batch_size)``, at least 1."""

@@ -5,9 +5,10 @@ Settings (``train.*``): ``optimizer`` (adamw | sgd), ``lr``, ``weight_decay``,
 ``batch_size``, ``max_physical_batch_size`` (0: no limit; a larger batch runs as
 pieces of at most this many examples whose gradients add up to the batch's),
 ``eval_batch_size``, ``max_length``, ``device`` (auto | cpu | cuda),
-``group_by_length`` (default true), ``seed``. Batches are padded dynamically to
-their longest example; with ``group_by_length`` they hold examples of similar
-length (see :func:`batch_indices`), and evaluation always runs longest first.
+``group_by_length`` (default true), ``seed``, ``proximal_mu`` (FedProx, see
+:class:`ProximalTerm`; 0: off). Batches are padded dynamically to their longest
+example; with ``group_by_length`` they hold examples of similar length (see
+:func:`batch_indices`), and evaluation always runs longest first.
 """
 
 from __future__ import annotations
@@ -149,6 +150,72 @@ def _physical_limit(train: TrainSettings) -> int:
     return value
 
 
+class ProximalTerm:
+    """FedProx's proximal term ``mu/2 ||theta - theta_global||^2`` over the
+    trainable parameters (Li et al., MLSys 2020, https://arxiv.org/abs/1812.06127).
+
+    ``theta_global`` is the parameters' values when the term is built, at the start
+    of the round: what the server sent. Rather than adding the term to the loss,
+    :meth:`add_gradient` adds its gradient ``mu (theta - theta_global)`` to each
+    ``.grad`` once per optimizer step, after the batch's gradient is complete. That
+    is the same step, whatever the optimizer, and it stays right when a batch's
+    gradient is summed over physical pieces, or clipped and noised by DP-SGD (the
+    term uses no data: adding it after the noise is post-processing).
+
+    Parameters
+    ----------
+    params
+        The trainable parameters, as the optimizer holds them.
+    mu
+        The proximal weight, > 0 (see :func:`proximal_term` for 0).
+    """
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], mu: float) -> None:
+        self.mu = float(mu)
+        self.params = list(params)
+        self.anchor = [p.detach().clone() for p in self.params]  # theta_global
+
+    @torch.no_grad()
+    def add_gradient(self) -> None:
+        """``grad += mu (theta - theta_global)``; a parameter without a gradient
+        this step gets the proximal one alone."""
+        for p, anchor in zip(self.params, self.anchor, strict=True):
+            pull = (p - anchor).mul_(self.mu)
+            if p.grad is None:
+                p.grad = pull
+            else:
+                p.grad.add_(pull)
+
+
+def proximal_term(
+    params: Sequence[torch.nn.Parameter], train: TrainSettings
+) -> ProximalTerm | None:
+    """The round's :class:`ProximalTerm` for ``train.proximal_mu``, or None when it
+    is 0 (or absent, in settings from before the key existed): then the trainers
+    run exactly as plain local training.
+
+    Raises
+    ------
+    ConfigError
+        ``train.proximal_mu`` is not a finite number >= 0.
+    """
+    mu = train.proximal_mu
+    if mu is None:
+        return None
+    if (
+        not isinstance(mu, (int, float))
+        or isinstance(mu, bool)
+        or not math.isfinite(mu)
+        or mu < 0
+    ):
+        raise ConfigError(
+            "train.proximal_mu",
+            mu,
+            "FedProx's mu must be a number >= 0 (0: off, plain local training)",
+        )
+    return ProximalTerm(params, mu) if mu > 0 else None
+
+
 def _label_count(batch: dict[str, torch.Tensor]) -> int:
     """How many labels the model's mean loss averages over: one per example for
     classification, the response tokens after the shift for causal LM."""
@@ -196,8 +263,11 @@ def train_local(
     """Train the trainable parameters of ``model`` on ``examples`` in place.
 
     Runs ``local_steps`` optimizer steps if set (cycling over the data), else
-    ``local_epochs`` passes. Returns ``num_examples`` (examples processed, the
-    aggregation weight), ``steps``, mean ``train_loss`` and ``train_time``.
+    ``local_epochs`` passes. With ``train.proximal_mu > 0`` each step also pulls
+    the parameters towards their values at the start (FedProx,
+    :class:`ProximalTerm`). Returns ``num_examples`` (examples processed, the
+    aggregation weight), ``steps``, mean ``train_loss`` (the data's loss, without
+    the proximal term) and ``train_time``.
     """
     if not examples:
         raise ConfigError(
@@ -209,6 +279,7 @@ def train_local(
     total = train.steps_per_round(len(examples))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, train)
+    proximal = proximal_term(params, train)  # theta_global: the server's values
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout
     group = bool(train.group_by_length)
@@ -222,6 +293,8 @@ def train_local(
             loss_sum += _accumulate(
                 model, examples, idx, lengths, physical, pad_id, device
             )
+            if proximal is not None:  # once per step, on the whole batch's gradient
+                proximal.add_gradient()
             optimizer.step()
             step += 1
             seen += len(idx)

@@ -8,6 +8,7 @@ found and the fix.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,17 @@ def _problems(s: Settings) -> list[ConfigError]:
         train.max_physical_batch_size,
         "give the most examples one forward pass may hold (0: the whole batch)",
     )
+    if train.proximal_mu is not None:  # absent in old checkpoints' settings
+        mu = train.proximal_mu
+        need(
+            isinstance(mu, (int, float))
+            and not isinstance(mu, bool)
+            and math.isfinite(mu)
+            and mu >= 0,
+            "train.proximal_mu",
+            mu,
+            "FedProx's mu must be a number >= 0 (0: off, plain local training)",
+        )
     need(
         s.model.task in ("seq_cls", "causal_lm"),
         "model.task",
