@@ -1,5 +1,8 @@
 """Typed errors: each message says which setting is wrong, what was found, the fix."""
 
+import importlib
+from typing import Any
+
 
 class FedLoraError(Exception):
     """Base class of every error fedlora raises on purpose."""
@@ -25,3 +28,23 @@ class ConfigError(FedLoraError, ValueError):
 
 class StateMismatchError(FedLoraError, ValueError):
     """An adapter state does not fit the model (missing/extra keys, wrong shapes)."""
+
+
+def load_target(target: str, base: type, key: str, example: str) -> Any:
+    """The subclass of ``base`` a config's ``_target_`` names (``key``: its dotted
+    config key, ``example``: a valid target for the message).
+
+    Raises
+    ------
+    ConfigError
+        No such class, or not a subclass of ``base``.
+    """
+    module, _, attr = str(target).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        fix = f"no such class ({exc}); name a {base.__name__}, e.g. {example}"
+        raise ConfigError(key, target, fix) from None
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ConfigError(key, target, f"is not a {base.__module__}.{base.__name__}")
+    return cls

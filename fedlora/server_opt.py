@@ -27,7 +27,6 @@ https://arxiv.org/abs/1909.06335.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 from collections.abc import Callable, Mapping
@@ -35,7 +34,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from fedlora.errors import ConfigError
+from fedlora.errors import ConfigError, load_target
 
 State = dict[str, np.ndarray]
 WIRE_DTYPE = np.float32  # what crosses the wire, and what step() returns
@@ -447,21 +446,12 @@ class Yogi(_WithBetas):
 # --- construction from the settings -------------------------------------------------
 def load_class(target: str) -> type[ServerOptimizer]:
     """The :class:`ServerOptimizer` subclass at the dotted path ``target``."""
-    module, _, attr = str(target).rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise ConfigError(
-            f"{SECTION}._target_",
-            target,
-            f"no such class ({exc}); name a ServerOptimizer, e.g. "
-            "fedlora.server_opt.Adam, or choose server_optimizer=none",
-        ) from None
-    if not (isinstance(cls, type) and issubclass(cls, ServerOptimizer)):
-        raise ConfigError(
-            f"{SECTION}._target_", target, "is not a fedlora.server_opt.ServerOptimizer"
-        )
-    return cls
+    return load_target(
+        target,
+        ServerOptimizer,
+        f"{SECTION}._target_",
+        "fedlora.server_opt.Adam, or choose server_optimizer=none",
+    )
 
 
 def from_settings(section: Mapping[str, Any] | None) -> ServerOptimizer:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from fedlora.errors import ConfigError
+from fedlora.errors import ConfigError, load_target
 from fedlora.methods.base import InitInputs, Method
 from fedlora.settings import Settings
 
@@ -19,21 +19,9 @@ __all__ = ["InitInputs", "Method", "available", "from_settings", "load_class"]
 
 def load_class(target: str) -> type[Method]:
     """The :class:`Method` subclass at the dotted path ``target``."""
-    module, _, attr = str(target).rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise ConfigError(
-            "strategy._target_",
-            target,
-            f"no such class ({exc}); name a Method subclass, e.g. "
-            "fedlora.methods.fedavg_lora.FedAvgLoRA",
-        ) from None
-    if not (isinstance(cls, type) and issubclass(cls, Method)):
-        raise ConfigError(
-            "strategy._target_", target, "is not a fedlora.methods.base.Method"
-        )
-    return cls
+    return load_target(
+        target, Method, "strategy._target_", "fedlora.methods.fedavg_lora.FedAvgLoRA"
+    )
 
 
 def from_settings(settings: Settings) -> Method:
