@@ -182,8 +182,15 @@ class LoRAStrategy(FedAvg):
 
     def export(self, state: State) -> State:
         """The final adapter as plain PEFT LoRA."""
-        base = self.folds.total.matrices() if self.folds.total else None
-        return self.method.export(state, self.frozen, base)
+        return self.method.export(state, self.frozen, self._base())
+
+    def export_files(self, state: State) -> dict[str, State]:
+        """The tensor files the method saves beside the exported adapter."""
+        return self.method.export_files(state, self.frozen, self._base())
+
+    def _base(self) -> dict[str, np.ndarray] | None:
+        """The summed base-weight folds per layer, dense (None: no fold)."""
+        return self.folds.total.matrices() if self.folds.total else None
 
     # --- Flower hooks ------------------------------------------------------------
     def configure_train(
