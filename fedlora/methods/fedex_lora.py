@@ -36,7 +36,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fedlora")
 
-WIRES = ("auto", "factored", "dense")
+#: ``auto``: per layer the factors where they hold fewer numbers than the matrix, else
+#: the matrix; ``dense``: always the matrix. (No forced ``factored``:
+#: :mod:`fedlora.base_delta` keeps, and sends, a fold dense wherever its factors are
+#: no smaller, so it would be ``auto`` under another name.)
+WIRES = ("auto", "dense")
 #: the exported exact merged delta, beside the PEFT adapter: ``{<layer>.weight: D}``
 MERGED_FILE = "merged_delta.safetensors"
 
@@ -111,8 +115,8 @@ class FedExLoRA(Method):
     Parameters
     ----------
     residual_wire : str
-        ``factored``, ``dense``, or ``auto``: per layer, whichever holds fewer
-        numbers (dense on a tie).
+        ``auto``: per layer, the factors where they hold fewer numbers than the
+        matrix, else the matrix; ``dense``: always the matrix (see :data:`WIRES`).
     export_rank : int or None
         Rank of the exported PEFT adapter: the truncated SVD of the exact merged
         delta (base-weight folds plus ``s Bbar Abar``); None: ``rank``.
@@ -179,9 +183,10 @@ class FedExLoRA(Method):
 
     def fold(self, states: Sequence[State], weights: np.ndarray, sent: State) -> Fold:
         """Per layer, the residual ``s sum_k p_k (B_k - Bbar)(A_k - Abar)``:
-        ``(U, V)`` of :func:`residual_factors`, or dense ``U V`` where
-        ``residual_wire`` says so; float64 (the wire rounds it to float32). Records
-        both sizes (:meth:`round_record`). One client: nothing to fold."""
+        ``(U, V)`` of :func:`residual_factors`, or the dense ``U V`` (formed from
+        the factors: no cancellation), as ``residual_wire`` says; float64 (the
+        wire rounds it to float32). Records both sizes (:meth:`round_record`).
+        One client: nothing to fold."""
         fold: Fold = {}
         factored_total = dense_total = sent_total = 0
         wires: set[str] = set()
@@ -193,9 +198,8 @@ class FedExLoRA(Method):
             if len(states) < 2:
                 continue
             u, v = residual_factors(bs, as_, weights, self.scaling)
-            wire = self.residual_wire
-            if wire == "auto":
-                wire = "factored" if factored < dense else "dense"
+            smaller = "factored" if factored < dense else "dense"
+            wire = smaller if self.residual_wire == "auto" else "dense"
             fold[layer] = (u, v) if wire == "factored" else u @ v
             sent_total += factored if wire == "factored" else dense
             wires.add(wire)
