@@ -59,6 +59,7 @@ from strategies.wire import (
 
 log = logging.getLogger(__name__)
 State = dict[str, np.ndarray]
+_FOLD_RECORDS = (KEY_BASE, KEY_BASE_SYNC)  # what _with_folds adds to a message
 
 
 class LoRAStrategy(FedAvg):
@@ -255,15 +256,21 @@ class LoRAStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """FedAvg's evaluation messages, with the real round as ``server-round``
-        (and the base-weight folds each node lacks)."""
-        messages = list(
-            super().configure_evaluate(
-                server_round + self.round_offset, arrays, config, grid
-            )
-        )
+        (and the base-weight folds each node lacks: a node keeps them for its next
+        training round, so their measured bytes, ``bytes_down_folds_eval``, count
+        in the round's ``bytes_down``)."""
+        server_round += self.round_offset
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         if self.method.folds_into_base:
             self._eval_folds_sent = {}
             messages = [self._with_folds(m, self._eval_folds_sent) for m in messages]
+            folds = sum(
+                payload_bytes(RecordDict({k: m.content[k] for k in _FOLD_RECORDS}))
+                for m in messages
+            )
+            entry = self.round_log.setdefault(server_round, {})
+            entry["bytes_down_folds_eval"] = folds
+            entry["bytes_down"] = entry.get("bytes_down", 0) + folds
         return messages
 
     def aggregate_evaluate(
