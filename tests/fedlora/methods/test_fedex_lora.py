@@ -347,6 +347,46 @@ def test_the_next_rounds_messages_carry_the_fold_and_bytes_down_counts_it(
     )
 
 
+def test_folds_sent_with_evaluate_messages_count_in_bytes_down(task_identity):
+    """With federated evaluation the residual reaches the nodes in the evaluate
+    messages (they keep it for training); the next train messages carry none."""
+    rng = np.random.default_rng(7)
+    k, counts = 3, [30, 10, 45]
+    strategy, grid = fedex_strategy(k, residual_wire="dense"), FakeGrid(k)
+    strategy.fraction_evaluate, strategy.min_evaluate_nodes = 1.0, k
+    state = global_state(rng, dyadic=False)
+    state, _ = play(
+        strategy, grid, 1, state, client_states(rng, state, k, False), counts
+    )
+    sent = strategy.round_log[1]["fedex"]["residual_params_sent"]
+    assert sent == sum(o * i for o, i in LAYERS.values())  # dense: d_out d_in
+    train_bytes = strategy.round_log[1]["bytes_down"]
+    evaluate = list(
+        strategy.configure_evaluate(1, state_to_record(state), ConfigRecord(), grid)
+    )
+    folds = strategy.round_log[1]["bytes_down_folds_eval"]
+    assert 4 * k * sent <= folds <= 4 * k * sent + 1_000 * k * (len(LAYERS) + 1)
+    assert strategy.round_log[1]["bytes_down"] == train_bytes + folds
+    replies = []
+    for msg in evaluate:
+        assert sum(v.size for v in record_to_state(msg.content[KEY_BASE]).values()) == (
+            sent
+        )
+        content = RecordDict(
+            {"metrics": MetricRecord({"num-examples": 10, "eval_loss": 0.5})}
+        )
+        reply = Message(content=content, reply_to=msg)
+        reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
+        replies.append(reply)
+    strategy.aggregate_evaluate(1, replies)
+    _, second = play(
+        strategy, grid, 2, state, client_states(rng, state, k, False), counts
+    )
+    for msg in second:  # the nodes hold round 1's fold already
+        assert len(msg.content[KEY_BASE]) == 0
+        assert int(msg.content[KEY_BASE_SYNC][KEY_BASE_TO]) == 1
+
+
 # --- settings, refusals ---------------------------------------------------------------
 def test_from_settings_gives_the_method_the_adapters_scale_and_rank(settings):
     s = with_(settings, "strategy", {"_target_": FEDEX}, "adapter.use_rslora", True)
