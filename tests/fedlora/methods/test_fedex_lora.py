@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+from safetensors.numpy import load_file
 
+from fedlora import results
 from fedlora.aggregation import client_weights
 from fedlora.errors import ConfigError
 from fedlora.methods import from_settings
@@ -481,3 +483,16 @@ def test_truncated_lora_pads_a_rank_above_the_matrix_rank():
     )
     np.testing.assert_allclose(b @ a, delta, atol=1e-12)
     assert total == pytest.approx(np.sum(delta**2))
+
+
+def test_export_files_are_saved_beside_the_adapter_under_plain_names(tmp_path):
+    state, base = export_problem(10)
+    method = FedExLoRA(scaling=S, rank=R)
+    files = method.export_files(state, {}, base)
+    results.save_tensor_files(tmp_path, files)
+    saved = load_file(str(tmp_path / MERGED_FILE))
+    assert saved.keys() == files[MERGED_FILE].keys()
+    assert all(np.array_equal(saved[k], v) for k, v in files[MERGED_FILE].items())
+    with pytest.raises(ValueError, match="plain file name"):
+        results.save_tensor_files(tmp_path, {"../escape.safetensors": {}})
+    assert FedAvgLoRA().export_files(state, {}) == {}  # the default: none
