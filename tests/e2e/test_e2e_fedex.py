@@ -9,13 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from safetensors.numpy import load_file
 
 from fedlora import checkpoint
 from fedlora.base_delta import BaseDelta
+from fedlora.data import server_examples
 from fedlora.methods.fedex_lora import MERGED_FILE
+from fedlora.models import load_base_model, load_tokenizer
 from fedlora.settings import Settings
+from fedlora.train import evaluate
 from tests.conftest import run_front_door
 
 pytestmark = pytest.mark.slow
@@ -42,14 +46,14 @@ def exact_delta(run: Path) -> dict[str, np.ndarray]:
     """From the last checkpoint: the summed folds plus ``s B A`` of the global
     adapter, per layer, float64."""
     ckpt = checkpoint.load_latest(run)
-    cfg = Settings.from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    scaling = cfg(run).adapter.scaling
     base = BaseDelta.from_state(ckpt.arrays["strategy.base"]).matrices()
     glob = ckpt.arrays["global"]
     out = {}
     for layer, folded in base.items():
         b = glob[f"{layer}.lora_B.weight"].astype(np.float64)
         a = glob[f"{layer}.lora_A.weight"].astype(np.float64)
-        out[f"{layer}.weight"] = folded + cfg.adapter.scaling * b @ a
+        out[f"{layer}.weight"] = folded + scaling * b @ a
     return out
 
 
@@ -97,6 +101,63 @@ def test_fedex_lora_is_exact_sends_its_residual_and_exports_the_merged_delta(
     assert 0 < summary["export_truncation_error"] < 1
     assert summary["export_truncation_error"] == pytest.approx(
         np.sqrt(tail / total), rel=1e-3
+    )
+    # the base model + the merged delta + the adapter's head is the final model
+    exact_model, peft_merged = loaded_models(out)
+    metrics = server_metrics(out, exact_model)
+    assert metrics["eval_accuracy"] == rows[-1]["eval_accuracy"]
+    assert metrics["eval_loss"] == pytest.approx(rows[-1]["eval_loss"], abs=1e-5)
+    # PEFT applies the truncated adapter at scale 1: its weights move by B' A'
+    pristine = dict(load_base_model(cfg(out).model, seed=0).named_parameters())
+    for name, p in peft_merged.named_parameters():
+        if f"{name}" in factors:
+            b, a = factors[name]
+            moved = (
+                p.detach().double().numpy() - pristine[name].detach().double().numpy()
+            )
+            assert np.linalg.norm(moved - b @ a) <= 1e-5 * np.linalg.norm(b @ a)
+
+
+def cfg(run: Path) -> Settings:
+    return Settings.from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+
+
+def loaded_models(run: Path):
+    """``(exact, truncated)``: the base model with the merged delta added to its
+    weights and the exported head (the adapter's LoRA zeroed), and the PEFT adapter
+    merged into the base model."""
+    from peft import PeftModel
+
+    settings = cfg(run)
+    merged = load_file(str(run / "adapter" / MERGED_FILE))
+    exact = PeftModel.from_pretrained(
+        load_base_model(settings.model, seed=1), str(run / "adapter")
+    )
+    with torch.no_grad():
+        for name, p in exact.named_parameters():
+            if ".lora_B." in name:
+                p.zero_()
+        for name, module in exact.named_modules():
+            key = f"{name[len(PEFT_PREFIX) :]}.weight"
+            if hasattr(module, "base_layer") and key in merged:
+                module.base_layer.weight += torch.from_numpy(merged[key])
+    truncated = PeftModel.from_pretrained(
+        load_base_model(settings.model, seed=2), str(run / "adapter")
+    ).merge_and_unload()
+    return exact, truncated
+
+
+def server_metrics(run: Path, model) -> dict:
+    """The server's evaluation of ``model`` (what ``metrics.jsonl`` reports)."""
+    settings = cfg(run)
+    tokenizer = load_tokenizer(settings.model)
+    return evaluate(
+        model,
+        server_examples(settings, tokenizer),
+        settings.model.task,
+        torch.device("cpu"),
+        tokenizer.pad_token_id,
+        settings.train.eval_batch_size,
     )
 
 
