@@ -88,13 +88,9 @@ def client_states(rng, start, k, dyadic):
     for _ in range(k):
         state = {}
         for key, value in start.items():
-            scale = 1e-3 if ".lora_B." in key else 1e-2
-            x = value + rng.standard_normal(value.shape) * scale
-            state[key] = (
-                on_grid(x, 2.0**-16 if ".lora_B." in key else 2.0**-10)
-                if (dyadic)
-                else x
-            )
+            is_b = ".lora_B." in key
+            x = value + rng.standard_normal(value.shape) * (1e-3 if is_b else 1e-2)
+            state[key] = on_grid(x, 2.0**-16 if is_b else 2.0**-10) if dyadic else x
         out.append({key: v.astype(np.float32) for key, v in state.items()})
     return out
 
