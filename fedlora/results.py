@@ -157,3 +157,23 @@ def save_adapter(
     set_state(model, state)
     model.save_pretrained(str(out))
     return Path(out)
+
+
+def save_tensor_files(folder: Path, files: dict[str, dict[str, np.ndarray]]) -> None:
+    """Save each ``{file name: tensors}`` entry as ``folder/<file name>``
+    (safetensors, the arrays' own dtypes).
+
+    Raises
+    ------
+    ValueError
+        A file name that is not a plain name in ``folder``.
+    """
+    from safetensors.numpy import save_file
+
+    for name, tensors in files.items():
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise ValueError(f"not a plain file name: {name!r}")
+        save_file(
+            {k: np.ascontiguousarray(v) for k, v in tensors.items()},
+            str(Path(folder) / name),
+        )

@@ -35,7 +35,7 @@ from fedlora.data import server_calibration_examples, server_examples
 from fedlora.errors import ConfigError
 from fedlora.lora_sb import gradient_sums
 from fedlora.models import resolve_device
-from fedlora.settings import Settings, with_privacy_defaults
+from fedlora.settings import Settings, with_, with_privacy_defaults
 from fedlora.train import evaluate
 from fedlora.validate import validate
 from strategies.strategy import LoRAStrategy
@@ -216,8 +216,14 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if len(result.arrays)
         else record_to_state(initial_arrays)
     )
-    export_model, _ = build(s, plain=True)  # ordinary PEFT LoRA
-    results.save_adapter(export_model, strategy.export(final), run_dir / "adapter")
+    exported = strategy.export(final)
+    export_overrides = method.method.export_overrides()  # e.g. another rank
+    export_settings = with_(
+        s, *(x for k, v in export_overrides.items() for x in (f"adapter.{k}", v))
+    )
+    export_model, _ = build(export_settings, plain=True)  # ordinary PEFT LoRA
+    adapter_dir = results.save_adapter(export_model, exported, run_dir / "adapter")
+    results.save_tensor_files(adapter_dir, method.export_files(final))
     rows = results.read_metrics(run_dir)
     extra = {
         "strategy": strategy.name,

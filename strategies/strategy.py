@@ -60,6 +60,7 @@ from strategies.wire import (
 
 log = logging.getLogger(__name__)
 State = dict[str, np.ndarray]
+_FOLD_RECORDS = (KEY_BASE, KEY_BASE_SYNC)  # what _with_folds adds to a message
 
 
 class LoRAStrategy(FedAvg):
@@ -189,8 +190,15 @@ class LoRAStrategy(FedAvg):
 
     def export(self, state: State) -> State:
         """The final adapter as plain PEFT LoRA."""
-        base = self.folds.total.matrices() if self.folds.total else None
-        return self.method.export(state, self.frozen, base)
+        return self.method.export(state, self.frozen, self._base())
+
+    def export_files(self, state: State) -> dict[str, State]:
+        """The tensor files the method saves beside the exported adapter."""
+        return self.method.export_files(state, self.frozen, self._base())
+
+    def _base(self) -> dict[str, np.ndarray] | None:
+        """The summed base-weight folds per layer, dense (None: no fold)."""
+        return self.folds.total.matrices() if self.folds.total else None
 
     # --- Flower hooks ------------------------------------------------------------
     def configure_train(
@@ -258,15 +266,21 @@ class LoRAStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """FedAvg's evaluation messages, with the real round as ``server-round``
-        (and the base-weight folds each node lacks)."""
-        messages = list(
-            super().configure_evaluate(
-                server_round + self.round_offset, arrays, config, grid
-            )
-        )
+        (and the base-weight folds each node lacks: a node keeps them for its next
+        training round, so their measured bytes, ``bytes_down_folds_eval``, count
+        in the round's ``bytes_down``)."""
+        server_round += self.round_offset
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         if self.method.folds_into_base:
             self._eval_folds_sent = {}
             messages = [self._with_folds(m, self._eval_folds_sent) for m in messages]
+            folds = sum(
+                payload_bytes(RecordDict({k: m.content[k] for k in _FOLD_RECORDS}))
+                for m in messages
+            )
+            entry = self.round_log.setdefault(server_round, {})
+            entry["bytes_down_folds_eval"] = folds
+            entry["bytes_down"] = entry.get("bytes_down", 0) + folds
         return messages
 
     def aggregate_evaluate(

@@ -2,7 +2,9 @@
 
 A method is chosen by its YAML in ``conf/strategy/``, whose ``_target_`` names the
 class and whose other keys are its constructor's arguments; server and clients build
-it the same way, with :func:`from_settings`.
+it the same way, with :func:`from_settings`, which adds the arguments the class
+derives from the rest of the settings (:meth:`Method.derived_arguments`, e.g. the
+LoRA scale ``s``, computed from ``adapter``).
 """
 
 from __future__ import annotations
@@ -25,11 +27,23 @@ def load_class(target: str) -> type[Method]:
 
 
 def from_settings(settings: Settings) -> Method:
-    """The method of the experiment settings (its ``strategy`` section)."""
+    """The method of the experiment settings: its ``strategy`` section, plus the
+    arguments its class derives from the other sections
+    (:meth:`Method.derived_arguments`), which the section may not set."""
     spec = dict(settings.strategy)
     cls = load_class(spec.pop("_target_"))
+    derived = cls.derived_arguments(settings)
+    clash = sorted(set(spec) & set(derived))
+    if clash:
+        key = clash[0]
+        raise ConfigError(
+            f"strategy.{key}",
+            spec[key],
+            f"{cls.__name__} derives it from the other settings "
+            f"({derived[key]!r} here); remove it from the strategy section",
+        )
     try:
-        return cls(**spec)
+        return cls(**spec, **derived)
     except TypeError as exc:
         raise ConfigError(
             "strategy", sorted(spec), f"does not fit {cls.__name__}: {exc}"

@@ -18,7 +18,11 @@ A method says, in one object:
   reached through :class:`InitInputs`' callables),
 - per-client settings (:meth:`Method.client_overrides`, e.g. a client's rank),
 - the effective adapter for diagnostics (:meth:`Method.layer_factors`) and its
-  export as plain PEFT LoRA (:meth:`Method.export`),
+  export as plain PEFT LoRA (:meth:`Method.export`; the exported adapter's own
+  settings, :meth:`Method.export_overrides`; tensor files beside it,
+  :meth:`Method.export_files`; what the export reports, :meth:`Method.summary_notes`),
+- constructor arguments derived from the experiment settings outside its
+  ``strategy`` section (:meth:`Method.derived_arguments`, e.g. the LoRA scale),
 - what it must keep in a checkpoint (:meth:`Method.state_dict`).
 
 A node's own state between rounds (shipped frozen factors, its local keys, its base
@@ -114,6 +118,14 @@ class Method:
             )
         self.weighting = weighting
         self.max_update_norm_ratio = float(max_update_norm_ratio)
+
+    @classmethod
+    def derived_arguments(cls, settings: Settings) -> dict[str, Any]:
+        """Constructor arguments computed from the experiment settings outside
+        the ``strategy`` section, e.g. the LoRA scale ``s`` from ``adapter``
+        (default none). :func:`fedlora.methods.from_settings` passes them and
+        refuses a ``strategy`` key of the same name."""
+        return {}
 
     def problems(self, settings: Settings) -> list[ConfigError]:
         """What is wrong with running this method in the experiment ``settings``
@@ -239,9 +251,23 @@ class Method:
             )
         return {**frozen, **state}
 
+    def export_overrides(self) -> dict[str, Any]:
+        """``adapter.*`` settings of the exported PEFT adapter where they differ
+        from the training adapter's (e.g. another rank; default none)."""
+        return {}
+
+    def export_files(
+        self, state: State, frozen: State, base: dict[str, np.ndarray] | None = None
+    ) -> dict[str, State]:
+        """Tensor files saved beside the exported adapter, ``{file name: tensors}``
+        (safetensors; e.g. an exact merged delta), from the same arguments as
+        :meth:`export` (default none)."""
+        return {}
+
     def summary_notes(self) -> dict[str, Any]:
-        """What ``summary.json`` should say about reading this method's results
-        (e.g. which metric is the main one); default nothing."""
+        """What ``summary.json`` should say about this method's results: how to
+        read them (e.g. which metric is the main one), what the last
+        :meth:`export` measured (default nothing)."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:

@@ -118,3 +118,10 @@ def test_central_dp_with_a_server_optimizer_is_refused(settings):
     )
     with pytest.raises(ConfigError, match="server_optimizer"):
         validate(cfg.to_dict())
+
+
+def test_fedex_lora_with_a_server_optimizer_is_refused():
+    from strategies.server_app import compose_settings
+
+    with pytest.raises(ConfigError, match="fedex_lora's server step is not a mean"):
+        compose_settings(["strategy=fedex_lora", "server_optimizer=adam"])
