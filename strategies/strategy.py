@@ -29,8 +29,6 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedlora import server_opt
 from fedlora.adapters import (
-    FROZEN_DIFFER,
-    FROZEN_MISSING,
     frozen_digest,
 )
 from fedlora.base_delta import BaseDelta, Fold, FoldLog
@@ -39,15 +37,11 @@ from fedlora.diagnostics import aggregation_error, frozen_triangles, shared_fact
 from fedlora.methods import InitInputs, Method, from_settings
 from fedlora.settings import Settings
 from strategies import replies as checks
+from strategies.holdings import Holdings, fold_bytes
 from strategies.wire import (
     KEY_ARRAYS,
-    KEY_BASE,
-    KEY_BASE_FROM,
-    KEY_BASE_SYNC,
-    KEY_BASE_TO,
     KEY_CALIBRATION,
     KEY_CONFIG,
-    KEY_FROZEN,
     KEY_METRICS,
     KEY_NUM_EXAMPLES,
     KEY_PHASE,
@@ -60,7 +54,6 @@ from strategies.wire import (
 
 log = logging.getLogger(__name__)
 State = dict[str, np.ndarray]
-_FOLD_RECORDS = (KEY_BASE, KEY_BASE_SYNC)  # what _with_folds adds to a message
 
 
 class LoRAStrategy(FedAvg):
@@ -121,7 +114,7 @@ class LoRAStrategy(FedAvg):
         self.epsilon: dict[int, float] = {}  # latest epsilon spent per partition
         self.round_offset = 0
         self.failed_rounds = 0  # consecutive rounds with too few usable updates
-        self.has_frozen: set[int] = set()  # nodes holding shipped frozen factors
+        self.holdings = Holdings()  # what each node holds between rounds
         self._frozen: State = {}
         self._digest: int | None = None
         self._triangles: dict[str, Any] | None = None  # frozen factors' QR, cached
@@ -130,9 +123,6 @@ class LoRAStrategy(FedAvg):
         self.expected: State = {}  # what of it the clients train and send back
         self.sampled: list[int] = []  # node ids of this round's train messages
         self.folds = FoldLog()
-        self.node_folds: dict[int, int] = {}  # node -> last fold round it holds
-        self._folds_sent: dict[int, int] = {}  # node -> fold round this round sent
-        self._eval_folds_sent: dict[int, int] = {}  # ... in its evaluate messages
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LoRAStrategy:
@@ -214,10 +204,9 @@ class LoRAStrategy(FedAvg):
         messages = list(super().configure_train(server_round, arrays, config, grid))
         if method.ships_frozen:  # serialised once for every node lacking them
             frozen = state_to_record(self.frozen)
-            messages = [self._with_frozen(m, frozen) for m in messages]
+            messages = [self.holdings.with_frozen(m, frozen) for m in messages]
         if method.folds_into_base:
-            self._folds_sent = {}
-            messages = [self._with_folds(m, self._folds_sent) for m in messages]
+            messages = self.holdings.with_folds(messages, self.folds, train=True)
         self.sampled = [m.metadata.dst_node_id for m in messages]
         self.round_log[server_round] = {
             "clients_sampled": len(messages),
@@ -272,12 +261,8 @@ class LoRAStrategy(FedAvg):
         server_round += self.round_offset
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         if self.method.folds_into_base:
-            self._eval_folds_sent = {}
-            messages = [self._with_folds(m, self._eval_folds_sent) for m in messages]
-            folds = sum(
-                payload_bytes(RecordDict({k: m.content[k] for k in _FOLD_RECORDS}))
-                for m in messages
-            )
+            messages = self.holdings.with_folds(messages, self.folds, train=False)
+            folds = fold_bytes(messages)
             entry = self.round_log.setdefault(server_round, {})
             entry["bytes_down_folds_eval"] = folds
             entry["bytes_down"] = entry.get("bytes_down", 0) + folds
@@ -291,12 +276,7 @@ class LoRAStrategy(FedAvg):
         server_round += self.round_offset
         replies = list(replies)
         if self.method.folds_into_base:  # who now holds the folds sent
-            for m in replies:
-                node = m.metadata.src_node_id
-                if m.has_error():
-                    self.node_folds.pop(node, None)
-                elif node in self._eval_folds_sent:
-                    self.node_folds[node] = self._eval_folds_sent[node]
+            self.holdings.after_evaluate(replies)
         metrics = super().aggregate_evaluate(server_round, replies)
         if metrics is not None:
             entry = self.round_log.setdefault(server_round, {})
@@ -361,10 +341,9 @@ class LoRAStrategy(FedAvg):
             )
         self.failed_rounds = int(state.get("failed_rounds", 0))
         self.epsilon = {int(k): float(v) for k, v in state.get("epsilon", {}).items()}
-        self.has_frozen = set()
+        self.holdings.forget()
         base = BaseDelta.from_state(arrays.get("base", {}))
         self.folds.restart(base, int(state.get("base_round", 0)))
-        self.node_folds = {}
 
     # --- diagnostics -------------------------------------------------------------
     def diagnose(
@@ -424,10 +403,15 @@ class LoRAStrategy(FedAvg):
             self.expected,
             self._digest,
             self.method.max_update_norm_ratio,
-            self._folds_sent if self.method.folds_into_base else None,
+            self.holdings.folds_sent if self.method.folds_into_base else None,
         )
-        self._track_frozen(ok, accepted.rejected)
-        self._track_folds(ok, accepted.rejected)
+        self.holdings.after_train(
+            self.sampled,
+            ok,
+            accepted.rejected,
+            self.method.ships_frozen,
+            self.method.folds_into_base,
+        )
         entry.update(
             failures=len(replies) - len(ok) + missing,
             failure_reasons=checks.failures(replies, self.sampled, missing),
@@ -490,47 +474,6 @@ class LoRAStrategy(FedAvg):
         )
         return False
 
-    def _with_frozen(self, msg: Message, frozen: ArrayRecord) -> Message:
-        """``msg`` plus the frozen factors, for a node that does not hold them."""
-        if msg.metadata.dst_node_id in self.has_frozen:
-            return msg
-        return _with(msg, {KEY_FROZEN: frozen})
-
-    def _with_folds(self, msg: Message, log_to: dict[int, int]) -> Message:
-        """``msg`` plus the base-weight folds its node lacks (all of them, summed,
-        for a node the server knows nothing of); ``log_to[node]``: the last fold
-        round sent."""
-        node = msg.metadata.dst_node_id
-        start, delta = self.folds.since(self.node_folds.get(node))
-        log_to[node] = self.folds.latest
-        sync = ConfigRecord({KEY_BASE_FROM: start, KEY_BASE_TO: self.folds.latest})
-        return _with(
-            msg, {KEY_BASE: state_to_record(delta.to_state()), KEY_BASE_SYNC: sync}
-        )
-
-    def _track_folds(self, ok: list[Message], rejected: list[dict[str, Any]]) -> None:
-        """Nodes whose update was accepted hold the folds sent to them; any other
-        sampled node (failed, rejected) gets the whole sum next time."""
-        if not self.method.folds_into_base:
-            return
-        refused = {r["node"] for r in rejected}
-        for node in self.sampled:
-            self.node_folds.pop(node, None)
-        for m in ok:
-            node = m.metadata.src_node_id
-            if node not in refused and node in self._folds_sent:
-                self.node_folds[node] = self._folds_sent[node]
-
-    def _track_frozen(self, ok: list[Message], rejected: list[dict[str, Any]]) -> None:
-        """Nodes that replied hold the shipped frozen factors from now on, except
-        those rejected for other ones (they get them again)."""
-        if not self.method.ships_frozen:
-            return
-        self.has_frozen.update(m.metadata.src_node_id for m in ok)
-        for r in rejected:
-            if str(r["reason"]).startswith((FROZEN_DIFFER, FROZEN_MISSING)):
-                self.has_frozen.discard(r["node"])
-
     def _gradient_round(self, grid: Grid, config: ConfigRecord, n: int) -> State:
         """An init round: every node sends its gradient sums over its first ``n``
         examples; returns their sum. Its traffic is reported as round 0."""
@@ -568,12 +511,3 @@ class LoRAStrategy(FedAvg):
             "failures": len(messages) - len(replies),
         }
         return {k: np.sum([g[k] for g in grads], axis=0) for k in grads[0]}
-
-
-def _with(msg: Message, records: dict[str, Any]) -> Message:
-    """A copy of the outgoing ``msg`` with ``records`` added to its content."""
-    return Message(
-        content=RecordDict({**dict(msg.content.items()), **records}),
-        message_type=msg.metadata.message_type,
-        dst_node_id=msg.metadata.dst_node_id,
-    )

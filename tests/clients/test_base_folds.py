@@ -131,7 +131,7 @@ def test_folds_that_do_not_continue_the_nodes_are_refused(tiny_bert, play, raise
     rnd = play(cfg, rnd)
     assert not raised and held(rnd.contexts[1])[1] == 2
     strategy = rnd.strategy
-    strategy.node_folds[1] = 3  # the server believes node 1 holds round 3
+    strategy.holdings.folds[1] = 3  # the server believes node 1 holds round 3
     rnd = play(cfg, rnd)
     assert sync(rnd, 1) == (3, 3)
     assert raised[1].startswith(

@@ -179,7 +179,8 @@ def test_fedsb_state_round_trips_and_every_node_gets_the_factors_again():
         "l.lora_A.weight": np.ones((2, 4)),
     }
     old = LoRAStrategy(FedSB(init="random_orthogonal"), min_available_nodes=1)
-    old.frozen, old.has_frozen, old.failed_rounds = frozen, {11, 12}, 1
+    old.frozen, old.failed_rounds = frozen, 1
+    old.holdings.frozen = {11, 12}
     old.epsilon = {0: 1.25}
     groups, state = old.checkpoint_state()
     assert state["method"] == {"init": "random_orthogonal"}
@@ -188,7 +189,7 @@ def test_fedsb_state_round_trips_and_every_node_gets_the_factors_again():
     assert new.frozen.keys() == frozen.keys()
     assert all(np.array_equal(new.frozen[k], v) for k, v in frozen.items())
     assert new.failed_rounds == 1 and new.epsilon == {0: 1.25}
-    assert new.has_frozen == set()  # a new Flower run: nodes start empty
+    assert new.holdings.frozen == set()  # a new Flower run: nodes start empty
     with pytest.raises(ValueError, match="fedavg_lora"):
         LoRAStrategy(FedAvgLoRA()).restore_state(groups, state)
 

@@ -238,7 +238,7 @@ def test_each_node_gets_the_folds_it_lacks():
     msgs, _ = round_(4, state, base_round=1)
     reasons = [r["reason"] for r in strategy.round_log[4]["rejected"]]
     assert len(reasons) == 3 and all(r.startswith(FOLDS_DIFFER) for r in reasons)
-    assert not strategy.node_folds
+    assert not strategy.holdings.folds
     # the summed folds survive a checkpoint; every node then gets the whole sum
     arrays, json_state = strategy.checkpoint_state()
     restored = strategy_for(ToyFold())

@@ -1,0 +1,132 @@
+"""What each node holds of the server's state between rounds, and the messages
+that bring it up to date.
+
+A node keeps two things the server sends only when it lacks them: the shipped
+frozen factors (Fed-SB's ``B`` and ``A``), and the base-weight folds up to some
+round (FedEx-LoRA's residuals, :mod:`fedlora.base_delta`). The server cannot see a
+node's state, so it keeps its belief here and errs towards sending again: a node
+that failed, was rejected for the state it held, or is new gets everything; a
+resumed run starts believing nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+from fedlora.adapters import FROZEN_DIFFER, FROZEN_MISSING
+from fedlora.base_delta import FoldLog
+from strategies.wire import (
+    KEY_BASE,
+    KEY_BASE_FROM,
+    KEY_BASE_SYNC,
+    KEY_BASE_TO,
+    KEY_FROZEN,
+    payload_bytes,
+    state_to_record,
+)
+
+
+class Holdings:
+    """The server's belief of what each node holds.
+
+    Attributes
+    ----------
+    frozen : set of int
+        Nodes that hold the shipped frozen factors.
+    folds : dict
+        ``{node: round}``: the node holds the base-weight folds up to that round.
+    folds_sent : dict
+        ``{node: round}``: the folds the last train messages brought each node up to
+        (what its reply must report).
+    """
+
+    def __init__(self) -> None:
+        self.frozen: set[int] = set()
+        self.folds: dict[int, int] = {}
+        self.folds_sent: dict[int, int] = {}
+        self._folds_sent_eval: dict[int, int] = {}
+
+    def forget(self) -> None:
+        """Believe no node holds anything (a new Flower run: nodes start empty)."""
+        self.frozen, self.folds = set(), {}
+
+    # --- outgoing ------------------------------------------------------------------
+    def with_frozen(self, msg: Message, frozen: ArrayRecord) -> Message:
+        """``msg`` plus the frozen factors, for a node that does not hold them."""
+        if msg.metadata.dst_node_id in self.frozen:
+            return msg
+        return _with(msg, {KEY_FROZEN: frozen})
+
+    def with_folds(
+        self, messages: list[Message], log: FoldLog, train: bool
+    ) -> list[Message]:
+        """``messages`` plus the base-weight folds each one's node lacks (their sum
+        from round 0 for a node the server knows nothing of)."""
+        sent = self.folds_sent if train else self._folds_sent_eval
+        sent.clear()
+        out = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            start, delta = log.since(self.folds.get(node))
+            sent[node] = log.latest
+            sync = ConfigRecord({KEY_BASE_FROM: start, KEY_BASE_TO: log.latest})
+            records = {KEY_BASE: state_to_record(delta.to_state()), KEY_BASE_SYNC: sync}
+            out.append(_with(msg, records))
+        return out
+
+    # --- incoming ------------------------------------------------------------------
+    def after_train(
+        self,
+        sampled: list[int],
+        ok: list[Message],
+        rejected: list[dict[str, Any]],
+        ships_frozen: bool,
+        folds: bool,
+    ) -> None:
+        """Update the belief from a round's train replies: nodes that replied hold
+        the frozen factors, except those rejected for other ones; nodes whose
+        update was accepted hold the folds sent to them, and any other sampled node
+        (failed, rejected) gets the whole sum next time."""
+        if ships_frozen:
+            self.frozen.update(m.metadata.src_node_id for m in ok)
+            for r in rejected:
+                if str(r["reason"]).startswith((FROZEN_DIFFER, FROZEN_MISSING)):
+                    self.frozen.discard(r["node"])
+        if folds:
+            refused = {r["node"] for r in rejected}
+            for node in sampled:
+                self.folds.pop(node, None)
+            for m in ok:
+                node = m.metadata.src_node_id
+                if node not in refused and node in self.folds_sent:
+                    self.folds[node] = self.folds_sent[node]
+
+    def after_evaluate(self, replies: list[Message]) -> None:
+        """Nodes that evaluated hold the folds their evaluate messages carried;
+        those that failed may have lost their state."""
+        for m in replies:
+            node = m.metadata.src_node_id
+            if m.has_error():
+                self.folds.pop(node, None)
+            elif node in self._folds_sent_eval:
+                self.folds[node] = self._folds_sent_eval[node]
+
+
+def fold_bytes(messages: list[Message]) -> int:
+    """Measured bytes of the base-weight folds ``messages`` carry."""
+    return sum(
+        payload_bytes(RecordDict({k: m.content[k] for k in (KEY_BASE, KEY_BASE_SYNC)}))
+        for m in messages
+        if KEY_BASE in m.content
+    )
+
+
+def _with(msg: Message, records: dict[str, Any]) -> Message:
+    """A copy of the outgoing ``msg`` with ``records`` added to its content."""
+    return Message(
+        content=RecordDict({**dict(msg.content.items()), **records}),
+        message_type=msg.metadata.message_type,
+        dst_node_id=msg.metadata.dst_node_id,
+    )
