@@ -175,6 +175,26 @@ def _lr_value(lr: str) -> float:
     return value
 
 
+def learning_rates(text: str) -> list[str]:
+    """The distinct positive learning rates of ``--lrs``, as written."""
+    lrs = split_list(text)
+    values = [_lr_value(lr) for lr in lrs]
+    if not lrs or len(set(values)) != len(values):
+        raise ConfigError("--lrs", text, "give one or more distinct learning rates")
+    return lrs
+
+
+def seed_list(text: str) -> list[int]:
+    """The distinct integer seeds of ``--seeds``."""
+    try:
+        seeds = [int(s) for s in split_list(text)]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError("--seeds", text, "give one or more distinct integers")
+    return seeds
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """The command line, with the ``--quick`` or full defaults filled in."""
     ap = argparse.ArgumentParser(
@@ -536,13 +556,7 @@ def compare(
 ) -> dict[str, Any]:
     """Run (or resume) the comparison of ``args`` and write its files; return what
     ``compare.json`` holds (``launcher``: :func:`launch` unless given)."""
-    lrs, seeds = split_list(args.lrs), [int(s) for s in split_list(args.seeds)]
-    for lr in lrs:
-        _lr_value(lr)
-    if not lrs or not seeds or len(set(seeds)) != len(seeds):
-        raise ConfigError(
-            "--lrs/--seeds", f"{args.lrs} / {args.seeds}", "give distinct values"
-        )
+    lrs, seeds = learning_rates(args.lrs), seed_list(args.seeds)
     base, extra, out = base_overrides(args), list(args.overrides), args.out
     names = split_list(args.methods) if args.methods else default_methods(base, extra)
     arms = [Arm(n, n) for n in names] + [parse_variant(v) for v in args.variants]
@@ -583,7 +597,9 @@ def compare(
     # 3. tables, plots, JSON
     final, table = final_tables(groups, {k: v for k, v in chosen.items() if v})
     result = {
-        "command": shlex.join(["python", "-m", "experiments.compare", *args.argv]),
+        "command": shlex.join(
+            ["python", "-m", "experiments.compare", *getattr(args, "argv", [])]
+        ),
         "settings": {
             "methods": labels,
             "variants": {a.label: list(a.overrides) for a in arms if a.overrides},

@@ -160,9 +160,15 @@ def test_a_method_giving_clients_their_own_rank_is_recognised():
     assert not compare.per_client_rank([*base, "strategy=fedavg_lora"])
 
 
-def test_bad_lrs_and_a_missing_sst2_folder_are_refused(tmp_path):
+def test_bad_lrs_seeds_and_a_missing_sst2_folder_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit, match="2"):
         compare.main(["--quick", "--lrs", "1e-3,fast", "--out", str(tmp_path)])
+    assert "--lrs='fast': every learning rate must be" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="distinct learning rates"):
+        compare.learning_rates("1e-3,0.001")
+    for bad in ("0,x", "1,1", ""):
+        with pytest.raises(ConfigError, match="distinct integers"):
+            compare.seed_list(bad)
     with pytest.raises(ConfigError, match="train.tsv"):
         compare.base_overrides(compare.parse_args(["--data", str(tmp_path)]))
 
