@@ -7,6 +7,12 @@ Reads every run below the directory (``summary.json``, ``metrics.jsonl``,
 over seeds of final and best accuracy, total MB sent, mean aggregation error, wall
 time) and ``accuracy_vs_round.png`` / ``accuracy_vs_mb.png`` (one line per strategy,
 mean over seeds).
+
+Accuracy is each run's *main metric*: the server's ``eval_accuracy``, unless the
+method's ``summary.json`` names another ``main_metric`` (FedSA-LoRA: the clients'
+personalised ``federated_eval_accuracy``); such rows are marked † and the table then
+adds the server's final accuracy. ``experiments.compare`` builds its tables and plots
+from the same functions.
 """
 
 from __future__ import annotations
@@ -19,27 +25,90 @@ from typing import Any
 
 import numpy as np
 
-from fedlora.results import read_metrics
+from fedlora.results import SUMMARY_FILE, read_metrics
+
+#: the server's accuracy, every run's main metric unless its method names another
+SERVER_METRIC = "eval_accuracy"
+
+Run = dict[str, Any]  # {"summary": summary.json, "rows": metrics.jsonl, "dir": str}
 
 
-def load_runs(root: Path) -> dict[str, list[dict[str, Any]]]:
-    """``{strategy: [run, ...]}``; a run is its summary plus its metric rows."""
-    runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for summary_file in sorted(root.rglob("summary.json")):
-        summary = json.loads(summary_file.read_text())
-        runs[summary["strategy"]].append(
-            {
-                "summary": summary,
-                "rows": read_metrics(summary_file.parent),
-                "dir": str(summary_file.parent),
-            }
-        )
+def load_run(run_dir: Path) -> Run:
+    """One run directory: its summary, its metric rows and its path."""
+    run_dir = Path(run_dir)
+    return {
+        "summary": json.loads((run_dir / SUMMARY_FILE).read_text()),
+        "rows": read_metrics(run_dir),
+        "dir": str(run_dir),
+    }
+
+
+def load_runs(root: Path) -> dict[str, list[Run]]:
+    """``{strategy: [run, ...]}`` of every run below ``root``."""
+    runs: dict[str, list[Run]] = defaultdict(list)
+    for summary_file in sorted(root.rglob(SUMMARY_FILE)):
+        run = load_run(summary_file.parent)
+        runs[run["summary"]["strategy"]].append(run)
     if not runs:
         raise SystemExit(f"no runs (summary.json) found under {root}")
     return dict(runs)
 
 
-def _mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+def main_metric(summary: dict[str, Any]) -> str:
+    """The accuracy a run is judged by: its method's ``main_metric`` (FedSA-LoRA:
+    ``federated_eval_accuracy``), else the server's ``eval_accuracy``."""
+    return str(summary.get("main_metric") or SERVER_METRIC)
+
+
+def final_accuracy(summary: dict[str, Any]) -> float | None:
+    """The run's final main-metric accuracy (None when the run lacks it, e.g.
+    federated evaluation was off for a method whose main metric needs it)."""
+    return summary.get(f"final_{main_metric(summary)}")
+
+
+def best_accuracy(summary: dict[str, Any]) -> float | None:
+    """The run's best main-metric accuracy over its rounds (None when missing)."""
+    return summary.get(f"best_{main_metric(summary)}")
+
+
+def megabytes(summary: dict[str, Any]) -> float:
+    """Traffic of the run, up plus down, in MB (10^6 bytes)."""
+    return (summary["total_bytes_up"] + summary["total_bytes_down"]) / 1e6
+
+
+def stats(values: list[float | None]) -> dict[str, Any]:
+    """``{"mean", "std", "n", "values"}`` of the values that are not None (std
+    with ``ddof=1``; None for fewer than two values, mean None for none)."""
+    kept = [float(v) for v in values if v is not None]
+    arr = np.asarray(kept, dtype=float)
+    return {
+        "mean": float(arr.mean()) if arr.size else None,
+        "std": float(arr.std(ddof=1)) if arr.size > 1 else None,
+        "n": int(arr.size),
+        "values": kept,
+    }
+
+
+def group_figures(group: list[Run]) -> dict[str, Any]:
+    """The comparison's figures of one group of runs (a method's seeds): the main
+    metric's final and best accuracy, the server's final accuracy, MB up + down,
+    mean aggregation error and wall time, each as :func:`stats`."""
+    s = [g["summary"] for g in group]
+    return {
+        "runs": len(group),
+        "main_metric": sorted({main_metric(x) for x in s}),
+        "final_acc": stats([final_accuracy(x) for x in s]),
+        "best_acc": stats([best_accuracy(x) for x in s]),
+        "server_final_acc": stats([x.get(f"final_{SERVER_METRIC}") for x in s]),
+        "mb": stats([megabytes(x) for x in s]),
+        "aggregation_error": stats([x.get("mean_aggregation_error") for x in s]),
+        "wall_time": stats([x.get("wall_time") for x in s]),
+    }
+
+
+def mean_std(values: list[float | None], scale: float = 1.0, digits: int = 2) -> str:
+    """``"mean ± std"`` of the values that are not None, times ``scale`` (one
+    value: itself; none: ``-``)."""
     arr = np.asarray([v for v in values if v is not None], dtype=float) * scale
     if arr.size == 0:
         return "-"
@@ -48,37 +117,69 @@ def _mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
     return f"{arr.mean():.{digits}f} ± {arr.std(ddof=1):.{digits}f}"
 
 
-def markdown(runs: dict[str, list[dict[str, Any]]]) -> str:
-    """The comparison table (accuracy in %, traffic in MB up + down)."""
-    lines = [
-        "| strategy | runs | final acc (%) | best acc (%) | MB sent (up+down) | "
-        "mean aggregation error | wall time (s) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, group in runs.items():
-        s = [g["summary"] for g in group]
-        err = [
-            x["mean_aggregation_error"]
-            for x in s
-            if x["mean_aggregation_error"] is not None
-        ] or [0.0]
-        megabytes = [(x["total_bytes_up"] + x["total_bytes_down"]) / 1e6 for x in s]
-        err_cell = (
-            _mean_std(err, digits=3) if max(err) > 1e-3 else f"{max(err):.1e} (max)"
-        )
-        lines.append(
-            f"| {name} | {len(group)} "
-            f"| {_mean_std([x['final_eval_accuracy'] for x in s], 100, 1)} "
-            f"| {_mean_std([x['best_eval_accuracy'] for x in s], 100, 1)} "
-            f"| {_mean_std(megabytes, digits=1)} "
-            f"| {err_cell} "
-            f"| {_mean_std([x['wall_time'] for x in s], digits=0)} |"
-        )
+def _error_cell(values: list[float]) -> str:
+    if not values:
+        return "-"  # no diagnostic (e.g. FedSA-LoRA's personal B)
+    if max(values) > 1e-3:
+        return mean_std(values, digits=3)
+    return f"{max(values):.1e} (max)"  # round-off: the exact methods
+
+
+def markdown(
+    runs: dict[str, list[Run]], extra: dict[str, dict[str, str]] | None = None
+) -> str:
+    """The comparison table (accuracy in %, traffic in MB up + down).
+
+    ``extra`` adds columns after the name: ``{column: {group name: cell}}``. Groups
+    judged by another main metric than the server's accuracy are marked † and get
+    the server's final accuracy in a column of its own.
+    """
+    extra = extra or {}
+    figures = {name: group_figures(group) for name, group in runs.items()}
+    other = {n for n, f in figures.items() if f["main_metric"] != [SERVER_METRIC]}
+    head = ["strategy", *extra, "runs", "final acc (%)", "best acc (%)"]
+    head += ["server final acc (%)"] if other else []
+    head += ["MB sent (up+down)", "mean aggregation error", "wall time (s)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, f in figures.items():
+        mark = " †" if name in other else ""
+        cells = [name, *(col.get(name, "-") for col in extra.values()), f["runs"]]
+        cells += [
+            mean_std(f["final_acc"]["values"], 100, 1) + mark,
+            mean_std(f["best_acc"]["values"], 100, 1) + mark,
+        ]
+        if other:
+            cells.append(mean_std(f["server_final_acc"]["values"], 100, 1))
+        cells += [
+            mean_std(f["mb"]["values"], digits=1),
+            _error_cell(f["aggregation_error"]["values"]),
+            mean_std(f["wall_time"]["values"], digits=0),
+        ]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    for name in sorted(other):
+        metric = ", ".join(figures[name]["main_metric"])
+        lines.append(f"\n† {name}: accuracy is its main metric, `{metric}`.")
     return "\n".join(lines) + "\n"
 
 
-def plot(runs: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
-    """Accuracy vs round and vs cumulative MB, one line per strategy."""
+def curve(run: Run) -> tuple[list[int], list[float], list[float]]:
+    """``(rounds, cumulative MB, accuracy)`` of a run's main metric at the rounds
+    that report it; the MB count every round's traffic (round 0: one-time costs)."""
+    key, total, points = main_metric(run["summary"]), 0.0, []
+    for row in run["rows"]:
+        total += (row.get("bytes_up", 0) + row.get("bytes_down", 0)) / 1e6
+        if row.get(key) is not None:
+            points.append((row["round"], total, row[key]))
+    return (
+        [p[0] for p in points],
+        [p[1] for p in points],
+        [p[2] for p in points],
+    )
+
+
+def plot(runs: dict[str, list[Run]], out: Path) -> list[Path]:
+    """Accuracy (main metric) vs round and vs cumulative MB, one line per group,
+    the mean over its runs (at the rounds every run reports)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,30 +189,22 @@ def plot(runs: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
     for xkey, xlabel in (("round", "round"), ("mb", "cumulative MB (up + down)")):
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, group in runs.items():
-            n = min(len(g["rows"]) for g in group)
-            acc = np.mean(
-                [[r["eval_accuracy"] for r in g["rows"][:n]] for g in group], 0
-            )
+            curves = [curve(g) for g in group]
+            n = min(len(c[0]) for c in curves)
+            if n == 0:
+                continue
+            acc = np.mean([c[2][:n] for c in curves], 0)
             if xkey == "round":
-                xs = [r["round"] for r in group[0]["rows"][:n]]
+                xs = curves[0][0][:n]
             else:
-                xs = np.mean(
-                    [
-                        np.cumsum(
-                            [
-                                (r.get("bytes_up", 0) + r.get("bytes_down", 0)) / 1e6
-                                for r in g["rows"][:n]
-                            ]
-                        )
-                        for g in group
-                    ],
-                    0,
-                )
-            ax.plot(xs, acc, marker="o", label=name)
+                xs = np.mean([c[1][:n] for c in curves], 0)
+            metric = main_metric(group[0]["summary"])
+            label = name if metric == SERVER_METRIC else f"{name} ({metric})"
+            ax.plot(xs, acc, marker="o", label=label)
         if xkey == "mb":
             ax.set_xscale("symlog")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("server accuracy")
+        ax.set_ylabel("accuracy (main metric)")
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()

@@ -32,3 +32,13 @@ def toy_fold_matrix(mean: dict[str, np.ndarray], layer: str) -> np.ndarray:
     b = mean[f"{layer}.lora_B.weight"].astype(np.float64)
     a = mean[f"{layer}.lora_A.weight"].astype(np.float64)
     return 0.5 * b[:, :1] @ a[:1, :]
+
+
+class ToyRanks(Method):
+    """FedAvg-LoRA whose client ``p`` asks for rank ``2 + p`` (a stand-in for the
+    heterogeneous-rank methods)."""
+
+    name = "toy_ranks"
+
+    def client_overrides(self, partition):
+        return {"r": 2 + partition}
