@@ -58,6 +58,7 @@ from strategies.wire import (
     KEY_NUM_EXAMPLES,
     KEY_PARTITION,
     KEY_PHASE,
+    KEY_RANK,
     KEY_REASON,
     KEY_ROUND,
     KEY_RUN_ID,
@@ -99,23 +100,30 @@ def _setup(msg: Message, context: Context) -> tuple[Any, ...]:
         context.state[KEY_STATE_FROZEN] = msg.content[KEY_FROZEN]
     if KEY_STATE_FROZEN in context.state:
         set_frozen_state(model, record_to_state(context.state[KEY_STATE_FROZEN]))
-    _load_adapter(msg, context, method, model, int(config.get(KEY_ROUND, 0)))
+    _load_adapter(msg, context, method, model, int(config.get(KEY_ROUND, 0)), pid)
     if method.folds_into_base:
         _sync_base(msg, context, model)
     return cfg, method, model, tokenizer, device, pid, num_parts
 
 
 def _load_adapter(
-    msg: Message, context: Context, method: Method, model: Any, server_round: int
+    msg: Message,
+    context: Context,
+    method: Method,
+    model: Any,
+    server_round: int,
+    partition: int,
 ) -> None:
-    """Load the global adapter and this node's local keys (its own, or their
-    seeded values for a node that has none), and train this round's keys only."""
+    """Load the global adapter (as the method starts a client's round from it)
+    and this node's local keys (its own, or their seeded values for a node that
+    has none), and train this round's keys only."""
     initial = initial_state(model)
     local = {k: v for k, v in initial.items() if method.keeps_local(k)}
     if local and KEY_STATE_LOCAL in context.state:
         local = record_to_state(context.state[KEY_STATE_LOCAL])
     sent = record_to_state(msg.content[KEY_ARRAYS]) if KEY_ARRAYS in msg.content else {}
     if sent:  # all of it: a model reused across nodes holds another's values
+        sent = method.client_start(sent, initial, server_round, partition)
         state = {**sent, **local}
         check_state({k: v.shape for k, v in initial.items()}, state)
         load_state(model, state)
@@ -210,7 +218,13 @@ def train(msg: Message, context: Context) -> Message:
         rounds = int(kept[KEY_LOCAL_ROUNDS]) + 1 if kept is not None else 1
         context.state[KEY_STATE_LOCAL_ROUNDS] = ConfigRecord({KEY_LOCAL_ROUNDS: rounds})
         public[KEY_LOCAL_ROUNDS] = rounds
-    public.update({KEY_PARTITION: pid, FROZEN_CRC_KEY: frozen_digest(model)})
+    public.update(
+        {
+            KEY_PARTITION: pid,
+            FROZEN_CRC_KEY: frozen_digest(model),
+            KEY_RANK: int(cfg.adapter.r),  # the node's own rank (config, not data)
+        }
+    )
     if method.folds_into_base:
         public[KEY_BASE_ROUND] = int(context.state[KEY_STATE_BASE_ROUND][KEY_BASE_TO])
     update = {k: v for k, v in trained.items() if k not in local}

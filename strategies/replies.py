@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,12 +147,14 @@ def accept(
     digest: int | None,
     max_ratio: float,
     folds_sent: dict[int, int] | None = None,
+    reshape: Callable[[State, dict[str, Any]], State] | None = None,
 ) -> Accepted:
     """Decode and check every reply against what was ``sent``: keys, shapes, finite
     values, example count, frozen factors (``digest``), base-weight folds (the
     round sent to each node, ``folds_sent``; None: the method folds nothing), and
     the update-norm outlier rule (``max_ratio`` times the median; 0 turns it
-    off)."""
+    off). ``reshape(state, metrics)`` first brings a reply to the server's shapes
+    (the method's :meth:`~fedlora.methods.base.Method.from_client`)."""
     expected = {k: v.shape for k, v in sent.items()}
     decoded: list[tuple[int, State, dict[str, Any]]] = []
     out = Accepted()
@@ -160,6 +163,8 @@ def accept(
         try:  # whatever the bytes, decoding must not take the server down
             state = record_to_state(m.content[KEY_ARRAYS])
             metrics = dict(m.content[KEY_METRICS])
+            if reshape is not None:
+                state = reshape(state, metrics)
             reason = check_update(state, expected, metrics.get(KEY_NUM_EXAMPLES))
             reason = reason or frozen_mismatch(metrics, digest)
             if folds_sent is not None:

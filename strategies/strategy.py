@@ -404,6 +404,7 @@ class LoRAStrategy(FedAvg):
             self._digest,
             self.method.max_update_norm_ratio,
             self.holdings.folds_sent if self.method.folds_into_base else None,
+            self.method.from_client,
         )
         self.holdings.after_train(
             self.sampled,

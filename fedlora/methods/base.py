@@ -190,6 +190,22 @@ class Method:
         (e.g. its own rank); default none."""
         return {}
 
+    def client_start(
+        self, sent: State, initial: State, server_round: int, partition: int
+    ) -> State:
+        """The wire state a client starts its round from, given what the server
+        sent and the seeded values of the client's own model (``initial``: every
+        key it trains, in its own shapes); default what was sent. A method with a
+        rank per client truncates here; one that restarts the factors every round
+        returns fresh ones."""
+        return sent
+
+    def from_client(self, state: State, metrics: dict[str, Any]) -> State:
+        """A client's reply in the server's shapes, from what the client reports in
+        ``metrics`` (e.g. padded from its ``adapter-rank`` to the global rank);
+        default as sent. The server checks the result against what it sent."""
+        return state
+
     # --- the server --------------------------------------------------------------
     def weights(self, num_examples: Sequence[float]) -> np.ndarray:
         """The clients' aggregation weights ``p_k``."""

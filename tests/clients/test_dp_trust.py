@@ -46,6 +46,7 @@ PUBLIC = {
     "steps",
     "partition-id",
     "frozen-crc",
+    "adapter-rank",  # the client's configured rank, not a figure of its data
 }
 
 

@@ -16,6 +16,7 @@ from clients.client_app import train as client_train
 from fedlora.adapters import base_weight, get_state, lora_layers, set_trainable
 from fedlora.base_delta import BaseDelta
 from fedlora.build import build, build_cached, initial_state
+from fedlora.methods import from_settings
 from fedlora.settings import Settings, with_
 from strategies.wire import (
     KEY_ARRAYS,
@@ -27,6 +28,8 @@ from strategies.wire import (
     KEY_CONFIG,
     KEY_EXPERIMENT,
     KEY_METRICS,
+    KEY_NUM_EXAMPLES,
+    KEY_RANK,
     KEY_ROUND,
     KEY_STATE_LOCAL,
     record_to_state,
@@ -201,3 +204,46 @@ def test_a_node_keeps_its_summed_folds_and_a_restarted_one_catches_up(settings):
         np.testing.assert_array_equal(
             base_weight(model, layer), w0[layer].astype(np.float32)
         )
+
+
+def test_a_rank_per_client_truncates_down_and_pads_up_through_the_strategy(settings):
+    """``client_start`` / ``from_client`` (the toy zero-padding method): each real
+    client trains its own rank from the truncated global factors and reports it;
+    the strategy pads the replies back to the global rank before its checks."""
+    from strategies.strategy import LoRAStrategy
+    from tests.conftest import Grid
+
+    cfg = method_settings(settings, "tests.toy_methods.ToyRanks")
+    method = from_settings(cfg)
+    start = initial_state(build(cfg)[0])  # the server's model: rank adapter.r = 4
+    strategy = LoRAStrategy(method, min_available_nodes=2, min_train_nodes=2)
+    config = ConfigRecord({KEY_EXPERIMENT: json.dumps(cfg.to_dict())})
+    msgs = sorted(
+        strategy.configure_train(1, state_to_record(start), config, Grid([1, 2])),
+        key=lambda m: m.metadata.dst_node_id,
+    )
+    replies, ups = [], []
+    for pid, msg in enumerate(msgs):
+        reply = client_train(msg, node(pid))
+        reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
+        up = sent_up(reply)
+        assert reply.content[KEY_METRICS][KEY_RANK] == 2 + pid
+        assert all(
+            v.shape[0 if ".lora_A." in k else 1] == 2 + pid
+            for k, v in up.items()
+            if ".lora_" in k
+        )
+        replies.append(reply)
+        ups.append(up)
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert strategy.round_log[1]["rejected"] == []
+    new = record_to_state(arrays)
+    p = strategy.method.weights(
+        [r.content[KEY_METRICS][KEY_NUM_EXAMPLES] for r in replies]
+    )
+    for key in (k for k in start if ".lora_B." in k):
+        assert new[key].shape == start[key].shape
+        want = np.zeros(start[key].shape)  # zero-padded mean, float64 reference
+        for pk, up in zip(p, ups, strict=True):
+            want[:, : up[key].shape[1]] += pk * up[key]
+        np.testing.assert_allclose(new[key], want, rtol=1e-6, atol=1e-9)
