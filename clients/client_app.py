@@ -44,6 +44,7 @@ from strategies.wire import (
     KEY_ARRAYS,
     KEY_BASE,
     KEY_BASE_FROM,
+    KEY_BASE_NORM,
     KEY_BASE_ROUND,
     KEY_BASE_SYNC,
     KEY_BASE_TO,
@@ -130,6 +131,13 @@ def _load_adapter(
     set_trainable(model, [k for k in initial if method.trains(k, server_round)])
 
 
+def _held_folds(context: Context) -> BaseDelta:
+    """The summed base-weight folds this node holds (none: empty)."""
+    if KEY_STATE_BASE not in context.state:
+        return BaseDelta()
+    return BaseDelta.from_state(record_to_state(context.state[KEY_STATE_BASE]))
+
+
 def _sync_base(msg: Message, context: Context, model: Any) -> None:
     """Bring this node's summed base-weight folds up to date with the folds the
     message carries, keep them in the node's state, and set the base weights.
@@ -140,10 +148,9 @@ def _sync_base(msg: Message, context: Context, model: Any) -> None:
         The folds continue from a round this node does not hold (it lost its
         state): the server then sends the whole sum next time.
     """
-    held = BaseDelta()
+    held = _held_folds(context)
     held_round = 0
     if KEY_STATE_BASE in context.state:
-        held = BaseDelta.from_state(record_to_state(context.state[KEY_STATE_BASE]))
         held_round = int(context.state[KEY_STATE_BASE_ROUND][KEY_BASE_TO])
     if KEY_BASE_SYNC in msg.content:
         sync = msg.content[KEY_BASE_SYNC]
@@ -227,6 +234,7 @@ def train(msg: Message, context: Context) -> Message:
     )
     if method.folds_into_base:
         public[KEY_BASE_ROUND] = int(context.state[KEY_STATE_BASE_ROUND][KEY_BASE_TO])
+        public[KEY_BASE_NORM] = _held_folds(context).norm()  # a fingerprint
     update = {k: v for k, v in trained.items() if k not in local}
     content = RecordDict(
         {KEY_ARRAYS: state_to_record(update), KEY_METRICS: MetricRecord(public)}

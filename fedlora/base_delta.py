@@ -103,6 +103,18 @@ class BaseDelta:
         held = self._layers[layer]
         return (held[0], held[1]) if len(held) == 2 else None
 
+    def norm(self) -> float:
+        """Frobenius norm of all layers' summed deltas together (factored layers
+        through their small Gram matrices: ``||U V||^2 = tr(U^T U V V^T)``)."""
+        total = 0.0
+        for held in self._layers.values():
+            if len(held) == 1:
+                total += float(np.sum(held[0] ** 2))
+            else:
+                u, v = (a.astype(np.float64) for a in held)
+                total += float(np.sum((u.T @ u) * (v @ v.T)))
+        return float(np.sqrt(max(total, 0.0)))
+
     def num_parameters(self) -> int:
         """Numbers its wire form holds."""
         return int(sum(a.size for held in self._layers.values() for a in held))

@@ -61,3 +61,4 @@ KEY_STATE_LOCAL = "fedlora.local"  # where a node keeps its local keys (FedSA's 
 KEY_STATE_LOCAL_ROUNDS = "fedlora.local-rounds"  # ... and for how many rounds
 KEY_LOCAL_ROUNDS = "local-rounds"  # reply metric: rounds the node has kept them
 KEY_RANK = "adapter-rank"  # reply metric: the LoRA rank the client trained
+KEY_BASE_NORM = "base-norm"  # reply metric: Frobenius norm of the node's summed folds

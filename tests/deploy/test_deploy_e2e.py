@@ -438,3 +438,33 @@ def test_deploy_across_network_namespaces_with_tls_and_auth_matches_the_simulati
     assert f"--superlink {namespaces['host']}:" in " ".join(commands["supernode-0"])
     assert [r["clients"] for r in rows(out)[1:]] == [2, 2]
     assert_same_adapter(out, simulated)
+
+
+def test_deploy_fedex_lora_a_restarted_supernode_ends_with_the_others_base_weights(
+    tiny_bert, tmp_path
+):
+    """FedEx-LoRA folds each round's residual into every node's base weights. Kill
+    supernode-2 once it has taken round 2's message and start it again: the new
+    process (a new node id, empty node state) gets the whole sum of the folds, and
+    in round 3 every node reports the same folds (round and norm) as the others."""
+    restarted = []
+
+    def watch(services: deploy.Services, lines: list[str]) -> None:
+        if not restarted and received(services, "supernode-2") == 2:
+            services.kill("supernode-2")
+            services.restart("supernode-2")
+            restarted.append(True)
+
+    summary, metrics, work = drill(tmp_path, tiny_bert, watch, "strategy=fedex_lora")
+    assert restarted
+    assert_round_2_lost_node_2(metrics, work)
+    r3 = metrics[3]
+    assert (r3["clients"], r3["failures"], r3["rejected"]) == (3, 0, [])
+    assert partitions(r3) == [0, 1, 2]
+    replies = r3["client_replies"]
+    assert {c["base-round"] for c in replies} == {2}  # the folds of rounds 1 and 2
+    norms = [c["base-norm"] for c in replies]
+    assert norms[0] > 0
+    np.testing.assert_allclose(norms, norms[0], rtol=1e-6)
+    assert all(r["aggregation_error"] < 1e-5 for r in metrics[1:])
+    assert summary["rounds"] == 3

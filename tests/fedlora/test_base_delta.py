@@ -77,3 +77,14 @@ def test_a_node_gets_the_later_folds_or_the_whole_sum():
     # after a restart from a checkpoint every node starts from the whole sum
     log.restart(log.total.copy(), 3)
     assert log.since(None)[0] == 0 and not log.since(3)[1]
+
+
+def test_the_norm_of_the_summed_folds_is_the_dense_one():
+    rng = np.random.default_rng(3)
+    delta = BaseDelta()
+    delta.add({"a": fold(rng), "b": fold(rng, d_out=4, d_in=3, k=3)})  # b dense
+    delta.add({"a": fold(rng)})
+    want = np.sqrt(sum(np.sum(delta.matrix(k) ** 2) for k in delta))
+    assert delta.factors("a") is not None and delta.factors("b") is None
+    assert delta.norm() == pytest.approx(want, rel=1e-12)
+    assert BaseDelta().norm() == 0.0
