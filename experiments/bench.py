@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-STRATEGIES = ("fedavg_lora", "ffa_lora", "fedsb", "lora_fair")
+STRATEGIES = ("fedavg_lora", "ffa_lora", "fedsb", "lora_fair")  # the server arms
 MEASUREMENTS = (
     "trainer",
     "dp",
@@ -494,13 +494,15 @@ def llm_states(
         for name, (d_out, d_in) in zip(names, per_layer, strict=True):
             layer = f"model.layers.{i}.{name}"
             a, b = f"{layer}.lora_A.weight", f"{layer}.lora_B.weight"
-            if method in ("fedavg_lora", "lora_fair"):
-                sent[a], sent[b] = rand(r, d_in), rand(d_out, r)
-            elif method == "ffa_lora":
+            # no model at these sizes: the two parametrisations that freeze
+            # factors are spelled out; every other method trains A and B
+            if method == "ffa_lora":
                 frozen[a], sent[b] = rand(r, d_in), rand(d_out, r)
-            else:  # fedsb: B and A frozen, R (r x r) sent
+            elif method == "fedsb":  # B and A frozen, R (r x r) sent
                 frozen[a], frozen[b] = rand(r, d_in), rand(d_out, r)
                 sent[f"{layer}.lora_R.weight"] = rand(r, r)
+            else:
+                sent[a], sent[b] = rand(r, d_in), rand(d_out, r)
     states = [{k: v + rand(*v.shape) for k, v in sent.items()} for _ in range(clients)]
     return states, sent, frozen
 
@@ -658,25 +660,85 @@ def wire_ratio(state: dict[str, np.ndarray]) -> dict[str, Any]:
 
 
 def measure_bytes(base: list[str], layers: int) -> dict[str, Any]:
-    """Every strategy at MiniLM size (its real trainable state) and LLM shapes."""
+    """Every shipped method's upload at MiniLM size (its real trainable state) and
+    LLM shapes (round 1; RoLoRA also round 2), and FedEx-LoRA's residual."""
     from fedlora.adapters import get_state
     from fedlora.build import build
+    from fedlora.methods import from_settings
 
     out: dict[str, Any] = {}
     rng = np.random.default_rng(0)
-    for method in STRATEGIES:
-        plain = plain_settings(base + [f"strategy={method}"])
+    for name in available_strategies():
+        plain = plain_settings(base + [f"strategy={name}"])
+        method = from_settings(plain)
         model, _ = build(plain)
         # as after training: B (zero at init) no longer repeats, nothing dedups
         trained = {
             k: v + rng.standard_normal(v.shape, dtype=np.float32) * 0.01
             for k, v in get_state(model).items()
         }
-        out[f"minilm_{method}"] = wire_ratio(trained)
-        r = 200 if method == "fedsb" else 16
-        states, _, _ = llm_states(method, r, 1, layers)
-        out[f"llama_{method}_r{r}"] = wire_ratio(states[0])
+        r = 200 if name == "fedsb" else 16
+        states, _, _ = llm_states(name, r, 1, layers)
+        for server_round in (1, 2) if name == "rolora" else (1,):
+            tag = f"_round{server_round}" if name == "rolora" else ""
+            out[f"minilm_{name}{tag}"] = wire_ratio(
+                uploaded(method, trained, server_round)
+            )
+            out[f"llama_{name}_r{r}{tag}"] = wire_ratio(
+                uploaded(method, states[0], server_round)
+            )
+    out["llama_fedex_residual_r16_k10"] = fedex_residual_bytes(layers)
     return out
+
+
+def available_strategies() -> list[str]:
+    """Every method with a YAML in conf/strategy/ (the shipped ones)."""
+    return sorted(p.stem for p in (REPO / "conf/strategy").glob("[!_]*.yaml"))
+
+
+def uploaded(method: Any, state: dict[str, np.ndarray], server_round: int) -> dict:
+    """What a client of ``method`` sends up in ``server_round``."""
+    return {
+        k: v
+        for k, v in state.items()
+        if method.trains(k, server_round) and not method.keeps_local(k)
+    }
+
+
+def fedex_residual_bytes(layers: int, clients: int = 10, r: int = 16) -> dict:
+    """FedEx-LoRA's residual for one round of ``clients`` on Llama-2-7B shapes:
+    measured wire bytes of the factored fold of one decoder layer (as the strategy
+    sends it) against the dense matrices it replaces, both scaled to ``layers``."""
+    from flwr.app import RecordDict
+
+    from fedlora.aggregation import client_weights
+    from fedlora.base_delta import BaseDelta
+    from fedlora.methods.fedex_lora import FedExLoRA
+    from strategies.wire import payload_bytes, state_to_record
+
+    states, sent, _ = llm_states("fedex_lora", r, clients, 1)
+    p = client_weights([100 + k for k in range(clients)], "num_examples")
+    fold = FedExLoRA(scaling=2.0).fold(states, p, sent)
+    delta = BaseDelta()
+    delta.add(fold)
+    factored = payload_bytes(RecordDict({"base": state_to_record(delta.to_state())}))
+    dense_raw = sum(
+        sent[k.replace("lora_A", "lora_B")].shape[0] * v.shape[1] * 4
+        for k, v in sent.items()
+        if "lora_A" in k
+    )
+    adapter = sum(v.nbytes for v in sent.values())
+    return {
+        "clients": clients,
+        "r": r,
+        "factored_bytes": factored * layers,
+        "dense_raw_bytes": dense_raw * layers,
+        "adapter_raw_bytes": adapter * layers,
+        "ratio": factored / dense_raw,
+        "over_adapter": factored / adapter,
+        "goal": "report (factored / dense)",
+        "met": None,
+    }
 
 
 # --- 6. memory -----------------------------------------------------------------------
@@ -863,6 +925,16 @@ def table(results: dict[str, Any]) -> str:
             )
     if "bytes" in results:
         for name, v in results["bytes"].items():
+            if "factored_bytes" in v:  # FedEx-LoRA's residual
+                row(
+                    f"bytes {name} (factored vs dense)",
+                    f"{v['factored_bytes']:,}",
+                    f"{v['dense_raw_bytes']:,} (dense raw)",
+                    v["ratio"],
+                    f"{v['goal']}; {v['over_adapter']:.1f}x the adapter",
+                    v["met"],
+                )
+                continue
             row(
                 f"bytes {name}",
                 f"{v['wire_bytes']:,}",
