@@ -54,6 +54,7 @@ from strategies.wire import (
     KEY_EPSILON,
     KEY_EXPERIMENT,
     KEY_FROZEN,
+    KEY_GLOBAL_SYNC,
     KEY_LOCAL_ROUNDS,
     KEY_METRICS,
     KEY_NUM_EXAMPLES,
@@ -66,6 +67,8 @@ from strategies.wire import (
     KEY_STATE_BASE,
     KEY_STATE_BASE_ROUND,
     KEY_STATE_FROZEN,
+    KEY_STATE_GLOBAL,
+    KEY_STATE_GLOBAL_ROUND,
     KEY_STATE_LOCAL,
     KEY_STATE_LOCAL_ROUNDS,
     PHASE_GRADIENT,
@@ -123,12 +126,43 @@ def _load_adapter(
     if local and KEY_STATE_LOCAL in context.state:
         local = record_to_state(context.state[KEY_STATE_LOCAL])
     sent = record_to_state(msg.content[KEY_ARRAYS]) if KEY_ARRAYS in msg.content else {}
+    if KEY_GLOBAL_SYNC in msg.content:  # the changes since this node's copy
+        sent = _merge_global(msg, context, sent)
     if sent:  # all of it: a model reused across nodes holds another's values
         sent = method.client_start(sent, initial, server_round, partition)
         state = {**sent, **local}
         check_state({k: v.shape for k, v in initial.items()}, state)
         load_state(model, state)
     set_trainable(model, [k for k in initial if method.trains(k, server_round)])
+
+
+def _merge_global(
+    msg: Message, context: Context, changes: dict[str, Any]
+) -> dict[str, Any]:
+    """The whole global state from the changes a message carries since the copy
+    this node keeps (all of it when they start from round 0); keep it.
+
+    Raises
+    ------
+    RuntimeError
+        The changes start from a round whose copy this node does not hold (it lost
+        its state): the server then sends all of it next time.
+    """
+    sync = msg.content[KEY_GLOBAL_SYNC]
+    start, end = int(sync[KEY_BASE_FROM]), int(sync[KEY_BASE_TO])
+    if start > 0:
+        held = context.state.get(KEY_STATE_GLOBAL_ROUND)
+        held_round = int(held[KEY_BASE_TO]) if held is not None else None
+        if held_round != start:
+            raise RuntimeError(
+                f"the global state's changes start from round {start}, but this "
+                f"node holds the state of round {held_round}; the server will send "
+                "all of it next time"
+            )
+        changes = {**record_to_state(context.state[KEY_STATE_GLOBAL]), **changes}
+    context.state[KEY_STATE_GLOBAL] = state_to_record(changes)
+    context.state[KEY_STATE_GLOBAL_ROUND] = ConfigRecord({KEY_BASE_TO: end})
+    return changes
 
 
 def _held_folds(context: Context) -> BaseDelta:

@@ -1,9 +1,11 @@
 """What each node holds of the server's state between rounds, and the messages
 that bring it up to date.
 
-A node keeps two things the server sends only when it lacks them: the shipped
-frozen factors (Fed-SB's ``B`` and ``A``), and the base-weight folds up to some
-round (FedEx-LoRA's residuals, :mod:`fedlora.base_delta`). The server cannot see a
+A node keeps what the server sends only when it lacks it: the shipped frozen
+factors (Fed-SB's ``B`` and ``A``), the base-weight folds up to some round
+(FedEx-LoRA's residuals, :mod:`fedlora.base_delta`), and, for methods whose rounds
+change only part of the global state (RoLoRA), the global state it last received,
+so that only what changed since goes down. The server cannot see a
 node's state, so it keeps its belief here and errs towards sending again: a node
 that failed, was rejected for the state it held, or is new gets everything; a
 resumed run starts believing nothing.
@@ -18,11 +20,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from fedlora.adapters import FROZEN_DIFFER, FROZEN_MISSING
 from fedlora.base_delta import FoldLog
 from strategies.wire import (
+    KEY_ARRAYS,
     KEY_BASE,
     KEY_BASE_FROM,
     KEY_BASE_SYNC,
     KEY_BASE_TO,
     KEY_FROZEN,
+    KEY_GLOBAL_SYNC,
     payload_bytes,
     state_to_record,
 )
@@ -40,6 +44,9 @@ class Holdings:
     folds_sent : dict
         ``{node: round}``: the folds the last train messages brought each node up to
         (what its reply must report).
+    globals : dict
+        ``{node: round}``: the node holds the global state that round's train
+        message carried.
     """
 
     def __init__(self) -> None:
@@ -47,10 +54,11 @@ class Holdings:
         self.folds: dict[int, int] = {}
         self.folds_sent: dict[int, int] = {}
         self._folds_sent_eval: dict[int, int] = {}
+        self.globals: dict[int, int] = {}
 
     def forget(self) -> None:
         """Believe no node holds anything (a new Flower run: nodes start empty)."""
-        self.frozen, self.folds = set(), {}
+        self.frozen, self.folds, self.globals = set(), {}, {}
 
     # --- outgoing ------------------------------------------------------------------
     def with_frozen(self, msg: Message, frozen: ArrayRecord) -> Message:
@@ -76,6 +84,28 @@ class Holdings:
             out.append(_with(msg, records))
         return out
 
+    def with_changes(
+        self,
+        messages: list[Message],
+        sent: dict[str, Any],
+        changed: dict[str, int],
+        server_round: int,
+    ) -> list[Message]:
+        """``messages`` carrying, as arrays, only the keys of ``sent`` that changed
+        (``changed[key]``: the round whose aggregation last set it, 0: never) since
+        the global state each one's node holds; all of them for a node the server
+        knows nothing of. Nodes holding the same round share one record."""
+        records: dict[int, ArrayRecord] = {}
+        out = []
+        for msg in messages:
+            start = self.globals.get(msg.metadata.dst_node_id, 0)
+            if start not in records:
+                keys = [k for k in sent if start == 0 or changed.get(k, 0) >= start]
+                records[start] = state_to_record({k: sent[k] for k in keys})
+            sync = ConfigRecord({KEY_BASE_FROM: start, KEY_BASE_TO: server_round})
+            out.append(_with(msg, {KEY_ARRAYS: records[start], KEY_GLOBAL_SYNC: sync}))
+        return out
+
     # --- incoming ------------------------------------------------------------------
     def after_train(
         self,
@@ -84,11 +114,20 @@ class Holdings:
         rejected: list[dict[str, Any]],
         ships_frozen: bool,
         folds: bool,
+        server_round: int | None = None,
     ) -> None:
         """Update the belief from a round's train replies: nodes that replied hold
         the frozen factors, except those rejected for other ones; nodes whose
         update was accepted hold the folds sent to them, and any other sampled node
-        (failed, rejected) gets the whole sum next time."""
+        (failed, rejected) gets the whole sum next time; with ``server_round``
+        (the method's nodes keep the global state), likewise the global state of
+        that round."""
+        accepted = {m.metadata.src_node_id for m in ok} - {r["node"] for r in rejected}
+        if server_round is not None:
+            for node in sampled:
+                self.globals.pop(node, None)
+            for node in accepted & set(sampled):
+                self.globals[node] = server_round
         if ships_frozen:
             self.frozen.update(m.metadata.src_node_id for m in ok)
             for r in rejected:

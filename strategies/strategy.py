@@ -123,6 +123,7 @@ class LoRAStrategy(FedAvg):
         self.expected: State = {}  # what of it the clients train and send back
         self.sampled: list[int] = []  # node ids of this round's train messages
         self.folds = FoldLog()
+        self.changed: dict[str, int] = {}  # key -> round whose aggregation set it
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LoRAStrategy:
@@ -207,11 +208,19 @@ class LoRAStrategy(FedAvg):
             messages = [self.holdings.with_frozen(m, frozen) for m in messages]
         if method.folds_into_base:
             messages = self.holdings.with_folds(messages, self.folds, train=True)
+        if method.nodes_keep_global:  # only what changed since a node's last copy
+            messages = self.holdings.with_changes(
+                messages, self.sent, self.changed, server_round
+            )
         self.sampled = [m.metadata.dst_node_id for m in messages]
         self.round_log[server_round] = {
             "clients_sampled": len(messages),
             "bytes_down": sum(payload_bytes(m.content) for m in messages),
-            "params_down": num_parameters(self.sent) * len(messages),
+            "params_down": sum(
+                int(np.prod(a.shape))
+                for m in messages
+                for a in m.content[KEY_ARRAYS].values()
+            ),
         }
         return messages
 
@@ -236,7 +245,7 @@ class LoRAStrategy(FedAvg):
         started = time.perf_counter()
         server_round += self.round_offset
         entry = self.round_log.setdefault(server_round, {})
-        accepted = self._screen(list(replies), entry)
+        accepted = self._screen(server_round, list(replies), entry)
         if not self._enough(server_round, len(accepted.states)):
             return None, None
         method, states = self.method, accepted.states
@@ -248,6 +257,7 @@ class LoRAStrategy(FedAvg):
         # the diagnostic above measures the method's aggregation; the server
         # optimizer then moves deliberately from the sent state towards it
         new.update(self.optimizer.step(self.sent, {k: new[k] for k in self.expected}))
+        self.changed.update(dict.fromkeys(self.expected, server_round))
         entry["server_aggregate_time"] = time.perf_counter() - started
         return state_to_record(new), MetricRecord(summary)
 
@@ -392,7 +402,9 @@ class LoRAStrategy(FedAvg):
         )
 
     # --- helpers -----------------------------------------------------------------
-    def _screen(self, replies: list[Message], entry: dict[str, Any]) -> checks.Accepted:
+    def _screen(
+        self, server_round: int, replies: list[Message], entry: dict[str, Any]
+    ) -> checks.Accepted:
         """Sort a round's replies into failures, declines, rejections and the
         accepted updates; record them (and the privacy reported) in ``entry``."""
         ok = [m for m in replies if not m.has_error()]
@@ -412,6 +424,7 @@ class LoRAStrategy(FedAvg):
             accepted.rejected,
             self.method.ships_frozen,
             self.method.folds_into_base,
+            server_round if self.method.nodes_keep_global else None,
         )
         entry.update(
             failures=len(replies) - len(ok) + missing,

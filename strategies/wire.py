@@ -62,3 +62,7 @@ KEY_STATE_LOCAL_ROUNDS = "fedlora.local-rounds"  # ... and for how many rounds
 KEY_LOCAL_ROUNDS = "local-rounds"  # reply metric: rounds the node has kept them
 KEY_RANK = "adapter-rank"  # reply metric: the LoRA rank the client trained
 KEY_BASE_NORM = "base-norm"  # reply metric: Frobenius norm of the node's summed folds
+KEY_GLOBAL_SYNC = "global-sync"  # ConfigRecord: the arrays are the changes since
+#   KEY_BASE_FROM (0: all of them) up to KEY_BASE_TO, for nodes that keep the global
+KEY_STATE_GLOBAL = "fedlora.global"  # where such a node keeps the global state
+KEY_STATE_GLOBAL_ROUND = "fedlora.global-round"  # ... and the round it is from

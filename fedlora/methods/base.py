@@ -103,6 +103,9 @@ class Method:
     ships_frozen: ClassVar[bool] = False
     #: :meth:`fold` adds to the base weights: every party keeps the sum of the folds
     folds_into_base: ClassVar[bool] = False
+    #: nodes keep the global state they last received, so only the keys changed
+    #: since go down (for methods whose rounds change part of it: RoLoRA)
+    nodes_keep_global: ClassVar[bool] = False
     #: a server optimizer may step on what :meth:`aggregate` returns
     accepts_server_optimizer: ClassVar[bool] = True
 

@@ -18,11 +18,14 @@ class RoLoRA(Method):
     ``sum p_k B_k A = Bbar A`` (or ``B Abar``). Round 1 trains ``B``: at
     PEFT's init ``B = 0``, so ``A`` would get no gradient.
 
-    Up, one factor a round (``r d_out``, then ``r d_in``); down, both, since a
-    node holds no global state between rounds.
+    One factor a round each way (``r d_out``, then ``r d_in``): up, the one
+    trained; down, the one the last round changed, since each node keeps the
+    global state it last received (a node that missed rounds gets every factor
+    changed since, a new or restarted one all of them).
     """
 
     name = "rolora"
+    nodes_keep_global = True
 
     def trains(self, key: str, server_round: int) -> bool:
         """``B`` in odd rounds, ``A`` in even rounds, anything else always."""

@@ -247,3 +247,32 @@ def test_a_rank_per_client_truncates_down_and_pads_up_through_the_strategy(setti
         for pk, up in zip(p, ups, strict=True):
             want[:, : up[key].shape[1]] += pk * up[key]
         np.testing.assert_allclose(new[key], want, rtol=1e-6, atol=1e-9)
+
+
+def test_a_rolora_node_merges_the_changes_over_its_copy_of_the_global(settings):
+    from strategies.wire import KEY_GLOBAL_SYNC, KEY_STATE_GLOBAL
+
+    cfg = method_settings(settings, ROLORA)
+    start = {k: v.copy() for k, v in _wire(cfg).items()}
+
+    def sync(start_round, end_round):
+        return {
+            KEY_GLOBAL_SYNC: ConfigRecord(
+                {KEY_BASE_FROM: start_round, KEY_BASE_TO: end_round}
+            )
+        }
+
+    kept = node(0)
+    odd = sent_up(client_train(message(cfg, start, 1, extra=sync(0, 1)), kept))
+    changes = {**odd}  # the server's round-1 aggregate: B and the head changed
+    reply = client_train(message(cfg, changes, 2, extra=sync(1, 2)), kept)
+    assert {k for k in sent_up(reply) if "lora_" in k} == {
+        k for k in start if ".lora_A." in k
+    }
+    held = record_to_state(kept.state[KEY_STATE_GLOBAL])
+    assert set(held) == set(start)  # A from round 1's copy, B and head from round 2's
+    for k in start:
+        want = changes[k] if k in changes else start[k]
+        np.testing.assert_array_equal(held[k], want)
+    with pytest.raises(RuntimeError, match="start from round 2"):
+        client_train(message(cfg, changes, 3, extra=sync(2, 3)), node(0))

@@ -85,8 +85,10 @@ def strategy_for(method) -> LoRAStrategy:
     return LoRAStrategy(method, scaling=2.0, min_available_nodes=3, min_train_nodes=3)
 
 
-def one_round(strategy, server_round, state, rng, train=None, **metrics):
-    """configure_train -> replies of every node -> aggregate_train."""
+def one_round(strategy, server_round, state, rng, train=None, held=None, **metrics):
+    """configure_train -> replies of every node -> aggregate_train. With ``held``
+    (``{node: state}``, nodes that keep the global state), each node merges what
+    its message carries over its copy, as the ClientApp does."""
     msgs = list(
         strategy.configure_train(
             server_round, state_to_record(state), ConfigRecord({}), Grid([11, 12, 13])
@@ -94,8 +96,15 @@ def one_round(strategy, server_round, state, rng, train=None, **metrics):
     )
     msgs.sort(key=lambda m: m.metadata.dst_node_id)
     sent = [record_to_state(m.content[KEY_ARRAYS]) for m in msgs]
+    whole = sent
+    if held is not None:
+        whole = []
+        for m, s in zip(msgs, sent, strict=True):
+            node = m.metadata.dst_node_id
+            held[node] = {**held.get(node, {}), **s}
+            whole.append(held[node])
     updates = [
-        trained(rng, s, train(server_round, s) if train else list(s)) for s in sent
+        trained(rng, s, train(server_round, s) if train else list(s)) for s in whole
     ]
     replies = [
         reply_to(m, u, pid, **metrics)
@@ -110,6 +119,7 @@ def test_rolora_sends_one_factor_up_and_its_rounds_are_exact():
     strategy = strategy_for(RoLoRA())
     state = global_state(rng)
     p = client_weights(COUNTS, "num_examples")
+    held = {}
     for server_round in (1, 2, 3):
         factor = "lora_B" if server_round % 2 else "lora_A"
         frozen = "lora_A" if server_round % 2 else "lora_B"
@@ -119,8 +129,16 @@ def test_rolora_sends_one_factor_up_and_its_rounds_are_exact():
             state,
             rng,
             train=lambda r, s, f=factor: [k for k in s if f in k or "classifier" in k],
+            held=held,
         )
-        assert all(set(s) == set(state) for s in sent)  # both factors come down
+        # down: everything to a new node, then only what the last round changed
+        # (the factor frozen in this round, and the head)
+        changed = (
+            set(state)
+            if server_round == 1
+            else {k for k in state if frozen in k or "classifier" in k}
+        )
+        assert all(set(s) == changed for s in sent)
         for k in state:
             if frozen in k:  # the frozen factor keeps the server's value
                 np.testing.assert_array_equal(new[k], state[k])
@@ -142,6 +160,11 @@ def test_rolora_sends_one_factor_up_and_its_rounds_are_exact():
     replies = [reply_to(m, dict(state), pid) for pid, m in enumerate(msgs)]
     assert strategy.aggregate_train(4, replies) == (None, None)
     assert len(strategy.round_log[4]["rejected"]) == 3
+    # ... and those nodes, like any that failed, get the whole state next time
+    msgs = strategy.configure_train(
+        5, state_to_record(state), ConfigRecord({}), Grid([11, 12, 13])
+    )
+    assert all(set(m.content[KEY_ARRAYS]) == set(state) for m in msgs)
 
 
 def test_fedavg_lora_on_the_same_replies_is_inexact():
