@@ -34,6 +34,7 @@ from fedlora.adapters import (
 from fedlora.base_delta import BaseDelta
 from fedlora.build import build_cached, initial_state
 from fedlora.data import client_examples
+from fedlora.errors import ConfigError
 from fedlora.lora_sb import gradient_sums
 from fedlora.methods import Method, from_settings
 from fedlora.models import resolve_device
@@ -91,7 +92,10 @@ def _setup(msg: Message, context: Context) -> tuple[Any, ...]:
     if node.get("data-path"):  # a real site points at its own data
         cfg = replace(cfg, data=replace(cfg.data, path=str(node["data-path"])))
     method = from_settings(cfg)
-    overrides = method.client_overrides(pid)  # e.g. a rank
+    rank = _client_rank(cfg, method, node, pid, num_parts)
+    if rank != cfg.adapter.r:  # this node trains its own rank
+        cfg = replace(cfg, adapter=replace(cfg.adapter, r=rank, client_ranks=None))
+    overrides = method.client_overrides(pid)  # a method's own per-client settings
     if overrides:
         cfg = replace(cfg, adapter=replace(cfg.adapter, **overrides))
     threads = int(cfg.train.num_threads or 0)
@@ -108,6 +112,38 @@ def _setup(msg: Message, context: Context) -> tuple[Any, ...]:
     if method.folds_into_base:
         _sync_base(msg, context, model)
     return cfg, method, model, tokenizer, device, pid, num_parts
+
+
+def _client_rank(
+    cfg: Settings, method: Method, node: Any, pid: int, num_parts: int
+) -> int:
+    """The rank this node trains: its node config's ``rank`` (a SuperNode states
+    its own), else its entry of ``adapter.client_ranks``, else ``adapter.r``.
+
+    Raises
+    ------
+    ConfigError
+        A rank the method cannot take (it trains one rank everywhere), or one
+        outside 1..``adapter.r`` (the global rank).
+    """
+    stated = node.get("rank")
+    rank = int(stated) if stated is not None else cfg.adapter.rank_of(pid, num_parts)
+    key = "node config rank" if stated is not None else "adapter.client_ranks"
+    if rank != cfg.adapter.r and not method.accepts_client_ranks:
+        raise ConfigError(
+            key,
+            rank,
+            f"{method.name} trains one rank (adapter.r={cfg.adapter.r}) "
+            "on every client; remove it or choose a method that takes a rank per "
+            "client",
+        )
+    if not 1 <= rank <= int(cfg.adapter.r):
+        raise ConfigError(
+            key,
+            rank,
+            f"must be between 1 and the global rank adapter.r={cfg.adapter.r}",
+        )
+    return rank
 
 
 def _load_adapter(

@@ -14,6 +14,8 @@ from fedlora.models import load_base_model, load_tokenizer
 from fedlora.settings import Settings
 
 _CACHE: dict[str, tuple[torch.nn.Module, Any]] = {}
+_CACHE_SIZE = 1  # models kept per process: one (an LLM twice may not fit); a
+#   worker serving clients of several ranks rebuilds when the rank changes
 _INITIAL: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Any]] = (
     weakref.WeakKeyDictionary()
 )
@@ -60,6 +62,7 @@ def build_cached(settings: Settings) -> tuple[torch.nn.Module, Any]:
         default=str,
     )
     if key not in _CACHE:
-        _CACHE.clear()  # one model per process is enough
+        while len(_CACHE) >= _CACHE_SIZE:  # e.g. one model per client rank
+            del _CACHE[next(iter(_CACHE))]
         _CACHE[key] = build(settings)
     return _CACHE[key]

@@ -168,12 +168,26 @@ class AdapterSettings(_Section):
     dropout: float
     target_modules: tuple[str, ...]
     use_rslora: bool
+    #: a rank per client: one per partition, or tiers spread over the partitions
+    client_ranks: tuple[int, ...] | None = optional()
 
     @property
     def scaling(self) -> float:
         """``s = alpha / r`` (rsLoRA: ``alpha / sqrt(r)``)."""
         r = int(self.r)
         return float(self.alpha) / (math.sqrt(r) if self.use_rslora else r)
+
+    def rank_of(self, partition: int, num_partitions: int) -> int:
+        """The rank client ``partition`` trains: ``client_ranks[partition]`` when
+        the list has one rank per partition; otherwise the list is tiers spread in
+        order over the partitions, partition ``k`` of ``N`` taking tier
+        ``k * T // N``; ``r`` without a list."""
+        ranks = self.client_ranks
+        if not ranks:
+            return int(self.r)
+        if len(ranks) == num_partitions:
+            return int(ranks[partition])
+        return int(ranks[partition * len(ranks) // num_partitions])
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,18 @@ def _problems(s: Settings) -> list[ConfigError]:
     positive_int(train, "train", "batch_size")
     positive_int(train, "train", "max_length")
     positive_int(adapter, "adapter", "r")
+    ranks = adapter.client_ranks
+    if ranks is not None:
+        need(
+            len(ranks) > 0
+            and all(is_int(k) and 1 <= k <= adapter.r for k in ranks)
+            and (not is_int(fed.num_clients) or len(ranks) <= fed.num_clients),
+            "adapter.client_ranks",
+            list(ranks) if isinstance(ranks, tuple) else ranks,
+            f"give ranks between 1 and the global rank adapter.r={adapter.r} (raise "
+            "adapter.r to the largest), one per client or fewer (tiers spread "
+            f"over the federation.num_clients={fed.num_clients} partitions)",
+        )
     for key in ("fraction_train", "fraction_evaluate"):
         value = getattr(fed, key)
         need(

@@ -23,6 +23,7 @@ from strategies.wire import (
     KEY_METRICS,
     KEY_NUM_EXAMPLES,
     KEY_PARTITION,
+    KEY_RANK,
     KEY_REASON,
     record_to_state,
 )
@@ -100,6 +101,17 @@ def epsilons(replies: list[Message]) -> dict[int, float]:
         except (KeyError, TypeError, ValueError):  # no DP, or a malformed reply
             continue
     return out
+
+
+def by_rank(replies: list[Message], sizes: list[int]) -> dict[str, int]:
+    """``sizes`` summed by the rank each reply reports (``adapter-rank``; replies
+    without one under ``"unknown"``), keyed by the rank as a string."""
+    out: dict[str, int] = {}
+    for m, size in zip(replies, sizes, strict=True):
+        metrics = m.content[KEY_METRICS] if KEY_METRICS in m.content else {}
+        rank = str(metrics.get(KEY_RANK, "unknown"))
+        out[rank] = out.get(rank, 0) + int(size)
+    return dict(sorted(out.items()))
 
 
 @dataclass

@@ -426,10 +426,13 @@ class LoRAStrategy(FedAvg):
             self.method.folds_into_base,
             server_round if self.method.nodes_keep_global else None,
         )
+        sizes = [payload_bytes(m.content) for m in ok]
+        if self.method.accepts_client_ranks:  # per rank tier, keyed by rank
+            entry["bytes_up_by_rank"] = checks.by_rank(ok, sizes)
         entry.update(
             failures=len(replies) - len(ok) + missing,
             failure_reasons=checks.failures(replies, self.sampled, missing),
-            bytes_up=sum(payload_bytes(m.content) for m in ok),
+            bytes_up=sum(sizes),
             declined=checks.declined(ok),
             rejected=accepted.rejected,
             clients=len(accepted.states),

@@ -10,6 +10,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
+from fedlora.ranks import RANK_KEY
+
 KEY_ARRAYS = "arrays"  # the ArrayRecord of a message (Flower's default key)
 KEY_CONFIG = "config"  # the ConfigRecord of a message
 KEY_METRICS = "metrics"  # the MetricRecord of a reply
@@ -60,7 +62,7 @@ KEY_STATE_BASE_ROUND = "fedlora.base-round"  # ... and the round they reach
 KEY_STATE_LOCAL = "fedlora.local"  # where a node keeps its local keys (FedSA's B)
 KEY_STATE_LOCAL_ROUNDS = "fedlora.local-rounds"  # ... and for how many rounds
 KEY_LOCAL_ROUNDS = "local-rounds"  # reply metric: rounds the node has kept them
-KEY_RANK = "adapter-rank"  # reply metric: the LoRA rank the client trained
+KEY_RANK = RANK_KEY  # reply metric: the LoRA rank the client trained
 KEY_BASE_NORM = "base-norm"  # reply metric: Frobenius norm of the node's summed folds
 KEY_GLOBAL_SYNC = "global-sync"  # ConfigRecord: the arrays are the changes since
 #   KEY_BASE_FROM (0: all of them) up to KEY_BASE_TO, for nodes that keep the global

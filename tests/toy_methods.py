@@ -35,45 +35,11 @@ def toy_fold_matrix(mean: dict[str, np.ndarray], layer: str) -> np.ndarray:
 
 
 class ToyRanks(Method):
-    """FedAvg-LoRA with zero-padding, whose client ``p`` trains rank ``2 + p`` (a
-    stand-in for the heterogeneous-rank methods): a client starts from the global
-    factors truncated to its rank, the server pads its reply back to the global
-    rank ``adapter.r`` with zeros and averages."""
+    """FedAvg-LoRA whose client ``p`` asks for rank ``2 + p`` through
+    ``client_overrides`` (a method with a rank per client, for tools that must
+    tell such methods apart)."""
 
     name = "toy_ranks"
 
-    def __init__(self, *, rank=None, **common):
-        super().__init__(**common)
-        self.rank = rank
-
-    @classmethod
-    def derived_arguments(cls, settings):
-        return {"rank": int(settings.adapter.r)}
-
     def client_overrides(self, partition):
         return {"r": 2 + partition}
-
-    def client_start(self, sent, initial, server_round, partition):
-        return {k: _to_rank(k, v, _rank(k, initial[k])) for k, v in sent.items()}
-
-    def from_client(self, state, metrics):
-        return {k: _to_rank(k, v, self.rank) for k, v in state.items()}
-
-
-def _rank(key, value):
-    if ".lora_A." in key:
-        return value.shape[0]
-    return value.shape[1] if ".lora_B." in key else None
-
-
-def _to_rank(key, value, rank):
-    """A factor truncated or zero-padded to ``rank`` (other tensors as they are)."""
-    if ".lora_A." in key:
-        out = np.zeros((rank, value.shape[1]), value.dtype)
-        out[: min(rank, value.shape[0])] = value[:rank]
-        return out
-    if ".lora_B." in key:
-        out = np.zeros((value.shape[0], rank), value.dtype)
-        out[:, : min(rank, value.shape[1])] = value[:, :rank]
-        return out
-    return value

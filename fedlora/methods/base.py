@@ -106,6 +106,9 @@ class Method:
     #: nodes keep the global state they last received, so only the keys changed
     #: since go down (for methods whose rounds change part of it: RoLoRA)
     nodes_keep_global: ClassVar[bool] = False
+    #: clients may train different ranks (``adapter.client_ranks``; the method
+    #: maps their factors with :meth:`client_start` and :meth:`from_client`)
+    accepts_client_ranks: ClassVar[bool] = False
     #: a server optimizer may step on what :meth:`aggregate` returns
     accepts_server_optimizer: ClassVar[bool] = True
 
@@ -143,6 +146,16 @@ class Method:
                     f"{self.name}'s server step uses every client's update, not "
                     "just their mean, so client-level DP noise on the mean does not "
                     "cover it; use privacy=dp_sgd or another strategy",
+                )
+            )
+        if settings.adapter.client_ranks and not self.accepts_client_ranks:
+            out.append(
+                ConfigError(
+                    "adapter.client_ranks",
+                    list(settings.adapter.client_ranks),
+                    f"{self.name} trains one rank on every client; remove it, or "
+                    "choose a method that takes a rank per client (fedavg_lora "
+                    "pads to the global rank)",
                 )
             )
         optimizer = settings.server_optimizer

@@ -207,46 +207,74 @@ def test_a_node_keeps_its_summed_folds_and_a_restarted_one_catches_up(settings):
 
 
 def test_a_rank_per_client_truncates_down_and_pads_up_through_the_strategy(settings):
-    """``client_start`` / ``from_client`` (the toy zero-padding method): each real
-    client trains its own rank from the truncated global factors and reports it;
-    the strategy pads the replies back to the global rank before its checks."""
+    """FedAvg-LoRA with ``adapter.client_ranks`` (the zero-padding baseline), through
+    the real ClientApp and strategy: each client trains its own rank from the global
+    factors truncated and rescaled to its scale, reports it, and the strategy
+    brings the replies back to the global rank and scale before the mean."""
     from strategies.strategy import LoRAStrategy
     from tests.conftest import Grid
 
-    cfg = method_settings(settings, "tests.toy_methods.ToyRanks")
+    cfg = method_settings(
+        settings,
+        "fedlora.methods.fedavg_lora.FedAvgLoRA",
+        "adapter.client_ranks",
+        [2, 3],
+    )
     method = from_settings(cfg)
     start = initial_state(build(cfg)[0])  # the server's model: rank adapter.r = 4
+    rng = np.random.default_rng(0)
+    start = {  # as after some training: B no longer zero
+        k: (v + rng.normal(size=v.shape) * 1e-3).astype(np.float32)
+        for k, v in start.items()
+    }
     strategy = LoRAStrategy(method, min_available_nodes=2, min_train_nodes=2)
     config = ConfigRecord({KEY_EXPERIMENT: json.dumps(cfg.to_dict())})
     msgs = sorted(
         strategy.configure_train(1, state_to_record(start), config, Grid([1, 2])),
         key=lambda m: m.metadata.dst_node_id,
     )
+    alpha, big = cfg.adapter.alpha, cfg.adapter.r
     replies, ups = [], []
     for pid, msg in enumerate(msgs):
         reply = client_train(msg, node(pid))
         reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
         up = sent_up(reply)
-        assert reply.content[KEY_METRICS][KEY_RANK] == 2 + pid
+        rank = 2 + pid
+        assert reply.content[KEY_METRICS][KEY_RANK] == rank
         assert all(
-            v.shape[0 if ".lora_A." in k else 1] == 2 + pid
+            v.shape[0 if ".lora_A." in k else 1] == rank
             for k, v in up.items()
             if ".lora_" in k
         )
         replies.append(reply)
-        ups.append(up)
+        ups.append((rank, up))
     arrays, _ = strategy.aggregate_train(1, replies)
     assert strategy.round_log[1]["rejected"] == []
     new = record_to_state(arrays)
     p = strategy.method.weights(
         [r.content[KEY_METRICS][KEY_NUM_EXAMPLES] for r in replies]
     )
-    for key in (k for k in start if ".lora_B." in k):
+    for key in (k for k in start if ".lora_" in k):
         assert new[key].shape == start[key].shape
-        want = np.zeros(start[key].shape)  # zero-padded mean, float64 reference
-        for pk, up in zip(p, ups, strict=True):
-            want[:, : up[key].shape[1]] += pk * up[key]
-        np.testing.assert_allclose(new[key], want, rtol=1e-6, atol=1e-9)
+        want = np.zeros(start[key].shape)  # float64 reference: unscale, pad, mean
+        for pk, (rank, up) in zip(p, ups, strict=True):
+            c = np.sqrt((alpha / big) / (alpha / rank))  # sqrt(s_R / s_k)
+            if ".lora_B." in key:
+                want[:, :rank] += pk * up[key] / c
+            else:
+                want[:rank] += pk * up[key] / c
+        np.testing.assert_allclose(new[key], want, rtol=1e-5, atol=1e-9)
+    # the client's effective delta was the global one's truncation
+    b, a = "lora_B.weight", "lora_A.weight"
+    layer = next(k[: -len(b)] for k in start if k.endswith(b))
+    truncated = method.client_start(start, {layer + a: np.zeros((2, 1))}, 1, 0)
+    s_k, s_r = alpha / 2, alpha / big
+    np.testing.assert_allclose(
+        s_k * truncated[layer + b].astype(float) @ truncated[layer + a],
+        s_r * start[layer + b][:, :2].astype(float) @ start[layer + a][:2],
+        rtol=1e-5,
+        atol=1e-10,  # float32 factors; entries ~1e-4
+    )
 
 
 def test_a_rolora_node_merges_the_changes_over_its_copy_of_the_global(settings):

@@ -121,3 +121,21 @@ def test_a_server_optimizer_with_fedprox_resumes_bit_identically(tiny_bert, tmp_
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
     assert rows[3]["eval_loss"] == whole[3]["eval_loss"]
+
+
+def test_fedavg_lora_with_a_rank_per_client_pads_to_the_global_rank(
+    tiny_bert, tmp_path
+):
+    """The zero-padding baseline: ranks [2, 4, 8] on 3 clients, global rank 8."""
+    rows = run_front_door(
+        tmp_path / "run", tiny_bert, "adapter.r=8", "adapter.client_ranks=[2,4,8]"
+    )
+    for r in rows[1:]:
+        assert r["clients"] == 3 and r["rejected"] == []
+        ranks = sorted(c["adapter-rank"] for c in r["client_replies"])
+        assert ranks == [2, 4, 8]
+        up = r["bytes_up_by_rank"]
+        assert set(up) == {"2", "4", "8"}
+        assert up["2"] < up["4"] < up["8"]  # each tier sends its own rank's factors
+        assert r["params_up"] == 3 * (4 * 2 * 32 * 8 + 2 * 32 + 2)  # padded to 8
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()

@@ -1,0 +1,75 @@
+"""A rank per client: which rank each client trains, the map of its factors to and
+from the global adapter's (dense float64 references), and the refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedlora.errors import ConfigError
+from fedlora.ranks import RankPlan, rank_of
+from fedlora.settings import with_
+from strategies.server_app import compose_settings
+
+A, B = "l.lora_A.weight", "l.lora_B.weight"
+
+
+def global_factors(rng, r=8, d_out=12, d_in=10):
+    return {
+        B: (rng.normal(size=(d_out, r)) * 1e-3).astype(np.float32),
+        A: (rng.normal(size=(r, d_in)) * 0.1).astype(np.float32),
+        "head.weight": rng.normal(size=(2, 3)).astype(np.float32),
+    }
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_a_client_gets_the_global_deltas_truncation_at_its_own_scale(rslora):
+    rng = np.random.default_rng(0)
+    plan = RankPlan(8, 16.0, rslora)
+    g = global_factors(rng)
+    for r in (2, 5, 8):
+        mine = plan.to_client(g, r)
+        assert rank_of(mine) == r and mine["head.weight"] is g["head.weight"]
+        s_r = 16.0 / (np.sqrt(r) if rslora else r)
+        s_big = 16.0 / (np.sqrt(8) if rslora else 8)
+        ours = s_r * mine[B].astype(float) @ mine[A].astype(float)
+        want = s_big * g[B][:, :r].astype(float) @ g[A][:r].astype(float)
+        np.testing.assert_allclose(ours, want, rtol=0, atol=1e-6 * abs(want).max())
+        back = plan.from_client(mine, r)  # up: unscaled and zero-padded to 8
+        assert rank_of(back) == 8
+        np.testing.assert_allclose(back[B][:, :r], g[B][:, :r], rtol=1e-6)
+        np.testing.assert_array_equal(back[B][:, r:], 0)
+        np.testing.assert_array_equal(back[A][r:], 0)
+    with pytest.raises(ValueError, match="between 1 and the global rank"):
+        plan.to_client(g, 9)
+
+
+def test_each_partition_gets_its_rank_or_its_tier(settings):
+    one_each = with_(settings, "adapter.r", 8, "adapter.client_ranks", [2, 4, 8])
+    assert [one_each.adapter.rank_of(k, 3) for k in range(3)] == [2, 4, 8]
+    tiers = with_(settings, "adapter.r", 8, "adapter.client_ranks", [2, 8])
+    assert [tiers.adapter.rank_of(k, 6) for k in range(6)] == [2, 2, 2, 8, 8, 8]
+    assert [settings.adapter.rank_of(k, 2) for k in range(2)] == [4, 4]  # none
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["adapter.client_ranks=[2,16]"], "adapter.client_ranks"),  # above adapter.r
+        (["adapter.client_ranks=[0,4]"], "adapter.client_ranks"),
+        (["adapter.client_ranks=[2,4,8,8]"], "adapter.client_ranks"),  # > 3 clients
+        (["adapter.client_ranks=[2,4]", "strategy=ffa_lora"], "adapter.client_ranks"),
+        (["adapter.client_ranks=[2,4]", "strategy=fedex_lora"], "adapter.client_ranks"),
+    ],
+)
+def test_impossible_client_ranks_are_refused_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        compose_settings(["federation.num_clients=3", "adapter.r=8", *overrides])
+    assert err.value.key == key
+
+
+def test_fedavg_lora_takes_client_ranks():
+    cfg = compose_settings(
+        ["federation.num_clients=3", "adapter.r=8", "adapter.client_ranks=[2,4,8]"]
+    )
+    assert cfg.adapter.client_ranks == (2, 4, 8)
