@@ -303,18 +303,21 @@ def dense_error(delta, new, old, p, ranks, layers=LAYERS):
     return ratio(range(len(p))), tiers
 
 
-def test_hetero_aggregation_error_equals_dense_formula():
+@pytest.mark.parametrize(
+    "d_out, d_in, ranks",
+    [(D_OUT, D_IN, (2, 2, 4, 8)), (12, 9, (4, 8, 8, 2))],  # 2nd: sum r_k > d_out
+)
+def test_hetero_aggregation_error_equals_dense_formula(d_out, d_in, ranks):
     rng = np.random.default_rng(13)
-    ranks = (2, 2, 4, 8)
     p = np.array([0.1, 0.2, 0.3, 0.4])
     scales = [ALPHA / r for r in ranks]
     delta_f, delta_d, new, old = {}, {}, [{} for _ in ranks], [{} for _ in ranks]
     for layer in LAYERS:
-        pairs = [lora_pair(rng, r) for r in ranks]
+        pairs = [lora_pair(rng, r, d_out, d_in) for r in ranks]
         delta_f[layer] = stack([b for b, _ in pairs], [a for _, a in pairs], p, scales)
         delta_d[layer] = delta_f[layer][0] @ delta_f[layer][1]
         for k, (r, s) in enumerate(zip(ranks, scales, strict=True)):
-            b, a = lora_pair(rng, r)  # what it will receive: something inexact
+            b, a = lora_pair(rng, r, d_out, d_in)  # what it receives: inexact
             new[k][layer] = (s * b, a)
             old[k][layer] = (s * pairs[k][0] * 0.3, pairs[k][1])
     overall, tiers, groups = hetero_aggregation_error(
