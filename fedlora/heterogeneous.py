@@ -287,8 +287,10 @@ def hetlora_aggregate(
     like FedIT. Weights: :func:`hetlora_weights` (HetLoRA) or ``p_k`` (padded FedIT).
 
     HetLoRA's local rank self-pruning (Cho et al., EMNLP 2024) is not implemented:
-    the paper's text could not be consulted to specify it (regulariser, pruning
-    rule and its constants), and the docs ask for it only from that text.
+    the sources at hand (the abstract and summaries) only say that clients prune
+    their own rank during local training; its regulariser, pruning rule and
+    constants could not be pinned down from the paper's text, which the docs
+    require.
     """
     if not (len(padded_bs) == len(padded_as) == len(weights)) or not padded_bs:
         raise ValueError(
