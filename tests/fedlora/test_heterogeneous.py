@@ -363,3 +363,16 @@ def test_hetero_aggregation_error_of_flexlora_is_its_truncation():
     assert overall == pytest.approx(np.sqrt(p @ shares**2), rel=1e-10)
     for r, share in zip(RANKS, shares, strict=True):
         assert tiers[r] == pytest.approx(share, rel=1e-10)
+
+
+def test_flexlora_rank_r_is_the_head_of_one_unit_scale_split():
+    # so a server may send one rank-r_max split at scale 1 and each client take its
+    # rank-r_k head at its own scale (hetlora_to_client with s_max = 1)
+    rng = np.random.default_rng(16)
+    bs, as_, p, scales = clients(rng)
+    (full,), _ = flexlora(bs, as_, p, scales, [8], [1.0])
+    for r in RANKS:
+        ((b, a),), _ = flexlora(bs, as_, p, scales, [r], [ALPHA / r])
+        b_k, a_k = hetlora_to_client(*full, r, 1.0, ALPHA / r)
+        np.testing.assert_allclose(b_k, b, rtol=1e-12, atol=0)
+        np.testing.assert_allclose(a_k, a, rtol=1e-12, atol=0)
