@@ -123,12 +123,16 @@ def test_a_server_optimizer_with_fedprox_resumes_bit_identically(tiny_bert, tmp_
     assert rows[3]["eval_loss"] == whole[3]["eval_loss"]
 
 
-def test_fedavg_lora_with_a_rank_per_client_pads_to_the_global_rank(
-    tiny_bert, tmp_path
-):
-    """The zero-padding baseline: ranks [2, 4, 8] on 3 clients, global rank 8."""
+@pytest.mark.parametrize("strategy", ["fedavg_lora", "hetlora"])
+def test_a_rank_per_client_pads_to_the_global_rank(tiny_bert, tmp_path, strategy):
+    """Ranks [2, 4, 8] on 3 clients, global rank 8: the zero-padding baseline
+    (fedavg_lora) and HetLoRA."""
     rows = run_front_door(
-        tmp_path / "run", tiny_bert, "adapter.r=8", "adapter.client_ranks=[2,4,8]"
+        tmp_path / "run",
+        tiny_bert,
+        f"strategy={strategy}",
+        "adapter.r=8",
+        "adapter.client_ranks=[2,4,8]",
     )
     for r in rows[1:]:
         assert r["clients"] == 3 and r["rejected"] == []

@@ -275,3 +275,51 @@ def test_each_node_gets_the_folds_it_lacks():
     )
     assert all(folds_of(m)[:2] == (0, 3) for m in msgs)
     del p
+
+
+def test_hetlora_weights_each_layer_by_the_size_of_each_clients_update():
+    """HetLoRA through the strategy, replies of ranks 2, 3, 4 (global 4): padded at
+    the global scale, then per layer w_k ~ ||s_k B_k A_k|| (dense float64
+    reference), the head by p_k."""
+    from fedlora.methods.hetlora import HetLoRA
+    from fedlora.ranks import RANK_KEY, RankPlan
+
+    rng = np.random.default_rng(4)
+    plan = RankPlan(R, 6.0)  # global rank R = 3 at scale 6 / 3
+    strategy = strategy_for(HetLoRA(ranks=plan))
+    state = global_state(rng)
+    msgs = sorted(
+        strategy.configure_train(
+            1, state_to_record(state), ConfigRecord({}), Grid([11, 12, 13])
+        ),
+        key=lambda m: m.metadata.dst_node_id,
+    )
+    ranks, replies, ups = [1, 2, 3], [], []
+    for pid, (m, r) in enumerate(zip(msgs, ranks, strict=True)):
+        mine = plan.to_client(record_to_state(m.content[KEY_ARRAYS]), r)
+        up = trained(rng, mine, mine)
+        ups.append(up)
+        replies.append(reply_to(m, up, pid, **{RANK_KEY: r}))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    new = record_to_state(arrays)
+    p = client_weights(COUNTS, "num_examples")
+    for layer in LAYERS:
+        a, b = f"{layer}.lora_A.weight", f"{layer}.lora_B.weight"
+        norms = np.array(
+            [
+                np.linalg.norm(plan.scale(r) * u[b].astype(float) @ u[a].astype(float))
+                for r, u in zip(ranks, ups, strict=True)
+            ]
+        )
+        w = norms / norms.sum()
+        want_b, want_a = np.zeros(state[b].shape), np.zeros(state[a].shape)
+        for wk, r, u in zip(w, ranks, ups, strict=True):
+            c = plan.factor(r)
+            want_b[:, :r] += wk * u[b] / c
+            want_a[:r] += wk * u[a] / c
+        np.testing.assert_allclose(new[b], want_b, rtol=1e-5, atol=1e-9)
+        np.testing.assert_allclose(new[a], want_a, rtol=1e-5, atol=1e-7)
+    want = sum(
+        pk * u["classifier.weight"].astype(float) for pk, u in zip(p, ups, strict=True)
+    )
+    np.testing.assert_allclose(new["classifier.weight"], want, rtol=1e-5)
