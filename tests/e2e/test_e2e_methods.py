@@ -123,10 +123,10 @@ def test_a_server_optimizer_with_fedprox_resumes_bit_identically(tiny_bert, tmp_
     assert rows[3]["eval_loss"] == whole[3]["eval_loss"]
 
 
-@pytest.mark.parametrize("strategy", ["fedavg_lora", "hetlora"])
+@pytest.mark.parametrize("strategy", ["fedavg_lora", "hetlora", "flexlora"])
 def test_a_rank_per_client_pads_to_the_global_rank(tiny_bert, tmp_path, strategy):
     """Ranks [2, 4, 8] on 3 clients, global rank 8: the zero-padding baseline
-    (fedavg_lora) and HetLoRA."""
+    (fedavg_lora), HetLoRA and FlexLoRA."""
     rows = run_front_door(
         tmp_path / "run",
         tiny_bert,

@@ -323,3 +323,47 @@ def test_hetlora_weights_each_layer_by_the_size_of_each_clients_update():
         pk * u["classifier.weight"].astype(float) for pk, u in zip(p, ups, strict=True)
     )
     np.testing.assert_allclose(new["classifier.weight"], want, rtol=1e-5)
+
+
+def test_flexlora_gives_each_rank_the_truncated_svd_of_the_average_update():
+    """FlexLoRA through the strategy, replies of ranks 1, 2, 3 at their own scales:
+    each client's next adapter is the truncated SVD of the dense float64 average
+    ``sum p_k s_k B_k A_k`` at its rank, and the record's shares are its tails."""
+    from fedlora.methods.flexlora import FlexLoRA
+    from fedlora.ranks import RANK_KEY, RankPlan
+
+    rng = np.random.default_rng(5)
+    plan = RankPlan(R, 6.0)
+    strategy = strategy_for(FlexLoRA(ranks=plan))
+    state = global_state(rng)
+    msgs = sorted(
+        strategy.configure_train(
+            1, state_to_record(state), ConfigRecord({}), Grid([11, 12, 13])
+        ),
+        key=lambda m: m.metadata.dst_node_id,
+    )
+    ranks, replies, ups = [1, 2, 3], [], []
+    for pid, (m, r) in enumerate(zip(msgs, ranks, strict=True)):
+        mine = plan.to_client(record_to_state(m.content[KEY_ARRAYS]), r)
+        ups.append(trained(rng, mine, mine))
+        replies.append(reply_to(m, ups[-1], pid, **{RANK_KEY: r}))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    new = record_to_state(arrays)
+    p = client_weights(COUNTS, "num_examples")
+    tails = np.zeros(R + 1)
+    for layer in LAYERS:
+        a, b = f"{layer}.lora_A.weight", f"{layer}.lora_B.weight"
+        delta = sum(
+            pk * plan.scale(r) * u[b].astype(float) @ u[a].astype(float)
+            for pk, r, u in zip(p, ranks, ups, strict=True)
+        )
+        uu, ss, vt = np.linalg.svd(delta)
+        tails += [np.sum(ss[r:] ** 2) for r in range(R + 1)]
+        for r in ranks:  # what a rank-r client starts from next round
+            mine = plan.to_client({a: new[a], b: new[b]}, r)
+            got = plan.scale(r) * mine[b].astype(float) @ mine[a].astype(float)
+            want = (uu[:, :r] * ss[:r]) @ vt[:r]
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * abs(want).max())
+    shares = strategy.round_log[1]["flexlora"]["truncation_share_by_rank"]
+    for r in range(1, R + 1):
+        assert shares[str(r)] == pytest.approx(np.sqrt(tails[r] / tails[0]), abs=1e-6)
