@@ -16,7 +16,7 @@ from safetensors.numpy import load_file
 from fedlora import checkpoint
 from fedlora.base_delta import BaseDelta
 from fedlora.data import server_examples
-from fedlora.methods.fedex_lora import MERGED_FILE
+from fedlora.methods.merged_export import MERGED_FILE
 from fedlora.models import load_base_model, load_tokenizer
 from fedlora.settings import Settings
 from fedlora.train import evaluate

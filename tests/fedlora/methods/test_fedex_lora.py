@@ -19,12 +19,8 @@ from fedlora.aggregation import client_weights
 from fedlora.errors import ConfigError
 from fedlora.methods import from_settings
 from fedlora.methods.fedavg_lora import FedAvgLoRA
-from fedlora.methods.fedex_lora import (
-    MERGED_FILE,
-    FedExLoRA,
-    residual_factors,
-    truncated_lora,
-)
+from fedlora.methods.fedex_lora import FedExLoRA, residual_factors
+from fedlora.methods.merged_export import MERGED_FILE, truncated_lora
 from fedlora.settings import with_
 from strategies.server_app import compose
 from strategies.strategy import LoRAStrategy
