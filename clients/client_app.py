@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
 from fedlora import privacy
@@ -88,6 +94,11 @@ def _setup(msg: Message, context: Context) -> tuple[Any, ...]:
     cfg = Settings.from_dict(json.loads(str(config[KEY_EXPERIMENT])))
     node = context.node_config
     pid = int(node["partition-id"])
+    if cfg.faults is not None and cfg.faults.forgets(
+        pid, int(config.get(KEY_ROUND, 0))
+    ):
+        for key in list(context.state.keys()):  # a drill: the node restarted
+            del context.state[key]
     num_parts = int(node.get("num-partitions", cfg.federation.num_clients))
     if node.get("data-path"):  # a real site points at its own data
         cfg = replace(cfg, data=replace(cfg.data, path=str(node["data-path"])))

@@ -326,6 +326,10 @@ class FaultSettings(_Section):
 
     raise_partition: int | None = optional()
     raise_every: int | None = optional()  # None: every round
+    #: this partition's node loses its node state at the start of that round
+    #: (a restarted node in a simulation)
+    forget_partition: int | None = optional()
+    forget_round: int | None = optional()
 
     def raises(self, partition: int, server_round: int) -> bool:
         """Whether ``partition``'s client is to fail in ``server_round``."""
@@ -333,6 +337,10 @@ class FaultSettings(_Section):
             self.raise_partition == partition
             and server_round % int(self.raise_every or 1) == 0
         )
+
+    def forgets(self, partition: int, server_round: int) -> bool:
+        """Whether ``partition``'s node loses its state in ``server_round``."""
+        return self.forget_partition == partition and self.forget_round == server_round
 
 
 _SECTIONS: dict[str, type[_Section]] = {

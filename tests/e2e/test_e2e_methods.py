@@ -143,3 +143,32 @@ def test_a_rank_per_client_pads_to_the_global_rank(tiny_bert, tmp_path, strategy
         assert up["2"] < up["4"] < up["8"]  # each tier sends its own rank's factors
         assert r["params_up"] == 3 * (4 * 2 * 32 * 8 + 2 * 32 + 2)  # padded to 8
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_flora_is_exact_and_a_node_that_lost_its_state_catches_up(tiny_bert, tmp_path):
+    """FLoRA, ranks [2, 4, 8], 4 rounds; partition 1's node loses its node state at
+    the start of round 3 (a restart). The folds it gets continue from a round it no
+    longer holds, so it refuses that round; the server then sends it the whole
+    sum, and in round 4 every node holds the same base weights."""
+    out = tmp_path / "run"
+    rows = run_front_door(
+        out,
+        tiny_bert,
+        "strategy=flora",
+        "adapter.r=8",
+        "adapter.client_ranks=[2,4,8]",
+        "federation.rounds=4",
+        "+faults.forget_partition=1",
+        "+faults.forget_round=3",
+    )
+    assert all(r["aggregation_error"] < 1e-6 for r in rows[1:])  # exact
+    assert rows[1]["bytes_down_folds_eval"] > 0  # the stack goes down (with eval)
+    [failure] = rows[3]["failure_reasons"]
+    assert "continue from round" in failure["reason"]
+    last = rows[4]["client_replies"]
+    assert len(last) == 3 and {c["base-round"] for c in last} == {3}
+    norms = [c["base-norm"] for c in last]
+    np.testing.assert_allclose(norms, norms[0], rtol=1e-6)
+    assert (out / "adapter" / "merged_delta.safetensors").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["export_rank"] == 8 and 0 <= summary["export_truncation_error"] < 1

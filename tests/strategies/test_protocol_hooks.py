@@ -367,3 +367,75 @@ def test_flexlora_gives_each_rank_the_truncated_svd_of_the_average_update():
     shares = strategy.round_log[1]["flexlora"]["truncation_share_by_rank"]
     for r in range(1, R + 1):
         assert shares[str(r)] == pytest.approx(np.sqrt(tails[r] / tails[0]), abs=1e-6)
+
+
+def test_flora_stacks_the_replies_into_an_exact_fold_and_restarts_the_adapter():
+    """FLoRA through the strategy, replies of ranks 1, 2, 3 at their own scales:
+    the fold is ``sum p_k s_k B_k A_k`` (dense float64 reference), of rank
+    ``sum r_k`` once the padding is left out, the adapter goes back to ``B = 0``,
+    and the round is exact."""
+    from fedlora.methods.flora import FLoRA
+    from fedlora.ranks import RANK_KEY, RankPlan
+
+    rng = np.random.default_rng(6)
+    plan = RankPlan(R, 6.0)
+    method = FLoRA(ranks=plan, seed=3)
+    strategy = LoRAStrategy(method, scaling=plan.scale(R), min_available_nodes=3)
+    state = global_state(rng)
+    msgs = sorted(
+        strategy.configure_train(
+            1, state_to_record(state), ConfigRecord({}), Grid([11, 12, 13])
+        ),
+        key=lambda m: m.metadata.dst_node_id,
+    )
+    ranks, replies, ups = [1, 2, 3], [], []
+    for pid, (m, r) in enumerate(zip(msgs, ranks, strict=True)):
+        fresh = plan.to_client(record_to_state(m.content[KEY_ARRAYS]), r)
+        start = method.client_start(fresh, fresh, 1, pid)
+        assert all(not start[k].any() for k in start if "lora_B" in k)  # B = 0
+        up = {
+            k: (v + rng.normal(size=v.shape) * 1e-3).astype("f4")
+            for k, v in start.items()
+        }
+        ups.append(up)
+        replies.append(reply_to(m, up, pid, **{RANK_KEY: r, "base-round": 0}))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    new = record_to_state(arrays)
+    p = client_weights(COUNTS, "num_examples")
+    for layer in LAYERS:
+        a, b = f"{layer}.lora_A.weight", f"{layer}.lora_B.weight"
+        want = sum(
+            pk * plan.scale(r) * u[b].astype(float) @ u[a].astype(float)
+            for pk, r, u in zip(p, ranks, ups, strict=True)
+        )
+        held = strategy.folds.total.factors(layer)  # None where dense is smaller
+        assert held is None or held[0].shape[1] == sum(ranks)  # padding left out
+        np.testing.assert_allclose(
+            strategy.folds.total.matrix(layer),
+            want,
+            rtol=0,
+            atol=1e-6 * abs(want).max(),
+        )
+        assert not new[b].any()
+    assert strategy.round_log[1]["aggregation_error"] < 1e-9  # from the factors
+
+
+def test_flora_clients_start_from_fresh_factors_seeded_by_round_and_client():
+    from fedlora.methods.flora import FLoRA
+
+    method = FLoRA(seed=1)
+    initial = {
+        "l.lora_A.weight": np.zeros((4, 25), "f4"),
+        "l.lora_B.weight": np.ones((6, 4), "f4"),
+    }
+    draws = {
+        (r, k): method.client_start(dict(initial), initial, r, k)["l.lora_A.weight"]
+        for r in (1, 2)
+        for k in (0, 1)
+    }
+    assert all(
+        np.abs(a).max() <= 1 / 5 and np.abs(a).max() > 0.1 for a in draws.values()
+    )
+    assert len({a.tobytes() for a in draws.values()}) == 4  # all different
+    again = method.client_start(dict(initial), initial, 2, 1)["l.lora_A.weight"]
+    np.testing.assert_array_equal(again, draws[(2, 1)])  # but reproducible
