@@ -28,13 +28,13 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedlora import server_opt
-from fedlora.adapters import (
-    frozen_digest,
-)
+from fedlora.adapters import frozen_digest, lora_layers, module_name
 from fedlora.base_delta import BaseDelta, Fold, FoldLog
 from fedlora.comm import num_parameters
 from fedlora.diagnostics import aggregation_error, frozen_triangles, shared_factor_error
+from fedlora.heterogeneous import hetero_aggregation_error, stack
 from fedlora.methods import InitInputs, Method, from_settings
+from fedlora.ranks import RANK_KEY, rank_of
 from fedlora.settings import Settings
 from strategies import replies as checks
 from strategies.holdings import Holdings, fold_bytes
@@ -401,6 +401,57 @@ class LoRAStrategy(FedAvg):
             self._triangles,
         )
 
+    def diagnose_ranks(
+        self,
+        states: list[State],
+        weights: np.ndarray,
+        new: State,
+        fold: Fold | None,
+        ranks: list[int],
+    ) -> tuple[float, dict[int, float], dict[str, float]]:
+        """The aggregation error when clients hold adapters of different ranks:
+        ``sqrt(sum p_k ||Delta - E_new,k||^2) / sqrt(sum p_k ||Delta - E_old,k||^2)``
+        with ``Delta = sum p_k s_k B_k A_k`` and ``E_new,k`` / ``E_old,k`` what a
+        rank-``r_k`` client starts from next round / started from this one (the
+        global factors' first ``r_k`` columns and rows at the global scale, plus
+        the round's fold); overall, by rank tier and by module, from the factors
+        (:func:`fedlora.heterogeneous.hetero_aggregation_error`). ``states`` are
+        the replies at the global rank and scale."""
+        s = self.scaling
+        layers = lora_layers(self.sent)
+
+        def effective(state: State, r: int, extra: Fold | None) -> dict[str, Any]:
+            out = {}
+            for layer, (a_key, b_key) in layers.items():
+                b = s * np.asarray(state[b_key], dtype=np.float64)[:, :r]
+                a = np.asarray(state[a_key], dtype=np.float64)[:r]
+                if extra and layer in extra:
+                    value = extra[layer]
+                    if isinstance(value, np.ndarray):  # dense: D = D I
+                        value = (value, np.eye(value.shape[1]))
+                    b, a = np.hstack([b, value[0]]), np.vstack([a, value[1]])
+                out[layer] = (b, a)
+            return out
+
+        full = [{**self.sent, **st} for st in states]
+        delta = {
+            layer: stack(
+                [st[b_key] for st in full],
+                [st[a_key] for st in full],
+                weights,
+                [s] * len(full),
+            )
+            for layer, (a_key, b_key) in layers.items()
+        }
+        return hetero_aggregation_error(
+            delta,
+            [effective(new, r, fold) for r in ranks],
+            [effective(self.sent, r, None) for r in ranks],
+            weights,
+            ranks,
+            group=module_name,
+        )
+
     # --- helpers -----------------------------------------------------------------
     def _screen(
         self, server_round: int, replies: list[Message], entry: dict[str, Any]
@@ -453,7 +504,14 @@ class LoRAStrategy(FedAvg):
         """Record the aggregation's diagnostics in ``entry``; return the round's
         summary metrics (the mean training loss only where every client sent one:
         not under DP-SGD)."""
-        overall, by_module = self.diagnose(accepted.states, weights, new, fold)
+        ranks = [int(c.get(RANK_KEY, 0)) for c in accepted.metrics]
+        if self.method.accepts_client_ranks and set(ranks) != {rank_of(self.sent)}:
+            overall, by_rank, by_module = self.diagnose_ranks(
+                accepted.states, weights, new, fold, ranks
+            )
+            entry["aggregation_error_by_rank"] = {str(r): v for r, v in by_rank.items()}
+        else:
+            overall, by_module = self.diagnose(accepted.states, weights, new, fold)
         entry.update(
             aggregation_error=overall,
             aggregation_error_by_module=by_module,

@@ -364,6 +364,10 @@ def test_flexlora_gives_each_rank_the_truncated_svd_of_the_average_update():
             got = plan.scale(r) * mine[b].astype(float) @ mine[a].astype(float)
             want = (uu[:, :r] * ss[:r]) @ vt[:r]
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * abs(want).max())
+    # the diagnostic for clients of different ranks: what each tier cannot hold
+    by_rank = strategy.round_log[1]["aggregation_error_by_rank"]
+    assert set(by_rank) == {"1", "2", "3"}
+    assert by_rank["3"] < by_rank["2"] < by_rank["1"] < 1
     shares = strategy.round_log[1]["flexlora"]["truncation_share_by_rank"]
     for r in range(1, R + 1):
         assert shares[str(r)] == pytest.approx(np.sqrt(tails[r] / tails[0]), abs=1e-6)
