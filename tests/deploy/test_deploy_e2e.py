@@ -290,6 +290,19 @@ def drill(
     return summary, rows(out), work
 
 
+def restart_node_2_in_round_2(restarted: list[bool]) -> deploy.Watch:
+    """A watch that SIGKILLs supernode-2 once it has taken round 2's message and
+    starts it again right away (appending to ``restarted`` when it did)."""
+
+    def watch(services: deploy.Services, lines: list[str]) -> None:
+        if not restarted and received(services, "supernode-2") == 2:
+            services.kill("supernode-2")
+            services.restart("supernode-2")
+            restarted.append(True)
+
+    return watch
+
+
 def assert_round_2_lost_node_2(metrics: list[dict], work: Path) -> None:
     """Round 1 had all three nodes; in round 2 node 2 took its message, died before
     replying, and the round aggregated the other two, recording one failure."""
@@ -337,14 +350,8 @@ def test_deploy_a_restarted_supernode_rejoins(tiny_bert, tmp_path):
     restart). The old node's reply to round 2 is still lost; the new process joins
     under a new node id, and round 3, which begins once the SuperLink has given up on
     the old one, samples all three nodes again (default ``min_available_clients``)."""
-    restarted = []
-
-    def watch(services: deploy.Services, lines: list[str]) -> None:
-        if not restarted and received(services, "supernode-2") == 2:
-            services.kill("supernode-2")
-            services.restart("supernode-2")
-            restarted.append(True)
-
+    restarted: list[bool] = []
+    watch = restart_node_2_in_round_2(restarted)
     summary, metrics, work = drill(tmp_path, tiny_bert, watch)
     assert restarted
     assert_round_2_lost_node_2(metrics, work)
@@ -447,14 +454,8 @@ def test_deploy_fedex_lora_a_restarted_supernode_ends_with_the_others_base_weigh
     supernode-2 once it has taken round 2's message and start it again: the new
     process (a new node id, empty node state) gets the whole sum of the folds, and
     in round 3 every node reports the same folds (round and norm) as the others."""
-    restarted = []
-
-    def watch(services: deploy.Services, lines: list[str]) -> None:
-        if not restarted and received(services, "supernode-2") == 2:
-            services.kill("supernode-2")
-            services.restart("supernode-2")
-            restarted.append(True)
-
+    restarted: list[bool] = []
+    watch = restart_node_2_in_round_2(restarted)
     summary, metrics, work = drill(tmp_path, tiny_bert, watch, "strategy=fedex_lora")
     assert restarted
     assert_round_2_lost_node_2(metrics, work)

@@ -277,31 +277,40 @@ def test_each_node_gets_the_folds_it_lacks():
     del p
 
 
-def test_hetlora_weights_each_layer_by_the_size_of_each_clients_update():
-    """HetLoRA through the strategy, replies of ranks 2, 3, 4 (global 4): padded at
-    the global scale, then per layer w_k ~ ||s_k B_k A_k|| (dense float64
-    reference), the head by p_k."""
-    from fedlora.methods.hetlora import HetLoRA
-    from fedlora.ranks import RANK_KEY, RankPlan
+def ranked_round(strategy, plan, state, ranks, rng):
+    """Round 1 with client ``k`` of rank ``ranks[k]``: it starts from what it was
+    sent at its rank, trains, and reports its rank. Returns the replies' states
+    and the new global state."""
+    from fedlora.ranks import RANK_KEY
 
-    rng = np.random.default_rng(4)
-    plan = RankPlan(R, 6.0)  # global rank R = 3 at scale 6 / 3
-    strategy = strategy_for(HetLoRA(ranks=plan))
-    state = global_state(rng)
     msgs = sorted(
         strategy.configure_train(
             1, state_to_record(state), ConfigRecord({}), Grid([11, 12, 13])
         ),
         key=lambda m: m.metadata.dst_node_id,
     )
-    ranks, replies, ups = [1, 2, 3], [], []
+    replies, ups = [], []
     for pid, (m, r) in enumerate(zip(msgs, ranks, strict=True)):
         mine = plan.to_client(record_to_state(m.content[KEY_ARRAYS]), r)
-        up = trained(rng, mine, mine)
-        ups.append(up)
-        replies.append(reply_to(m, up, pid, **{RANK_KEY: r}))
+        ups.append(trained(rng, mine, mine))
+        replies.append(reply_to(m, ups[-1], pid, **{RANK_KEY: r}))
     arrays, _ = strategy.aggregate_train(1, replies)
-    new = record_to_state(arrays)
+    return ups, record_to_state(arrays)
+
+
+def test_hetlora_weights_each_layer_by_the_size_of_each_clients_update():
+    """HetLoRA through the strategy, replies of ranks 2, 3, 4 (global 4): padded at
+    the global scale, then per layer w_k ~ ||s_k B_k A_k|| (dense float64
+    reference), the head by p_k."""
+    from fedlora.methods.hetlora import HetLoRA
+    from fedlora.ranks import RankPlan
+
+    rng = np.random.default_rng(4)
+    plan = RankPlan(R, 6.0)  # global rank R = 3 at scale 6 / 3
+    strategy = strategy_for(HetLoRA(ranks=plan))
+    state = global_state(rng)
+    ranks = [1, 2, 3]
+    ups, new = ranked_round(strategy, plan, state, ranks, rng)
     p = client_weights(COUNTS, "num_examples")
     for layer in LAYERS:
         a, b = f"{layer}.lora_A.weight", f"{layer}.lora_B.weight"
@@ -330,25 +339,14 @@ def test_flexlora_gives_each_rank_the_truncated_svd_of_the_average_update():
     each client's next adapter is the truncated SVD of the dense float64 average
     ``sum p_k s_k B_k A_k`` at its rank, and the record's shares are its tails."""
     from fedlora.methods.flexlora import FlexLoRA
-    from fedlora.ranks import RANK_KEY, RankPlan
+    from fedlora.ranks import RankPlan
 
     rng = np.random.default_rng(5)
     plan = RankPlan(R, 6.0)
     strategy = strategy_for(FlexLoRA(ranks=plan))
     state = global_state(rng)
-    msgs = sorted(
-        strategy.configure_train(
-            1, state_to_record(state), ConfigRecord({}), Grid([11, 12, 13])
-        ),
-        key=lambda m: m.metadata.dst_node_id,
-    )
-    ranks, replies, ups = [1, 2, 3], [], []
-    for pid, (m, r) in enumerate(zip(msgs, ranks, strict=True)):
-        mine = plan.to_client(record_to_state(m.content[KEY_ARRAYS]), r)
-        ups.append(trained(rng, mine, mine))
-        replies.append(reply_to(m, ups[-1], pid, **{RANK_KEY: r}))
-    arrays, _ = strategy.aggregate_train(1, replies)
-    new = record_to_state(arrays)
+    ranks = [1, 2, 3]
+    ups, new = ranked_round(strategy, plan, state, ranks, rng)
     p = client_weights(COUNTS, "num_examples")
     tails = np.zeros(R + 1)
     for layer in LAYERS:

@@ -39,4 +39,12 @@ def test_a_meaningless_combination_is_refused_naming_the_key(overrides, key, why
     ],
 )
 def test_sensible_combinations_compose(overrides):
-    compose_settings(overrides)
+    cfg = compose_settings(overrides)
+    chosen = dict(o.split("=", 1) for o in overrides)
+    assert cfg.strategy["_target_"].startswith(f"fedlora.methods.{chosen['strategy']}.")
+    if "server_optimizer" in chosen:
+        assert (
+            cfg.server_optimizer["_target_"]
+            .lower()
+            .endswith(chosen["server_optimizer"])
+        )
