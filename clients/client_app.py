@@ -21,6 +21,7 @@ from flwr.app import (
     ConfigRecord,
     Context,
     Message,
+    MessageType,
     MetricRecord,
     RecordDict,
 )
@@ -94,9 +95,10 @@ def _setup(msg: Message, context: Context) -> tuple[Any, ...]:
     cfg = Settings.from_dict(json.loads(str(config[KEY_EXPERIMENT])))
     node = context.node_config
     pid = int(node["partition-id"])
-    if cfg.faults is not None and cfg.faults.forgets(
+    restarted = cfg.faults is not None and cfg.faults.forgets(
         pid, int(config.get(KEY_ROUND, 0))
-    ):
+    )
+    if restarted and msg.metadata.message_type == MessageType.TRAIN:
         for key in list(context.state.keys()):  # a drill: the node restarted
             del context.state[key]
     num_parts = int(node.get("num-partitions", cfg.federation.num_clients))
