@@ -121,6 +121,8 @@ class Accepted:
 
     states: list[State] = field(default_factory=list)
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    #: the parameters each accepted reply carried, as sent (before ``reshape``)
+    received: list[int] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -168,13 +170,14 @@ def accept(
     off). ``reshape(state, metrics)`` first brings a reply to the server's shapes
     (the method's :meth:`~fedlora.methods.base.Method.from_client`)."""
     expected = {k: v.shape for k, v in sent.items()}
-    decoded: list[tuple[int, State, dict[str, Any]]] = []
+    decoded: list[tuple[int, State, dict[str, Any], int]] = []
     out = Accepted()
     for m in replies:
         node = m.metadata.src_node_id
         try:  # whatever the bytes, decoding must not take the server down
             state = record_to_state(m.content[KEY_ARRAYS])
             metrics = dict(m.content[KEY_METRICS])
+            received = sum(int(v.size) for v in state.values())
             if reshape is not None:
                 state = reshape(state, metrics)
             reason = check_update(state, expected, metrics.get(KEY_NUM_EXAMPLES))
@@ -184,10 +187,10 @@ def accept(
         except Exception as exc:  # noqa: BLE001 - any malformed payload
             reason = f"undecodable reply: {type(exc).__name__}: {exc}"
         if reason is None:
-            decoded.append((node, state, metrics))
+            decoded.append((node, state, metrics, received))
         else:
             out.rejected.append({"node": node, "reason": reason})
-    outliers = update_norm_outliers([s for _, s, _ in decoded], sent, max_ratio)
+    outliers = update_norm_outliers([d[1] for d in decoded], sent, max_ratio)
     kept = []
     for item, reason in zip(decoded, outliers, strict=True):
         if reason is None:
@@ -195,8 +198,9 @@ def accept(
         else:
             out.rejected.append({"node": item[0], "reason": reason})
     kept.sort(key=lambda d: (str(d[2].get(KEY_PARTITION)), d[0]))
-    out.states = [s for _, s, _ in kept]
-    out.metrics = [m for _, _, m in kept]
+    out.states = [d[1] for d in kept]
+    out.metrics = [d[2] for d in kept]
+    out.received = [d[3] for d in kept]
     for r in out.rejected:
         log.warning(
             "aggregate_train: update of node %s rejected: %s", r["node"], r["reason"]

@@ -515,7 +515,7 @@ class LoRAStrategy(FedAvg):
         entry.update(
             aggregation_error=overall,
             aggregation_error_by_module=by_module,
-            params_up=sum(num_parameters(s) for s in accepted.states),
+            params_up=sum(accepted.received),  # as sent, before padding
             client_replies=accepted.metrics,
             **self.method.round_record(),
         )

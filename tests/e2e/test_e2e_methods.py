@@ -141,7 +141,8 @@ def test_a_rank_per_client_pads_to_the_global_rank(tiny_bert, tmp_path, strategy
         up = r["bytes_up_by_rank"]
         assert set(up) == {"2", "4", "8"}
         assert up["2"] < up["4"] < up["8"]  # each tier sends its own rank's factors
-        assert r["params_up"] == 3 * (4 * 2 * 32 * 8 + 2 * 32 + 2)  # padded to 8
+        # as sent: each client's own rank (the server pads after receiving)
+        assert r["params_up"] == 4 * 2 * 32 * (2 + 4 + 8) + 3 * (2 * 32 + 2)
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
 
 
