@@ -23,7 +23,10 @@ A method says, in one object:
   :meth:`Method.export_files`; what the export reports, :meth:`Method.summary_notes`),
 - constructor arguments derived from the experiment settings outside its
   ``strategy`` section (:meth:`Method.derived_arguments`, e.g. the LoRA scale),
-- what it must keep in a checkpoint (:meth:`Method.state_dict`).
+- what it must keep in a checkpoint (:meth:`Method.state_dict`),
+- what a round costs on the wire, analytically, per adapted layer
+  (:meth:`Method.round_parameters`, and :meth:`Method.round_traffic` up and down for
+  a client of a given rank; :mod:`fedlora.comm` sums them over a model's layers).
 
 A node's own state between rounds (shipped frozen factors, its local keys, its base
 delta) is kept by the ClientApp in the node's state, from what these hooks say.
@@ -313,6 +316,18 @@ class Method:
     def round_parameters(self, d_out: int, d_in: int, r: int) -> int:
         """Parameters of one adapted layer a client receives (and sends) a round."""
         return r * (d_out + d_in)
+
+    def round_traffic(
+        self, d_out: int, d_in: int, r: int, ranks: Sequence[int]
+    ) -> tuple[int, int]:
+        """``(up, down)`` parameters of one adapted layer for a client of rank ``r``
+        in a round whose clients train ``ranks`` (each client's; every client takes
+        part every round). Default :meth:`round_parameters` both ways: a client
+        sends and receives its own rank's share (the downlink truncated to ``r``).
+        A method whose downlink depends on the other clients (FLoRA's stack)
+        overrides this."""
+        n = self.round_parameters(d_out, d_in, r)
+        return n, n
 
     def one_time_parameters(self, d_out: int, d_in: int, r: int) -> tuple[int, int]:
         """``(up, down)`` parameters of one layer per client, once (init)."""

@@ -16,6 +16,7 @@ import numpy as np
 from fedlora.adapters import lora_layers
 from fedlora.aggregation import weighted_average
 from fedlora.base_delta import Fold
+from fedlora.comm import fold_parameters
 from fedlora.heterogeneous import stack
 from fedlora.methods.base import State
 from fedlora.methods.fedavg_lora import FedAvgLoRA
@@ -97,6 +98,17 @@ class FLoRA(MergedExport, FedAvgLoRA):
             out[b_key] = np.zeros_like(states[0][b_key])
             out[a_key] = sent[a_key]
         return out
+
+    def round_traffic(
+        self, d_out: int, d_in: int, r: int, ranks: Sequence[int]
+    ) -> tuple[int, int]:
+        """Up: the client's factors, ``r (d_out + d_in)``. Down: the global factors
+        at its rank (as FedAvg-LoRA's, though the client restarts from fresh ones)
+        and the last round's fold, the stack of every reply,
+        ``(d_out + d_in) sum r_k``, or dense ``d_out d_in`` once that is smaller
+        (:func:`fedlora.comm.fold_parameters`): it grows with the clients."""
+        up, down = super().round_traffic(d_out, d_in, r, ranks)
+        return up, down + fold_parameters(d_out, d_in, sum(ranks))
 
     def fold(self, states: Sequence[State], weights: np.ndarray, sent: State) -> Fold:
         """Per layer the stack ``(B_st, A_st)`` of the replies (at the global scale
