@@ -21,6 +21,10 @@ Measurements (``--only name,name`` runs a subset):
    q, k, v, o, gate, up, down; r = 16, Fed-SB r = 200), per strategy: the method's
    aggregation against a plain numpy weighted mean over the same arrays, and the
    whole ``aggregate_train`` (decode, checks, aggregation, diagnostics, encode).
+   Then a rank per client (ranks 8, 16, 32, 64, one client each; global rank 64):
+   fedavg_lora (zero-padding), hetlora, flexlora and flora, the whole
+   ``aggregate_train`` against a numpy weighted mean of the same updates padded to
+   rank 64 (``aggregate_train_over_mean``). ``--server-arms`` picks arms by name.
 5. ``bytes``: bytes on the wire (serialized Flower message) per client per round
    over the raw bytes of the communicated parameters, per strategy, at MiniLM size
    and Llama-2-7B shapes.
@@ -57,6 +61,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 STRATEGIES = ("fedavg_lora", "ffa_lora", "fedsb", "lora_fair")  # the server arms
+#: server arms with a rank per client (fedavg_lora: the zero-padding baseline)
+HETERO_STRATEGIES = ("fedavg_lora", "hetlora", "flexlora", "flora")
 MEASUREMENTS = (
     "trainer",
     "dp",
@@ -474,10 +480,18 @@ def measure_simulation(
 
 # --- 4. server aggregation -----------------------------------------------------------
 def llm_states(
-    method: str, r: int, clients: int, layers: int, seed: int = 0
+    method: str,
+    r: int,
+    clients: int,
+    layers: int,
+    seed: int = 0,
+    ranks: Sequence[int] | None = None,
 ) -> tuple[list[dict[str, np.ndarray]], dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Client updates, the sent global state and the frozen factors of a
-    Llama-2-7B-shaped adapter (``layers`` decoder layers; float32)."""
+    Llama-2-7B-shaped adapter (``layers`` decoder layers; float32). With ``ranks``
+    (one per client, at most ``r``), client ``k``'s update is at rank ``ranks[k]``:
+    the global factors truncated to it (:class:`fedlora.ranks.RankPlan`, scale
+    ``alpha = r``) plus noise."""
     from fedlora.comm import MODEL_SHAPES
 
     _, per_layer = MODEL_SHAPES["llama-2-7b"]
@@ -503,8 +517,30 @@ def llm_states(
                 sent[f"{layer}.lora_R.weight"] = rand(r, r)
             else:
                 sent[a], sent[b] = rand(r, d_in), rand(d_out, r)
-    states = [{k: v + rand(*v.shape) for k, v in sent.items()} for _ in range(clients)]
+    if ranks is None:
+        starts = [sent] * clients
+    else:
+        plan = rank_plan(r)
+        starts = [plan.to_client(sent, rank) for rank in ranks]
+    states = [{k: v + rand(*v.shape) for k, v in start.items()} for start in starts]
     return states, sent, frozen
+
+
+def rank_plan(r: int) -> Any:
+    """The benchmark's global rank ``r`` and scale rule (``alpha = r``)."""
+    from fedlora.ranks import RankPlan
+
+    return RankPlan(r, float(r))
+
+
+def rank_of_state(state: dict[str, np.ndarray]) -> int:
+    """The LoRA rank of a wire state."""
+    from fedlora.ranks import rank_of
+
+    r = rank_of(state)
+    if r is None:
+        raise ValueError("no LoRA factors in the state")
+    return r
 
 
 def numpy_mean(states: Sequence[dict[str, np.ndarray]], p: np.ndarray) -> dict:
@@ -532,15 +568,18 @@ def replies(
     states: list[dict[str, np.ndarray]],
     sent: dict[str, np.ndarray],
     frozen: dict[str, np.ndarray],
+    ranks: Sequence[int],
 ) -> list:
-    """Flower reply messages carrying ``states`` and the digest of the ``frozen``
-    factors the clients trained with, as the ClientApp reports it (a fake run
-    identity)."""
+    """Flower reply messages carrying ``states``, as the ClientApp reports them (a
+    fake run identity): the digest of the ``frozen`` factors the clients trained
+    with, each client's rank (``ranks``) and base weights without folds (round 0,
+    as a node reports it in round 1)."""
     from flwr.app import Message, MetricRecord, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedlora.adapters import FROZEN_CRC_KEY, frozen_digest
-    from strategies.wire import state_to_record
+    from fedlora.ranks import RANK_KEY
+    from strategies.wire import KEY_BASE_ROUND, state_to_record
 
     for field in ("_run_id", "_task_id", "_node_id"):
         setattr(TaskIdentity, field, 1)
@@ -561,6 +600,8 @@ def replies(
                         "num-examples": 100 + node,
                         "partition-id": node,
                         FROZEN_CRC_KEY: crc,
+                        RANK_KEY: int(ranks[node - 1]),
+                        KEY_BASE_ROUND: 0,
                     }
                 ),
             }
@@ -581,52 +622,111 @@ def timed(fn: Callable[[], Any], repeats: int) -> float:
     return median(times)
 
 
+def mean_and_aggregate(
+    method: Any,
+    states: list[dict[str, np.ndarray]],
+    ranks: Sequence[int] | None,
+    sent: dict[str, np.ndarray],
+    p: np.ndarray,
+    repeats: int,
+) -> tuple[float, float]:
+    """Median seconds of the numpy weighted mean and of ``method.aggregate`` over
+    the same updates in the server's shapes (with ``ranks``, padded to the rank of
+    ``sent``; the padded copies are dropped on return)."""
+    if ranks is not None:
+        plan = rank_plan(rank_of_state(sent))
+        states = [plan.from_client(s, k) for s, k in zip(states, ranks, strict=True)]
+    t_mean = timed(lambda: numpy_mean(states, p), repeats)
+    t_agg = timed(lambda: method.aggregate(states, p, sent), repeats)
+    return t_mean, t_agg
+
+
 def server_arm(
-    method: str, r: int, solver: str | None, clients: int, layers: int, repeats: int
+    method: str,
+    r: int,
+    solver: str | None,
+    clients: int,
+    layers: int,
+    repeats: int,
+    ranks: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """One strategy's server round on LLM shapes, against a numpy weighted mean."""
+    """One strategy's server round on LLM shapes, against a numpy weighted mean.
+
+    With ``ranks`` (one per client, global rank ``r``), the clients send their own
+    ranks' factors and the baseline is the numpy mean of the same updates padded
+    to ``r`` (the server's shapes, which the method aggregates)."""
     from fedlora.aggregation import client_weights
+    from fedlora.base_delta import FoldLog
     from strategies.wire import record_to_state, state_to_record
 
-    states, sent, frozen = llm_states(method, r, clients, layers)
-    strategy = make_strategy(method, frozen, **({"solver": solver} if solver else {}))
+    states, sent, frozen = llm_states(method, r, clients, layers, ranks=ranks)
+    params: dict[str, Any] = {"solver": solver} if solver else {}
+    if ranks is not None:
+        params["ranks"] = rank_plan(r)
+    strategy = make_strategy(method, frozen, **params)
     p = client_weights([100 + k for k in range(1, clients + 1)], "num_examples")
-    t_mean = timed(lambda: numpy_mean(states, p), repeats)
-    t_agg = timed(lambda: strategy.method.aggregate(states, p, states[0]), repeats)
-    msgs = replies(states, sent, frozen)
+    t_mean, t_agg = mean_and_aggregate(strategy.method, states, ranks, sent, p, repeats)
+    msgs = replies(states, sent, frozen, ranks or [r] * clients)
 
     def server_round() -> None:
         strategy.begin_round(1, record_to_state(state_to_record(sent)))
         strategy.round_log = {1: {"clients_sampled": clients}}
+        strategy.folds = FoldLog()  # each repeat the same round 1 (FLoRA)
+        strategy.holdings.folds_sent = dict.fromkeys(range(1, clients + 1), 0)
         strategy.aggregate_train(1, msgs)
 
     t_round = timed(server_round, repeats)
+    entry = strategy.round_log[1]
+    if entry.get("rejected"):
+        raise RuntimeError(f"server {method}: replies rejected: {entry['rejected']}")
+    hetero = ranks is not None
     return {
-        "mb_per_client": sum(v.nbytes for v in states[0].values()) / 2**20,
+        **({"ranks": list(ranks)} if hetero else {}),
+        "mb_per_client": sum(v.nbytes for s in states for v in s.values())
+        / clients
+        / 2**20,
         "numpy_mean_s": t_mean,
         "aggregate_s": t_agg,
         "ratio": t_agg / t_mean,
         "aggregate_train_s": t_round,
         "aggregate_train_over_mean": t_round / t_mean,
-        "aggregation_error": strategy.round_log[1].get("aggregation_error"),
-        "goal": "ratio <= 2" if not solver else "report (s/round)",
-        "met": (t_agg / t_mean <= 2.0) if not solver else None,
+        "aggregation_error": entry.get("aggregation_error"),
+        "goal": "ratio <= 2" if not (solver or hetero) else "report (s/round)",
+        "met": (t_agg / t_mean <= 2.0) if not (solver or hetero) else None,
     }
 
 
-def measure_server(layers: int, clients: int, repeats: int) -> dict[str, Any]:
-    """Per strategy: aggregation vs numpy mean, and the whole aggregate_train."""
+def measure_server(
+    layers: int,
+    clients: int,
+    repeats: int,
+    ranks: Sequence[int] = (8, 16, 32, 64),
+    only: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Per strategy: aggregation vs numpy mean, and the whole aggregate_train; then
+    the methods for a rank per client (``ranks``, one client each, global rank the
+    largest) against the numpy mean of the same updates padded to it. ``only``:
+    just the arms whose names start with one of these."""
     out: dict[str, Any] = {"layers": layers, "clients": clients}
-    arms = [(m, 16, None) for m in STRATEGIES[:3]] + [("fedsb", 200, None)]
-    arms += [("lora_fair", 16, "ridge"), ("lora_fair", 16, "gd")]
-    for method, r, solver in arms:
+    arms: list[tuple[str, int, str | None, Sequence[int] | None]] = [
+        (m, 16, None, None) for m in STRATEGIES[:3]
+    ]
+    arms += [("fedsb", 200, None, None)]
+    arms += [("lora_fair", 16, "ridge", None), ("lora_fair", 16, "gd", None)]
+    arms += [(m, max(ranks), None, tuple(ranks)) for m in HETERO_STRATEGIES]
+    for method, r, solver, client_ranks in arms:
         name = f"{method}_r{r}" + (f"_{solver}" if solver else "")
-        v = server_arm(method, r, solver, clients, layers, repeats)
+        if client_ranks is not None:
+            name = f"{method}_r{'-'.join(map(str, client_ranks))}"
+        if only and not name.startswith(tuple(only)):
+            continue
+        n = clients if client_ranks is None else len(client_ranks)
+        v = server_arm(method, r, solver, n, layers, repeats, client_ranks)
         out[name] = v
         say(
             f"server {name}: mean {v['numpy_mean_s']:.3f}s, aggregate "
             f"{v['aggregate_s']:.3f}s ({v['ratio']:.2f}x), aggregate_train "
-            f"{v['aggregate_train_s']:.3f}s"
+            f"{v['aggregate_train_s']:.3f}s ({v['aggregate_train_over_mean']:.2f}x)"
         )
     return out
 
@@ -766,7 +866,7 @@ def _child_server(args: dict[str, Any]) -> dict[str, Any]:
         args["method"], args["r"], args["clients"], args["layers"]
     )
     strategy = make_strategy(args["method"], frozen)
-    msgs = replies(states, sent, frozen)
+    msgs = replies(states, sent, frozen, [args["r"]] * args["clients"])
     raw = sum(v.nbytes for s in states for v in s.values()) / 2**20
     del states  # the server holds the replies, not our copies
     before = reset_peak_rss()
@@ -915,12 +1015,14 @@ def table(results: dict[str, Any]) -> str:
         for name, v in results["server"].items():
             if not isinstance(v, dict):
                 continue
+            hetero = "ranks" in v  # the whole round against the padded mean
             row(
                 f"server {name} ({v['mb_per_client']:.1f} MB/client)",
                 f"{v['aggregate_s']:.3f} s agg; {v['aggregate_train_s']:.2f} s round",
-                f"{v['numpy_mean_s']:.3f} s (numpy mean)",
-                v["ratio"],
-                v["goal"],
+                f"{v['numpy_mean_s']:.3f} s (numpy mean"
+                + (", padded)" if hetero else ")"),
+                v["aggregate_train_over_mean"] if hetero else v["ratio"],
+                "report (round / mean)" if hetero else v["goal"],
                 v["met"],
             )
     if "bytes" in results:
@@ -996,6 +1098,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--only", default="", help=f"comma list of {','.join(MEASUREMENTS)}"
     )
+    ap.add_argument(
+        "--server-arms",
+        default="",
+        help="comma list: only the server arms whose names start with these "
+        "(e.g. fedavg_lora_r8-,hetlora,flexlora,flora)",
+    )
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:  # an internal measurement process
@@ -1016,6 +1124,7 @@ def main(argv: list[str] | None = None) -> None:
         "sim": (2, 1, 80) if q else (10, 3, 1000),
         "layers": 2 if q else 32,
         "server_clients": 3 if q else 4,
+        "server_ranks": (2, 4, 8) if q else (8, 16, 32, 64),
         "scale": (20, 1, 10) if q else (100, 3, 20),
     }
     results: dict[str, Any] = {}
@@ -1029,7 +1138,11 @@ def main(argv: list[str] | None = None) -> None:
             "dp": lambda: dp_overhead(base, sizes["dp_n"], 1 if q else 5),
             "simulation": lambda: measure_simulation(base, *sizes["sim"], work),
             "server": lambda: measure_server(
-                sizes["layers"], sizes["server_clients"], sizes["repeats"]
+                sizes["layers"],
+                sizes["server_clients"],
+                sizes["repeats"],
+                sizes["server_ranks"],
+                [a for a in args.server_arms.split(",") if a],
             ),
             "bytes": lambda: measure_bytes(base, sizes["layers"]),
             "memory": lambda: measure_memory(
