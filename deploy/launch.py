@@ -1,14 +1,16 @@
 """Local deployment without Docker: a SuperLink and N SuperNodes as processes.
 
     python -m deploy.launch [--tls] [--auth] [--out DIR] [--work DIR]
-                                 [--timeout S] [hydra overrides ...]
+                                 [--timeout S] [--node-config I:KEY=VALUE ...]
+                                 [hydra overrides ...]
 
 It starts the services of ``docker-compose.yml`` with the same flags
 (:func:`commands`): ``superlink`` (Fleet API on gRPC, Control/Runtime API on HTTP),
 ``superexec-serverapp`` (runs the ServerApp), and for each of the
 ``federation.num_clients`` nodes ``supernode-i`` (node config ``partition-id=i
-num-partitions=N data-dir=<work>/node-i``) and ``superexec-clientapp-i`` (one
-ClientApp process per message). Then it submits the
+num-partitions=N data-dir=<work>/node-i``, plus what ``--node-config i:...`` adds,
+e.g. ``--node-config 0:rank=2``: that node trains LoRA rank 2) and
+``superexec-clientapp-i`` (one ClientApp process per message). Then it submits the
 experiment with ``flwr run . <connection> --run-config <toml>`` (the Hydra overrides
 and the output directory), waits for ``finished:completed``, checks the run directory
 and stops every process it started, by PID, also when the run fails.
@@ -76,6 +78,9 @@ class Plan:
         Fleet API, Control/Runtime API, SuperNodes' Runtime APIs (0: free ports).
     prefix : dict
         Service name -> command prefix, e.g. ``["ip", "netns", "exec", "ns0"]``.
+    node_config : dict
+        Node index -> extra ``key=value`` entries of its node config, e.g.
+        ``{0: "rank=2"}`` (the rank that SuperNode trains).
     """
 
     work: Path
@@ -87,6 +92,7 @@ class Plan:
     control_port: int = 0
     node_ports: list[int] = field(default_factory=list)
     prefix: dict[str, list[str]] = field(default_factory=dict)
+    node_config: dict[int, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.work = Path(self.work).resolve()
@@ -180,7 +186,13 @@ def commands(plan: Plan) -> dict[str, list[str]]:
             "--port",
             str(port),
             "--node-config",
-            f'partition-id={i} num-partitions={n} data-dir="{plan.work}/node-{i}"',
+            " ".join(
+                [
+                    f"partition-id={i} num-partitions={n}",
+                    f'data-dir="{plan.work}/node-{i}"',
+                    *([plan.node_config[i]] if plan.node_config.get(i) else []),
+                ]
+            ),
         ]
         out[f"superexec-clientapp-{i}"] = [
             "flower-superexec",
@@ -612,6 +624,34 @@ def deploy(
     return json.loads((out / "summary.json").read_text())
 
 
+def parse_node_config(entries: list[str], n: int) -> dict[int, str]:
+    """``["0:rank=2", "1:rank=4"]`` -> ``{0: "rank=2", 1: "rank=4"}`` (entries for
+    one node joined by spaces).
+
+    Raises
+    ------
+    ConfigError
+        An entry not of the form ``I:KEY=VALUE`` or ``I`` outside ``0..n-1``.
+    """
+    from fedlora.errors import ConfigError
+
+    out: dict[int, list[str]] = {}
+    for entry in entries:
+        index, sep, pair = entry.partition(":")
+        if not sep or not index.strip().isdigit() or "=" not in pair:
+            raise ConfigError(
+                "--node-config", entry, "expected I:KEY=VALUE, e.g. 0:rank=2"
+            )
+        if not 0 <= int(index) < n:
+            raise ConfigError(
+                "--node-config",
+                entry,
+                f"node index must be 0..{n - 1} (federation.num_clients={n})",
+            )
+        out.setdefault(int(index), []).append(pair.strip())
+    return {i: " ".join(pairs) for i, pairs in out.items()}
+
+
 def experiment(overrides: list[str]) -> Settings:
     """``conf/`` composed with ``overrides`` and checked, as the ServerApp will."""
     from strategies.server_app import compose_settings
@@ -643,9 +683,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--timeout", type=float, default=3600, help="seconds the run may take"
     )
+    parser.add_argument(
+        "--node-config",
+        action="append",
+        default=[],
+        metavar="I:KEY=VALUE",
+        help="add KEY=VALUE to SuperNode I's node config, e.g. 0:rank=2 (repeatable)",
+    )
     args = parser.parse_args(argv)
     try:
         cfg = experiment(args.overrides)
+        node_config = parse_node_config(
+            args.node_config, int(cfg.federation.num_clients)
+        )
     except ConfigError as exc:
         print(f"[deploy] configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -654,7 +704,7 @@ def main(argv: list[str] | None = None) -> None:
     n = int(cfg.federation.num_clients)  # one SuperNode per client
     work = args.work or Path(tempfile.mkdtemp(prefix="fedlora-deploy-"))
     out = args.out or ROOT / "outputs/deployment" / time.strftime("%Y-%m-%d_%H-%M-%S")
-    plan = Plan(work, n, tls=args.tls, auth=args.auth)
+    plan = Plan(work, n, tls=args.tls, auth=args.auth, node_config=node_config)
     print(
         f"[deploy] {n} SuperNodes, TLS {'on' if plan.tls else 'off'}, "
         f"auth {'on' if plan.auth else 'off'}; logs in {plan.work}",

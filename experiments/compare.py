@@ -644,6 +644,9 @@ def write(
         f"{', '.join(map(str, s['seeds']))}\n\n"
         f"{final_md}"
     )
+    by_rank = report.rank_markdown(groups) if groups else ""
+    if by_rank:
+        text += f"\n### Traffic by client rank (seeds at the chosen lr)\n\n{by_rank}"
     edges = [k for k, v in result["chosen_lr_at_edge"].items() if v]
     if edges:
         text += f"\nChosen at the sweep's edge (widen `--lrs`): {', '.join(edges)}.\n"

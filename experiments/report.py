@@ -162,6 +162,58 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
+def rank_traffic(run: Run) -> dict[str, dict[str, float]]:
+    """Traffic by client rank over the run (clients of different ranks,
+    ``bytes_up_by_rank`` / ``bytes_down_by_rank`` of ``metrics.jsonl``):
+    ``{rank: {"up_mb", "down_mb", "replies"}}``, MB (10^6 bytes) per reply of a
+    client of that rank (one client in one round); empty for a run without them."""
+    up: dict[str, float] = defaultdict(float)
+    down: dict[str, float] = defaultdict(float)
+    replies: dict[str, int] = defaultdict(int)
+    for row in run["rows"]:
+        for rank, size in (row.get("bytes_up_by_rank") or {}).items():
+            up[rank] += size
+        for rank, size in (row.get("bytes_down_by_rank") or {}).items():
+            down[rank] += size
+        for reply in row.get("client_replies") or []:
+            if "adapter-rank" in reply:
+                replies[str(int(reply["adapter-rank"]))] += 1
+    return {
+        rank: {
+            "up_mb": up[rank] / n / 1e6,
+            "down_mb": down[rank] / n / 1e6 if rank in down else None,
+            "replies": n,
+        }
+        for rank, n in sorted(replies.items(), key=lambda kv: int(kv[0]))
+        if rank in up
+    }
+
+
+def rank_markdown(runs: dict[str, list[Run]]) -> str:
+    """Per method and client rank: MB up and down per client per round (mean over
+    the group's runs); empty when no run has clients of different ranks."""
+    lines = []
+    for name, group in runs.items():
+        tiers: dict[str, dict[str, list[float]]] = defaultdict(
+            lambda: {"up_mb": [], "down_mb": []}
+        )
+        for run in group:
+            for rank, fig in rank_traffic(run).items():
+                for key in ("up_mb", "down_mb"):
+                    if fig[key] is not None:
+                        tiers[rank][key].append(fig[key])
+        for rank, fig in tiers.items():
+            up = mean_std(fig["up_mb"], digits=3)
+            down = mean_std(fig["down_mb"], digits=3)
+            lines.append(f"| {name} | {rank} | {up} | {down} |")
+    if not lines:
+        return ""
+    head = (
+        "| strategy | client rank | MB up per client-round | MB down per client-round |"
+    )
+    return "\n".join([head, "|---|---|---|---|", *lines]) + "\n"
+
+
 def curve(run: Run) -> tuple[list[int], list[float], list[float]]:
     """``(rounds, cumulative MB, accuracy)`` of a run's main metric at the rounds
     that report it; the MB count every round's traffic (round 0: one-time costs)."""

@@ -4,12 +4,16 @@ to and from the global adapter's.
 Clients may train different ranks ``r_k`` (``adapter.client_ranks``, or a node's
 own ``rank``), each at its own scale ``s_k = alpha / r_k`` (rsLoRA:
 ``alpha / sqrt(r_k)``). The global adapter has the largest rank ``R = adapter.r``
-at scale ``s_R``. A client of rank ``r_k`` receives the global factors truncated to
-``r_k`` and rescaled by ``c_k = sqrt(s_R / s_k)`` (both factors), so that its
+at scale ``s_R``. A client of rank ``r_k`` starts from the global factors truncated
+to ``r_k`` and rescaled by ``c_k = sqrt(s_R / s_k)`` (both factors), so that its
 effective delta ``s_k B_k A_k`` is exactly the global delta's truncation
 ``s_R B[:, :r_k] A[:r_k]``; the server divides its reply by ``c_k`` and pads it
-with zeros back to ``R``. Never mixing scales is the point: a padded factor
-averaged at another client's scale would be a different update.
+with zeros back to ``R``. The truncation may happen on either side: once the server
+knows a node's rank it sends only the first ``r_k`` rows/columns
+(:meth:`RankPlan.truncate`, unscaled), and the client's :meth:`RankPlan.to_client`
+of that is the same as of the whole global state. Never mixing scales is the
+point: a padded factor averaged at another client's scale would be a different
+update.
 """
 
 from __future__ import annotations
@@ -68,10 +72,34 @@ class RankPlan:
         multiplied by on the way down (and divided by on the way up)."""
         return math.sqrt(self.scale(self.rank) / self.scale(r))
 
+    def truncate(self, state: State, r: int) -> State:
+        """The global state as a rank-``r`` node is sent it: ``A``'s first ``r``
+        rows and ``B``'s first ``r`` columns, at the global scale (unscaled);
+        other tensors as they are. :meth:`to_client` of the result equals
+        :meth:`to_client` of ``state``."""
+        self._check(r)
+        return {k: _resize(k, v, r, 1.0) for k, v in state.items()}
+
     def to_client(self, state: State, r: int) -> State:
         """The global state as a rank-``r`` client starts from it: each factor
-        truncated to ``r`` and times ``c_r``; other tensors as they are."""
+        truncated to ``r`` and times ``c_r``; other tensors as they are. ``state``
+        may already be truncated to ``r`` (:meth:`truncate`) or to any rank above
+        it, at the global scale.
+
+        Raises
+        ------
+        ValueError
+            If ``r`` is outside 1..R, or ``state``'s factors hold fewer than ``r``
+            ranks (zero-padding them would start the client from factors whose
+            extra ranks never train).
+        """
         self._check(r)
+        held = rank_of(state)
+        if held is not None and held < r:
+            raise ValueError(
+                f"a rank-{r} client was sent factors of rank {held}; it needs the "
+                f"global factors truncated to at least {r}"
+            )
         c = self.factor(r)
         return {k: _resize(k, v, r, c) for k, v in state.items()}
 

@@ -5,20 +5,24 @@ A node keeps what the server sends only when it lacks it: the shipped frozen
 factors (Fed-SB's ``B`` and ``A``), the base-weight folds up to some round
 (FedEx-LoRA's residuals, :mod:`fedlora.base_delta`), and, for methods whose rounds
 change only part of the global state (RoLoRA), the global state it last received,
-so that only what changed since goes down. The server cannot see a
-node's state, so it keeps its belief here and errs towards sending again: a node
-that failed, was rejected for the state it held, or is new gets everything; a
-resumed run starts believing nothing.
+so that only what changed since goes down. With a rank per client, it also keeps
+the rank each node's replies report, so that a node gets the global factors at its
+own rank only. The server cannot see a node's state, so it keeps its belief here
+and errs towards sending again: a node that failed, was rejected for the state it
+held, or is new (a restarted SuperNode has a new node id) gets everything; a
+resumed run starts believing nothing (and relearns the ranks from the replies).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedlora.adapters import FROZEN_DIFFER, FROZEN_MISSING
 from fedlora.base_delta import FoldLog
+from strategies.replies import reported_rank
 from strategies.wire import (
     KEY_ARRAYS,
     KEY_BASE,
@@ -47,6 +51,9 @@ class Holdings:
     globals : dict
         ``{node: round}``: the node holds the global state that round's train
         message carried.
+    ranks : dict
+        ``{node: rank}``: the LoRA rank the node's last accepted reply reported
+        (not checkpointed: relearned after a resume).
     """
 
     def __init__(self) -> None:
@@ -55,10 +62,11 @@ class Holdings:
         self.folds_sent: dict[int, int] = {}
         self._folds_sent_eval: dict[int, int] = {}
         self.globals: dict[int, int] = {}
+        self.ranks: dict[int, int] = {}
 
     def forget(self) -> None:
         """Believe no node holds anything (a new Flower run: nodes start empty)."""
-        self.frozen, self.folds, self.globals = set(), {}, {}
+        self.frozen, self.folds, self.globals, self.ranks = set(), {}, {}, {}
 
     # --- outgoing ------------------------------------------------------------------
     def with_frozen(self, msg: Message, frozen: ArrayRecord) -> Message:
@@ -106,6 +114,19 @@ class Holdings:
             out.append(_with(msg, {KEY_ARRAYS: records[start], KEY_GLOBAL_SYNC: sync}))
         return out
 
+    def at_ranks(
+        self, messages: list[Message], cut: Callable[[int], ArrayRecord | None]
+    ) -> list[Message]:
+        """``messages`` carrying, as arrays, ``cut(r)`` for a node known to train
+        rank ``r`` (``cut`` gives None to keep the arrays as they are); a node
+        whose rank is unknown gets them as they are."""
+        out = []
+        for msg in messages:
+            rank = self.ranks.get(msg.metadata.dst_node_id)
+            record = None if rank is None else cut(rank)
+            out.append(msg if record is None else _with(msg, {KEY_ARRAYS: record}))
+        return out
+
     # --- incoming ------------------------------------------------------------------
     def after_train(
         self,
@@ -121,8 +142,15 @@ class Holdings:
         update was accepted hold the folds sent to them, and any other sampled node
         (failed, rejected) gets the whole sum next time; with ``server_round``
         (the method's nodes keep the global state), likewise the global state of
-        that round."""
+        that round. A node whose update was accepted trains the rank its reply
+        reports (if any); any other sampled node's rank is forgotten."""
         accepted = {m.metadata.src_node_id for m in ok} - {r["node"] for r in rejected}
+        for node in set(sampled) - accepted:
+            self.ranks.pop(node, None)
+        for m in ok:
+            rank = reported_rank(m)
+            if m.metadata.src_node_id in accepted and rank is not None:
+                self.ranks[m.metadata.src_node_id] = rank
         if server_round is not None:
             for node in sampled:
                 self.globals.pop(node, None)

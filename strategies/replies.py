@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,15 +103,36 @@ def epsilons(replies: list[Message]) -> dict[int, float]:
     return out
 
 
+def reported_rank(msg: Message) -> int | None:
+    """The LoRA rank a reply reports having trained (``adapter-rank``), or None
+    (no rank, or not a positive whole number)."""
+    metrics = msg.content[KEY_METRICS] if KEY_METRICS in msg.content else {}
+    value = metrics.get(KEY_RANK)
+    try:
+        rank = float(value)
+    except (TypeError, ValueError):
+        return None
+    return int(rank) if rank.is_integer() and rank >= 1 else None
+
+
+def tally(
+    sizes: Iterable[tuple[int | None, int]], into: dict[str, int] | None = None
+) -> dict[str, int]:
+    """``(rank, size)`` pairs summed by rank (None under ``"unknown"``), keyed by
+    the rank as a string, added to ``into`` (default nothing)."""
+    out = dict(into or {})
+    for rank, size in sizes:
+        key = "unknown" if rank is None else str(rank)
+        out[key] = out.get(key, 0) + int(size)
+    return dict(sorted(out.items()))
+
+
 def by_rank(replies: list[Message], sizes: list[int]) -> dict[str, int]:
     """``sizes`` summed by the rank each reply reports (``adapter-rank``; replies
     without one under ``"unknown"``), keyed by the rank as a string."""
-    out: dict[str, int] = {}
-    for m, size in zip(replies, sizes, strict=True):
-        metrics = m.content[KEY_METRICS] if KEY_METRICS in m.content else {}
-        rank = str(metrics.get(KEY_RANK, "unknown"))
-        out[rank] = out.get(rank, 0) + int(size)
-    return dict(sorted(out.items()))
+    return tally(
+        (reported_rank(m), size) for m, size in zip(replies, sizes, strict=True)
+    )
 
 
 @dataclass

@@ -60,7 +60,9 @@ class LoRAStrategy(FedAvg):
     """A federated LoRA method on Flower's FedAvg sampling and messaging.
 
     Each round's ``round_log[r]`` holds ``bytes_down``/``bytes_up`` (measured from
-    the serialized messages), ``params_down``/``params_up`` (analytic), the
+    the serialized messages; with a rank per client also by rank,
+    ``bytes_down_by_rank``/``bytes_up_by_rank``), ``params_down``/``params_up``
+    (analytic), the
     ``aggregation_error`` overall and by module, the client replies, failures,
     rejections, declines, epsilon and the method's own record.
 
@@ -122,6 +124,8 @@ class LoRAStrategy(FedAvg):
         self.sent: State = {}  # what of it this round's train messages carried
         self.expected: State = {}  # what of it the clients train and send back
         self.sampled: list[int] = []  # node ids of this round's train messages
+        # node -> (its rank known when its train message went, or None; bytes)
+        self.down_bytes: dict[int, tuple[int | None, int]] = {}
         self.folds = FoldLog()
         self.changed: dict[str, int] = {}  # key -> round whose aggregation set it
 
@@ -196,13 +200,16 @@ class LoRAStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample clients as FedAvg does, sending the global state but the keys
-        nodes keep; ship frozen factors and base-weight folds to nodes lacking
-        them; remember what was sent and its size."""
+        nodes keep (at its rank to a node whose rank is known); ship frozen factors
+        and base-weight folds to nodes lacking them; remember what was sent and its
+        size."""
         server_round += self.round_offset
         method = self.method
         if self.begin_round(server_round, record_to_state(arrays)):
             arrays = state_to_record(self.sent)
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        if method.accepts_client_ranks:
+            messages = self._at_ranks(messages, arrays, self.sent)
         if method.ships_frozen:  # serialised once for every node lacking them
             frozen = state_to_record(self.frozen)
             messages = [self.holdings.with_frozen(m, frozen) for m in messages]
@@ -213,9 +220,13 @@ class LoRAStrategy(FedAvg):
                 messages, self.sent, self.changed, server_round
             )
         self.sampled = [m.metadata.dst_node_id for m in messages]
+        self.down_bytes = {
+            m.metadata.dst_node_id: (rank, payload_bytes(m.content))
+            for m, rank in zip(messages, self._known_ranks(messages), strict=True)
+        }
         self.round_log[server_round] = {
             "clients_sampled": len(messages),
-            "bytes_down": sum(payload_bytes(m.content) for m in messages),
+            "bytes_down": sum(size for _, size in self.down_bytes.values()),
             "params_down": sum(
                 int(np.prod(a.shape))
                 for m in messages
@@ -265,17 +276,25 @@ class LoRAStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """FedAvg's evaluation messages, with the real round as ``server-round``
-        (and the base-weight folds each node lacks: a node keeps them for its next
-        training round, so their measured bytes, ``bytes_down_folds_eval``, count
-        in the round's ``bytes_down``)."""
+        (the global state at its rank to a node whose rank is known; and the
+        base-weight folds each node lacks: a node keeps them for its next training
+        round, so their measured bytes, ``bytes_down_folds_eval``, count in the
+        round's ``bytes_down``)."""
         server_round += self.round_offset
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        if self.method.accepts_client_ranks:
+            messages = self._at_ranks(messages, arrays)
         if self.method.folds_into_base:
             messages = self.holdings.with_folds(messages, self.folds, train=False)
-            folds = fold_bytes(messages)
+            sizes = [fold_bytes([m]) for m in messages]
             entry = self.round_log.setdefault(server_round, {})
-            entry["bytes_down_folds_eval"] = folds
-            entry["bytes_down"] = entry.get("bytes_down", 0) + folds
+            entry["bytes_down_folds_eval"] = sum(sizes)
+            entry["bytes_down"] = entry.get("bytes_down", 0) + sum(sizes)
+            if self.method.accepts_client_ranks:
+                entry["bytes_down_by_rank"] = checks.tally(
+                    zip(self._known_ranks(messages), sizes, strict=True),
+                    entry.get("bytes_down_by_rank"),
+                )
         return messages
 
     def aggregate_evaluate(
@@ -480,6 +499,12 @@ class LoRAStrategy(FedAvg):
         sizes = [payload_bytes(m.content) for m in ok]
         if self.method.accepts_client_ranks:  # per rank tier, keyed by rank
             entry["bytes_up_by_rank"] = checks.by_rank(ok, sizes)
+            # a message whose node's rank was unknown: the rank its reply reports
+            reported = {m.metadata.src_node_id: checks.reported_rank(m) for m in ok}
+            entry["bytes_down_by_rank"] = checks.tally(
+                (reported.get(node) if rank is None else rank, size)
+                for node, (rank, size) in self.down_bytes.items()
+            )
         entry.update(
             failures=len(replies) - len(ok) + missing,
             failure_reasons=checks.failures(replies, self.sampled, missing),
@@ -525,6 +550,27 @@ class LoRAStrategy(FedAvg):
                 np.dot(weights, [c["train_loss"] for c in accepted.metrics])
             )
         return summary
+
+    def _at_ranks(
+        self, messages: list[Message], arrays: ArrayRecord, state: State | None = None
+    ) -> list[Message]:
+        """``messages`` with the global ``arrays`` (``state``, decoded) as the
+        method sends them to each node whose rank is known
+        (:meth:`~fedlora.methods.base.Method.downlink`, one record per rank)."""
+        whole = record_to_state(arrays) if state is None else state
+        cuts: dict[int, ArrayRecord | None] = {}
+
+        def cut(rank: int) -> ArrayRecord | None:
+            if rank not in cuts:  # None: the method sends it all
+                part = self.method.downlink(whole, rank)
+                cuts[rank] = None if part is whole else state_to_record(part)
+            return cuts[rank]
+
+        return self.holdings.at_ranks(messages, cut)
+
+    def _known_ranks(self, messages: list[Message]) -> list[int | None]:
+        """The rank the server knows each message's node to train (None: unknown)."""
+        return [self.holdings.ranks.get(m.metadata.dst_node_id) for m in messages]
 
     def _enough(self, server_round: int, usable: int) -> bool:
         """Whether ``usable`` updates make a round; stop after too many that don't."""

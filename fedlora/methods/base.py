@@ -16,7 +16,9 @@ A method says, in one object:
   the strategy sends each node the folds it lacks, see :mod:`fedlora.base_delta`),
 - any initialisation protocol (:meth:`Method.initialize`, e.g. Fed-SB's init round,
   reached through :class:`InitInputs`' callables),
-- per-client settings (:meth:`Method.client_overrides`, e.g. a client's rank),
+- per-client settings (:meth:`Method.client_overrides`, e.g. a client's rank), and
+  what a node of a known rank is sent (:meth:`Method.downlink`, e.g. the global
+  factors truncated to it),
 - the effective adapter for diagnostics (:meth:`Method.layer_factors`) and its
   export as plain PEFT LoRA (:meth:`Method.export`; the exported adapter's own
   settings, :meth:`Method.export_overrides`; tensor files beside it,
@@ -226,6 +228,13 @@ class Method:
         return state
 
     # --- the server --------------------------------------------------------------
+    def downlink(self, sent: State, rank: int) -> State:
+        """What a node whose replies report training rank ``rank`` is sent of the
+        global state ``sent`` (default all of it, ``sent`` itself). A method with
+        a rank per client returns less; the node's :meth:`client_start` must
+        then give what it gives from the whole ``sent``."""
+        return sent
+
     def weights(self, num_examples: Sequence[float]) -> np.ndarray:
         """The clients' aggregation weights ``p_k``."""
         return client_weights(num_examples, self.weighting)

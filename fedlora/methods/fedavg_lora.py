@@ -25,7 +25,9 @@ class FedAvgLoRA(Method):
     With a rank per client (``adapter.client_ranks``), the zero-padding baseline:
     a client of rank ``r_k`` starts from the global factors truncated to ``r_k``
     and rescaled to its own scale (:class:`fedlora.ranks.RankPlan`), and the server
-    pads its reply back to the global rank before the same weighted mean.
+    pads its reply back to the global rank before the same weighted mean. Once a
+    node has reported its rank, the server sends it only the truncation
+    (:meth:`downlink`); the client rescales either way (:meth:`client_start`).
 
     Parameters
     ----------
@@ -49,11 +51,23 @@ class FedAvgLoRA(Method):
     def client_start(
         self, sent: State, initial: State, server_round: int, partition: int
     ) -> State:
-        """The global factors at this client's rank and scale."""
+        """The global factors at this client's rank and scale, from the whole
+        global state or from its truncation to this rank (:meth:`downlink`):
+        truncated (a no-op on the latter) and scaled by ``c_k``, once."""
         r = rank_of(initial)
-        if self.ranks is None or r is None or r == rank_of(sent):
+        if self.ranks is None or r is None:
+            return sent
+        if r == self.ranks.rank == rank_of(sent):  # the global rank: c = 1
             return sent
         return self.ranks.to_client(sent, r)
+
+    def downlink(self, sent: State, rank: int) -> State:
+        """The global factors' first ``rank`` rows (``A``) and columns (``B``),
+        unscaled, and the head (``sent`` itself at the global rank)."""
+        full = rank_of(sent)
+        if self.ranks is None or full is None or rank >= full:
+            return sent
+        return self.ranks.truncate(sent, rank)
 
     def from_client(self, state: State, metrics: dict[str, Any]) -> State:
         """A reply padded back to the global rank and scale (from the rank the

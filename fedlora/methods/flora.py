@@ -87,6 +87,11 @@ class FLoRA(MergedExport, FedAvgLoRA):
                 out[key] = rng.uniform(-bound, bound, value.shape).astype(value.dtype)
         return out
 
+    def downlink(self, sent: State, rank: int) -> State:
+        """The global state as it is, whatever the node's rank (the client starts
+        from fresh factors; the round's update goes down as folds)."""
+        return sent
+
     def aggregate(
         self, states: Sequence[State], weights: np.ndarray, sent: State
     ) -> State:

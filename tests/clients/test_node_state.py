@@ -277,6 +277,133 @@ def test_a_rank_per_client_truncates_down_and_pads_up_through_the_strategy(setti
     )
 
 
+def test_from_round_2_the_server_sends_each_node_its_rank_and_only_bytes_change(
+    settings, monkeypatch
+):
+    """FedAvg-LoRA, ranks 2, 3, 4 (global 4), through the real ClientApp and
+    strategy: round 1 goes at the global rank to every node; in round 2 each node
+    gets the global factors truncated to the rank it reported, starts from the
+    global delta's truncation (scaled once, on the client), and the model after
+    round 2 is the one a server sending the global rank gets, for fewer bytes."""
+    import copy
+
+    from fedlora.methods.fedavg_lora import FedAvgLoRA
+    from fedlora.ranks import rank_of
+    from strategies.strategy import LoRAStrategy
+    from tests.conftest import Grid
+
+    cfg = method_settings(
+        settings,
+        "fedlora.methods.fedavg_lora.FedAvgLoRA",
+        "federation.num_clients",
+        3,
+        "federation.min_train_clients",
+        3,
+        "adapter.client_ranks",
+        [2, 3, 4],
+    )
+    big, alpha = cfg.adapter.r, cfg.adapter.alpha
+    rank = {1: 2, 2: 3, 3: 4}  # node id -> rank (partition = node id - 1)
+    starts = {}  # (round, partition) -> the wire state the client started from
+    client_start = FedAvgLoRA.client_start
+
+    def recorded(self, sent, initial, server_round, partition):
+        starts[server_round, partition] = client_start(
+            self, sent, initial, server_round, partition
+        )
+        return starts[server_round, partition]
+
+    monkeypatch.setattr(FedAvgLoRA, "client_start", recorded)
+    config = ConfigRecord({KEY_EXPERIMENT: json.dumps(cfg.to_dict())})
+
+    def train_round(strategy, server_round, state):
+        msgs = sorted(
+            strategy.configure_train(
+                server_round, state_to_record(state), config, Grid([1, 2, 3])
+            ),
+            key=lambda m: m.metadata.dst_node_id,
+        )
+        replies = []
+        for msg in msgs:
+            nid = msg.metadata.dst_node_id
+            context = Context(
+                run_id=1,
+                node_id=nid,
+                node_config={"partition-id": nid - 1, "num-partitions": 3},
+                state=RecordDict(),
+                run_config={},
+            )
+            reply = client_train(msg, context)
+            reply.metadata.__dict__["_src_node_id"] = nid
+            replies.append(reply)
+        arrays, _ = strategy.aggregate_train(server_round, replies)
+        entry = strategy.round_log[server_round]
+        assert entry["rejected"] == [] and entry["clients"] == 3
+        assert sum(entry["bytes_down_by_rank"].values()) == entry["bytes_down"]
+        sent = {
+            m.metadata.dst_node_id: record_to_state(m.content[KEY_ARRAYS]) for m in msgs
+        }
+        return sent, record_to_state(arrays), entry["bytes_down_by_rank"]
+
+    rng = np.random.default_rng(0)
+    start = {  # as after some training: B no longer zero (entries ~1e-3)
+        k: (v + rng.normal(size=v.shape) * 1e-3).astype(np.float32)
+        for k, v in initial_state(build(cfg)[0]).items()
+    }
+    strategy = LoRAStrategy(from_settings(cfg), min_available_nodes=3)
+    sent, state, down = train_round(strategy, 1, start)
+    assert {n: rank_of(s) for n, s in sent.items()} == {1: big, 2: big, 3: big}
+    assert set(down) == {"2", "3", "4"} and len(set(down.values())) == 1
+    whole = copy.deepcopy(strategy)  # a server that sends everyone the global rank
+    whole.holdings.ranks.clear()
+
+    sent, cut, down = train_round(strategy, 2, state)
+    cut_starts = {pid: starts[2, pid] for pid in range(3)}
+    for nid, s in sent.items():
+        r = rank[nid]
+        for k, v in s.items():
+            if ".lora_A." in k:
+                np.testing.assert_array_equal(v, state[k][:r])  # unscaled
+            elif ".lora_B." in k:
+                np.testing.assert_array_equal(v, state[k][:, :r])
+            else:
+                np.testing.assert_array_equal(v, state[k])
+        mine = cut_starts[nid - 1]  # the client's effective start delta
+        for layer, (a, b) in lora_layers(state).items():
+            got = (alpha / r) * mine[b].astype(float) @ mine[a].astype(float)
+            want = (alpha / big) * state[b][:, :r].astype(float) @ state[a][:r]
+            np.testing.assert_allclose(
+                got, want, rtol=1e-5, atol=1e-6 * abs(want).max(), err_msg=layer
+            )
+    assert down["2"] < down["3"] < down["4"]
+
+    sent, full, full_down = train_round(whole, 2, state)
+    assert {n: rank_of(s) for n, s in sent.items()} == {1: big, 2: big, 3: big}
+    assert sum(down.values()) < sum(full_down.values())
+    for pid in range(3):  # the same start, hence the same round
+        for k, v in cut_starts[pid].items():
+            np.testing.assert_array_equal(v, starts[2, pid][k])
+    for k in full:
+        np.testing.assert_allclose(cut[k], full[k], rtol=1e-6, atol=1e-9)
+
+    # the evaluation goes at each node's rank too, and the client takes it
+    evals = strategy.configure_evaluate(
+        2, state_to_record(cut), config, Grid([1, 2, 3])
+    )
+    for msg in evals:
+        nid = msg.metadata.dst_node_id
+        assert rank_of(record_to_state(msg.content[KEY_ARRAYS])) == rank[nid]
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"partition-id": 0, "num-partitions": 3},
+        state=RecordDict(),
+        run_config={},
+    )
+    low = next(m for m in evals if m.metadata.dst_node_id == 1)
+    assert "eval_loss" in client_evaluate(low, context).content[KEY_METRICS]
+
+
 def test_a_rolora_node_merges_the_changes_over_its_copy_of_the_global(settings):
     from strategies.wire import KEY_GLOBAL_SYNC, KEY_STATE_GLOBAL
 

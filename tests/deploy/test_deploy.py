@@ -320,3 +320,30 @@ def test_deploy_a_sigterm_while_a_service_starts_waits_until_it_is_recorded(
             time.sleep(1)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_deploy_node_config_entries_reach_their_supernode_only():
+    extra = deploy.parse_node_config(["0:rank=2", "2:rank=8", "0:note=x"], 3)
+    assert extra == {0: "rank=2 note=x", 2: "rank=8"}
+    cmds = deploy.commands(deploy.Plan(Path("/w"), 3, node_config=extra))
+    configs = [cmds[f"supernode-{i}"][-1].split() for i in range(3)]
+    assert configs[0][-2:] == ["rank=2", "note=x"]
+    assert not any(kv.startswith("rank=") for kv in configs[1])
+    assert configs[2][-1] == "rank=8"
+    assert configs[1][:2] == ["partition-id=1", "num-partitions=3"]
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ("rank=2", "expected I:KEY=VALUE"),
+        ("0:rank", "expected I:KEY=VALUE"),
+        ("3:rank=2", "node index must be 0..2"),
+    ],
+)
+def test_deploy_node_config_refuses_malformed_entries(entry, message):
+    from fedlora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message) as err:
+        deploy.parse_node_config([entry], 3)
+    assert err.value.key == "--node-config"

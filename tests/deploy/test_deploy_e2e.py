@@ -469,3 +469,77 @@ def test_deploy_fedex_lora_a_restarted_supernode_ends_with_the_others_base_weigh
     np.testing.assert_allclose(norms, norms[0], rtol=1e-6)
     assert all(r["aggregation_error"] < 1e-5 for r in metrics[1:])
     assert summary["rounds"] == 3
+
+
+# 3 SuperNodes that state their own LoRA ranks in their node configs
+RANKS = [2, 4, 8]
+RANKED = [
+    "federation.num_clients=3",
+    "federation.min_train_clients=3",
+    "federation.rounds=2",
+    "data=synthetic",
+    "data.num_examples=240",
+    "data.num_eval_examples=60",
+    "train.lr=5e-3",
+    "train.batch_size=16",
+    "strategy=hetlora",
+    f"adapter.r={max(RANKS)}",
+    *NO_FEDERATED_EVAL,
+]
+
+
+def test_deploy_supernodes_state_their_own_ranks_in_their_node_configs(
+    tiny_bert, tmp_path
+):
+    """Each SuperNode trains the rank its node config states (``rank=2/4/8``; the
+    server is told nothing and cannot read node configs): every reply reports its
+    rank, the server aggregates by the reported ranks, bytes are split by rank, and
+    the final adapter equals the simulation's with ``adapter.client_ranks=[2,4,8]``
+    bit for bit."""
+    sim = tmp_path / "sim"
+    run_python(
+        [
+            "-m",
+            "experiments.run",
+            f"hydra.run.dir={sim}",
+            f"model.name={tiny_bert}",
+            "quiet=true",
+            *RANKED,
+            f"adapter.client_ranks=[{','.join(map(str, RANKS))}]",
+        ],
+        sim,
+    )
+    work, out = tmp_path / "work", tmp_path / "run"
+    node_config = [f"{i}:rank={r}" for i, r in enumerate(RANKS)]
+    log = run_python(
+        [
+            "-m",
+            "deploy.launch",
+            "--work",
+            str(work),
+            "--out",
+            str(out),
+            *[arg for entry in node_config for arg in ("--node-config", entry)],
+            f"model.name={tiny_bert}",
+            *RANKED,
+        ],
+        work,
+    )
+    assert "[deploy] finished:completed" in log
+    commands = json.loads((out / "deployment.json").read_text())["commands"]
+    for i, r in enumerate(RANKS):
+        assert f"rank={r}" in commands[f"supernode-{i}"][-1]
+    for row in rows(out)[1:]:
+        assert (row["clients"], row["failures"], row["rejected"]) == (3, 0, [])
+        reported = {
+            int(c["partition-id"]): int(c["adapter-rank"])
+            for c in row["client_replies"]
+        }
+        assert reported == dict(enumerate(RANKS))
+        up = row["bytes_up_by_rank"]
+        assert sorted(up) == ["2", "4", "8"]
+        assert up["2"] < up["4"] < up["8"] and sum(up.values()) == row["bytes_up"]
+        assert "aggregation_error_by_rank" in row
+    final = adapter(out)
+    assert all(v.shape[0] == max(RANKS) for k, v in final.items() if "lora_A" in k)
+    assert_same_adapter(out, adapter(sim))

@@ -126,7 +126,8 @@ def test_a_server_optimizer_with_fedprox_resumes_bit_identically(tiny_bert, tmp_
 @pytest.mark.parametrize("strategy", ["fedavg_lora", "hetlora", "flexlora"])
 def test_a_rank_per_client_pads_to_the_global_rank(tiny_bert, tmp_path, strategy):
     """Ranks [2, 4, 8] on 3 clients, global rank 8: the zero-padding baseline
-    (fedavg_lora), HetLoRA and FlexLoRA."""
+    (fedavg_lora), HetLoRA and FlexLoRA. Round 1 goes down at the global rank
+    (ranks unknown yet), round 2 at each node's rank."""
     rows = run_front_door(
         tmp_path / "run",
         tiny_bert,
@@ -143,6 +144,13 @@ def test_a_rank_per_client_pads_to_the_global_rank(tiny_bert, tmp_path, strategy
         assert up["2"] < up["4"] < up["8"]  # each tier sends its own rank's factors
         # as sent: each client's own rank (the server pads after receiving)
         assert r["params_up"] == 4 * 2 * 32 * (2 + 4 + 8) + 3 * (2 * 32 + 2)
+        down = r["bytes_down_by_rank"]
+        assert set(down) == {"2", "4", "8"}
+        assert sum(down.values()) == r["bytes_down"]
+        if r["round"] == 1:
+            assert len(set(down.values())) == 1
+        else:
+            assert down["2"] < down["4"] < down["8"]
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
 
 
@@ -164,6 +172,9 @@ def test_flora_is_exact_and_a_node_that_lost_its_state_catches_up(tiny_bert, tmp
     )
     assert all(r["aggregation_error"] < 1e-6 for r in rows[1:])  # exact
     assert rows[1]["bytes_down_folds_eval"] > 0  # the stack goes down (with eval)
+    assert all(
+        sum(r["bytes_down_by_rank"].values()) == r["bytes_down"] for r in rows[1:]
+    )
     [failure] = rows[3]["failure_reasons"]
     assert "continue from round" in failure["reason"]
     last = rows[4]["client_replies"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from experiments import report
 from experiments.report import curve, load_runs, markdown, plot
 
 
@@ -66,3 +67,21 @@ def test_a_method_with_another_main_metric_is_reported_and_plotted_by_it(tmp_pat
     assert "| fedavg_lora | 1 | 70.0 | 70.0 | 70.0 | 6.0 | 0.050 |" in table
     assert curve(runs["fedsa_lora"][0]) == ([1], [4.0], [0.9])
     assert all(p.is_file() for p in plot(runs, tmp_path))
+
+
+def test_traffic_by_client_rank_is_per_reply_of_that_rank():
+    """Two rounds of clients of ranks 2, 2 and 8: MB per client-round per tier."""
+    replies = [{"adapter-rank": 2}, {"adapter-rank": 2}, {"adapter-rank": 8}]
+    row = {
+        "bytes_up_by_rank": {"2": 2_000_000, "8": 4_000_000},
+        "bytes_down_by_rank": {"2": 1_000_000, "8": 4_000_000},
+        "client_replies": replies,
+    }
+    run = {"rows": [{"round": 0}, row, row], "summary": {}, "dir": "x"}
+    tiers = report.rank_traffic(run)
+    assert list(tiers) == ["2", "8"]  # numeric order
+    assert tiers["2"] == {"up_mb": 1.0, "down_mb": 0.5, "replies": 4}
+    assert tiers["8"] == {"up_mb": 4.0, "down_mb": 4.0, "replies": 2}
+    table = report.rank_markdown({"hetlora": [run, run]})
+    assert "| hetlora | 2 | 1.000 ± 0.000 | 0.500 ± 0.000 |" in table
+    assert report.rank_markdown({"fedavg_lora": [{"rows": [{"round": 1}]}]}) == ""

@@ -44,6 +44,38 @@ def test_a_client_gets_the_global_deltas_truncation_at_its_own_scale(rslora):
         plan.to_client(g, 9)
 
 
+@pytest.mark.parametrize("rslora", [False, True])
+def test_a_client_starts_from_the_same_factors_sent_whole_or_truncated(rslora):
+    """The server may send a rank-r node the global factors truncated to r
+    (unscaled): the client scales them exactly once, to the same start."""
+    from fedlora.methods.fedavg_lora import FedAvgLoRA
+    from fedlora.methods.flora import FLoRA
+
+    rng = np.random.default_rng(1)
+    plan = RankPlan(8, 16.0, rslora)
+    method = FedAvgLoRA(ranks=plan)
+    g = global_factors(rng)
+    assert method.downlink(g, 8) is g and FLoRA(ranks=plan).downlink(g, 2) is g
+    for r in (2, 5, 8):
+        down = method.downlink(g, r)
+        np.testing.assert_array_equal(down[A], g[A][:r])
+        np.testing.assert_array_equal(down[B], g[B][:, :r])
+        assert down["head.weight"] is g["head.weight"]
+        initial = {A: np.zeros((r, 10), "f4"), B: np.zeros((12, r), "f4")}
+        whole = method.client_start(g, initial, 2, 0)
+        cut = method.client_start(down, initial, 2, 0)
+        for k in g:
+            np.testing.assert_array_equal(cut[k], whole[k])
+        s_r = 16.0 / (np.sqrt(r) if rslora else r)
+        s_big = 16.0 / (np.sqrt(8) if rslora else 8)
+        ours = s_r * cut[B].astype(float) @ cut[A].astype(float)
+        want = s_big * g[B][:, :r].astype(float) @ g[A][:r].astype(float)
+        np.testing.assert_allclose(ours, want, rtol=0, atol=1e-6 * abs(want).max())
+    wider = {A: np.zeros((5, 10), "f4"), B: np.zeros((12, 5), "f4")}
+    with pytest.raises(ValueError, match="sent factors of rank 2"):
+        method.client_start(method.downlink(g, 2), wider, 2, 0)
+
+
 def test_each_partition_gets_its_rank_or_its_tier(settings):
     one_each = with_(settings, "adapter.r", 8, "adapter.client_ranks", [2, 4, 8])
     assert [one_each.adapter.rank_of(k, 3) for k in range(3)] == [2, 4, 8]

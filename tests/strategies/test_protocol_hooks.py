@@ -441,3 +441,75 @@ def test_flora_clients_start_from_fresh_factors_seeded_by_round_and_client():
     assert len({a.tobytes() for a in draws.values()}) == 4  # all different
     again = method.client_start(dict(initial), initial, 2, 1)["l.lora_A.weight"]
     np.testing.assert_array_equal(again, draws[(2, 1)])  # but reproducible
+
+
+def test_the_server_sends_each_node_the_global_factors_at_the_rank_it_reported():
+    """FedAvg-LoRA with ranks 1, 2, 3 (global 3) on nodes 11, 12, 13: round 1 goes
+    at the global rank to all (ranks unknown; its bytes go to the rank each reply
+    reports); then each node gets its rank, unscaled, the evaluation too. A node
+    that did not reply, and a new node id (a restarted SuperNode), get the global
+    rank again; a resumed run relearns every rank."""
+    from fedlora.ranks import RANK_KEY, RankPlan, rank_of
+
+    rng = np.random.default_rng(7)
+    plan = RankPlan(R, 6.0)
+    strategy = strategy_for(FedAvgLoRA(ranks=plan))
+    ranks = {11: 1, 12: 2, 13: 3, 14: 2}
+    state = global_state(rng)
+
+    def round_(server_round, nodes, silent=()):
+        msgs = strategy.configure_train(
+            server_round, state_to_record(state), ConfigRecord({}), Grid(nodes)
+        )
+        sent, replies = {}, []
+        for pid, m in enumerate(sorted(msgs, key=lambda m: m.metadata.dst_node_id)):
+            node = m.metadata.dst_node_id
+            sent[node] = record_to_state(m.content[KEY_ARRAYS])
+            if node not in silent:
+                mine = plan.to_client(sent[node], ranks[node])
+                update = trained(rng, mine, mine)
+                replies.append(reply_to(m, update, pid, **{RANK_KEY: ranks[node]}))
+        strategy.aggregate_train(server_round, replies)
+        entry = strategy.round_log[server_round]
+        assert sum(entry["bytes_down_by_rank"].values()) == entry["bytes_down"]
+        return {n: rank_of(s) for n, s in sent.items()}, sent, entry
+
+    got, _, entry = round_(1, [11, 12, 13])
+    assert got == {11: R, 12: R, 13: R}
+    down = entry["bytes_down_by_rank"]
+    assert set(down) == {"1", "2", "3"} and len(set(down.values())) == 1
+    got, sent, entry = round_(2, [11, 12, 13], silent={12})
+    assert got == {11: 1, 12: 2, 13: R}
+    for node, s in sent.items():  # the first r rows / columns, as they are
+        r = ranks[node]
+        for layer in LAYERS:
+            a, b = f"{layer}.lora_A.weight", f"{layer}.lora_B.weight"
+            np.testing.assert_array_equal(s[a], state[a][:r])
+            np.testing.assert_array_equal(s[b], state[b][:, :r])
+        np.testing.assert_array_equal(
+            s["classifier.weight"], state["classifier.weight"]
+        )
+    down = entry["bytes_down_by_rank"]  # node 12 failed: its rank when sent
+    assert set(down) == {"1", "2", "3"} and down["1"] < down["2"] < down["3"]
+    assert (
+        entry["params_down"]
+        == sum(r * (d_out + d_in) for r in (1, 2, 3) for d_out, d_in in LAYERS.values())
+        + 3 * state["classifier.weight"].size
+    )
+    evals = strategy.configure_evaluate(
+        2, state_to_record(state), ConfigRecord({}), Grid([11, 12, 13])
+    )
+    got = {
+        m.metadata.dst_node_id: rank_of(record_to_state(m.content[KEY_ARRAYS]))
+        for m in evals
+    }
+    assert got == {11: 1, 12: R, 13: R}  # 12 did not reply: forgotten
+    got, _, entry = round_(3, [11, 12, 14], silent={14})
+    assert got == {11: 1, 12: R, 14: R}  # 14: a new node id
+    assert set(entry["bytes_down_by_rank"]) == {"1", "2", "unknown"}
+    arrays, json_state = strategy.checkpoint_state()
+    assert "ranks" not in str(json_state)
+    strategy = strategy_for(FedAvgLoRA(ranks=plan))
+    strategy.restore_state(arrays, json_state)
+    got, _, _ = round_(4, [11, 12, 13])
+    assert got == {11: R, 12: R, 13: R}
