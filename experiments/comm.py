@@ -170,12 +170,8 @@ def print_growth(model: str, method: str, ranks: list[int], rows: list[dict]) ->
         f"{'GB down/round':>14}"
     )
     for row in rows:
-        per_client = row["MB_down_per_client_round"]
-        span = (
-            f"{per_client[0]:.1f}"
-            if len(per_client) == 1
-            else f"{per_client[0]:.1f}..{per_client[-1]:.1f}"
-        )
+        low, high = (f(row["MB_down_per_client_round"]) for f in (min, max))
+        span = f"{low:.1f}" if low == high else f"{low:.1f}..{high:.1f}"
         print(
             f"{row['clients']:>7} {row['sum_r']:>8} {row['fold_stacked_MB']:>10.1f} "
             f"{row['fold_dense_MB']:>10.1f} {row['fold_sent_MB']:>13.1f} "

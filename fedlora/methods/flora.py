@@ -107,13 +107,15 @@ class FLoRA(MergedExport, FedAvgLoRA):
     def round_traffic(
         self, d_out: int, d_in: int, r: int, ranks: Sequence[int]
     ) -> tuple[int, int]:
-        """Up: the client's factors, ``r (d_out + d_in)``. Down: the global factors
-        at its rank (as FedAvg-LoRA's, though the client restarts from fresh ones)
-        and the last round's fold, the stack of every reply,
+        """Up: the client's factors, ``r (d_out + d_in)``. Down: the global
+        factors as they are, at the global rank ``R`` (:meth:`downlink`; the
+        largest of ``ranks`` without a rank plan), though the client restarts from
+        fresh ones; and the last round's fold, the stack of every reply,
         ``(d_out + d_in) sum r_k``, or dense ``d_out d_in`` once that is smaller
         (:func:`fedlora.comm.fold_parameters`): it grows with the clients."""
-        up, down = super().round_traffic(d_out, d_in, r, ranks)
-        return up, down + fold_parameters(d_out, d_in, sum(ranks))
+        rank = self.ranks.rank if self.ranks is not None else max(ranks)
+        fold = fold_parameters(d_out, d_in, sum(ranks))
+        return r * (d_out + d_in), rank * (d_out + d_in) + fold
 
     def fold(self, states: Sequence[State], weights: np.ndarray, sent: State) -> Fold:
         """Per layer the stack ``(B_st, A_st)`` of the replies (at the global scale

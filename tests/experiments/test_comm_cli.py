@@ -47,14 +47,15 @@ def test_the_json_counts_flora_factors_plus_the_stack_of_every_reply(capsys):
     flora = {row["r"]: row for row in out["rows"] if row["method"] == "flora"}
     for r in (2, 4, 8):
         assert flora[r]["params_up_per_client_round"] == r * PER_RANK
-        assert flora[r]["params_down_per_client_round"] == (r + 28) * PER_RANK
+        # the global factors as they are (rank 8), and the stack (sum r_k = 28)
+        assert flora[r]["params_down_per_client_round"] == (8 + 28) * PER_RANK
     assert out["left_out"] == SINGLE_RANK
     assert list(out["growth"]) == ["flora"]
     rows = out["growth"]["flora"]
     assert [row["sum_r"] for row in rows[:3]] == [6, 16, 34]  # tiers spread
-    # per-client downlink: factors at the client's rank plus the fold (sum r_k)
+    # 4 clients of ranks 2, 2, 4, 8: the global factors (rank 8) and the fold
     assert rows[1]["MB_down_per_client_round"] == pytest.approx(
-        [(r + 16) * PER_RANK * 4e-6 for r in (2, 4, 8)]
+        [(8 + 16) * PER_RANK * 4e-6] * 3
     )
     for row in rows:  # as sent, each layer the smaller of stack and dense
         assert row["fold_sent_MB"] <= min(row["fold_stacked_MB"], row["fold_dense_MB"])

@@ -74,8 +74,8 @@ LLAMA_PER_RANK = 32 * 78_080
 
 def test_a_rank_list_counts_each_tier_at_its_own_rank():
     """fedavg_lora, hetlora, flexlora: r_k (d_in + d_out) each way; FLoRA: the same
-    up, and down its factors plus the stack of every reply, sum r_k (d_in + d_out)
-    a layer (below the dense size here)."""
+    up, and down the global factors (rank 8) plus the stack of every reply,
+    sum r_k (d_in + d_out) a layer (below the dense size here)."""
     shapes, ranks = layer_shapes("llama-2-7b"), [2, 2, 4, 4, 8, 8]
     for name in ("fedavg_lora", "hetlora", "flexlora"):
         for r in (2, 4, 8):
@@ -84,11 +84,11 @@ def test_a_rank_list_counts_each_tier_at_its_own_rank():
     for r in (2, 4, 8):
         up, down = client_traffic(shapes, r, ranks, METHODS["flora"]())
         assert up == r * LLAMA_PER_RANK
-        assert down == (r + 28) * LLAMA_PER_RANK  # sum r_k = 28
+        assert down == (8 + 28) * LLAMA_PER_RANK  # global rank 8, sum r_k = 28
     rows = table("llama-2-7b", ["flora"], {"flora": ranks}, 1)
     assert [(row["r"], row["clients"]) for row in rows] == [(2, 2), (4, 2), (8, 2)]
     down = rows[0]["MB_down_round_tier"]  # 2 clients of rank 2, 4 bytes a number
-    assert down == pytest.approx(2 * 30 * LLAMA_PER_RANK * 4e-6)
+    assert down == pytest.approx(2 * 36 * LLAMA_PER_RANK * 4e-6)
 
 
 def test_flora_fold_turns_dense_where_the_base_delta_does():
@@ -250,55 +250,29 @@ def test_a_rank_per_client_uplink_is_the_analytic_count(settings, target):
 
 @pytest.mark.usefixtures("task_identity")
 @pytest.mark.parametrize(
-    "r,ranks",
-    [(4, [2, 3]), (12, [6, 12])],
-    ids=["stacked", "dense"],  # 32 x 32 layers: dense from sum r_k = 16
+    "target,r,ranks",
+    [(FEDAVG_LORA, 4, [2, 3]), (FLORA, 4, [2, 3]), (FLORA, 12, [6, 12])],
+    ids=["fedavg_lora", "flora_stacked", "flora_dense"],  # dense from sum r_k = 16
 )
-def test_flora_fold_downlink_is_the_analytic_count(settings, r, ranks):
-    """FLoRA, two rounds through the real ClientApp and strategy: round 2's
-    messages carry round 1's fold, the stack of both replies (``(d_out + d_in)
-    sum r_k`` a layer) or the dense delta where that is smaller, and the method's
-    analytic downlink is its factors plus exactly that."""
-    method, start, strategy, config, nodes = ranked_setup(settings, FLORA, r, ranks)
-    _, _, new = train_round(strategy, 1, start, config, nodes)
-    msgs, _, _ = train_round(strategy, 2, new, config, nodes)
-    shapes, _ = shapes_and_head(start)
-    for msg, rank in zip(msgs, ranks, strict=True):
-        fold = record_to_state(msg.content[KEY_BASE])
-        dense = sum(ranks) >= 16
-        suffixes = (".base_D",) if dense else (".base_U", ".base_V")
-        assert fold and all(k.endswith(suffixes) for k in fold)
-        up, down = client_traffic(shapes, rank, ranks, method)
-        assert down == round_parameters(shapes, rank, method) + num_parameters(fold)
-        assert up == round_parameters(shapes, rank, method)
-
-
-def per_rank_downlink(settings, target: str) -> None:
-    """Round 2 (the server knows every node's rank): each message's arrays are the
-    client's rank's share plus the head, as the analytic count says."""
-    ranks = [2, 3]
-    method, start, strategy, config, nodes = ranked_setup(settings, target, 4, ranks)
+def test_a_rank_per_client_downlink_is_the_analytic_count(settings, target, r, ranks):
+    """Round 2 through the real ClientApp and strategy (the server knows each
+    node's rank): a message carries what the analytic count says plus the head.
+    FedAvg-LoRA: the global factors truncated to the node's rank. FLoRA: the
+    global factors as they are and round 1's fold, the stack of both replies
+    (``(d_out + d_in) sum r_k`` a layer) or, on the tiny BERT's 32 x 32 layers
+    from ``sum r_k = 16``, the dense delta."""
+    method, start, strategy, config, nodes = ranked_setup(settings, target, r, ranks)
     _, _, new = train_round(strategy, 1, start, config, nodes)
     msgs, _, _ = train_round(strategy, 2, new, config, nodes)
     shapes, head = shapes_and_head(start)
-    want = [round_parameters(shapes, r, method) + head for r in ranks]
-    assert [arrays_of(m.content[KEY_ARRAYS]) for m in msgs] == want
-    assert strategy.round_log[2]["params_down"] == sum(want)
-
-
-@pytest.mark.usefixtures("task_identity")
-@pytest.mark.xfail(
-    strict=True, reason="server-side per-rank downlink lands in branch h17a"
-)
-def test_fedavg_lora_per_rank_downlink_is_the_analytic_count(settings):
-    per_rank_downlink(settings, FEDAVG_LORA)
-
-
-@pytest.mark.usefixtures("task_identity")
-@pytest.mark.xfail(
-    strict=True, reason="server-side per-rank downlink lands in branch h17a"
-)
-def test_flora_factors_downlink_is_the_analytic_count(settings):
-    """FLoRA's message also carries the global factors (the client restarts from
-    fresh ones): counted at the client's rank, like FedAvg-LoRA's."""
-    per_rank_downlink(settings, FLORA)
+    for msg, rank in zip(msgs, ranks, strict=True):
+        fold = record_to_state(msg.content[KEY_BASE]) if KEY_BASE in msg.content else {}
+        got = arrays_of(msg.content[KEY_ARRAYS]) + num_parameters(fold)
+        assert got == client_traffic(shapes, rank, ranks, method)[1] + head
+        if method.folds_into_base:
+            dense = sum(ranks) >= 16
+            suffixes = (".base_D",) if dense else (".base_U", ".base_V")
+            assert fold and all(k.endswith(suffixes) for k in fold)
+    assert strategy.round_log[2]["params_down"] == sum(
+        arrays_of(m.content[KEY_ARRAYS]) for m in msgs
+    )
