@@ -53,7 +53,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,14 @@ REPO = Path(__file__).resolve().parent.parent
 STRATEGIES = ("fedavg_lora", "ffa_lora", "fedsb", "lora_fair")  # the server arms
 #: server arms with a rank per client (fedavg_lora: the zero-padding baseline)
 HETERO_STRATEGIES = ("fedavg_lora", "hetlora", "flexlora", "flora")
+#: the adapted modules of a decoder layer, in fedlora.comm.MODEL_SHAPES' order
+MODULES = {
+    "llama-2-7b": ("q_proj", "k_proj", "v_proj", "o_proj")
+    + ("gate_proj", "up_proj", "down_proj"),
+    "mistral-7b": ("q_proj", "k_proj", "v_proj", "o_proj")
+    + ("gate_proj", "up_proj", "down_proj"),
+    "minilm": ("query", "value"),
+}
 MEASUREMENTS = (
     "trainer",
     "dp",
@@ -486,17 +494,17 @@ def llm_states(
     layers: int,
     seed: int = 0,
     ranks: Sequence[int] | None = None,
+    model: str = "llama-2-7b",
 ) -> tuple[list[dict[str, np.ndarray]], dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Client updates, the sent global state and the frozen factors of a
-    Llama-2-7B-shaped adapter (``layers`` decoder layers; float32). With ``ranks``
-    (one per client, at most ``r``), client ``k``'s update is at rank ``ranks[k]``:
-    the global factors truncated to it (:class:`fedlora.ranks.RankPlan`, scale
-    ``alpha = r``) plus noise."""
+    """Client updates, the sent global state and the frozen factors of an adapter
+    of ``model``'s shapes (:data:`fedlora.comm.MODEL_SHAPES`; ``layers`` decoder
+    layers; float32). With ``ranks`` (one per client, at most ``r``), client
+    ``k``'s update is at rank ``ranks[k]``: the global factors truncated to it
+    (:class:`fedlora.ranks.RankPlan`, scale ``alpha = r``) plus noise."""
     from fedlora.comm import MODEL_SHAPES
 
-    _, per_layer = MODEL_SHAPES["llama-2-7b"]
-    names = ("q_proj", "k_proj", "v_proj", "o_proj")
-    names += ("gate_proj", "up_proj", "down_proj")
+    _, per_layer = MODEL_SHAPES[model]
+    names = MODULES[model]
     rng = np.random.default_rng(seed)
 
     def rand(*shape: int) -> np.ndarray:
@@ -649,6 +657,7 @@ def server_arm(
     layers: int,
     repeats: int,
     ranks: Sequence[int] | None = None,
+    model: str = "llama-2-7b",
 ) -> dict[str, Any]:
     """One strategy's server round on LLM shapes, against a numpy weighted mean.
 
@@ -659,7 +668,9 @@ def server_arm(
     from fedlora.base_delta import FoldLog
     from strategies.wire import record_to_state, state_to_record
 
-    states, sent, frozen = llm_states(method, r, clients, layers, ranks=ranks)
+    states, sent, frozen = llm_states(
+        method, r, clients, layers, ranks=ranks, model=model
+    )
     params: dict[str, Any] = {"solver": solver} if solver else {}
     if ranks is not None:
         params["ranks"] = rank_plan(r)
@@ -681,7 +692,7 @@ def server_arm(
         raise RuntimeError(f"server {method}: replies rejected: {entry['rejected']}")
     hetero = ranks is not None
     return {
-        **({"ranks": list(ranks)} if hetero else {}),
+        **({"ranks": list(ranks), "model": model, "layers": layers} if hetero else {}),
         "mb_per_client": sum(v.nbytes for s in states for v in s.values())
         / clients
         / 2**20,
@@ -691,37 +702,65 @@ def server_arm(
         "aggregate_train_s": t_round,
         "aggregate_train_over_mean": t_round / t_mean,
         "aggregation_error": entry.get("aggregation_error"),
+        # only where the replies' ranks differ (a rank per client)
+        "aggregation_error_by_rank": entry.get("aggregation_error_by_rank"),
         "goal": "ratio <= 2" if not (solver or hetero) else "report (s/round)",
         "met": (t_agg / t_mean <= 2.0) if not (solver or hetero) else None,
     }
+
+
+@dataclass(frozen=True)
+class RankCase:
+    """The server arms with a rank per client: one client per rank in ``ranks``
+    (global rank the largest), ``layers`` decoder layers of ``model``'s shapes,
+    median of ``repeats``."""
+
+    model: str
+    layers: int
+    ranks: tuple[int, ...]
+    repeats: int
 
 
 def measure_server(
     layers: int,
     clients: int,
     repeats: int,
-    ranks: Sequence[int] = (8, 16, 32, 64),
+    hetero: RankCase | None = None,
     only: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Per strategy: aggregation vs numpy mean, and the whole aggregate_train; then
-    the methods for a rank per client (``ranks``, one client each, global rank the
-    largest) against the numpy mean of the same updates padded to it. ``only``:
-    just the arms whose names start with one of these."""
+    (``hetero``) the methods for a rank per client against the numpy mean of the
+    same updates padded to the global rank. ``only``: just the arms whose names
+    start with one of these."""
     out: dict[str, Any] = {"layers": layers, "clients": clients}
-    arms: list[tuple[str, int, str | None, Sequence[int] | None]] = [
-        (m, 16, None, None) for m in STRATEGIES[:3]
-    ]
-    arms += [("fedsb", 200, None, None)]
-    arms += [("lora_fair", 16, "ridge", None), ("lora_fair", 16, "gd", None)]
-    arms += [(m, max(ranks), None, tuple(ranks)) for m in HETERO_STRATEGIES]
-    for method, r, solver, client_ranks in arms:
+    arms: dict[str, Callable[[], dict[str, Any]]] = {}
+    for method, r, solver in [(m, 16, None) for m in STRATEGIES[:3]] + [
+        ("fedsb", 200, None),
+        ("lora_fair", 16, "ridge"),
+        ("lora_fair", 16, "gd"),
+    ]:
         name = f"{method}_r{r}" + (f"_{solver}" if solver else "")
-        if client_ranks is not None:
-            name = f"{method}_r{'-'.join(map(str, client_ranks))}"
+        arms[name] = functools.partial(
+            server_arm, method, r, solver, clients, layers, repeats
+        )
+    if hetero is not None:
+        tag = "-".join(map(str, hetero.ranks))
+        for method in HETERO_STRATEGIES:
+            arms[f"{method}_r{tag}"] = functools.partial(
+                server_arm,
+                method,
+                max(hetero.ranks),
+                None,
+                len(hetero.ranks),
+                hetero.layers,
+                hetero.repeats,
+                hetero.ranks,
+                hetero.model,
+            )
+    for name, arm in arms.items():
         if only and not name.startswith(tuple(only)):
             continue
-        n = clients if client_ranks is None else len(client_ranks)
-        v = server_arm(method, r, solver, n, layers, repeats, client_ranks)
+        v = arm()
         out[name] = v
         say(
             f"server {name}: mean {v['numpy_mean_s']:.3f}s, aggregate "
@@ -1016,8 +1055,9 @@ def table(results: dict[str, Any]) -> str:
             if not isinstance(v, dict):
                 continue
             hetero = "ranks" in v  # the whole round against the padded mean
+            shape = f"{v['model']} x{v['layers']} layers, " if hetero else ""
             row(
-                f"server {name} ({v['mb_per_client']:.1f} MB/client)",
+                f"server {name} ({shape}{v['mb_per_client']:.1f} MB/client)",
                 f"{v['aggregate_s']:.3f} s agg; {v['aggregate_train_s']:.2f} s round",
                 f"{v['numpy_mean_s']:.3f} s (numpy mean"
                 + (", padded)" if hetero else ")"),
@@ -1124,7 +1164,11 @@ def main(argv: list[str] | None = None) -> None:
         "sim": (2, 1, 80) if q else (10, 3, 1000),
         "layers": 2 if q else 32,
         "server_clients": 3 if q else 4,
-        "server_ranks": (2, 4, 8) if q else (8, 16, 32, 64),
+        # toy shapes in --quick; one Llama decoder layer (7 matrices) in the full
+        # run: the hetero diagnostic takes minutes per layer (docs/performance.md)
+        "server_ranks": RankCase("minilm", 6, (2, 4, 8), 1)
+        if q
+        else RankCase("llama-2-7b", 1, (8, 16, 32, 64), 1),
         "scale": (20, 1, 10) if q else (100, 3, 20),
     }
     results: dict[str, Any] = {}

@@ -18,6 +18,45 @@ def test_server_round_on_llama_shapes_runs_every_strategy(method):
         assert out["aggregation_error"] > 1e-3
 
 
+@pytest.mark.parametrize("method", bench.HETERO_STRATEGIES)
+def test_server_round_with_a_rank_per_client_runs_every_heterogeneous_method(method):
+    """Ranks 2, 4, 8 (global 8) on toy shapes: the replies go through the
+    strategy at their own ranks (none rejected) and the padded baseline runs."""
+    out = bench.server_arm(method, 8, None, 3, 1, 1, (2, 4, 8), "minilm")
+    assert out["ranks"] == [2, 4, 8] and out["model"] == "minilm"
+    assert out["numpy_mean_s"] > 0 and out["aggregate_train_s"] > 0
+    assert set(out["aggregation_error_by_rank"]) == {"2", "4", "8"}
+    if method == "flora":  # exact: the stack of every reply
+        assert out["aggregation_error"] < 1e-9
+    else:
+        assert out["aggregation_error"] > 1e-3
+
+
+def test_states_with_a_rank_per_client_are_at_each_clients_rank():
+    states, sent, _ = bench.llm_states("fedavg_lora", 8, 3, 1, ranks=(2, 4, 8))
+    for state, r in zip(states, (2, 4, 8), strict=True):
+        assert {v.shape for k, v in state.items() if ".lora_A." in k} == {
+            (r, 4096),
+            (r, 11008),
+        }
+    assert {v.shape[0] for k, v in sent.items() if ".lora_A." in k} == {8}
+
+
+def test_server_arms_are_picked_by_name_and_one_rank_takes_the_plain_diagnostic():
+    """``--server-arms``: only the arms named; with one rank for every client
+    (the replies report it, as the ClientApp does) the strategy runs the plain
+    diagnostic, not the one for clients of different ranks."""
+    case = bench.RankCase("minilm", 1, (2, 4), 1)
+    out = bench.measure_server(1, 2, 1, case, only=["ffa_lora", "hetlora"])
+    assert {k for k, v in out.items() if isinstance(v, dict)} == {
+        "ffa_lora_r16",
+        "hetlora_r2-4",
+    }
+    assert out["ffa_lora_r16"]["aggregation_error_by_rank"] is None
+    plain = bench.server_arm("fedavg_lora", 4, None, 2, 1, 1)
+    assert plain["aggregation_error_by_rank"] is None
+
+
 def test_llama_shaped_states_have_the_calculators_parameter_counts():
     from fedlora.comm import layer_shapes, round_parameters
     from fedlora.methods import available
