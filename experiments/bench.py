@@ -638,13 +638,14 @@ def mean_and_aggregate(
     p: np.ndarray,
     repeats: int,
 ) -> tuple[float, float]:
-    """Median seconds of the numpy weighted mean and of ``method.aggregate`` over
-    the same updates in the server's shapes (with ``ranks``, padded to the rank of
-    ``sent``; the padded copies are dropped on return)."""
+    """Median seconds of the numpy weighted mean (at least 5 times: it is the
+    baseline, and short) and of ``method.aggregate`` over the same updates in the
+    server's shapes (with ``ranks``, padded to the rank of ``sent``; the padded
+    copies are dropped on return)."""
     if ranks is not None:
         plan = rank_plan(rank_of_state(sent))
         states = [plan.from_client(s, k) for s, k in zip(states, ranks, strict=True)]
-    t_mean = timed(lambda: numpy_mean(states, p), repeats)
+    t_mean = timed(lambda: numpy_mean(states, p), max(repeats, 5))
     t_agg = timed(lambda: method.aggregate(states, p, sent), repeats)
     return t_mean, t_agg
 
