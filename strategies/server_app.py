@@ -50,7 +50,8 @@ log = logging.getLogger("fedlora")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 #: the settings a resumed run may change; all others come from the checkpoint (a
 #: key among these that the resumed run lacks, e.g. the test-only ``faults`` added
-#: with ``+faults...``, is dropped, not carried over)
+#: with ``+faults...``, is dropped, not carried over). ``export`` shapes only the
+#: adapter saved at the end.
 RESUMABLE = (
     "federation.rounds",
     "federation.round_timeout",
@@ -59,6 +60,7 @@ RESUMABLE = (
     "quiet",
     "faults",
     "resume",
+    "export",
 )
 _MISSING = object()
 
