@@ -254,7 +254,14 @@ def test_resume_may_change_the_export_rank_even_of_a_run_from_before_it(tmp_path
     checkpoint.save(tmp_path / "old", 2, {"global": {}}, state)
     overrides = [f"resume={tmp_path / 'old'}", "export.rank=3"]
     cfg = resume_config(compose(overrides), overrides)
-    assert cfg.export.rank == 3 and cfg.strategy.export_rank is None  # null: moved
+    assert cfg.export.rank == 3 and "export_rank" not in cfg.strategy  # moved
+    plain["strategy"]["export_rank"] = 5  # a rank set then: kept, under its new key
+    checkpoint.save(tmp_path / "old5", 2, {"global": {}}, state)
+    overrides = [f"resume={tmp_path / 'old5'}"]
+    cfg = resume_config(compose(overrides), overrides)
+    assert cfg.export.rank == 5 and "export_rank" not in cfg.strategy
+    overrides.append("export.rank=3")  # unless the resumed run sets it
+    assert resume_config(compose(overrides), overrides).export.rank == 3
 
 
 DP_SGD = ["privacy=dp_sgd", "federation.fraction_evaluate=0"]
