@@ -13,7 +13,7 @@ The method (``strategy``) keeps its constructor arguments as a read-only mapping
 its typed form is the object :func:`fedlora.methods.from_settings` builds. The server
 optimizer (``server_optimizer``) is held the same way and built by
 :func:`fedlora.server_opt.from_settings`; it is None in settings written before the
-section existed (no server optimizer).
+section existed (no server optimizer), as is ``export`` (the default export).
 """
 
 from __future__ import annotations
@@ -343,6 +343,15 @@ class FaultSettings(_Section):
         return self.forget_partition == partition and self.forget_round == server_round
 
 
+@dataclass(frozen=True)
+class ExportSettings(_Section):
+    """``export``: the PEFT adapter a run saves at its end."""
+
+    #: its LoRA rank; None: the method's default (the largest client rank, or
+    #: ``adapter.r`` without ``adapter.client_ranks``; FLoRA: ``adapter.r``)
+    rank: int | None
+
+
 _SECTIONS: dict[str, type[_Section]] = {
     "model": ModelSettings,
     "adapter": AdapterSettings,
@@ -376,6 +385,9 @@ class Settings:
     quiet: bool
     resume: str | None  # a run directory to continue
     faults: FaultSettings | None  # tests and drills only; None when absent
+    #: None when absent (settings written before the section existed: the
+    #: default export)
+    export: ExportSettings | None = None
 
     @classmethod
     def from_dict(cls, plain: Mapping[str, Any]) -> Settings:
@@ -388,7 +400,14 @@ class Settings:
             command line), or an unknown key (a typo), naming it.
         """
         plain = with_privacy_defaults(plain)
-        known = [*_SECTIONS, "strategy", "server_optimizer", *_SCALARS, "faults"]
+        known = [
+            *_SECTIONS,
+            "strategy",
+            "server_optimizer",
+            *_SCALARS,
+            "faults",
+            "export",
+        ]
         for key in plain:
             if key not in known:
                 raise _unknown(str(key), plain[key], known)
@@ -410,6 +429,9 @@ class Settings:
             faults=None
             if faults is None
             else FaultSettings.from_dict(faults, "faults"),
+            export=ExportSettings.from_dict(plain["export"], "export")
+            if "export" in plain
+            else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -421,6 +443,8 @@ class Settings:
         out.update({k: getattr(self, k) for k in _SCALARS})
         if self.faults is not None:
             out["faults"] = self.faults.to_dict()
+        if self.export is not None:
+            out["export"] = self.export.to_dict()
         return out
 
     @property
@@ -500,6 +524,8 @@ def with_(settings: Settings, *changes: Any) -> Settings:
                 value = _SECTIONS[section].from_dict(value, section)
             elif section == "faults" and isinstance(value, Mapping):
                 value = FaultSettings.from_dict(value, section)
+            elif section == "export" and isinstance(value, Mapping):
+                value = ExportSettings.from_dict(value, section)
             elif section == "strategy":
                 value = Frozen(value)
             elif section == "server_optimizer" and value is not None:
@@ -512,6 +538,8 @@ def with_(settings: Settings, *changes: Any) -> Settings:
             )
         else:
             inner = getattr(settings, section)
+            if inner is None and section == "export":  # absent: the defaults
+                inner = ExportSettings(rank=None)
             inner = dataclasses.replace(inner, **{key: _freeze(value)})
             settings = dataclasses.replace(settings, **{section: inner})
     return settings

@@ -50,7 +50,8 @@ log = logging.getLogger("fedlora")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 #: the settings a resumed run may change; all others come from the checkpoint (a
 #: key among these that the resumed run lacks, e.g. the test-only ``faults`` added
-#: with ``+faults...``, is dropped, not carried over)
+#: with ``+faults...``, is dropped, not carried over). ``export`` shapes only the
+#: adapter saved at the end.
 RESUMABLE = (
     "federation.rounds",
     "federation.round_timeout",
@@ -59,6 +60,7 @@ RESUMABLE = (
     "quiet",
     "faults",
     "resume",
+    "export",
 )
 _MISSING = object()
 
@@ -366,9 +368,9 @@ def check_resume(settings: Settings, ckpt: checkpoint.Checkpoint) -> None:
             f"the checkpoint {ckpt.path} already holds {ckpt.round} "
             f"rounds; ask for at least {ckpt.round}",
         )
-    changed = [
-        k for k in _differences(plain, ckpt.state["settings"]) if not _resumable(k)
-    ]
+    saved = copy.deepcopy(ckpt.state["settings"])
+    _move_export_rank(saved)  # a key that moved is no difference
+    changed = [k for k in _differences(plain, saved) if not _resumable(k)]
     if changed:
         raise ConfigError(
             "resume",
@@ -377,6 +379,16 @@ def check_resume(settings: Settings, ckpt: checkpoint.Checkpoint) -> None:
             f"{', '.join(changed)}; a resumed run may change only "
             f"{', '.join(RESUMABLE)}",
         )
+
+
+def _move_export_rank(merged: dict[str, Any]) -> None:
+    """Settings saved before ``export.rank``: FedEx-LoRA's and FLoRA's
+    ``strategy.export_rank`` becomes ``export.rank`` unless the resumed run sets
+    that (a checkpoint's settings cannot be edited by the user)."""
+    old = (merged.get("strategy") or {}).pop("export_rank", None)
+    export = merged.setdefault("export", {"rank": None})
+    if old is not None and export.get("rank") is None:
+        export["rank"] = old
 
 
 def resume_config(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
@@ -422,6 +434,7 @@ def resume_config(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
             node.pop(parts[-1], None)
         else:
             node[parts[-1]] = copy.deepcopy(value)
+    _move_export_rank(merged)
     check_resume(Settings.from_dict(merged), ckpt)
     validate(merged)
     return OmegaConf.create(merged)

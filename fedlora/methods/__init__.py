@@ -13,6 +13,7 @@ import importlib
 import pkgutil
 
 from fedlora.errors import ConfigError, load_target
+from fedlora.export import ExportPlan
 from fedlora.methods.base import InitInputs, Method
 from fedlora.settings import Settings
 
@@ -26,13 +27,36 @@ def load_class(target: str) -> type[Method]:
     )
 
 
+#: ``strategy`` keys that moved to another section: ``{key: its new dotted key}``
+_MOVED = {"export_rank": "export.rank"}
+
+
 def from_settings(settings: Settings) -> Method:
     """The method of the experiment settings: its ``strategy`` section, plus the
-    arguments its class derives from the other sections
-    (:meth:`Method.derived_arguments`), which the section may not set."""
+    arguments its class derives from the other sections (the export's rank,
+    ``export``, for every class, and :meth:`Method.derived_arguments`), which the
+    section may not set.
+
+    Raises
+    ------
+    ConfigError
+        A key the section may not set, one of a moved setting (set the new key
+        instead), or arguments the class does not take.
+    """
     spec = dict(settings.strategy)
     cls = load_class(spec.pop("_target_"))
-    derived = cls.derived_arguments(settings)
+    for key, moved_to in _MOVED.items():
+        if key in spec and spec.pop(key) is not None:
+            raise ConfigError(
+                f"strategy.{key}",
+                settings.strategy[key],
+                f"moved to {moved_to} (one key for every method); remove "
+                f"strategy.{key} and set {moved_to}={settings.strategy[key]}",
+            )  # null (settings written before the move): the same default
+    derived = {
+        "export": ExportPlan.of(settings, cls.default_export_rank(settings)),
+        **cls.derived_arguments(settings),
+    }
     clash = sorted(set(spec) & set(derived))
     if clash:
         key = clash[0]

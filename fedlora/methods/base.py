@@ -20,9 +20,11 @@ A method says, in one object:
   what a node of a known rank is sent (:meth:`Method.downlink`, e.g. the global
   factors truncated to it),
 - the effective adapter for diagnostics (:meth:`Method.layer_factors`) and its
-  export as plain PEFT LoRA (:meth:`Method.export`; the exported adapter's own
-  settings, :meth:`Method.export_overrides`; tensor files beside it,
-  :meth:`Method.export_files`; what the export reports, :meth:`Method.summary_notes`),
+  export as plain PEFT LoRA at the rank ``export.rank`` (:meth:`Method.export`,
+  :meth:`Method.at_export_rank`, :meth:`Method.default_export_rank`; the exported
+  adapter's own settings, :meth:`Method.export_overrides`; tensor files beside
+  it, :meth:`Method.export_files`; what the export reports,
+  :meth:`Method.summary_notes`),
 - constructor arguments derived from the experiment settings outside its
   ``strategy`` section (:meth:`Method.derived_arguments`, e.g. the LoRA scale),
 - what it must keep in a checkpoint (:meth:`Method.state_dict`),
@@ -40,6 +42,7 @@ and ``B``); a method overrides what it changes, in one file under
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -50,11 +53,14 @@ from fedlora.aggregation import client_weights, weighted_average
 from fedlora.base_delta import Fold
 from fedlora.diagnostics import layer_factors
 from fedlora.errors import ConfigError
+from fedlora.export import ExportPlan, truncate_adapter, truncation_record
 
 if TYPE_CHECKING:
     import torch
 
     from fedlora.settings import Settings
+
+log = logging.getLogger("fedlora")
 
 State = dict[str, np.ndarray]
 Factors = dict[str, tuple[np.ndarray, np.ndarray]]  # {layer: (B, A)}, delta = s B A
@@ -96,6 +102,10 @@ class Method:
     max_update_norm_ratio : float
         The server rejects an update whose norm exceeds this multiple of the
         round's median update norm (0 disables; needs 3 or more updates).
+    export : ExportPlan or None
+        The exported adapter's rank (``export.rank``, or
+        :meth:`default_export_rank` where null; :func:`fedlora.methods.from_settings`
+        passes it); None: the adapter as trained.
     """
 
     #: the method's name in logs, metrics and checkpoints (its YAML's name)
@@ -118,7 +128,11 @@ class Method:
     accepts_server_optimizer: ClassVar[bool] = True
 
     def __init__(
-        self, *, weighting: str = "num_examples", max_update_norm_ratio: float = 0.0
+        self,
+        *,
+        weighting: str = "num_examples",
+        max_update_norm_ratio: float = 0.0,
+        export: ExportPlan | None = None,
     ) -> None:
         client_weights([1.0], weighting)  # checks the name
         if max_update_norm_ratio < 0:
@@ -129,6 +143,8 @@ class Method:
             )
         self.weighting = weighting
         self.max_update_norm_ratio = float(max_update_norm_ratio)
+        self.export_plan = export
+        self._export_record: dict[str, Any] = {}
 
     @classmethod
     def derived_arguments(cls, settings: Settings) -> dict[str, Any]:
@@ -137,6 +153,13 @@ class Method:
         (default none). :func:`fedlora.methods.from_settings` passes them and
         refuses a ``strategy`` key of the same name."""
         return {}
+
+    @classmethod
+    def default_export_rank(cls, settings: Settings) -> int:
+        """The exported adapter's rank where ``export.rank`` is null: the largest
+        client rank (``adapter.client_ranks``), ``adapter.r`` without them."""
+        adapter = settings.adapter
+        return int(max(adapter.client_ranks or (adapter.r,)))
 
     def problems(self, settings: Settings) -> list[ConfigError]:
         """What is wrong with running this method in the experiment ``settings``
@@ -283,7 +306,8 @@ class Method:
     def export(
         self, state: State, frozen: State, base: dict[str, np.ndarray] | None = None
     ) -> State:
-        """The final adapter as plain PEFT LoRA (``lora_A``/``lora_B`` and head).
+        """The final adapter as plain PEFT LoRA (``lora_A``/``lora_B`` and head)
+        at the export rank (:meth:`at_export_rank`).
 
         ``base`` is the summed fold per layer (dense); a method that folds must
         override this to carry it into the export.
@@ -293,12 +317,41 @@ class Method:
                 f"{self.name} folds into the base weights but does not say how to "
                 "export them"
             )
-        return {**frozen, **state}
+        return self.at_export_rank({**frozen, **state})
+
+    def at_export_rank(self, plain: State) -> State:
+        """A plain PEFT LoRA state at the trained rank ``R`` and scale ``s``
+        (every layer's delta ``s B A``) at the export rank ``k``: as it is where
+        ``k = R`` (exact), else the rank-``k`` truncated SVD of each layer's delta
+        from its factors at scale 1 (:func:`fedlora.export.truncate_adapter`).
+        Records the rank and the relative truncation errors
+        (:meth:`summary_notes`)."""
+        plan = self.export_plan
+        if plan is None:
+            return plain
+        if plan.as_trained:  # the delta has rank <= R: nothing is dropped
+            self._export_record = truncation_record(plan.rank, [], [])
+            return plain
+        out, self._export_record = truncate_adapter(plain, plan.scaling, plan.rank)
+        log.info(
+            "%s export: rank-%s adapter from the rank-%s one, relative truncation "
+            "error %.3g (largest layer %.3g)",
+            self.name,
+            plan.rank,
+            plan.trained_rank,
+            self._export_record["export_truncation_error"],
+            self._export_record["export_truncation_error_max_layer"],
+        )
+        return out
 
     def export_overrides(self) -> dict[str, Any]:
         """``adapter.*`` settings of the exported PEFT adapter where they differ
-        from the training adapter's (e.g. another rank; default none)."""
-        return {}
+        from the training adapter's: none at the trained rank; at another rank
+        ``k``, ``r = alpha = k`` without rsLoRA (scale 1, the truncation's)."""
+        plan = self.export_plan
+        if plan is None or plan.as_trained:
+            return {}
+        return {"r": plan.rank, "alpha": float(plan.rank), "use_rslora": False}
 
     def export_files(
         self, state: State, frozen: State, base: dict[str, np.ndarray] | None = None
@@ -311,8 +364,9 @@ class Method:
     def summary_notes(self) -> dict[str, Any]:
         """What ``summary.json`` should say about this method's results: how to
         read them (e.g. which metric is the main one), what the last
-        :meth:`export` measured (default nothing)."""
-        return {}
+        :meth:`export` measured (default: the export's rank and relative
+        truncation errors, :data:`fedlora.export.RECORD_KEYS`, once exported)."""
+        return dict(self._export_record)
 
     def state_dict(self) -> dict[str, Any]:
         """JSON state a checkpoint keeps besides the arrays (default none)."""

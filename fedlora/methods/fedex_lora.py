@@ -98,13 +98,12 @@ class FedExLoRA(MergedExport, Method):
     residual_wire : str
         ``auto``: per layer, the factors where they hold fewer numbers than the
         matrix, else the matrix; ``dense``: always the matrix (see :data:`WIRES`).
-    export_rank : int or None
-        Rank of the exported PEFT adapter: the truncated SVD of the exact merged
-        delta (base-weight folds plus ``s Bbar Abar``); None: ``rank``.
     scaling : float
         The LoRA scale ``s`` (:meth:`derived_arguments`: ``adapter.scaling``).
-    rank : int or None
-        The adapter's rank ``r`` (:meth:`derived_arguments`: ``adapter.r``).
+
+    The exported PEFT adapter (its rank: ``export.rank``, default ``adapter.r``)
+    is the truncated SVD of the exact merged delta, base-weight folds plus
+    ``s Bbar Abar`` (:class:`~fedlora.methods.merged_export.MergedExport`).
     """
 
     name = "fedex_lora"
@@ -116,9 +115,7 @@ class FedExLoRA(MergedExport, Method):
         self,
         *,
         residual_wire: str = "auto",
-        export_rank: int | None = None,
         scaling: float = 1.0,
-        rank: int | None = None,
         **common: Any,
     ) -> None:
         super().__init__(**common)
@@ -126,29 +123,17 @@ class FedExLoRA(MergedExport, Method):
             raise ConfigError(
                 "strategy.residual_wire", residual_wire, f"choose {', '.join(WIRES)}"
             )
-        if export_rank is not None and (
-            isinstance(export_rank, bool)
-            or not isinstance(export_rank, int)
-            or export_rank < 1
-        ):
-            raise ConfigError(
-                "strategy.export_rank",
-                export_rank,
-                "must be a positive integer (null: the adapter's rank adapter.r)",
-            )
         if not float(scaling) > 0:
             raise ConfigError("adapter.alpha", scaling, "the LoRA scale must be > 0")
         self.residual_wire = residual_wire
-        self.export_rank = rank if export_rank is None else export_rank
         self.scaling = float(scaling)
         self._record: dict[str, Any] = {}
-        self._export_record: dict[str, Any] = {}
 
     @classmethod
     def derived_arguments(cls, settings: Settings) -> dict[str, Any]:
         """``scaling``: the LoRA scale ``s`` of ``adapter`` (``alpha / r``, or
-        ``alpha / sqrt(r)`` with rsLoRA); ``rank``: its ``r``."""
-        return {"scaling": settings.adapter.scaling, "rank": int(settings.adapter.r)}
+        ``alpha / sqrt(r)`` with rsLoRA)."""
+        return {"scaling": settings.adapter.scaling}
 
     # --- the server ------------------------------------------------------------
     def aggregate(

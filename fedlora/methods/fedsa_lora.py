@@ -63,6 +63,17 @@ class FedSALoRA(Method):
                     "strategy",
                 )
             )
+        if settings.export is not None and settings.export.rank is not None:
+            out.append(
+                ConfigError(
+                    "export.rank",
+                    settings.export.rank,
+                    "fedsa_lora's final model is personal: each client's own B "
+                    "with the shared A, and the server holds no B to export at "
+                    "another rank (its adapter's delta is the initial B's, 0); "
+                    "leave export.rank null",
+                )
+            )
         return out
 
     def round_parameters(self, d_out: int, d_in: int, r: int) -> int:
@@ -70,8 +81,10 @@ class FedSALoRA(Method):
         return r * d_in
 
     def summary_notes(self) -> dict[str, Any]:
-        """The personalised evaluation is the main metric."""
+        """The personalised evaluation is the main metric (and the export's
+        record, :meth:`~fedlora.methods.base.Method.summary_notes`)."""
         return {
+            **super().summary_notes(),
             "main_metric": "federated_eval_accuracy",
             "main_metric_note": (
                 "personalised: each client's own B with the shared A and head, on "

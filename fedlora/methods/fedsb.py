@@ -180,8 +180,10 @@ class FedSB(Method):
     def export(
         self, state: State, frozen: State, base: dict[str, np.ndarray] | None = None
     ) -> State:
-        """Plain LoRA ``B' = B R``, ``A' = A`` with ``alpha = r`` (PEFT-loadable)."""
-        return to_plain_lora(frozen, state)
+        """Plain LoRA ``B' = B R``, ``A' = A`` with ``alpha = r`` (PEFT-loadable),
+        at the export rank (:meth:`~fedlora.methods.base.Method.at_export_rank`:
+        the truncated SVD of ``s B R A`` where ``export.rank`` is not ``r``)."""
+        return self.at_export_rank(to_plain_lora(frozen, state))
 
     def state_dict(self) -> dict[str, Any]:
         """The init method (a resumed run must not initialise again)."""

@@ -47,9 +47,10 @@ class FLoRA(MergedExport, FedAvgLoRA):
     ----------
     seed : int
         ``federation.seed`` (derived): the fresh factors' generator.
-    export_rank : int or None
-        Rank of the exported PEFT adapter (truncated SVD of the merged delta);
-        None: the global rank ``adapter.r``.
+
+    The exported PEFT adapter (its rank: ``export.rank``, default the global rank
+    ``adapter.r``, :meth:`default_export_rank`) is the truncated SVD of the merged
+    delta (:class:`~fedlora.methods.merged_export.MergedExport`).
     """
 
     name = "flora"
@@ -57,20 +58,21 @@ class FLoRA(MergedExport, FedAvgLoRA):
     aggregates_by_mean = False  # the stack keeps every client's factors
     accepts_server_optimizer = False  # the step is a stack, not a mean
 
-    def __init__(
-        self, *, seed: int = 0, export_rank: int | None = None, **common: Any
-    ) -> None:
+    def __init__(self, *, seed: int = 0, **common: Any) -> None:
         super().__init__(**common)
         self.seed = int(seed)
-        rank = self.ranks.rank if self.ranks is not None else None
-        self.export_rank = rank if export_rank is None else int(export_rank)
         self.scaling = self.ranks.scale(self.ranks.rank) if self.ranks else 1.0
-        self._export_record: dict[str, Any] = {}
 
     @classmethod
     def derived_arguments(cls, settings: Settings) -> dict[str, Any]:
         """``ranks`` (as FedAvg-LoRA) and ``seed``: ``federation.seed``."""
         return {**super().derived_arguments(settings), "seed": settings.federation.seed}
+
+    @classmethod
+    def default_export_rank(cls, settings: Settings) -> int:
+        """``adapter.r``: the merged delta gathers every client's rank over the
+        rounds, so the largest client rank is no bound on it."""
+        return int(settings.adapter.r)
 
     def client_start(
         self, sent: State, initial: State, server_round: int, partition: int

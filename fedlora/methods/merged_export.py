@@ -11,6 +11,7 @@ import numpy as np
 
 from fedlora.adapters import lora_layers
 from fedlora.errors import ConfigError
+from fedlora.export import ExportPlan, truncation_record
 from fedlora.methods.base import State
 
 log = logging.getLogger("fedlora")
@@ -39,12 +40,13 @@ def truncated_lora(
 
 class MergedExport:
     """Mixin for a :class:`~fedlora.methods.base.Method` with ``scaling`` (its LoRA
-    scale ``s``), ``export_rank`` and ``_export_record`` attributes: the exported
-    adapter is the truncated SVD of ``base folds + s B A`` per layer."""
+    scale ``s``), ``export_plan`` (``export.rank``) and ``_export_record``
+    attributes: the exported adapter is the truncated SVD of ``base folds + s B A``
+    per layer, at any rank (the folds may give the delta a rank above ``R``)."""
 
     name: str
     scaling: float
-    export_rank: int | None
+    export_plan: ExportPlan | None
     _export_record: dict[str, Any]
 
     # --- export ------------------------------------------------------------------
@@ -64,22 +66,23 @@ class MergedExport:
         return out
 
     def export_overrides(self) -> dict[str, Any]:
-        """The exported adapter has rank ``export_rank`` and scale 1
+        """The exported adapter has rank ``k`` (``export.rank``) and scale 1
         (``alpha = r``, no rsLoRA), so its ``B A`` is the delta itself."""
-        if self.export_rank is None:
+        if self.export_plan is None:
             raise ConfigError(
-                "strategy.export_rank",
+                "export.rank",
                 None,
-                "the export needs a rank: set it, or pass the adapter's rank "
-                "(fedlora.methods.from_settings does)",
+                f"{self.name}'s export needs a rank: build the method with "
+                "fedlora.methods.from_settings (it passes export.rank, or the "
+                "default), or pass export=ExportPlan(...)",
             )
-        k = self.export_rank
+        k = self.export_plan.rank
         return {"r": k, "alpha": float(k), "use_rslora": False}
 
     def export(
         self, state: State, frozen: State, base: dict[str, np.ndarray] | None = None
     ) -> State:
-        """A plain PEFT LoRA adapter of rank ``export_rank`` at scale 1 (see
+        """A plain PEFT LoRA adapter of rank ``k`` at scale 1 (see
         :meth:`export_overrides`): per layer the truncated SVD of the exact merged
         delta (:func:`truncated_lora`), and the head. Records (and logs) the
         relative truncation error over all layers together,
@@ -89,27 +92,21 @@ class MergedExport:
         lora = lora_layers({**frozen, **state})
         factor_keys = {key for pair in lora.values() for key in pair}
         out = {key: v for key, v in state.items() if key not in factor_keys}
-        tail = total = worst = 0.0
+        tails, totals = [], []
         for layer, delta in self.merged_delta(state, frozen, base).items():
             b, a, layer_tail, layer_total = truncated_lora(delta, k)
             a_key, b_key = lora[layer]
             out[b_key], out[a_key] = b.astype(np.float32), a.astype(np.float32)
-            tail, total = tail + layer_tail, total + layer_total
-            if layer_total > 0:
-                worst = max(worst, float(np.sqrt(layer_tail / layer_total)))
-        error = float(np.sqrt(tail / total)) if total > 0 else 0.0
-        self._export_record = {
-            "export_rank": k,
-            "export_truncation_error": error,
-            "export_truncation_error_max_layer": worst,
-        }
+            tails.append(layer_tail)
+            totals.append(layer_total)
+        self._export_record = truncation_record(k, tails, totals)
         log.info(
             "%s export: rank-%s adapter, relative truncation error %.3g "
             "(largest layer %.3g); the exact merged delta is in %s",
             self.name,
             k,
-            error,
-            worst,
+            self._export_record["export_truncation_error"],
+            self._export_record["export_truncation_error_max_layer"],
             MERGED_FILE,
         )
         return out

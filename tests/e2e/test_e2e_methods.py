@@ -123,17 +123,29 @@ def test_a_server_optimizer_with_fedprox_resumes_bit_identically(tiny_bert, tmp_
     assert rows[3]["eval_loss"] == whole[3]["eval_loss"]
 
 
-@pytest.mark.parametrize("strategy", ["fedavg_lora", "hetlora", "flexlora"])
-def test_a_rank_per_client_pads_to_the_global_rank(tiny_bert, tmp_path, strategy):
+@pytest.mark.parametrize(
+    "strategy,export_rank",
+    [("fedavg_lora", None), ("hetlora", 2), ("flexlora", 4)],
+)
+def test_a_rank_per_client_pads_to_the_global_rank(
+    tiny_bert, tmp_path, strategy, export_rank
+):
     """Ranks [2, 4, 8] on 3 clients, global rank 8: the zero-padding baseline
     (fedavg_lora), HetLoRA and FlexLoRA. Round 1 goes down at the global rank
-    (ranks unknown yet), round 2 at each node's rank."""
+    (ranks unknown yet), round 2 at each node's rank. Each exports a PEFT adapter
+    that loads, at the largest client rank (8, the adapter as trained) or at
+    ``export.rank``."""
+    from peft import PeftModel
+
+    from fedlora.models import load_base_model
+
     rows = run_front_door(
         tmp_path / "run",
         tiny_bert,
         f"strategy={strategy}",
         "adapter.r=8",
         "adapter.client_ranks=[2,4,8]",
+        *([f"export.rank={export_rank}"] if export_rank else []),
     )
     for r in rows[1:]:
         assert r["clients"] == 3 and r["rejected"] == []
@@ -151,7 +163,21 @@ def test_a_rank_per_client_pads_to_the_global_rank(tiny_bert, tmp_path, strategy
             assert len(set(down.values())) == 1
         else:
             assert down["2"] < down["4"] < down["8"]
-    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    adapter = tmp_path / "run" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["export_rank"] == config["r"] == (export_rank or 8)
+    if export_rank is None:  # as trained: rank 8, alpha 16, nothing dropped
+        assert config["lora_alpha"] == 16 and summary["export_truncation_error"] == 0
+    else:  # the truncated SVD at scale 1
+        assert config["lora_alpha"] == export_rank
+        assert 0 < summary["export_truncation_error"] < 1
+    saved = load_file(str(adapter / "adapter_model.safetensors"))
+    assert {v.shape[0] for k, v in saved.items() if ".lora_A." in k} == {config["r"]}
+    cfg = Settings.from_dict(
+        yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    )
+    PeftModel.from_pretrained(load_base_model(cfg.model, seed=0), str(adapter))
 
 
 def test_flora_is_exact_and_a_node_that_lost_its_state_catches_up(tiny_bert, tmp_path):

@@ -240,6 +240,30 @@ def test_resume_may_add_or_drop_the_test_only_faults(tmp_path):
     assert "faults" not in cfg  # not given again: the resumed run has none
 
 
+def test_resume_may_change_the_export_rank_even_of_a_run_from_before_it(tmp_path):
+    from strategies.server_app import compose, resume_config, settings
+
+    run = checkpointed_run(tmp_path / "new", ["strategy=fedex_lora"])
+    overrides = [f"resume={run}", "export.rank=3"]
+    assert resume_config(compose(overrides), overrides).export.rank == 3
+    # written before export.rank: no export section, FedEx's strategy.export_rank
+    plain = settings(compose(["strategy=fedex_lora"]))
+    del plain["export"]
+    plain["strategy"]["export_rank"] = None
+    state = {"settings": plain, "metrics": [], "run_id": "20261130-000000-0123abcd"}
+    checkpoint.save(tmp_path / "old", 2, {"global": {}}, state)
+    overrides = [f"resume={tmp_path / 'old'}", "export.rank=3"]
+    cfg = resume_config(compose(overrides), overrides)
+    assert cfg.export.rank == 3 and "export_rank" not in cfg.strategy  # moved
+    plain["strategy"]["export_rank"] = 5  # a rank set then: kept, under its new key
+    checkpoint.save(tmp_path / "old5", 2, {"global": {}}, state)
+    overrides = [f"resume={tmp_path / 'old5'}"]
+    cfg = resume_config(compose(overrides), overrides)
+    assert cfg.export.rank == 5 and "export_rank" not in cfg.strategy
+    overrides.append("export.rank=3")  # unless the resumed run sets it
+    assert resume_config(compose(overrides), overrides).export.rank == 3
+
+
 DP_SGD = ["privacy=dp_sgd", "federation.fraction_evaluate=0"]
 
 

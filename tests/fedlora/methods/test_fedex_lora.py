@@ -17,6 +17,7 @@ from safetensors.numpy import load_file
 from fedlora import results
 from fedlora.aggregation import client_weights
 from fedlora.errors import ConfigError
+from fedlora.export import ExportPlan
 from fedlora.methods import from_settings
 from fedlora.methods.fedavg_lora import FedAvgLoRA
 from fedlora.methods.fedex_lora import FedExLoRA, residual_factors
@@ -103,7 +104,7 @@ def play(strategy, grid, server_round, state, replies_for, counts):
 
 
 def fedex_strategy(k, **method_kwargs):
-    method = FedExLoRA(scaling=S, rank=R, **method_kwargs)
+    method = FedExLoRA(scaling=S, **method_kwargs)
     return LoRAStrategy(
         method, scaling=S, min_available_nodes=k, min_train_nodes=k, fraction_train=1.0
     )
@@ -368,7 +369,8 @@ def test_from_settings_gives_the_method_the_adapters_scale_and_rank(settings):
     s = with_(settings, "strategy", {"_target_": FEDEX}, "adapter.use_rslora", True)
     method = from_settings(s)
     assert method.scaling == pytest.approx(8 / 2.0) == s.adapter.scaling  # 8/sqrt(4)
-    assert method.export_rank == 4 == s.adapter.r
+    assert method.export_plan.rank == 4 == s.adapter.r  # export.rank null: adapter.r
+    assert from_settings(with_(s, "export.rank", 7)).export_plan.rank == 7
     with pytest.raises(ConfigError, match=r"strategy\.scaling=3\.0.*derives it"):
         from_settings(with_(s, "strategy.scaling", 3.0))
     # the other methods are built as before
@@ -381,7 +383,8 @@ def test_from_settings_gives_the_method_the_adapters_scale_and_rank(settings):
     [
         ("privacy=central", "privacy"),  # the residual reads every client's update
         ("strategy.residual_wire=sparse", "strategy.residual_wire"),
-        ("strategy.export_rank=0", "strategy.export_rank"),
+        ("export.rank=0", "export.rank"),
+        ("+strategy.export_rank=3", "strategy.export_rank"),  # moved: export.rank
     ],
 )
 def test_meaningless_settings_are_refused_naming_the_key(override, key):
@@ -391,7 +394,8 @@ def test_meaningless_settings_are_refused_naming_the_key(override, key):
 
 def test_the_yaml_composes_with_its_defaults():
     cfg = compose(["strategy=fedex_lora", "adapter.r=4", "adapter.alpha=8"])
-    assert cfg.strategy.residual_wire == "auto" and cfg.strategy.export_rank is None
+    assert cfg.strategy.residual_wire == "auto" and cfg.export.rank is None
+    assert "export_rank" not in cfg.strategy  # one key for every method: export.rank
 
 
 # --- (g) export ------------------------------------------------------------------
@@ -414,7 +418,7 @@ def export_problem(seed):
 @pytest.mark.parametrize("rank", [R, 2, 13])
 def test_export_is_the_truncated_svd_of_the_exact_merged_delta(rank):
     state, base = export_problem(8)
-    method = FedExLoRA(scaling=S, rank=R, export_rank=rank)
+    method = FedExLoRA(scaling=S, export=ExportPlan(rank, R, S))
     files = method.export_files(state, {}, base)
     merged = files[MERGED_FILE]
     assert set(merged) == {f"{layer}.weight" for layer in LAYERS}
@@ -461,7 +465,7 @@ def test_truncated_lora_pads_a_rank_above_the_matrix_rank():
 
 def test_export_files_are_saved_beside_the_adapter_under_plain_names(tmp_path):
     state, base = export_problem(10)
-    method = FedExLoRA(scaling=S, rank=R)
+    method = FedExLoRA(scaling=S, export=ExportPlan(R, R, S))
     files = method.export_files(state, {}, base)
     results.save_tensor_files(tmp_path, files)
     saved = load_file(str(tmp_path / MERGED_FILE))
