@@ -90,9 +90,12 @@ class FLoRA(MergedExport, FedAvgLoRA):
         return out
 
     def downlink(self, sent: State, rank: int) -> State:
-        """The global state as it is, whatever the node's rank (the client starts
-        from fresh factors; the round's update goes down as folds)."""
-        return sent
+        """The global state without the LoRA factors, for a node whose rank is
+        known: it starts every round from fresh factors (:meth:`client_start`
+        takes their shapes from its own model), and the round's update goes down
+        as folds. A node whose rank is not known yet gets everything."""
+        factors = {k for pair in lora_layers(sent).values() for k in pair}
+        return {k: v for k, v in sent.items() if k not in factors}
 
     def aggregate(
         self, states: Sequence[State], weights: np.ndarray, sent: State
@@ -109,15 +112,13 @@ class FLoRA(MergedExport, FedAvgLoRA):
     def round_traffic(
         self, d_out: int, d_in: int, r: int, ranks: Sequence[int]
     ) -> tuple[int, int]:
-        """Up: the client's factors, ``r (d_out + d_in)``. Down: the global
-        factors as they are, at the global rank ``R`` (:meth:`downlink`; the
-        largest of ``ranks`` without a rank plan), though the client restarts from
-        fresh ones; and the last round's fold, the stack of every reply,
-        ``(d_out + d_in) sum r_k``, or dense ``d_out d_in`` once that is smaller
-        (:func:`fedlora.comm.fold_parameters`): it grows with the clients."""
-        rank = self.ranks.rank if self.ranks is not None else max(ranks)
-        fold = fold_parameters(d_out, d_in, sum(ranks))
-        return r * (d_out + d_in), rank * (d_out + d_in) + fold
+        """Up: the client's factors, ``r (d_out + d_in)``. Down (from a node's
+        second round, once its rank is known: :meth:`downlink`): no factors, the
+        client restarts from fresh ones; only the last round's fold, the stack of
+        every reply, ``(d_out + d_in) sum r_k``, or dense ``d_out d_in`` once that
+        is smaller (:func:`fedlora.comm.fold_parameters`): it grows with the
+        clients."""
+        return r * (d_out + d_in), fold_parameters(d_out, d_in, sum(ranks))
 
     def fold(self, states: Sequence[State], weights: np.ndarray, sent: State) -> Fold:
         """Per layer the stack ``(B_st, A_st)`` of the replies (at the global scale

@@ -40,22 +40,22 @@ def test_a_rank_list_prints_each_tier_and_leaves_out_single_rank_methods(capsys)
     assert "(4096 x 4096) layers travel dense from sum r_k >= 2048, 440 clients" in out
 
 
-def test_the_json_counts_flora_factors_plus_the_stack_of_every_reply(capsys):
+def test_the_json_counts_flora_downlink_as_the_stack_of_every_reply(capsys):
     out = json.loads(
         run(capsys, "--model", "llama-2-7b", "--ranks", "2,2,4,4,8,8", "--json")
     )
     flora = {row["r"]: row for row in out["rows"] if row["method"] == "flora"}
     for r in (2, 4, 8):
         assert flora[r]["params_up_per_client_round"] == r * PER_RANK
-        # the global factors as they are (rank 8), and the stack (sum r_k = 28)
-        assert flora[r]["params_down_per_client_round"] == (8 + 28) * PER_RANK
+        # no factors (fresh ones each round), the stack (sum r_k = 28)
+        assert flora[r]["params_down_per_client_round"] == 28 * PER_RANK
     assert out["left_out"] == SINGLE_RANK
     assert list(out["growth"]) == ["flora"]
     rows = out["growth"]["flora"]
     assert [row["sum_r"] for row in rows[:3]] == [6, 16, 34]  # tiers spread
-    # 4 clients of ranks 2, 2, 4, 8: the global factors (rank 8) and the fold
+    # 4 clients of ranks 2, 2, 4, 8: the fold alone
     assert rows[1]["MB_down_per_client_round"] == pytest.approx(
-        [(8 + 16) * PER_RANK * 4e-6] * 3
+        [16 * PER_RANK * 4e-6] * 3
     )
     for row in rows:  # as sent, each layer the smaller of stack and dense
         assert row["fold_sent_MB"] <= min(row["fold_stacked_MB"], row["fold_dense_MB"])
@@ -71,7 +71,7 @@ def test_single_rank_table_counts_flora_stack_over_the_clients(capsys):
     rows = {row["method"]: row for row in out["rows"]}
     assert len(rows) == len(comm.METHODS) and out["left_out"] == []
     assert rows["fedavg_lora"]["params_down_per_client_round"] == 16 * PER_RANK
-    assert rows["flora"]["params_down_per_client_round"] == (16 + 64) * PER_RANK
+    assert rows["flora"]["params_down_per_client_round"] == 64 * PER_RANK  # the stack
     assert rows["fedsb"]["r"] == 200 and rows["fedsb"]["clients"] == 4
 
 

@@ -84,11 +84,11 @@ def test_a_rank_list_counts_each_tier_at_its_own_rank():
     for r in (2, 4, 8):
         up, down = client_traffic(shapes, r, ranks, METHODS["flora"]())
         assert up == r * LLAMA_PER_RANK
-        assert down == (8 + 28) * LLAMA_PER_RANK  # global rank 8, sum r_k = 28
+        assert down == 28 * LLAMA_PER_RANK  # the stack, sum r_k = 28; no factors
     rows = table("llama-2-7b", ["flora"], {"flora": ranks}, 1)
     assert [(row["r"], row["clients"]) for row in rows] == [(2, 2), (4, 2), (8, 2)]
     down = rows[0]["MB_down_round_tier"]  # 2 clients of rank 2, 4 bytes a number
-    assert down == pytest.approx(2 * 36 * LLAMA_PER_RANK * 4e-6)
+    assert down == pytest.approx(2 * 28 * LLAMA_PER_RANK * 4e-6)
 
 
 def test_flora_fold_turns_dense_where_the_base_delta_does():
@@ -257,8 +257,8 @@ def test_a_rank_per_client_uplink_is_the_analytic_count(settings, target):
 def test_a_rank_per_client_downlink_is_the_analytic_count(settings, target, r, ranks):
     """Round 2 through the real ClientApp and strategy (the server knows each
     node's rank): a message carries what the analytic count says plus the head.
-    FedAvg-LoRA: the global factors truncated to the node's rank. FLoRA: the
-    global factors as they are and round 1's fold, the stack of both replies
+    FedAvg-LoRA: the global factors truncated to the node's rank. FLoRA: no
+    factors (the client draws fresh ones) and round 1's fold, the stack of both replies
     (``(d_out + d_in) sum r_k`` a layer) or, on the tiny BERT's 32 x 32 layers
     from ``sum r_k = 16``, the dense delta."""
     method, start, strategy, config, nodes = ranked_setup(settings, target, r, ranks)
