@@ -310,10 +310,29 @@ def hetlora_aggregate(
 
 
 # --- the diagnostic (section 5) ---------------------------------------------------
+# Trust the Gram path where its estimated relative error of ||Delta - E||_F^2 is at
+# most this (so about half of it on the distances and the ratios); else QR.
+_GRAM_RTOL = 1e-8
+
+
+def _drop_zero_terms(b: np.ndarray, a: np.ndarray) -> Factors:
+    """``(B, A)`` without the pairs ``(B[:, j], A[j])`` whose product is 0 (a zero
+    column of ``B`` or a zero row of ``A``: the zero padding of a reply below the
+    global rank), so ``B A`` is unchanged, exactly. Keeps one pair where all are
+    zero, so the shapes stay valid."""
+    keep = np.any(b != 0, axis=0) & np.any(a != 0, axis=1)
+    if keep.all():
+        return b, a
+    if not keep.any():
+        keep[:1] = True
+    return b[:, keep], a[keep]
+
+
 class _Basis:
     """Thin QR of ``Delta``'s stacked factors, ``B_st = Q_B R_B``,
     ``A_st^T = Q_A R_A``, to take ``||Delta - E||_F`` of many ``E = B_E A_E``
-    at ``O((d_out + d_in) m r)`` each (see :meth:`distance_sq`)."""
+    at ``O((d_out + d_in) m r)`` each (see :meth:`distance_sq`): the exact
+    fallback of :class:`_Distances`."""
 
     def __init__(self, b: np.ndarray, a: np.ndarray) -> None:
         b, a = _f64(b), _f64(a)
@@ -322,36 +341,95 @@ class _Basis:
         self.q_a, self.r_a = np.linalg.qr(a.T)
 
     @staticmethod
-    def _extend(q: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``x = q c + q2 r2``: coefficients on ``q`` (projected twice, so ``q2``
-        stays orthogonal to ``q`` to round-off) and the QR of the remainder."""
+    def _split(q: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``x = q c + rest``: coefficients on ``q`` and the remainder, projected
+        twice so ``rest`` stays orthogonal to ``q`` to round-off."""
         c = q.T @ x
         rest = x - q @ c
         c2 = q.T @ rest
         rest -= q @ c2
-        q2, r2 = np.linalg.qr(rest)
-        return c + c2, r2
+        return c + c2, rest
 
     def distance_sq(self, b_e: np.ndarray, a_e: np.ndarray) -> float:
         """``||Delta - B_E A_E||_F^2``.
 
-        ``[B_st, -B_E] = [Q_B, Q_2] M_B`` with ``M_B = [[R_B, -C_B], [0, -R_2]]``
-        (likewise ``M_A`` for ``[A_st; A_E]^T`` without the signs), so
-        ``Delta - E = [Q_B, Q_2] M_B M_A^T [Q_A, Q_2']^T`` and its norm is that of
-        the small ``M_B M_A^T``. Where ``E = Delta`` it reads round-off (~1e-16
-        relative), not the ~1e-8 of ``||Delta||^2 - 2 <Delta, E> + ||E||^2``.
+        With ``B_E = Q_B C_B + P_B`` and ``A_E^T = Q_A C_A + P_A`` (``P``
+        orthogonal to ``Q``), ``Delta - E = Q_B (R_B R_A^T - C_B C_A^T) Q_A^T
+        - Q_B C_B P_A^T - P_B C_A^T Q_A^T - P_B P_A^T``, four mutually orthogonal
+        terms: the squared norm is the small core's plus three Gram traces of
+        products without cancellation between ``Delta`` and ``E``. Where ``E =
+        Delta`` it reads round-off (~1e-16 relative), not the ~1e-8 of ``||Delta||^2
+        - 2 <Delta, E> + ||E||^2``; no factorisation beyond the basis.
         """
         b_e, a_e = _f64(b_e), _f64(a_e)
         _check_factors(b_e, a_e, "client delta")
-        c_b, r2_b = self._extend(self.q_b, b_e)
-        c_a, r2_a = self._extend(self.q_a, a_e.T)
-        m_b = np.block(
-            [[self.r_b, -c_b], [np.zeros((r2_b.shape[0], self.r_b.shape[1])), -r2_b]]
+        c_b, p_b = self._split(self.q_b, b_e)
+        c_a, p_a = self._split(self.q_a, a_e.T)
+        core = self.r_b @ self.r_a.T - c_b @ c_a.T
+        g_b, g_a = p_b.T @ p_b, p_a.T @ p_a
+        return float(
+            np.sum(core**2)
+            + np.sum((c_b.T @ c_b) * g_a)
+            + np.sum(g_b * (c_a.T @ c_a))
+            + np.sum(g_b * g_a)
         )
-        m_a = np.block(
-            [[self.r_a, c_a], [np.zeros((r2_a.shape[0], self.r_a.shape[1])), r2_a]]
-        )
-        return float(np.sum((m_b @ m_a.T) ** 2))
+
+
+class _Distances:
+    """``||Delta - E||_F^2`` for many ``E = B_E A_E`` against one ``Delta = B A``:
+    from Gram matrices where that is accurate, else from :class:`_Basis`.
+
+    Gram path: ``||B A - B_E A_E||_F^2 = <G_B, G_A> - 2 <B^T B_E, A A_E^T>
+    + <B_E^T B_E, A_E A_E^T>`` (``G_B = B^T B``, ``G_A = A A^T``, ``<X, Y> =
+    sum X * Y``): matrix products only, ``O((d_out + d_in) m r)`` per ``E`` and
+    ``O((d_out + d_in) m^2)`` once, no factorisation. Its round-off is absolute,
+    about ``sqrt(n) eps t^2`` with ``n = d_out + d_in`` and ``t = sum_j ||b_j||
+    ||a_j||`` over the pairs of both stacks (each Gram entry is off by about
+    ``sqrt(n) eps`` times the product of its columns' norms), so it is relatively
+    accurate only where the distance is not small against the terms: where
+    ``E ~ Delta`` (FLoRA, FedEx-LoRA: ~1e-16) it would read ~1e-8 instead of 0.
+
+    The cheap check: the Gram value ``x2`` is kept where ``2 sqrt(n) eps t^2 <=
+    _GRAM_RTOL x2`` (estimated relative error at most 1e-8; for trained adapters
+    of uncorrelated pairs ``t^2 ~ m ||Delta||^2``, so distances above a few
+    percent of ``||Delta||``). Below it the distance is taken again on the thin
+    QR of ``Delta``'s stacks (:class:`_Basis`, built on first use, two QRs per
+    layer; each such ``E`` costs projections and small products only), which
+    leaves no cancellation between ``Delta`` and ``E`` to the Gram traces.
+    """
+
+    def __init__(self, b: np.ndarray, a: np.ndarray) -> None:
+        b, a = _f64(b), _f64(a)
+        _check_factors(b, a, "delta")
+        self.b, self.a = _drop_zero_terms(b, a)
+        self.norm_sq = float(np.sum((self.b.T @ self.b) * (self.a @ self.a.T)))
+        self.t = _pair_norms(self.b, self.a)
+        self.n = b.shape[0] + a.shape[1]
+        self._basis: _Basis | None = None
+
+    def __call__(self, b_e: np.ndarray, a_e: np.ndarray) -> float:
+        b_e, a_e = _f64(b_e), _f64(a_e)
+        _check_factors(b_e, a_e, "client delta")
+        if b_e.shape[0] != self.b.shape[0] or a_e.shape[1] != self.a.shape[1]:
+            raise ValueError(
+                f"client delta: shape {b_e.shape[0]} x {a_e.shape[1]} against "
+                f"delta {self.b.shape[0]} x {self.a.shape[1]}"
+            )
+        b_e, a_e = _drop_zero_terms(b_e, a_e)
+        cross = float(np.sum((self.b.T @ b_e) * (self.a @ a_e.T)))
+        own = float(np.sum((b_e.T @ b_e) * (a_e @ a_e.T)))
+        x2 = self.norm_sq - 2.0 * cross + own
+        t = self.t + _pair_norms(b_e, a_e)
+        if 2.0 * math.sqrt(self.n) * _EPS * t * t <= _GRAM_RTOL * x2:
+            return x2
+        if self._basis is None:
+            self._basis = _Basis(self.b, self.a)
+        return self._basis.distance_sq(b_e, a_e)
+
+
+def _pair_norms(b: np.ndarray, a: np.ndarray) -> float:
+    """``sum_j ||B[:, j]|| ||A[j]||``, the scale of the Gram path's round-off."""
+    return float(np.linalg.norm(b, axis=0) @ np.linalg.norm(a, axis=1))
 
 
 def hetero_error_sums(
@@ -367,19 +445,20 @@ def hetero_error_sums(
 
     ``delta`` is ``(B_st, A_st)`` (:func:`stack`); ``new[k]`` and ``old[k]`` are
     client ``k``'s effective deltas as factors with the scale folded in,
-    ``(s_k B_k, A_k)``, of any rank. Computed from the factors
-    (:class:`_Basis`), never a ``d_out x d_in`` matrix.
+    ``(s_k B_k, A_k)``, of any rank. Computed from the factors, never a
+    ``d_out x d_in`` matrix: zero padding dropped, then Gram matrices where they
+    are accurate and the thin QR where the distance cancels (:class:`_Distances`).
     """
     if not (len(new) == len(old) == len(weights) == len(ranks)):
         raise ValueError(
             f"hetero_error_sums: {len(new)} new, {len(old)} old, {len(weights)} "
             f"weights, {len(ranks)} ranks"
         )
-    basis = _Basis(*delta)
+    distance_sq = _Distances(*delta)
     out: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])
     for e_new, e_old, p, r in zip(new, old, weights, ranks, strict=True):
-        out[int(r)][0] += float(p) * basis.distance_sq(*e_new)
-        out[int(r)][1] += float(p) * basis.distance_sq(*e_old)
+        out[int(r)][0] += float(p) * distance_sq(*e_new)
+        out[int(r)][1] += float(p) * distance_sq(*e_old)
     return {r: (num, den) for r, (num, den) in sorted(out.items())}
 
 

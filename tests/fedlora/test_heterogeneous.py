@@ -376,3 +376,84 @@ def test_flexlora_rank_r_is_the_head_of_one_unit_scale_split():
         b_k, a_k = hetlora_to_client(*full, r, 1.0, ALPHA / r)
         np.testing.assert_allclose(b_k, b, rtol=1e-12, atol=0)
         np.testing.assert_allclose(a_k, a, rtol=1e-12, atol=0)
+
+
+def _count_qr_bases(monkeypatch):
+    """Count the QR bases the diagnostic builds (its exact fallback)."""
+    import fedlora.heterogeneous as het
+
+    built = []
+
+    class Counting(het._Basis):
+        def __init__(self, b, a):
+            built.append(b.shape[1])
+            super().__init__(b, a)
+
+    monkeypatch.setattr(het, "_Basis", Counting)
+    return built
+
+
+def _padded_round(rng, ranks, r_max, d_out=D_OUT, d_in=D_IN):
+    """Replies of ``ranks`` padded to ``r_max`` (zero columns and rows), the
+    global adapter they started from (at rank ``r_max``) and ``p``."""
+    bs, as_, p, scales = clients(rng, ranks, d_out, d_in)
+    padded = [pad(b, a, r_max) for b, a in zip(bs, as_, strict=True)]
+    g_b, g_a = lora_pair(rng, r_max, d_out, d_in)
+    return padded, (g_b, g_a), p, scales
+
+
+@pytest.mark.parametrize("d_out, d_in", [(D_OUT, D_IN), (300, 120)])
+def test_hetero_error_sums_of_padded_replies_equal_the_dense_formula(
+    monkeypatch, d_out, d_in
+):
+    """Zero-padded replies of ranks 2, 4, 8 at LoRA scale (B ~1e-3): per tier,
+    both sums equal the dense float64 formula, from Gram matrices alone (no QR),
+    and the padding is dropped (the stack holds sum r_k = 14 pairs, not 24)."""
+    built = _count_qr_bases(monkeypatch)
+    rng = np.random.default_rng(21)
+    ranks = (2, 4, 8)
+    padded, (g_b, g_a), p, scales = _padded_round(rng, ranks, 8, d_out, d_in)
+    s = ALPHA / 8
+    delta = stack([b for b, _ in padded], [a for _, a in padded], p, [s] * 3)
+    avg_b, avg_a = padded_average(  # FedAvg of the padded factors
+        [b for b, _ in padded], [a for _, a in padded], p, 8
+    )
+    new = [(s * avg_b[:, :r], avg_a[:r]) for r in ranks]
+    old = [(s * g_b[:, :r], g_a[:r]) for r in ranks]
+    sums = hetero_error_sums(delta, new, old, p, ranks)
+    dense = delta[0] @ delta[1]
+    for k, r in enumerate(ranks):
+        want_num = p[k] * np.sum((dense - new[k][0] @ new[k][1]) ** 2)
+        want_den = p[k] * np.sum((dense - old[k][0] @ old[k][1]) ** 2)
+        assert sums[r][0] == pytest.approx(want_num, rel=1e-10)
+        assert sums[r][1] == pytest.approx(want_den, rel=1e-10)
+    assert built == []  # nothing cancels here: the Gram path throughout
+
+
+def test_hetero_error_sums_fall_back_to_qr_where_the_distance_cancels(monkeypatch):
+    """An exact method (E = Delta, FLoRA's merged stack, here padded and with its
+    pairs in another order) reads round-off, and an E within 1e-6 of Delta its
+    dense distance: there the Gram trace would be off (~1e-8 and ~1e-2
+    relative), so the check takes the QR path, built once on the 14 pairs."""
+    built = _count_qr_bases(monkeypatch)
+    rng = np.random.default_rng(22)
+    ranks = (2, 4, 8)
+    padded, _, p, _ = _padded_round(rng, ranks, 8)
+    s = ALPHA / 8
+    delta = stack([b for b, _ in padded], [a for _, a in padded], p, [s] * 3)
+    b_st, a_st = delta
+    perm = rng.permutation(b_st.shape[1])
+    exact = (b_st[:, perm], a_st[perm])
+    bump = 1e-6 * np.linalg.norm(b_st) / np.sqrt(b_st.size)
+    near = (b_st + bump * rng.standard_normal(b_st.shape), a_st)
+    zero = (np.zeros((D_OUT, 1)), np.zeros((1, D_IN)))
+    sums = hetero_error_sums(delta, [exact, near, exact], [zero] * 3, p, ranks)
+    dense = b_st @ a_st
+    norm_sq = np.sum(dense**2)
+    assert sums[2][0] / (p[0] * norm_sq) < 1e-28  # ~1e-16 on the norm
+    assert sums[8][0] / (p[2] * norm_sq) < 1e-28
+    want = p[1] * np.sum((dense - near[0] @ near[1]) ** 2)
+    assert sums[4][0] == pytest.approx(want, rel=1e-8)
+    for k, r in enumerate(ranks):
+        assert sums[r][1] == pytest.approx(p[k] * norm_sq, rel=1e-12)
+    assert built == [14]
