@@ -55,7 +55,13 @@ def test_a_client_starts_from_the_same_factors_sent_whole_or_truncated(rslora):
     plan = RankPlan(8, 16.0, rslora)
     method = FedAvgLoRA(ranks=plan)
     g = global_factors(rng)
-    assert method.downlink(g, 8) is g and FLoRA(ranks=plan).downlink(g, 2) is g
+    assert method.downlink(g, 8) is g
+    flora = FLoRA(ranks=plan)  # no factors: its clients draw fresh ones
+    assert sorted(flora.downlink(g, 2)) == ["head.weight"]
+    initial = {A: np.zeros((2, 10), "f4"), B: np.zeros((12, 2), "f4")}
+    fresh = flora.client_start(flora.downlink(g, 2), initial, 2, 0)
+    for k, v in flora.client_start(g, initial, 2, 0).items():
+        np.testing.assert_array_equal(fresh[k], v)
     for r in (2, 5, 8):
         down = method.downlink(g, r)
         np.testing.assert_array_equal(down[A], g[A][:r])
