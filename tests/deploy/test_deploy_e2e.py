@@ -89,6 +89,13 @@ def run_python(
     return out
 
 
+def launch(work: Path, out: Path, *args: str) -> str:
+    """``python -m deploy.launch --work work --out out <args>``; its output."""
+    return run_python(
+        ["-m", "deploy.launch", "--work", str(work), "--out", str(out), *args], work
+    )
+
+
 @pytest.fixture(scope="module")
 def simulated(tiny_bert, tmp_path_factory) -> dict[str, np.ndarray]:
     """The final adapter of the same experiment on Flower's simulation engine."""
@@ -111,19 +118,7 @@ def test_deploy_grpc_loopback_completes_and_matches_the_simulation(
     tiny_bert, simulated, tmp_path
 ):
     work, out = tmp_path / "work", tmp_path / "run"
-    log = run_python(
-        [
-            "-m",
-            "deploy.launch",
-            "--work",
-            str(work),
-            "--out",
-            str(out),
-            f"model.name={tiny_bert}",
-            *EXPERIMENT,
-        ],
-        work,
-    )
+    log = launch(work, out, f"model.name={tiny_bert}", *EXPERIMENT)
     assert "[deploy] finished:completed" in log
     assert "[fedlora] round 2/2" in log  # the ServerApp's progress, followed live
     for name in (*deploy.RUN_FILES, "plots/accuracy_vs_mb.png", "deployment.json"):
@@ -511,19 +506,12 @@ def test_deploy_supernodes_state_their_own_ranks_in_their_node_configs(
     )
     work, out = tmp_path / "work", tmp_path / "run"
     node_config = [f"{i}:rank={r}" for i, r in enumerate(RANKS)]
-    log = run_python(
-        [
-            "-m",
-            "deploy.launch",
-            "--work",
-            str(work),
-            "--out",
-            str(out),
-            *[arg for entry in node_config for arg in ("--node-config", entry)],
-            f"model.name={tiny_bert}",
-            *RANKED,
-        ],
+    log = launch(
         work,
+        out,
+        *[arg for entry in node_config for arg in ("--node-config", entry)],
+        f"model.name={tiny_bert}",
+        *RANKED,
     )
     assert "[deploy] finished:completed" in log
     commands = json.loads((out / "deployment.json").read_text())["commands"]
