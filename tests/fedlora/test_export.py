@@ -12,11 +12,9 @@ import re
 
 import numpy as np
 import pytest
-import torch
 
 from fedlora.adapters import get_frozen_state, get_state, set_state
 from fedlora.build import build
-from fedlora.data import client_examples
 from fedlora.errors import ConfigError
 from fedlora.export import ExportPlan, truncate_adapter
 from fedlora.lora_sb import keys as sb_keys
@@ -26,9 +24,14 @@ from fedlora.models import load_base_model
 from fedlora.ranks import RANK_KEY
 from fedlora.results import save_adapter
 from fedlora.settings import Settings, with_
-from fedlora.train import batches
 from strategies.server_app import RESUMABLE, compose
-from tests.conftest import FEDAVG_LORA, FEDSB, FFA_LORA, LORA_FAIR
+from tests.conftest import (
+    FEDAVG_LORA,
+    FEDSB,
+    FFA_LORA,
+    LORA_FAIR,
+    assert_same_logits,
+)
 
 #: (d_out, d_in) of the adapted layers
 LAYERS = {"l0.query": (48, 40), "l0.value": (40, 48), "l1.query": (12, 20)}
@@ -190,13 +193,11 @@ def test_fedsb_exports_the_truncated_svd_of_s_b_r_a(settings):
         plain[b_key] = (as64(frozen[b_key]) @ trained[r_key]).astype("f4")  # B R
         plain[a_key] = frozen[a_key]
     exported = method.export(trained, frozen)
+    record = method.summary_notes()
     check_truncated(
-        exported,
-        {**plain, HEAD: trained[HEAD]},
-        s.adapter.scaling,
-        2,
-        method.summary_notes(),
+        exported, {**plain, HEAD: trained[HEAD]}, s.adapter.scaling, 2, record
     )
+    assert record["export_rank"] == 2 and 0 < record["export_truncation_error"] < 1
 
 
 # --- a rank per client ------------------------------------------------------------
@@ -322,13 +323,7 @@ def test_the_exported_adapter_loads_in_peft(settings, tmp_path, rank):
         got = module.get_delta_weight("default").detach().double().numpy()
         assert rel(got, best) < 1e-6
     if rank == 2:  # exact: the same model
-        batch = next(batches(client_examples(s, tok, 0, 2)[0][:8], 8, tok.pad_token_id))
-        model.eval()
-        loaded.eval()
-        with torch.no_grad():
-            torch.testing.assert_close(
-                loaded(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0
-            )
+        assert_same_logits(model, loaded, s, tok)
 
 
 # --- refusals, settings -------------------------------------------------------------
