@@ -186,3 +186,21 @@ def exchange(strategy: Any, global_state: dict, contents: list) -> list:
         reply.metadata.__dict__["_src_node_id"] = node  # Flower's runtime sets it
         replies.append(reply)
     return replies
+
+
+def assert_same_logits(model: Any, loaded: Any, settings: Settings, tokenizer: Any):
+    """``loaded`` (e.g. an exported adapter read back by PEFT) gives ``model``'s
+    logits on a batch of partition 0's first 8 examples (atol 1e-5)."""
+    import torch
+
+    from fedlora.data import client_examples
+    from fedlora.train import batches
+
+    examples = client_examples(settings, tokenizer, 0, 2)[0][:8]
+    batch = next(batches(examples, 8, tokenizer.pad_token_id))
+    model.eval()
+    loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0
+        )

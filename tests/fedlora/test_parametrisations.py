@@ -21,7 +21,7 @@ from fedlora.models import load_base_model
 from fedlora.results import save_adapter
 from fedlora.settings import with_
 from fedlora.train import batches, train_local
-from tests.conftest import FEDSB, FFA_LORA
+from tests.conftest import FEDSB, FFA_LORA, assert_same_logits
 
 CPU = torch.device("cpu")
 
@@ -119,13 +119,7 @@ def test_fedsb_export_loads_in_peft_with_the_same_logits(settings, tmp_path):
     loaded = PeftModel.from_pretrained(
         load_base_model(cfg.model, seed=99), str(tmp_path / "adapter")
     )
-    batch = next(batches(client_examples(cfg, tok, 0, 2)[0][:8], 8, tok.pad_token_id))
-    model.eval()
-    loaded.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(
-            loaded(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0
-        )
+    assert_same_logits(model, loaded, cfg, tok)
 
 
 def test_an_unknown_method_names_the_key(settings):
