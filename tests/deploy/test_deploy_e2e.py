@@ -24,17 +24,21 @@ from deploy import launch as deploy
 from tests.conftest import REPO
 from tests.deploy.test_deploy import leftovers
 
+#: the task every deployment test trains: a small synthetic set, one lr and batch
+TASK = [
+    "data=synthetic",
+    "data.num_examples=240",
+    "data.num_eval_examples=60",
+    "train.lr=5e-3",
+    "train.batch_size=16",
+]
 # 2 clients x 2 rounds of FedAvg-LoRA. The same seeds, one torch thread per client and
 # replies aggregated in partition order: deployment and simulation agree bit for bit
 EXPERIMENT = [
     "federation.num_clients=2",
     "federation.min_train_clients=2",
     "federation.rounds=2",
-    "data=synthetic",
-    "data.num_examples=240",
-    "data.num_eval_examples=60",
-    "train.lr=5e-3",
-    "train.batch_size=16",
+    *TASK,
 ]
 NO_FEDERATED_EVAL = ["federation.fraction_evaluate=0"]  # fewer ClientApp processes;
 # federated evaluation never changes the global adapter
@@ -238,11 +242,7 @@ DRILL = [
     "federation.num_clients=3",
     "federation.min_train_clients=2",
     "federation.rounds=3",
-    "data=synthetic",
-    "data.num_examples=240",
-    "data.num_eval_examples=60",
-    "train.lr=5e-3",
-    "train.batch_size=16",
+    *TASK,
     *NO_FEDERATED_EVAL,
 ]
 NODE_UNAVAILABLE = "Node Unavailable"  # Flower's reply for a node that missed 2
@@ -472,11 +472,7 @@ RANKED = [
     "federation.num_clients=3",
     "federation.min_train_clients=3",
     "federation.rounds=2",
-    "data=synthetic",
-    "data.num_examples=240",
-    "data.num_eval_examples=60",
-    "train.lr=5e-3",
-    "train.batch_size=16",
+    *TASK,
     "strategy=hetlora",
     f"adapter.r={max(RANKS)}",
     *NO_FEDERATED_EVAL,
