@@ -30,6 +30,11 @@ class StateMismatchError(FedLoraError, ValueError):
     """An adapter state does not fit the model (missing/extra keys, wrong shapes)."""
 
 
+class NodesUnavailableError(FedLoraError, RuntimeError):
+    """Too few nodes were connected for longer than ``federation.wait_timeout``:
+    the round could not begin, and the run stops (its last checkpoint stays)."""
+
+
 def load_target(target: str, base: type, key: str, example: str) -> Any:
     """The subclass of ``base`` a config's ``_target_`` names (``key``: its dotted
     config key, ``example``: a valid target for the message).

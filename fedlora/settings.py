@@ -239,6 +239,9 @@ class FederationSettings(_Section):
     round_timeout: float = field()
     min_replies: int = field()
     max_failed_rounds: int = field()
+    #: seconds a round waits for its nodes; None: no limit (also in settings
+    #: written before the key existed, whose runs waited as long as it took)
+    wait_timeout: float | None = optional()
 
     @property
     def sampled_clients(self) -> int:

@@ -74,6 +74,20 @@ def _problems(s: Settings) -> list[ConfigError]:
             f"cannot exceed federation.num_clients="
             f"{fed.num_clients}; lower it or add clients",
         )
+    wait = fed.wait_timeout
+    need(
+        wait is None
+        or (
+            isinstance(wait, (int, float))
+            and not isinstance(wait, bool)
+            and math.isfinite(wait)
+            and wait > 0
+        ),
+        "federation.wait_timeout",
+        wait,
+        "give the seconds a round may wait for its nodes (a positive number, e.g. "
+        "3600), or null to wait as long as it takes",
+    )
     if is_int(fed.num_clients) and is_int(fed.min_available_clients):
         need(
             fed.min_available_clients <= fed.num_clients,

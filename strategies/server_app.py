@@ -32,7 +32,7 @@ from fedlora.adapters import (
 )
 from fedlora.build import build
 from fedlora.data import server_calibration_examples, server_examples
-from fedlora.errors import ConfigError
+from fedlora.errors import ConfigError, NodesUnavailableError
 from fedlora.lora_sb import gradient_sums
 from fedlora.models import resolve_device
 from fedlora.settings import Settings, with_, with_privacy_defaults
@@ -55,6 +55,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 RESUMABLE = (
     "federation.rounds",
     "federation.round_timeout",
+    "federation.wait_timeout",
     "train.device",
     "simulation",
     "quiet",
@@ -127,6 +128,7 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     previous = ckpt.state["metrics"] if ckpt is not None else []
     elapsed = (previous[-1].get("wall_time") or 0.0) if previous else 0.0
     started = time.perf_counter() - elapsed  # wall_time goes on from the checkpoint
+    saved: list[Path] = [ckpt.path] if ckpt is not None else []  # newest last
 
     # 3. centralised evaluation each round, which also writes the round's metrics
     #    and the round's checkpoint
@@ -160,7 +162,9 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         }
         results.append_metrics(run_dir, row)
         _progress(row, rounds)
-        save_checkpoint(run_dir, server_round, arrays, strategy, plain, run_id)
+        saved.append(
+            save_checkpoint(run_dir, server_round, arrays, strategy, plain, run_id)
+        )
         return MetricRecord({k: v for k, v in metrics.items()})
 
     # 4. the method's initialisation (Fed-SB's init round), or the checkpoint's
@@ -178,39 +182,44 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             device,
         )
 
-    if ckpt is None:
-        initial_arrays = strategy.initialize(
-            grid,
-            state_to_record(initial),
-            get_frozen_state(model),
-            train_config,
-            server_gradient=server_gradient,
+    try:  # a round that cannot get its nodes stops the run, checkpoints kept
+        if ckpt is None:
+            initial_arrays = strategy.initialize(
+                grid,
+                state_to_record(initial),
+                get_frozen_state(model),
+                train_config,
+                server_gradient=server_gradient,
+            )
+        else:
+            prefix = "strategy."
+            strategy.restore_state(
+                {
+                    k[len(prefix) :]: v
+                    for k, v in ckpt.arrays.items()
+                    if k.startswith(prefix)
+                },
+                ckpt.state["strategy"],
+            )
+            method.round_offset = done
+            initial_arrays = state_to_record(ckpt.arrays["global"])
+            checkpoint.set_rng_state(ckpt.arrays["rng"], ckpt.state["rng"])
+            print(
+                f"[fedlora] round {done}/{rounds}: resumed from {ckpt.path}", flush=True
+            )
+        if strategy.frozen:
+            set_frozen_state(model, strategy.frozen)
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=initial_arrays,
+            num_rounds=rounds - done,
+            timeout=float(s.federation.round_timeout),
+            train_config=train_config,
+            evaluate_config=ConfigRecord(dict(train_config)),
+            evaluate_fn=evaluate_fn,
         )
-    else:
-        prefix = "strategy."
-        strategy.restore_state(
-            {
-                k[len(prefix) :]: v
-                for k, v in ckpt.arrays.items()
-                if k.startswith(prefix)
-            },
-            ckpt.state["strategy"],
-        )
-        method.round_offset = done
-        initial_arrays = state_to_record(ckpt.arrays["global"])
-        checkpoint.set_rng_state(ckpt.arrays["rng"], ckpt.state["rng"])
-        print(f"[fedlora] round {done}/{rounds}: resumed from {ckpt.path}", flush=True)
-    if strategy.frozen:
-        set_frozen_state(model, strategy.frozen)
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=initial_arrays,
-        num_rounds=rounds - done,
-        timeout=float(s.federation.round_timeout),
-        train_config=train_config,
-        evaluate_config=ConfigRecord(dict(train_config)),
-        evaluate_fn=evaluate_fn,
-    )
+    except NodesUnavailableError as exc:
+        raise NodesUnavailableError(f"{exc}. {_resume_hint(saved, run_dir)}") from None
 
     # 5. final adapter (PEFT format), summary and plots
     final = (
@@ -281,6 +290,19 @@ def save_checkpoint(
         "metrics": results.read_metrics(run_dir),
     }
     return checkpoint.save(run_dir, server_round, groups, state)
+
+
+def _resume_hint(saved: list[Path], run_dir: Path) -> str:
+    """What a run stopped early leaves to go on from: its newest checkpoint."""
+    if not saved:
+        return (
+            "No round has been checkpointed yet (the run stopped before round 0 "
+            "ended): start it again once the nodes are connected"
+        )
+    return (
+        f"The last checkpoint is {saved[-1]}; once the nodes are back, go on from "
+        f"it with resume={run_dir} (the same overrides otherwise)"
+    )
 
 
 def load_resume_checkpoint(resume: str | Path) -> checkpoint.Checkpoint:

@@ -38,6 +38,7 @@ from fedlora.ranks import RANK_KEY, rank_of
 from fedlora.settings import Settings
 from strategies import replies as checks
 from strategies.holdings import Holdings, fold_bytes
+from strategies.nodes import Snapshot, wait_for_nodes
 from strategies.wire import (
     KEY_ARRAYS,
     KEY_CALIBRATION,
@@ -79,6 +80,10 @@ class LoRAStrategy(FedAvg):
         Usable updates a round needs; with fewer, the global adapter is kept.
     max_failed_rounds : int
         Consecutive rounds below ``min_replies`` after which the run stops.
+    wait_timeout : float or None
+        Seconds a round waits for the nodes it needs before it samples
+        (``federation.wait_timeout``); then it raises
+        :class:`~fedlora.errors.NodesUnavailableError`. None: no limit, as Flower.
     **fedavg_kwargs
         Flower's FedAvg sampling settings (``fraction_train``, ``min_train_nodes``...).
 
@@ -105,10 +110,12 @@ class LoRAStrategy(FedAvg):
         scaling: float = 1.0,
         min_replies: int = 1,
         max_failed_rounds: int = 3,
+        wait_timeout: float | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(**fedavg_kwargs)
         self.method = method
+        self.wait_timeout = None if wait_timeout is None else float(wait_timeout)
         self.optimizer = optimizer or server_opt.NoOptimizer()
         self.scaling = float(scaling)
         self.min_replies, self.max_failed_rounds = int(min_replies), max_failed_rounds
@@ -140,6 +147,7 @@ class LoRAStrategy(FedAvg):
             scaling=settings.adapter.scaling,
             min_replies=fed.min_replies,
             max_failed_rounds=fed.max_failed_rounds,
+            wait_timeout=fed.wait_timeout,
             fraction_train=fed.fraction_train,
             fraction_evaluate=fed.fraction_evaluate,
             min_train_nodes=fed.min_train_clients,
@@ -207,6 +215,8 @@ class LoRAStrategy(FedAvg):
         method = self.method
         if self.begin_round(server_round, record_to_state(arrays)):
             arrays = state_to_record(self.sent)
+        if self.fraction_train > 0:
+            grid = self._wait(grid, self.min_train_nodes, f"round {server_round}")
         messages = list(super().configure_train(server_round, arrays, config, grid))
         if method.accepts_client_ranks:
             messages = self._at_ranks(messages, arrays, self.sent)
@@ -281,6 +291,9 @@ class LoRAStrategy(FedAvg):
         round, so their measured bytes, ``bytes_down_folds_eval``, count in the
         round's ``bytes_down``)."""
         server_round += self.round_offset
+        if self.fraction_evaluate > 0:
+            what = f"round {server_round} (evaluate)"
+            grid = self._wait(grid, self.min_evaluate_nodes, what)
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         if self.method.accepts_client_ranks:
             messages = self._at_ranks(messages, arrays)
@@ -595,11 +608,20 @@ class LoRAStrategy(FedAvg):
         )
         return False
 
+    def _wait(self, grid: Grid, min_sampled: int, what: str) -> Any:
+        """Wait, at most :attr:`wait_timeout` seconds, until the nodes Flower's
+        sampling would wait for are connected (``min_available_nodes``, and at
+        least ``min_sampled``); return the grid as the wait found it."""
+        needed = max(self.min_available_nodes, min_sampled)
+        nodes = wait_for_nodes(grid, needed, self.wait_timeout, what=what)
+        return Snapshot(grid, nodes)
+
     def _gradient_round(self, grid: Grid, config: ConfigRecord, n: int) -> State:
         """An init round: every node sends its gradient sums over its first ``n``
         examples; returns their sum. Its traffic is reported as round 0."""
+        snapshot = self._wait(grid, 1, f"{self.name} init round")
         node_ids, _ = sample_nodes(
-            grid, self.min_available_nodes, len(list(grid.get_node_ids()))
+            snapshot, self.min_available_nodes, len(snapshot.get_node_ids())
         )
         content = RecordDict(
             {

@@ -65,6 +65,16 @@ def test_min_available_clients_sets_the_nodes_a_round_waits_for(option):
     assert LoRAStrategy.from_settings(typed).min_available_nodes == 2
 
 
+def test_wait_timeout_sets_the_strategys_deadline_and_null_means_none():
+    def deadline(*overrides: str) -> float | None:
+        typed = Settings.from_dict(settings(compose(list(overrides))))
+        return LoRAStrategy.from_settings(typed).wait_timeout
+
+    assert deadline() == 3600
+    assert deadline("federation.wait_timeout=90.5") == 90.5
+    assert deadline("federation.wait_timeout=null") is None
+
+
 def test_unknown_strategy_lists_the_options():
     with pytest.raises(MissingConfigException, match="fedavg_lora"):
         compose(["strategy=fedsgd"])
@@ -78,6 +88,11 @@ def test_unknown_strategy_lists_the_options():
         ("federation.min_available_clients=9", "federation.min_available_clients"),
         ("federation.min_available_clients=0", "federation.min_available_clients"),
         ("federation.fraction_train=1.5", "federation.fraction_train"),
+        ("federation.wait_timeout=0", "federation.wait_timeout"),
+        ("federation.wait_timeout=-60", "federation.wait_timeout"),
+        ("federation.wait_timeout=true", "federation.wait_timeout"),
+        ("federation.wait_timeout=soon", "federation.wait_timeout"),
+        ("federation.wait_timeout=inf", "federation.wait_timeout"),
         ("train.lr=-1", "train.lr"),
         ("adapter.target_modules=[]", "adapter.target_modules"),
         ("partition.type=zipf", "partition.type"),
