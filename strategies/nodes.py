@@ -25,6 +25,7 @@ def wait_for_nodes(
     timeout: float | None,
     *,
     what: str,
+    keys: str = "federation.min_available_clients",
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
     poll: float = 1.0,
@@ -40,7 +41,9 @@ def wait_for_nodes(
     timeout : float or None
         Seconds to wait at most (``federation.wait_timeout``); None: no limit.
     what : str
-        What waits, for the messages (``"round 3 (train)"``).
+        What waits, for the messages (``"round 3"``).
+    keys : str
+        The settings that ask for ``needed`` nodes, for the error's fix.
     clock, sleep, poll
         The clock and the pause between two counts (seconds), for tests.
 
@@ -63,9 +66,8 @@ def wait_for_nodes(
                 f"{what}: {len(nodes)} of the {needed} nodes it needs were connected "
                 f"for {waited:.0f} s, longer than federation.wait_timeout="
                 f"{timeout:g}; stopping the run. Start the missing SuperNodes and "
-                "resume, or lower federation.min_available_clients (rounds then go "
-                "on with fewer nodes), or raise federation.wait_timeout (null: wait "
-                "as long as it takes)"
+                f"resume, or lower {keys} (rounds then go on with fewer nodes), or "
+                "raise federation.wait_timeout (null: wait as long as it takes)"
             )
         if not warned:
             log.warning(

@@ -613,7 +613,18 @@ class LoRAStrategy(FedAvg):
         sampling would wait for are connected (``min_available_nodes``, and at
         least ``min_sampled``); return the grid as the wait found it."""
         needed = max(self.min_available_nodes, min_sampled)
-        nodes = wait_for_nodes(grid, needed, self.wait_timeout, what=what)
+        keys = [  # the settings that ask for that many (min_train_clients sets both
+            # min_train_nodes and min_evaluate_nodes)
+            key
+            for key, n in (
+                ("federation.min_available_clients", self.min_available_nodes),
+                ("federation.min_train_clients", min_sampled),
+            )
+            if n == needed
+        ]
+        nodes = wait_for_nodes(
+            grid, needed, self.wait_timeout, what=what, keys=" and ".join(keys)
+        )
         return Snapshot(grid, nodes)
 
     def _gradient_round(self, grid: Grid, config: ConfigRecord, n: int) -> State:

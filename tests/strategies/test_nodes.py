@@ -4,6 +4,8 @@ of waiting for ever as Flower's own sampling does."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord
@@ -98,9 +100,13 @@ def flower_never_waits(monkeypatch: pytest.MonkeyPatch) -> None:
 GLOBAL = state_to_record({"l.lora_A.weight": np.ones((2, 4), np.float32)})
 
 
-def strategy(**kwargs) -> LoRAStrategy:
+def strategy(available: int = 3, sampled: int = 2, **kwargs) -> LoRAStrategy:
     return LoRAStrategy(
-        FedAvgLoRA(), min_available_nodes=3, min_train_nodes=2, **kwargs
+        FedAvgLoRA(),
+        min_available_nodes=available,
+        min_train_nodes=sampled,
+        min_evaluate_nodes=sampled,
+        **kwargs,
     )
 
 
@@ -113,6 +119,22 @@ def test_a_round_without_its_nodes_stops_after_the_deadline(
         s.configure_train(1, GLOBAL, ConfigRecord(), Grid([11, 12]))
     with pytest.raises(NodesUnavailableError, match=r"^round 3 \(evaluate\): 2 of"):
         s.configure_evaluate(1, GLOBAL, ConfigRecord(), Grid([11, 12]))
+
+
+@pytest.mark.parametrize(
+    "available,sampled,fix",
+    [
+        (3, 2, "lower federation.min_available_clients (rounds"),
+        (1, 3, "lower federation.min_train_clients (rounds"),
+        (3, 3, "lower federation.min_available_clients and "),
+    ],
+)
+def test_the_error_names_the_settings_that_ask_for_the_nodes(
+    task_identity, flower_never_waits, available, sampled, fix
+):
+    s = strategy(available, sampled, wait_timeout=0.1)
+    with pytest.raises(NodesUnavailableError, match=re.escape(fix)):
+        s.configure_train(1, GLOBAL, ConfigRecord(), Grid([11]))
 
 
 def test_a_round_samples_the_nodes_its_wait_found(task_identity, flower_never_waits):
