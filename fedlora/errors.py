@@ -32,7 +32,17 @@ class StateMismatchError(FedLoraError, ValueError):
 
 class NodesUnavailableError(FedLoraError, RuntimeError):
     """Too few nodes were connected for longer than ``federation.wait_timeout``:
-    the round could not begin, and the run stops (its last checkpoint stays)."""
+    the round could not begin, and the run stops (its last checkpoint stays).
+
+    Attributes
+    ----------
+    connected, needed : int
+        The nodes connected at the deadline, and the nodes the round needed.
+    """
+
+    def __init__(self, message: str, connected: int, needed: int) -> None:
+        super().__init__(message)
+        self.connected, self.needed = connected, needed
 
 
 def load_target(target: str, base: type, key: str, example: str) -> Any:

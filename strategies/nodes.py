@@ -67,7 +67,9 @@ def wait_for_nodes(
                 f"for {waited:.0f} s, longer than federation.wait_timeout="
                 f"{timeout:g}; stopping the run. Start the missing SuperNodes and "
                 f"resume, or lower {keys} (rounds then go on with fewer nodes), or "
-                "raise federation.wait_timeout (null: wait as long as it takes)"
+                "raise federation.wait_timeout (null: wait as long as it takes)",
+                len(nodes),
+                needed,
             )
         if not warned:
             log.warning(

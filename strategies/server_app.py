@@ -219,7 +219,10 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             evaluate_fn=evaluate_fn,
         )
     except NodesUnavailableError as exc:
-        raise NodesUnavailableError(f"{exc}. {_resume_hint(saved, run_dir)}") from None
+        hint = _resume_hint(saved, run_dir)
+        raise NodesUnavailableError(
+            f"{exc}. {hint}", exc.connected, exc.needed
+        ) from None
 
     # 5. final adapter (PEFT format), summary and plots
     final = (

@@ -32,6 +32,7 @@ from fedlora.adapters import frozen_digest, lora_layers, module_name
 from fedlora.base_delta import BaseDelta, Fold, FoldLog
 from fedlora.comm import num_parameters
 from fedlora.diagnostics import aggregation_error, frozen_triangles, shared_factor_error
+from fedlora.errors import NodesUnavailableError
 from fedlora.heterogeneous import hetero_aggregation_error, stack
 from fedlora.methods import InitInputs, Method, from_settings
 from fedlora.ranks import RANK_KEY, rank_of
@@ -289,11 +290,23 @@ class LoRAStrategy(FedAvg):
         (the global state at its rank to a node whose rank is known; and the
         base-weight folds each node lacks: a node keeps them for its next training
         round, so their measured bytes, ``bytes_down_folds_eval``, count in the
-        round's ``bytes_down``)."""
+        round's ``bytes_down``). Without its nodes by :attr:`wait_timeout`, the
+        round skips federated evaluation (which never changes the global adapter)
+        rather than stop the run: its training is kept and checkpointed, and the
+        next round's wait stops the run if the nodes are still missing."""
         server_round += self.round_offset
         if self.fraction_evaluate > 0:
             what = f"round {server_round} (evaluate)"
-            grid = self._wait(grid, self.min_evaluate_nodes, what)
+            try:
+                grid = self._wait(grid, self.min_evaluate_nodes, what)
+            except NodesUnavailableError as exc:
+                skipped = (
+                    f"{exc.connected} of the {exc.needed} nodes it needs were "
+                    f"connected at federation.wait_timeout={self.wait_timeout:g} s"
+                )
+                log.warning("%s: %s; no federated evaluation", what, skipped)
+                self.round_log.setdefault(server_round, {})["eval_skipped"] = skipped
+                return []
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         if self.method.accepts_client_ranks:
             messages = self._at_ranks(messages, arrays)

@@ -117,8 +117,20 @@ def test_a_round_without_its_nodes_stops_after_the_deadline(
     s.round_offset = 2  # a resumed run: the message names the real round
     with pytest.raises(NodesUnavailableError, match=r"^round 3: 2 of the 3 nodes"):
         s.configure_train(1, GLOBAL, ConfigRecord(), Grid([11, 12]))
-    with pytest.raises(NodesUnavailableError, match=r"^round 3 \(evaluate\): 2 of"):
-        s.configure_evaluate(1, GLOBAL, ConfigRecord(), Grid([11, 12]))
+
+
+def test_an_evaluation_without_its_nodes_is_skipped_keeping_the_round(
+    task_identity, flower_never_waits
+):
+    """Federated evaluation never changes the global adapter: past the deadline
+    the round goes on without it (and is checkpointed), and says so in its row."""
+    s = strategy(wait_timeout=0.2)
+    assert s.configure_evaluate(1, GLOBAL, ConfigRecord(), Grid([11, 12])) == []
+    assert s.round_log[1]["eval_skipped"] == (
+        "2 of the 3 nodes it needs were connected at federation.wait_timeout=0.2 s"
+    )
+    messages = s.configure_evaluate(2, GLOBAL, ConfigRecord(), Grid([11, 12, 13]))
+    assert len(messages) == 3 and "eval_skipped" not in s.round_log.get(2, {})
 
 
 @pytest.mark.parametrize(
