@@ -3,7 +3,8 @@ the simulation runs, on 127.0.0.1 and across network namespaces with TLS and
 SuperNode authentication; each final adapter must equal the simulation's. Also: nodes
 without a registered key or without the CA are refused, a failed run is reported, a
 SuperNode killed mid-round costs that round one reply (the run goes on without it, or
-with it again once restarted), and no process outlives the launcher."""
+with it again once restarted, or ends after ``federation.wait_timeout`` when the
+round after needs it), and no process outlives the launcher."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from deploy import launch as deploy
+from fedlora import checkpoint
 from tests.conftest import REPO
 from tests.deploy.test_deploy import leftovers
 
@@ -358,6 +361,74 @@ def test_deploy_a_restarted_supernode_rejoins(tiny_bert, tmp_path):
     assert len(ids) == 2 and ids[0] != ids[1]  # a new node id for the same partition
     assert log.count("Receiving: train message") == 3  # rounds 1, 2 (lost) and 3
     assert summary["rounds"] == 3 and summary["failures"] == 1
+
+
+WAIT = 20  # federation.wait_timeout of the drill below, seconds
+
+
+def test_deploy_wait_timeout_ends_the_run(tiny_bert, tmp_path):
+    """2 SuperNodes over gRPC with TLS, 3 rounds, ``federation.wait_timeout=20``.
+    SIGKILL supernode-1 once it has taken round 1's train message and never restart
+    it: round 1 aggregates node 0's update (node 1: ``Node Unavailable``) and is
+    checkpointed; round 2 waits for its 2 nodes with 1 connected. 20 s later the run
+    ends ``finished:failed`` with an error naming the key and the checkpoint to
+    resume from (instead of waiting for ever), and no process outlives it."""
+    work, out = tmp_path / "work", tmp_path / "run"
+    seen: dict[str, float] = {}
+
+    def watch(services: deploy.Services, lines: list[str]) -> None:
+        if "kill" not in seen and received(services, "supernode-1") == 1:
+            services.kill("supernode-1")
+            seen["kill"] = time.monotonic()
+        if "wait" not in seen and any("waiting for the rest" in x for x in lines):
+            seen["wait"] = time.monotonic()  # round 2 began to wait (as logged)
+
+    try:
+        with pytest.raises(RuntimeError, match="ended finished:failed") as info:
+            deploy.deploy(
+                [
+                    f"model.name={tiny_bert}",
+                    "federation.num_clients=2",
+                    "federation.min_train_clients=2",
+                    "federation.rounds=3",
+                    f"federation.wait_timeout={WAIT}",
+                    *TASK,
+                    *NO_FEDERATED_EVAL,
+                ],
+                deploy.Plan(work, 2, tls=True),
+                out,
+                timeout=600,
+                watch=watch,
+            )
+        ended = time.monotonic()  # the run has ended and every service is stopped
+    finally:
+        left = leftovers(work)
+        for line in left:
+            os.kill(int(line.split()[0]), signal.SIGKILL)
+    assert left == [], f"processes outlived the launcher: {left}"
+    assert "kill" in seen and "wait" in seen
+    ckpt = checkpoint.load_latest(out)
+    assert ckpt is not None and ckpt.round == 1
+    error = str(info.value)
+    assert (
+        f"NodesUnavailableError: round 2: 1 of the 2 nodes it needs were connected "
+        f"for {WAIT} s, longer than federation.wait_timeout={WAIT}; stopping the run"
+    ) in error
+    assert "lower federation.min_available_clients and federation.min_train_c" in error
+    assert f"The last checkpoint is {ckpt.path};" in error
+    assert f"resume={out}" in error
+    metrics = rows(out)
+    assert [r["round"] for r in metrics] == [0, 1]
+    assert (metrics[1]["clients"], metrics[1]["failures"]) == (1, 1)
+    assert NODE_UNAVAILABLE in metrics[1]["failure_reasons"][0]["reason"]
+    assert not (out / "summary.json").exists()  # the run did not complete
+    assert "Starting Fleet API (gRPC-rere)" in (work / "superlink.log").read_text()
+    assert "insecure" not in (work / "supernode-0.log").read_text().lower()  # TLS
+    # from the deadline (as logged; the log arrives a little late) to every
+    # process stopped
+    after = ended - seen["wait"] - WAIT
+    print(f"[wait_timeout drill] ended {after:.1f} s after the deadline")
+    assert after < 120
 
 
 def ip(*args: str) -> None:
