@@ -643,7 +643,7 @@ class LoRAStrategy(FedAvg):
     def _gradient_round(self, grid: Grid, config: ConfigRecord, n: int) -> State:
         """An init round: every node sends its gradient sums over its first ``n``
         examples; returns their sum. Its traffic is reported as round 0."""
-        snapshot = self._wait(grid, 1, f"{self.name} init round")
+        snapshot = self._wait(grid, 0, f"{self.name} init round")  # all it finds
         node_ids, _ = sample_nodes(
             snapshot, self.min_available_nodes, len(snapshot.get_node_ids())
         )

@@ -13,6 +13,7 @@ from flwr.app import ConfigRecord
 from fedlora import checkpoint
 from fedlora.errors import NodesUnavailableError
 from fedlora.methods.fedavg_lora import FedAvgLoRA
+from fedlora.methods.fedsb import FedSB
 from strategies.nodes import wait_for_nodes
 from strategies.strategy import LoRAStrategy
 from strategies.wire import state_to_record
@@ -147,6 +148,15 @@ def test_the_error_names_the_settings_that_ask_for_the_nodes(
     s = strategy(available, sampled, wait_timeout=0.1)
     with pytest.raises(NodesUnavailableError, match=re.escape(fix)):
         s.configure_train(1, GLOBAL, ConfigRecord(), Grid([11]))
+
+
+def test_fedsbs_init_round_waits_with_the_deadline_too(flower_never_waits):
+    s = LoRAStrategy(FedSB(init="federated_gradient"), wait_timeout=0.1)
+    s.min_available_nodes = 1
+    with pytest.raises(NodesUnavailableError) as info:
+        s._gradient_round(Grid([]), ConfigRecord(), 4)
+    assert str(info.value).startswith("fedsb init round: 0 of the 1 nodes")
+    assert "lower federation.min_available_clients (rounds" in str(info.value)
 
 
 def test_a_round_samples_the_nodes_its_wait_found(task_identity, flower_never_waits):
