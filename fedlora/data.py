@@ -183,6 +183,44 @@ def check_columns(table: pd.DataFrame, data: DataSettings, task: str) -> None:
             )
 
 
+def check_labels(table: pd.DataFrame, data: DataSettings, num_labels: int) -> None:
+    """Raise ConfigError unless every value of the label column (classification)
+    is a class index in ``0..num_labels-1``, as the model's head expects."""
+    column = data.label_column
+    values = pd.to_numeric(table[column], errors="coerce")
+    whole = values.notna() & (values == values.round())
+    if not whole.all():
+        bad = table[column][~whole].unique()[:5].tolist()
+        raise ConfigError(
+            "data.label_column",
+            column,
+            f"holds values that are not class indices (e.g. {bad}); point it at a "
+            f"column of whole numbers 0..{num_labels - 1}",
+        )
+    outside = sorted({int(v) for v in values if not 0 <= v < num_labels})
+    if outside:
+        fix = (
+            "negative labels cannot be trained on (an unlabelled split?); "
+            f"map them to 0..{num_labels - 1}"
+            if outside[0] < 0
+            else f"set model.num_labels={outside[-1] + 1} or map the labels to "
+            f"0..{num_labels - 1}"
+        )
+        raise ConfigError(
+            "model.num_labels",
+            num_labels,
+            f"the data's {column!r} column holds labels {outside[:5]} outside "
+            f"0..{num_labels - 1}; {fix}",
+        )
+
+
+def check_table(table: pd.DataFrame, s: Settings) -> None:
+    """:func:`check_columns`, then (classification) :func:`check_labels`."""
+    check_columns(table, s.data, s.model.task)
+    if s.model.task == "seq_cls":
+        check_labels(table, s.data, int(s.model.num_labels))
+
+
 # ---------------------------------------------------------------------- partitioning
 def partition_indices(
     labels: np.ndarray, num_partitions: int, part: PartitionSettings
@@ -388,25 +426,38 @@ def _partitioned(
     )
     if key not in _PARTITIONED:
         train, _ = load_splits(s.data)
-        check_columns(train, s.data, s.model.task)
-        labels = (
-            train[s.data.label_column].to_numpy()
-            if s.data.label_column in train.columns
-            else np.zeros(len(train), dtype=int)
-        )
+        parts = partition_table(train, s, num_partitions)
         _PARTITIONED.clear()  # one experiment per process at a time
-        _PARTITIONED[key] = (
-            train,
-            partition_indices(labels, num_partitions, s.partition),
-        )
+        _PARTITIONED[key] = (train, parts)
     return _PARTITIONED[key]
+
+
+def partition_table(
+    train: pd.DataFrame, s: Settings, num_partitions: int
+) -> list[np.ndarray]:
+    """Every client's row indices in the training table, after checking its
+    columns (and its labels, for classification).
+
+    Raises
+    ------
+    ConfigError
+        A missing column, a label the model's head cannot take, more clients than
+        the data can serve (see :func:`partition_indices`).
+    """
+    check_table(train, s)
+    labels = (
+        train[s.data.label_column].to_numpy()
+        if s.data.label_column in train.columns
+        else np.zeros(len(train), dtype=int)
+    )
+    return partition_indices(labels, num_partitions, s.partition)
 
 
 def server_examples(settings: Settings, tokenizer: Any) -> list[Example]:
     """The held-out split for the server's centralised evaluation, tokenised."""
     s = settings
     _, evals = load_splits(s.data)
-    check_columns(evals, s.data, s.model.task)
+    check_table(evals, s)
     return tokenise(evals, tokenizer, s.data, s.model.task, int(s.train.max_length))
 
 

@@ -261,7 +261,13 @@ def validate(plain: Mapping[str, Any] | Settings) -> Settings:
         listed in one report.
     """
     s = plain if isinstance(plain, Settings) else Settings.from_dict(plain)
-    problems = _problems(s)
+    raise_problems(_problems(s))
+    return s
+
+
+def raise_problems(problems: list[ConfigError]) -> None:
+    """Raise ``problems`` as one ConfigError (the first, the others listed below
+    it, one a line); nothing when there are none."""
     if len(problems) == 1:
         raise problems[0]
     if problems:
@@ -270,4 +276,3 @@ def validate(plain: Mapping[str, Any] | Settings) -> Settings:
             problems[0].found,
             problems[0].fix + "\n" + "\n".join(f"  {p}" for p in problems[1:]),
         )
-    return s
