@@ -8,10 +8,12 @@ in a deployment, its data location ``data-dir``, where tokenised partitions are 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ import torch
 from flwr.app import (
     ConfigRecord,
     Context,
+    Error,
     Message,
     MessageType,
     MetricRecord,
@@ -49,6 +52,7 @@ from fedlora.settings import Settings
 from fedlora.train import evaluate as evaluate_model
 from fedlora.train import train_local
 from strategies.wire import (
+    ERROR_CONFIG,
     KEY_ARRAYS,
     KEY_BASE,
     KEY_BASE_FROM,
@@ -261,7 +265,28 @@ def _cache_dir(context: Context) -> str | None:
     return f"{data_dir}/cache" if data_dir else None
 
 
+Handler = Callable[[Message, Context], Message]
+
+
+def config_errors_reply(handler: Handler) -> Handler:
+    """``handler``, replying to a ConfigError with an error reply (code
+    :data:`~strategies.wire.ERROR_CONFIG`, the error's message as its reason)
+    rather than raising it: no traceback per client, and the strategy stops the
+    run with that message when too few usable updates come back."""
+
+    @functools.wraps(handler)
+    def serve(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except ConfigError as exc:
+            log.debug("configuration error, replied to the server: %s", exc)
+            return Message(Error(code=ERROR_CONFIG, reason=str(exc)), reply_to=msg)
+
+    return serve
+
+
 @app.train()
+@config_errors_reply
 def train(msg: Message, context: Context) -> Message:
     """Train the global adapter on this node's partition; reply with trained parts."""
     cfg, method, model, tokenizer, device, pid, num_parts = _setup(msg, context)
@@ -272,6 +297,12 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content[KEY_CONFIG][KEY_ROUND])
     if cfg.faults is not None and cfg.faults.raises(pid, server_round):
         raise RuntimeError(f"injected fault: partition {pid}, round {server_round}")
+    if cfg.faults is not None and cfg.faults.config_error_round == server_round:
+        raise ConfigError(
+            "faults.config_error_round",
+            server_round,
+            "an injected configuration error (a drill); drop +faults.*",
+        )
     # the public seed drives the data order of plain training; never DP noise
     seed = int(cfg.federation.seed) * 100_003 + server_round * 1_009 + pid
     if cfg.privacy.mode == "dp_sgd":
@@ -441,6 +472,7 @@ def _gradient_reply(
 
 
 @app.evaluate()
+@config_errors_reply
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global adapter on this node's held-out slice."""
     cfg, _, model, tokenizer, device, pid, num_parts = _setup(msg, context)

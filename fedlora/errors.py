@@ -26,6 +26,31 @@ class ConfigError(FedLoraError, ValueError):
         super().__init__(f"{key}={found!r}: {fix}")
 
 
+class ClientConfigError(FedLoraError):
+    """The clients of a round reported configuration errors (a ConfigError each
+    raised) and too few usable updates came back: the run stops at once.
+
+    Parameters
+    ----------
+    server_round : int
+        The round whose replies carried the errors.
+    reasons : list of str
+        Each failing client's message (``key=value: fix``), duplicates included.
+    replies : int
+        How many replies the round received.
+    """
+
+    def __init__(self, server_round: int, reasons: list[str], replies: int) -> None:
+        self.server_round, self.reasons, self.replies = server_round, reasons, replies
+        distinct = list(dict.fromkeys(reasons))
+        others = len(distinct) - 1
+        more = f" (and {others} other message{'s' * (others > 1)})" if others else ""
+        super().__init__(
+            f"{distinct[0]}{more} [reported by {len(reasons)} of {replies} clients "
+            f"in round {server_round}; the run stopped]"
+        )
+
+
 class StateMismatchError(FedLoraError, ValueError):
     """An adapter state does not fit the model (missing/extra keys, wrong shapes)."""
 

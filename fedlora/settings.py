@@ -333,6 +333,9 @@ class FaultSettings(_Section):
     #: (a restarted node in a simulation)
     forget_partition: int | None = optional()
     forget_round: int | None = optional()
+    #: every client raises a ConfigError in this round (a configuration error
+    #: only the clients can see, as a deployed node's own data could give)
+    config_error_round: int | None = optional()
 
     def raises(self, partition: int, server_round: int) -> bool:
         """Whether ``partition``'s client is to fail in ``server_round``."""

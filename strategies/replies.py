@@ -15,6 +15,7 @@ from flwr.app import Message
 from fedlora.adapters import FROZEN_CRC_KEY, FROZEN_DIFFER, FROZEN_MISSING
 from fedlora.updates import check_update, update_norm_outliers
 from strategies.wire import (
+    ERROR_CONFIG,
     KEY_ARRAYS,
     KEY_BASE_ROUND,
     KEY_CONFIG,
@@ -59,11 +60,25 @@ def failures(
                 "time": now,
             }
         )
-    for failure in out:
-        log.warning(
-            "aggregate_train: node %s failed: %s", failure["node"], failure["reason"]
-        )
+    by_reason: dict[str, list[Any]] = {}
+    for failure in out:  # one line per reason, however many nodes gave it
+        by_reason.setdefault(failure["reason"], []).append(failure["node"])
+    for reason, nodes in by_reason.items():
+        if len(nodes) == 1:
+            log.warning("aggregate_train: node %s failed: %s", nodes[0], reason)
+        else:
+            log.warning("aggregate_train: %s nodes failed: %s", len(nodes), reason)
     return out
+
+
+def config_errors(replies: list[Message]) -> list[str]:
+    """The message of every error reply a client sent for a configuration error
+    (code :data:`~strategies.wire.ERROR_CONFIG`), one per reply."""
+    return [
+        str(m.error.reason)
+        for m in replies
+        if m.has_error() and m.error.code == ERROR_CONFIG
+    ]
 
 
 def is_declined(msg: Message) -> bool:

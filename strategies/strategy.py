@@ -32,7 +32,7 @@ from fedlora.adapters import frozen_digest, lora_layers, module_name
 from fedlora.base_delta import BaseDelta, Fold, FoldLog
 from fedlora.comm import num_parameters
 from fedlora.diagnostics import aggregation_error, frozen_triangles, shared_factor_error
-from fedlora.errors import NodesUnavailableError
+from fedlora.errors import ClientConfigError, NodesUnavailableError
 from fedlora.heterogeneous import hetero_aggregation_error, stack
 from fedlora.methods import InitInputs, Method, from_settings
 from fedlora.ranks import RANK_KEY, rank_of
@@ -263,12 +263,15 @@ class LoRAStrategy(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check the replies, aggregate the usable updates with the method, record
         the round. Error replies count as failures; replies without arrays are
-        clients that declined (privacy budget); malformed updates are rejected."""
+        clients that declined (privacy budget); malformed updates are rejected.
+        Clients' configuration errors that leave too few usable updates stop the
+        run (:class:`~fedlora.errors.ClientConfigError`)."""
         started = time.perf_counter()
         server_round += self.round_offset
         entry = self.round_log.setdefault(server_round, {})
-        accepted = self._screen(server_round, list(replies), entry)
-        if not self._enough(server_round, len(accepted.states)):
+        replies = list(replies)
+        accepted = self._screen(server_round, replies, entry)
+        if not self._enough(server_round, len(accepted.states), replies):
             return None, None
         method, states = self.method, accepted.states
         weights = method.weights([c[KEY_NUM_EXAMPLES] for c in accepted.metrics])
@@ -327,9 +330,12 @@ class LoRAStrategy(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """FedAvg's weighted mean of client evaluations, also kept in round_log,
-        with the clients' summed evaluation time (``client_eval_time``)."""
+        with the clients' summed evaluation time (``client_eval_time``); stops
+        the run when every reply is an error and some are configuration errors."""
         server_round += self.round_offset
         replies = list(replies)
+        if all(m.has_error() for m in replies):
+            self._stop_on_config_errors(server_round, replies)
         if self.method.folds_into_base:  # who now holds the folds sent
             self.holdings.after_evaluate(replies)
         metrics = super().aggregate_evaluate(server_round, replies)
@@ -598,11 +604,14 @@ class LoRAStrategy(FedAvg):
         """The rank the server knows each message's node to train (None: unknown)."""
         return [self.holdings.ranks.get(m.metadata.dst_node_id) for m in messages]
 
-    def _enough(self, server_round: int, usable: int) -> bool:
-        """Whether ``usable`` updates make a round; stop after too many that don't."""
+    def _enough(self, server_round: int, usable: int, replies: list[Message]) -> bool:
+        """Whether ``usable`` updates make a round; stop after too many that don't,
+        and at once when clients' configuration errors are among the ``replies``
+        (a node's own bad setting alone does not stop a run its peers carry)."""
         if usable >= max(self.min_replies, 1):
             self.failed_rounds = 0
             return True
+        self._stop_on_config_errors(server_round, replies)
         self.failed_rounds += 1
         if self.failed_rounds >= self.max_failed_rounds:
             raise RuntimeError(
@@ -640,6 +649,13 @@ class LoRAStrategy(FedAvg):
         )
         return Snapshot(grid, nodes)
 
+    def _stop_on_config_errors(self, server_round: int, replies: list[Message]) -> None:
+        """Raise :class:`~fedlora.errors.ClientConfigError` with the clients'
+        messages when any of ``replies`` is a configuration error."""
+        reasons = checks.config_errors(replies)
+        if reasons:
+            raise ClientConfigError(server_round, reasons, len(replies))
+
     def _gradient_round(self, grid: Grid, config: ConfigRecord, n: int) -> State:
         """An init round: every node sends its gradient sums over its first ``n``
         examples; returns their sum. Its traffic is reported as round 0."""
@@ -663,8 +679,10 @@ class LoRAStrategy(FedAvg):
             Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
             for node in node_ids
         ]
-        replies = [m for m in grid.send_and_receive(messages) if not m.has_error()]
+        answers = list(grid.send_and_receive(messages))
+        replies = [m for m in answers if not m.has_error()]
         if not replies:
+            self._stop_on_config_errors(0, answers)
             raise RuntimeError(
                 f"{self.name} init round: no client returned its gradient; see the "
                 "client logs, or use strategy.init=random_orthogonal"

@@ -22,6 +22,10 @@ KEY_PARTITION = "partition-id"  # in every reply's metrics: the client's partiti
 KEY_EPSILON = "epsilon"  # DP-SGD: the privacy a client has spent (its metrics)
 KEY_DECLINED = "declined"  # a reply's metric: the client sat the round out
 KEY_REASON = "reason"  # a declined reply's config: why
+#: the error code of a client's reply when a configuration error (a ConfigError)
+#: kept it from serving the message; the error's reason is its message. Flower's
+#: own codes (``flwr.common.constant.ErrorCode``) are single digits
+ERROR_CONFIG = 4001
 
 
 def state_to_record(state: dict[str, np.ndarray]) -> ArrayRecord:
