@@ -24,7 +24,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from clients.client_app import app as client_app
-from fedlora.errors import ConfigError
+from fedlora.errors import ClientConfigError, ConfigError
+from fedlora.preflight import preflight
 from fedlora.privacy import CLIENT_DIR_ENV
 from fedlora.settings import Settings
 from fedlora.validate import validate
@@ -95,20 +96,25 @@ def simulate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> float | None:
-    """Run one experiment; returns the final server accuracy (for sweepers)."""
-    # 1. check the configuration before any work
-    #    (a resumed run: the checkpoint's settings, more rounds allowed)
+    """Run one experiment; returns the final server accuracy (for sweepers).
+
+    A configuration error, found before the run or reported by the clients during
+    it, ends it with one line on stderr and exit status 2 (no traceback)."""
     try:
+        # 1. check the configuration before any work (a resumed run: the
+        #    checkpoint's settings, more rounds allowed), then the model's modules
+        #    and the data the simulated clients will read
         if validate(settings(cfg)).resume:
             cfg = resume_config(cfg, list(HydraConfig.get().overrides.task))
-    except ConfigError as exc:
+        preflight(Settings.from_dict(settings(cfg)), data=True)
+        # 2. the run directory is Hydra's output directory
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        print(f"[fedlora] run directory: {run_dir}", flush=True)
+        # 3. simulate and report
+        summary = simulate(cfg, run_dir)
+    except (ConfigError, ClientConfigError) as exc:
         print(f"[fedlora] configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    # 2. the run directory is Hydra's output directory
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    print(f"[fedlora] run directory: {run_dir}", flush=True)
-    # 3. simulate and report
-    summary = simulate(cfg, run_dir)
     print("[fedlora] summary: " + json.dumps(summary), flush=True)
     return summary.get("final_eval_accuracy")
 
