@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Error, Message, RecordDict
 
 from fedlora.errors import ClientConfigError
-from strategies.wire import KEY_CONFIG, KEY_EXPERIMENT
+from fedlora.methods.fedavg_lora import FedAvgLoRA
+from strategies.strategy import LoRAStrategy
+from strategies.wire import ERROR_CONFIG, KEY_CONFIG, KEY_EXPERIMENT
 from tests.fedlora.methods.test_methods import (  # noqa: F401 - fixtures
     client_frozen,
     experiment,
@@ -70,3 +72,14 @@ def test_one_node_with_a_config_error_does_not_stop_its_peers(
     assert log["clients"] == 2 and log["failures"] == 1
     (failure,) = log["failure_reasons"]
     assert failure["node"] == 2 and failure["reason"].startswith(NO_COLUMN)
+
+
+def test_config_errors_in_every_evaluation_reply_stop_the_run(task_identity):
+    strategy = LoRAStrategy(FedAvgLoRA(), min_available_nodes=1)
+    replies = []
+    for node, code in ((1, ERROR_CONFIG), (2, 2)):  # 2: Flower's "client raised"
+        sent = Message(content=RecordDict(), dst_node_id=node, message_type="evaluate")
+        replies.append(Message(Error(code=code, reason=f"bad {node}"), reply_to=sent))
+    with pytest.raises(ClientConfigError, match=r"^bad 1 \[reported by 1 of 2 "):
+        strategy.aggregate_evaluate(1, replies)
+    assert strategy.aggregate_evaluate(1, replies[1:]) is None  # no config error
