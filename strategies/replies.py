@@ -26,7 +26,7 @@ from strategies.wire import (
     KEY_PARTITION,
     KEY_RANK,
     KEY_REASON,
-    record_to_state,
+    record_to_views,
 )
 
 log = logging.getLogger(__name__)
@@ -211,7 +211,7 @@ def accept(
     for m in replies:
         node = m.metadata.src_node_id
         try:  # whatever the bytes, decoding must not take the server down
-            state = record_to_state(m.content[KEY_ARRAYS])
+            state = record_to_views(m.content[KEY_ARRAYS])
             metrics = dict(m.content[KEY_METRICS])
             received = sum(int(v.size) for v in state.values())
             if reshape is not None:

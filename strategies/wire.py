@@ -6,11 +6,15 @@ and the ClientApp both use it, so both sides agree on keys and dtypes.
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.common.constant import SType
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedlora.ranks import RANK_KEY
+from strategies.wire_size import content_bytes
 
 KEY_ARRAYS = "arrays"  # the ArrayRecord of a message (Flower's default key)
 KEY_CONFIG = "config"  # the ConfigRecord of a message
@@ -31,21 +35,87 @@ ERROR_CONFIG = 4001
 def state_to_record(state: dict[str, np.ndarray]) -> ArrayRecord:
     """Wire state -> ArrayRecord (float32 contiguous arrays, keys kept)."""
     return ArrayRecord(
-        {k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in state.items()}
+        {
+            k: to_array(np.ascontiguousarray(v, dtype=np.float32))
+            for k, v in state.items()
+        }
     )
 
 
 def record_to_state(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """ArrayRecord -> wire state."""
-    return {k: v.numpy() for k, v in record.items()}
+    """ArrayRecord -> wire state (arrays of their own, writable)."""
+    return {k: from_array(v).copy() for k, v in record.items()}
+
+
+def record_to_views(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """ArrayRecord -> wire state as read-only views of the record's bytes: no
+    copy (the server reading a round's replies)."""
+    return {k: from_array(v) for k, v in record.items()}
+
+
+def to_array(value: np.ndarray) -> Array:
+    """``Array(value)``, byte for byte (``.npy`` format), in one copy of the data
+    instead of Flower's ``np.save`` into a buffer and ``getvalue()``."""
+    if value.dtype.hasobject or not value.flags.c_contiguous:
+        return Array(value)  # what the fast path does not cover
+    header = io.BytesIO()
+    try:
+        np.lib.format.write_array_header_1_0(
+            header, np.lib.format.header_data_from_array_1_0(value)
+        )
+    except ValueError:  # a header too long for format 1.0 (np.save takes 2.0)
+        return Array(value)
+    body = memoryview(value).cast("B") if value.size else b""
+    data = b"".join([header.getvalue(), body])
+    return Array(
+        dtype=str(value.dtype), shape=value.shape, stype=SType.NUMPY, data=data
+    )
+
+
+def from_array(array: Array) -> np.ndarray:
+    """``array.numpy()`` as a read-only view of its bytes (``.npy`` format).
+
+    Raises
+    ------
+    TypeError
+        If the array is not serialised by numpy (``stype``).
+    ValueError
+        If its bytes are not a whole ``.npy`` array without Python objects.
+    """
+    if array.stype != SType.NUMPY:
+        raise TypeError(f"an array serialised as {array.stype!r}, not numpy")
+    data = array.data
+    head = io.BytesIO(memoryview(data)[:65536])  # 1.0 headers are < 64 KiB
+    if np.lib.format.read_magic(head) != (1, 0):
+        return array.numpy()  # the rare other versions: numpy's reader
+    shape, fortran, dtype = np.lib.format.read_array_header_1_0(head)
+    if dtype.hasobject:
+        raise ValueError("an array of Python objects (pickled) is refused")
+    count = int(np.prod(shape, dtype=np.int64))
+    offset = head.tell()
+    if len(data) - offset != count * dtype.itemsize:
+        raise ValueError(
+            f"an array of shape {shape} and dtype {dtype} needs "
+            f"{count * dtype.itemsize} bytes of data, got {len(data) - offset}"
+        )
+    flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    return flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)
 
 
 def payload_bytes(content: RecordDict) -> int:
     """Bytes that cross the wire for one message's content.
 
     Flower 1.39 ships a message as its tree of deflated objects (records, arrays,
-    5 MiB array chunks; identical chunks once): we sum exactly those.
+    5 MiB array chunks; identical objects once): we sum exactly those, computed
+    from their layout (:func:`strategies.wire_size.content_bytes`) without
+    serialising or hashing the arrays again.
     """
+    return content_bytes(content)
+
+
+def deflated_bytes(content: RecordDict) -> int:
+    """:func:`payload_bytes` the slow way, the reference the tests hold it to:
+    deflate every distinct object of the tree as Flower does (hashing each)."""
     return int(sum(len(o.deflate()) for o in get_all_nested_objects(content).values()))
 
 
