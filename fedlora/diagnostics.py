@@ -50,17 +50,37 @@ def layer_factors(state: dict[str, np.ndarray]) -> dict[str, Factors]:
     return {layer: (state[b], state[a]) for layer, (a, b) in lora_layers(state).items()}
 
 
-def _stacked_traces(factors: Sequence[Factors]) -> np.ndarray | None:
+class _Buffers:
+    """Two float64 buffers reused from layer to layer: writing the stacked factors
+    into fresh memory each time (page faults) costs more than the Gram products."""
+
+    def __init__(self) -> None:
+        self._flat = [np.empty(0), np.empty(0)]
+
+    def take(self, which: int, rows: int, cols: int) -> np.ndarray:
+        if self._flat[which].size < rows * cols:
+            self._flat[which] = np.empty(rows * cols)
+        return self._flat[which][: rows * cols].reshape(rows, cols)
+
+
+def _stacked_traces(
+    factors: Sequence[Factors], buffers: _Buffers | None = None
+) -> np.ndarray | None:
     """``T[i, j] = <B_i^T B_j, A_i A_j^T>`` for equal-rank factors, so that
     ``||sum_i c_i B_i A_i||_F^2 = c^T T c`` for any coefficients ``c``; None when the
-    ranks differ. One float64 Gram product of the stacked factors per side."""
+    ranks differ. One float64 Gram product (``X X^T``, a BLAS syrk) of the stacked
+    ``B_i^T`` and of the stacked ``A_i``."""
     ranks = {b.shape[1] for b, _ in factors}
     if len(ranks) != 1:
         return None
     r, m = ranks.pop(), len(factors)
-    u = np.concatenate([b.astype(np.float64) for b, _ in factors], axis=1)
-    v = np.concatenate([a.astype(np.float64) for _, a in factors], axis=0)
-    prod = (u.T @ u) * (v @ v.T)
+    buffers = buffers or _Buffers()
+    bt = buffers.take(0, m * r, factors[0][0].shape[0])  # [B_1^T; ..; B_m^T]
+    a = buffers.take(1, m * r, factors[0][1].shape[1])  # [A_1; ..; A_m]
+    for i, (b_i, a_i) in enumerate(factors):
+        bt[i * r : (i + 1) * r] = b_i.T
+        a[i * r : (i + 1) * r] = a_i
+    prod = (bt @ bt.T) * (a @ a.T)
     return prod.reshape(m, r, m, r).sum(axis=(1, 3))
 
 
@@ -98,9 +118,11 @@ def aggregation_error(
     den: dict[str, float] = defaultdict(float)
     c_num = np.concatenate([scaling * np.asarray(weights, float), [-scaling, 0.0]])
     c_den = np.concatenate([scaling * np.asarray(weights, float), [0.0, -scaling]])
+    buffers = _Buffers()
     for layer in new:
         factors = [c[layer] for c in clients] + [new[layer], old[layer]]
-        traces = _stacked_traces(factors)  # shared by the numerator and denominator
+        # shared by the numerator and the denominator
+        traces = _stacked_traces(factors, buffers)
         mod = module_name(layer)
         num[mod] += _sqnorm(traces, c_num, factors)
         den[mod] += _sqnorm(traces, c_den, factors)
