@@ -358,6 +358,19 @@ class ExportSettings(_Section):
     rank: int | None
 
 
+@dataclass(frozen=True)
+class DiagnosticsSettings(_Section):
+    """``diagnostics``: what the server measures beyond the round itself."""
+
+    #: the aggregation-error diagnostic in every ``every``-th round (rounds
+    #: ``every``, ``2 every``, ...); 0: never
+    every: int
+
+    def measures(self, server_round: int) -> bool:
+        """Whether the aggregation error is measured in ``server_round``."""
+        return self.every > 0 and server_round % self.every == 0
+
+
 _SECTIONS: dict[str, type[_Section]] = {
     "model": ModelSettings,
     "adapter": AdapterSettings,
@@ -394,6 +407,9 @@ class Settings:
     #: None when absent (settings written before the section existed: the
     #: default export)
     export: ExportSettings | None = None
+    #: None when absent (settings written before the section existed: the
+    #: diagnostic every round)
+    diagnostics: DiagnosticsSettings | None = None
 
     @classmethod
     def from_dict(cls, plain: Mapping[str, Any]) -> Settings:
@@ -413,6 +429,7 @@ class Settings:
             *_SCALARS,
             "faults",
             "export",
+            "diagnostics",
         ]
         for key in plain:
             if key not in known:
@@ -438,6 +455,11 @@ class Settings:
             export=ExportSettings.from_dict(plain["export"], "export")
             if "export" in plain
             else None,
+            diagnostics=DiagnosticsSettings.from_dict(
+                plain["diagnostics"], "diagnostics"
+            )
+            if "diagnostics" in plain
+            else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -451,6 +473,8 @@ class Settings:
             out["faults"] = self.faults.to_dict()
         if self.export is not None:
             out["export"] = self.export.to_dict()
+        if self.diagnostics is not None:
+            out["diagnostics"] = self.diagnostics.to_dict()
         return out
 
     @property
@@ -532,6 +556,8 @@ def with_(settings: Settings, *changes: Any) -> Settings:
                 value = FaultSettings.from_dict(value, section)
             elif section == "export" and isinstance(value, Mapping):
                 value = ExportSettings.from_dict(value, section)
+            elif section == "diagnostics" and isinstance(value, Mapping):
+                value = DiagnosticsSettings.from_dict(value, section)
             elif section == "strategy":
                 value = Frozen(value)
             elif section == "server_optimizer" and value is not None:
@@ -546,6 +572,8 @@ def with_(settings: Settings, *changes: Any) -> Settings:
             inner = getattr(settings, section)
             if inner is None and section == "export":  # absent: the defaults
                 inner = ExportSettings(rank=None)
+            if inner is None and section == "diagnostics":
+                inner = DiagnosticsSettings(every=1)
             inner = dataclasses.replace(inner, **{key: _freeze(value)})
             settings = dataclasses.replace(settings, **{section: inner})
     return settings

@@ -46,6 +46,16 @@ def _problems(s: Settings) -> list[ConfigError]:
     positive_int(train, "train", "batch_size")
     positive_int(train, "train", "max_length")
     positive_int(adapter, "adapter", "r")
+    if s.diagnostics is not None:  # absent in settings from before the section
+        every = s.diagnostics.every
+        need(
+            is_int(every) and every >= 0,
+            "diagnostics.every",
+            every,
+            "must be a whole number of rounds >= 0: 1 measures the aggregation "
+            "error every round, N every N-th round (rounds N, 2N, ...), 0 never; "
+            "e.g. diagnostics.every=10",
+        )
     ranks = adapter.client_ranks
     if ranks is not None:
         need(

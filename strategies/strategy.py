@@ -36,7 +36,7 @@ from fedlora.errors import ClientConfigError, NodesUnavailableError
 from fedlora.heterogeneous import hetero_aggregation_error, stack
 from fedlora.methods import InitInputs, Method, from_settings
 from fedlora.ranks import RANK_KEY, rank_of
-from fedlora.settings import Settings
+from fedlora.settings import DiagnosticsSettings, Settings
 from strategies import replies as checks
 from strategies.holdings import Holdings, fold_bytes
 from strategies.nodes import Snapshot, wait_for_nodes
@@ -85,6 +85,10 @@ class LoRAStrategy(FedAvg):
         Seconds a round waits for the nodes it needs before it samples
         (``federation.wait_timeout``); then it raises
         :class:`~fedlora.errors.NodesUnavailableError`. None: no limit, as Flower.
+    diagnostics_every : int
+        Measure the aggregation error in every ``diagnostics_every``-th round
+        (rounds N, 2N, ...; 0: never). Other rounds record ``aggregation_error``
+        None and say why in ``aggregation_error_skipped``.
     **fedavg_kwargs
         Flower's FedAvg sampling settings (``fraction_train``, ``min_train_nodes``...).
 
@@ -112,9 +116,20 @@ class LoRAStrategy(FedAvg):
         min_replies: int = 1,
         max_failed_rounds: int = 3,
         wait_timeout: float | None = None,
+        diagnostics_every: int = 1,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(**fedavg_kwargs)
+        if (
+            isinstance(diagnostics_every, bool)
+            or not isinstance(diagnostics_every, int)
+            or diagnostics_every < 0
+        ):
+            raise ValueError(
+                f"diagnostics_every={diagnostics_every!r}: give a whole number of "
+                "rounds >= 0 (1: every round, 0: never)"
+            )
+        self.diagnostics = DiagnosticsSettings(every=diagnostics_every)
         self.method = method
         self.wait_timeout = None if wait_timeout is None else float(wait_timeout)
         self.optimizer = optimizer or server_opt.NoOptimizer()
@@ -142,6 +157,7 @@ class LoRAStrategy(FedAvg):
         """The strategy of the experiment settings: the method of ``strategy``,
         Flower's sampling from ``federation``, the LoRA scale from ``adapter``."""
         fed = settings.federation
+        diagnostics = settings.diagnostics or DiagnosticsSettings(every=1)
         return cls(
             from_settings(settings),
             optimizer=server_opt.from_settings(settings.server_optimizer),
@@ -149,6 +165,7 @@ class LoRAStrategy(FedAvg):
             min_replies=fed.min_replies,
             max_failed_rounds=fed.max_failed_rounds,
             wait_timeout=fed.wait_timeout,
+            diagnostics_every=diagnostics.every,
             fraction_train=fed.fraction_train,
             fraction_evaluate=fed.fraction_evaluate,
             min_train_nodes=fed.min_train_clients,
@@ -278,7 +295,7 @@ class LoRAStrategy(FedAvg):
         new = {**self.current, **method.aggregate(states, weights, self.sent)}
         fold = method.fold(states, weights, self.sent)
         self.folds.add(server_round, fold)
-        summary = self._record(entry, accepted, weights, new, fold)
+        summary = self._record(server_round, entry, accepted, weights, new, fold)
         # the diagnostic above measures the method's aggregation; the server
         # optimizer then moves deliberately from the sent state towards it
         new.update(self.optimizer.step(self.sent, {k: new[k] for k in self.expected}))
@@ -552,17 +569,28 @@ class LoRAStrategy(FedAvg):
 
     def _record(
         self,
+        server_round: int,
         entry: dict[str, Any],
         accepted: checks.Accepted,
         weights: np.ndarray,
         new: State,
         fold: Fold | None = None,
     ) -> dict[str, float]:
-        """Record the aggregation's diagnostics in ``entry``; return the round's
+        """Record the aggregation's diagnostics in ``entry`` (the aggregation
+        error in the rounds ``diagnostics_every`` names); return the round's
         summary metrics (the mean training loss only where every client sent one:
         not under DP-SGD)."""
         ranks = [int(c.get(RANK_KEY, 0)) for c in accepted.metrics]
-        if self.method.accepts_client_ranks and set(ranks) != {rank_of(self.sent)}:
+        if not self.diagnostics.measures(server_round):
+            every = self.diagnostics.every
+            overall, by_module = None, {}
+            entry["aggregation_error_skipped"] = (
+                f"diagnostics.every={every}: measured in rounds {every}, "
+                f"{2 * every}, ..."
+                if every
+                else "diagnostics.every=0: never measured"
+            )
+        elif self.method.accepts_client_ranks and set(ranks) != {rank_of(self.sent)}:
             overall, by_rank, by_module = self.diagnose_ranks(
                 accepted.states, weights, new, fold, ranks
             )
