@@ -6,7 +6,9 @@ and the ClientApp both use it, so both sides agree on keys and dtypes.
 
 from __future__ import annotations
 
+import functools
 import io
+import math
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
@@ -85,14 +87,11 @@ def from_array(array: Array) -> np.ndarray:
     if array.stype != SType.NUMPY:
         raise TypeError(f"an array serialised as {array.stype!r}, not numpy")
     data = array.data
-    head = io.BytesIO(memoryview(data)[:65536])  # 1.0 headers are < 64 KiB
-    if np.lib.format.read_magic(head) != (1, 0):
-        return array.numpy()  # the rare other versions: numpy's reader
-    shape, fortran, dtype = np.lib.format.read_array_header_1_0(head)
-    if dtype.hasobject:
-        raise ValueError("an array of Python objects (pickled) is refused")
-    count = int(np.prod(shape, dtype=np.int64))
-    offset = head.tell()
+    length = _npy_header_length(bytes(memoryview(data)[:10]))
+    if length is None:
+        return array.numpy()  # the rare other .npy versions: numpy's reader
+    shape, fortran, dtype, offset = _npy_layout(bytes(memoryview(data)[:length]))
+    count = math.prod(shape)
     if len(data) - offset != count * dtype.itemsize:
         raise ValueError(
             f"an array of shape {shape} and dtype {dtype} needs "
@@ -100,6 +99,32 @@ def from_array(array: Array) -> np.ndarray:
         )
     flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
     return flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)
+
+
+def _npy_header_length(start: bytes) -> int | None:
+    """Length of a format-1.0 ``.npy`` header from its first 10 bytes (magic,
+    version, little-endian length); None for another version or no magic."""
+    if len(start) < 10 or start[:8] != np.lib.format.magic(1, 0):
+        return None
+    return 10 + int.from_bytes(start[8:10], "little")
+
+
+@functools.lru_cache(maxsize=1024)
+def _npy_layout(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """``(shape, fortran_order, dtype, data offset)`` of a format-1.0 ``.npy``
+    header; cached, as a round's replies repeat a few shapes many times.
+
+    Raises
+    ------
+    ValueError
+        If the header is malformed, or the array holds Python objects.
+    """
+    head = io.BytesIO(header)
+    np.lib.format.read_magic(head)
+    shape, fortran, dtype = np.lib.format.read_array_header_1_0(head)
+    if dtype.hasobject:
+        raise ValueError("an array of Python objects (pickled) is refused")
+    return shape, fortran, dtype, head.tell()
 
 
 def payload_bytes(content: RecordDict) -> int:
