@@ -143,21 +143,32 @@ def shared_factor_error(
     :func:`frozen_triangles`), ``||L D R||_F = ||T_L D T_R^T||_F``: each round costs
     ``O(d r^2)`` or ``O(r^3)`` per layer, and the difference ``D = sum p_k X_k - X``
     is formed directly, so exact methods read their true round-off. The scale ``s``
-    cancels in the ratio.
+    cancels in the ratio. Without ``L`` (FFA-LoRA, ``D`` of ``d_out`` rows),
+    ``||D T_R^T||_F^2 = tr(T_R (D^T D) T_R^T)``: one ``r x r`` Gram product of ``D``
+    (a BLAS syrk, steady on a loaded machine where a thin ``d x r`` product is
+    not), ``D`` formed in two float64 buffers reused from layer to layer.
     """
     num: dict[str, float] = defaultdict(float)
     den: dict[str, float] = defaultdict(float)
+    p = [float(w) for w in weights]
+    buffers = _Buffers()
     for layer, (t_left, t_right) in triangles.items():
-        ideal = sum(
-            p * c[layer].astype(np.float64)
-            for c, p in zip(clients, weights, strict=True)
-        )
+        xs = [c[layer] for c in clients]
+        total = buffers.take(0, *xs[0].shape)
+        part = buffers.take(1, *xs[0].shape)
+        # sum_k p_k X_k in float64 (dtype: not a float32 product cast up)
+        np.multiply(xs[0], p[0], out=total, dtype=np.float64)
+        for x, w in zip(xs[1:], p[1:], strict=True):
+            np.multiply(x, w, out=part, dtype=np.float64)
+            np.add(total, part, out=total)
         mod = module_name(layer)
         for acc, ref in ((num, new), (den, old)):
-            d = (ideal - ref[layer].astype(np.float64)) @ t_right.T
-            if t_left is not None:
-                d = t_left @ d
-            acc[mod] += float(np.sum(d * d))
+            np.subtract(total, ref[layer], out=part)  # D
+            if t_left is None:
+                acc[mod] += float(np.vdot(t_right @ (part.T @ part), t_right))
+            else:
+                d = t_left @ part @ t_right.T
+                acc[mod] += float(np.vdot(d, d))
     return _ratios(num, den)
 
 
