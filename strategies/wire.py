@@ -60,18 +60,34 @@ def to_array(value: np.ndarray) -> Array:
     instead of Flower's ``np.save`` into a buffer and ``getvalue()``."""
     if value.dtype.hasobject or not value.flags.c_contiguous:
         return Array(value)  # what the fast path does not cover
-    header = io.BytesIO()
-    try:
-        np.lib.format.write_array_header_1_0(
-            header, np.lib.format.header_data_from_array_1_0(value)
-        )
-    except ValueError:  # a header too long for format 1.0 (np.save takes 2.0)
+    header = _npy_header(value.dtype, value.shape)
+    if header is None:  # a header too long for format 1.0 (np.save takes 2.0)
         return Array(value)
     body = memoryview(value).cast("B") if value.size else b""
-    data = b"".join([header.getvalue(), body])
+    data = b"".join([header, body])
     return Array(
         dtype=str(value.dtype), shape=value.shape, stype=SType.NUMPY, data=data
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes | None:
+    """The format-1.0 ``.npy`` header ``np.save`` writes for a C-ordered array of
+    ``dtype`` and ``shape`` (None if it does not fit format 1.0); cached, as a
+    round's states repeat a few shapes many times."""
+    header = io.BytesIO()
+    try:
+        np.lib.format.write_array_header_1_0(
+            header,
+            {
+                "descr": np.lib.format.dtype_to_descr(dtype),
+                "fortran_order": False,
+                "shape": shape,
+            },
+        )
+    except ValueError:
+        return None
+    return header.getvalue()
 
 
 def from_array(array: Array) -> np.ndarray:
@@ -87,7 +103,7 @@ def from_array(array: Array) -> np.ndarray:
     if array.stype != SType.NUMPY:
         raise TypeError(f"an array serialised as {array.stype!r}, not numpy")
     data = array.data
-    length = _npy_header_length(bytes(memoryview(data)[:10]))
+    length = _npy_header_length(data[:10])
     if length is None:
         return array.numpy()  # the rare other .npy versions: numpy's reader
     shape, fortran, dtype, offset = _npy_layout(bytes(memoryview(data)[:length]))
@@ -101,10 +117,13 @@ def from_array(array: Array) -> np.ndarray:
     return flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)
 
 
+_NPY_MAGIC_1_0 = np.lib.format.magic(1, 0)
+
+
 def _npy_header_length(start: bytes) -> int | None:
     """Length of a format-1.0 ``.npy`` header from its first 10 bytes (magic,
     version, little-endian length); None for another version or no magic."""
-    if len(start) < 10 or start[:8] != np.lib.format.magic(1, 0):
+    if len(start) < 10 or start[:8] != _NPY_MAGIC_1_0:
         return None
     return 10 + int.from_bytes(start[8:10], "little")
 

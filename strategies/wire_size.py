@@ -26,6 +26,7 @@ bytes (a few sampled bytes first, then a full comparison only where those agree)
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from collections.abc import Hashable
@@ -39,6 +40,7 @@ ID_LEN = 64  # an object id: SHA-256 in hex
 _STAND_IN_ID = "0" * ID_LEN
 INT64_MAX = (1 << 63) - 1
 _SAMPLE = 32  # bytes of a chunk sampled at its start, middle and end
+_SMALL = 4096  # a chunk of at most this many bytes is keyed by its bytes
 
 # protobuf field numbers of ConfigRecordValue / MetricRecordValue (recorddict.proto)
 _SCALAR_FIELD = {"double": 1, "sint64": 2, "uint64": 3, "bool": 4, "string": 5}
@@ -163,6 +165,33 @@ def _json_size(body: dict[str, Any]) -> int:
     return len(json.dumps(body).encode("utf-8"))
 
 
+@functools.lru_cache(maxsize=64)
+def _json_str_size(text: str) -> int:
+    """Bytes of a string as JSON (quoted, escaped as ``json.dumps`` escapes)."""
+    return len(json.dumps(text).encode("utf-8"))
+
+
+def array_body_size(dtype: str, shape: Any, stype: str, chunk_ids: list[int]) -> int:
+    """Bytes of an ``Array``'s body, ``json.dumps`` of ``{"dtype": .., "shape":
+    [..], "stype": .., "arraychunk_ids": [..]}`` (default separators ``", "``
+    and ``": "``), from the lengths of its parts."""
+
+    def int_list(values: Any) -> int:  # "[a, b, c]"
+        return 2 + sum(len(str(v)) for v in values) + 2 * max(len(values) - 1, 0)
+
+    return (
+        len('{"dtype": ')
+        + _json_str_size(dtype)
+        + len(', "shape": ')
+        + int_list(shape)
+        + len(', "stype": ')
+        + _json_str_size(stype)
+        + len(', "arraychunk_ids": ')
+        + int_list(chunk_ids)
+        + len("}")
+    )
+
+
 class _Objects:
     """The distinct objects of one message tree: a token for each, and its size.
 
@@ -186,6 +215,10 @@ class _Objects:
 
     def chunk(self, data: memoryview) -> int:
         n = len(data)
+        if n <= _SMALL:  # its bytes are its key: hashed, compared by the dict
+            return self.token(
+                ("ArrayChunk", bytes(data)), object_size("ArrayChunk", 0, n)
+            )
         half = n // 2
         sample = (n, bytes(data[:_SAMPLE]), bytes(data[half : half + _SAMPLE]))
         sample += (bytes(data[-_SAMPLE:]),)
@@ -206,17 +239,11 @@ class _Objects:
         chunks = [self.chunk(data[i : i + step]) for i in range(0, len(data), step)]
         distinct = list(dict.fromkeys(chunks))
         index = {token: i for i, token in enumerate(distinct)}
-        body = {
-            "dtype": array.dtype,
-            "shape": array.shape,
-            "stype": array.stype,
-            "arraychunk_ids": [index[t] for t in chunks],
-        }
-        text = json.dumps(body)
-        size = object_size("Array", len(distinct), len(text.encode("utf-8")))
-        token = self.arrays[id(array)] = self.token(
-            ("Array", text, tuple(distinct)), size
-        )
+        ids = [index[t] for t in chunks]
+        body = array_body_size(array.dtype, array.shape, array.stype, ids)
+        size = object_size("Array", len(distinct), body)
+        key = ("Array", array.dtype, tuple(array.shape), array.stype, tuple(chunks))
+        token = self.arrays[id(array)] = self.token(key, size)
         return token
 
     def refs(self, class_name: str, children: dict[str, int]) -> int:
