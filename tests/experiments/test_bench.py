@@ -18,6 +18,25 @@ def test_server_round_on_llama_shapes_runs_every_strategy(method):
         assert out["aggregation_error"] > 1e-3
 
 
+def test_the_whole_round_is_reported_against_the_goal_with_and_without_diagnostic():
+    out = bench.server_arm("fedsb", 16, None, clients=2, layers=1, repeats=1)
+    for key, diagnostic in [
+        ("round_ratio", "every round"),
+        ("round_ratio_no_diagnostic", "never"),
+    ]:
+        rr = out[key]
+        assert rr["goal"] == 2.0 and rr["met"] == (rr["ratio"] <= 2.0)
+        assert rr["ratio"] == pytest.approx(
+            rr["aggregate_train_s"] / rr["numpy_mean_s"]
+        )
+        assert rr["diagnostic"].startswith(diagnostic)
+    other = bench.server_arm("fedsb", 4, None, clients=2, layers=1, repeats=1)
+    assert other["round_ratio"]["goal"] == "report"  # not one of the goal's cases
+    assert other["round_ratio"]["met"] is None
+    table = bench.table({"server": {"fedsb_r16": out}})
+    assert "fedsb_r16 whole round, diagnostic never" in table
+
+
 @pytest.mark.parametrize("method", bench.HETERO_STRATEGIES)
 def test_server_round_with_a_rank_per_client_runs_every_heterogeneous_method(method):
     """Ranks 2, 4, 8 (global 8) on toy shapes: the replies go through the
