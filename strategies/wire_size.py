@@ -171,7 +171,22 @@ def _json_str_size(text: str) -> int:
     return len(json.dumps(text).encode("utf-8"))
 
 
-def array_body_size(dtype: str, shape: Any, stype: str, chunk_ids: list[int]) -> int:
+@functools.lru_cache(maxsize=4096)
+def _array_size(
+    dtype: str, shape: tuple[int, ...], stype: str, ids: tuple[int, ...], distinct: int
+) -> int:
+    """Bytes of a deflated ``Array`` (cached: a round repeats a few shapes)."""
+    return object_size("Array", distinct, array_body_size(dtype, shape, stype, ids))
+
+
+@functools.lru_cache(maxsize=4096)
+def _chunk_size(n: int) -> int:
+    return object_size("ArrayChunk", 0, n)
+
+
+def array_body_size(
+    dtype: str, shape: Any, stype: str, chunk_ids: tuple[int, ...] | list[int]
+) -> int:
     """Bytes of an ``Array``'s body, ``json.dumps`` of ``{"dtype": .., "shape":
     [..], "stype": .., "arraychunk_ids": [..]}`` (default separators ``", "``
     and ``": "``), from the lengths of its parts."""
@@ -216,9 +231,7 @@ class _Objects:
     def chunk(self, data: memoryview) -> int:
         n = len(data)
         if n <= _SMALL:  # its bytes are its key: hashed, compared by the dict
-            return self.token(
-                ("ArrayChunk", bytes(data)), object_size("ArrayChunk", 0, n)
-            )
+            return self.token(("ArrayChunk", bytes(data)), _chunk_size(n))
         half = n // 2
         sample = (n, bytes(data[:_SAMPLE]), bytes(data[half : half + _SAMPLE]))
         sample += (bytes(data[-_SAMPLE:]),)
@@ -226,8 +239,7 @@ class _Objects:
         for seen, token in candidates:
             if _same_bytes(seen, data):
                 return token
-        size = object_size("ArrayChunk", 0, n)
-        token = self.token(("ArrayChunk", len(self.tokens)), size)
+        token = self.token(("ArrayChunk", len(self.tokens)), _chunk_size(n))
         candidates.append((data, token))
         return token
 
@@ -236,13 +248,15 @@ class _Objects:
             return self.arrays[id(array)]
         data = memoryview(array.data)
         step = FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
-        chunks = [self.chunk(data[i : i + step]) for i in range(0, len(data), step)]
-        distinct = list(dict.fromkeys(chunks))
+        chunks = tuple(
+            self.chunk(data[i : i + step]) for i in range(0, len(data), step)
+        )
+        distinct = tuple(dict.fromkeys(chunks))
         index = {token: i for i, token in enumerate(distinct)}
-        ids = [index[t] for t in chunks]
-        body = array_body_size(array.dtype, array.shape, array.stype, ids)
-        size = object_size("Array", len(distinct), body)
-        key = ("Array", array.dtype, tuple(array.shape), array.stype, tuple(chunks))
+        ids = tuple(index[t] for t in chunks)  # (0,) for most arrays: one chunk
+        shape = tuple(array.shape)
+        size = _array_size(array.dtype, shape, array.stype, ids, len(distinct))
+        key = ("Array", array.dtype, shape, array.stype, chunks)
         token = self.arrays[id(array)] = self.token(key, size)
         return token
 
