@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from fedlora.adapters import get_state, wrap_with_lora
+from fedlora.data import labels_record, resolve_labels
 from fedlora.methods import from_settings
 from fedlora.models import load_base_model, load_tokenizer
 from fedlora.settings import Settings
@@ -29,10 +30,17 @@ def build(settings: Settings, plain: bool = False) -> tuple[torch.nn.Module, Any
     The base model's new head and the LoRA factors are initialised from
     ``federation.seed``, so the server and every client build identical models.
     """
-    s = settings
+    s = resolve_labels(settings)  # model.num_labels null: from the data
     seed = int(s.federation.seed)
     tokenizer = load_tokenizer(s.model)
-    model = load_base_model(s.model, seed)
+    labels = None
+    if s.model.task == "seq_cls" and s.data.labels:  # the names in the config
+        record = labels_record(s)
+        labels = {
+            "id2label": {int(i): name for i, name in record["id2label"].items()},
+            "label2id": record["label2id"],
+        }
+    model = load_base_model(s.model, seed, labels)
     model = wrap_with_lora(model, s.adapter, s.model.task, seed)
     if not plain:
         from_settings(s).parametrise(model)

@@ -2,7 +2,9 @@
 across clients with flwr-datasets partitioners, and tokenise each partition once.
 
 Settings (``data.*``): ``name`` (``synthetic`` builds the offline toy task), ``path``
-(a file, or a folder holding ``{split}.{tsv,csv,jsonl,json,parquet}``), ``hub_id`` /
+(a file, a folder holding ``{split}.{tsv,csv,jsonl,json,parquet}``, or a folder
+``datasets``' ``save_to_disk`` wrote), ``labels`` (the label names in id order;
+null: the sorted label set of the whole data set), ``hub_id`` /
 ``hub_config`` (online users), ``train_split``, ``eval_split``, ``text_column``,
 ``label_column``, ``prompt_column``, ``response_column`` (causal LM),
 ``max_train_examples``, ``max_eval_examples``, ``client_eval_fraction``, ``seed``.
@@ -23,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from fedlora.errors import ConfigError
-from fedlora.settings import DataSettings, PartitionSettings, Settings
+from fedlora.settings import DataSettings, PartitionSettings, Settings, with_
 
 Example = dict[str, Any]  # {"input_ids": [...], "attention_mask": [...], "labels": ...}
 FORMATS = {
@@ -39,7 +41,9 @@ _PARTITIONED: dict[str, tuple[pd.DataFrame, list[np.ndarray]]] = {}
 
 
 def clear_caches() -> None:
-    """Forget the partitions and tokenised examples kept in this process."""
+    """Forget the partitions, label mappings and tokenised examples kept in this
+    process."""
+    _LABELS.clear()
     _TOKENISED.clear()
     _PARTITIONED.clear()
 
@@ -132,22 +136,61 @@ def _load_local(data: DataSettings, seed: int) -> tuple[pd.DataFrame, pd.DataFra
             "a data file or at a folder with train/dev files",
         )
     if path.is_file():
-        table = read_table(path).sample(frac=1.0, random_state=seed)
-        n_eval = max(1, int(0.1 * len(table)))
-        return table.iloc[n_eval:], table.iloc[:n_eval]
+        return _hold_out(read_table(path), seed)
+    if _is_saved_dataset(path):
+        return _load_saved(path, data, seed)
     splits = []
     for key in ("train_split", "eval_split"):
         name = str(getattr(data, key))
         found = _find_split(path, name)
         if found is None:
+            present = sorted(
+                {f.stem for f in path.iterdir() if f.suffix.lower() in FORMATS}
+            )
             raise ConfigError(
                 f"data.{key}",
                 name,
-                f"no {name}.<tsv|csv|jsonl|parquet> in "
-                f"{path}; set data.{key} to a split that exists",
+                f"no {name}.<tsv|csv|jsonl|parquet> in {path} (its splits: "
+                f"{present or 'none'}); set data.{key} to a split that exists",
             )
         splits.append(read_table(found))
     return splits[0], splits[1]
+
+
+def _hold_out(table: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One table as ``(train, eval)``: a shuffled 10% (at least 1 row) held out."""
+    table = table.sample(frac=1.0, random_state=seed)
+    n_eval = max(1, int(0.1 * len(table)))
+    return table.iloc[n_eval:], table.iloc[:n_eval]
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    """A folder ``datasets.Dataset(Dict).save_to_disk`` wrote."""
+    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
+
+
+def _load_saved(
+    folder: Path, data: DataSettings, seed: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A ``save_to_disk`` folder: a DatasetDict's ``train_split`` and
+    ``eval_split``, or a single Dataset with 10% held out."""
+    import datasets
+
+    saved = datasets.load_from_disk(str(folder))
+    if isinstance(saved, datasets.Dataset):
+        return _hold_out(saved.to_pandas(), seed)
+    tables = []
+    for key in ("train_split", "eval_split"):
+        name = str(getattr(data, key))
+        if name not in saved:
+            raise ConfigError(
+                f"data.{key}",
+                name,
+                f"the dataset in {folder} has no such split (its splits: "
+                f"{sorted(saved)}); set data.{key} to one of them",
+            )
+        tables.append(saved[name].to_pandas())
+    return tables[0], tables[1]
 
 
 def _load_hub(data: DataSettings) -> tuple[pd.DataFrame, pd.DataFrame]:  # online
@@ -183,34 +226,210 @@ def check_columns(table: pd.DataFrame, data: DataSettings, task: str) -> None:
             )
 
 
-def check_labels(table: pd.DataFrame, data: DataSettings, num_labels: int) -> None:
-    """Raise ConfigError unless every value of the label column (classification)
-    is a class index in ``0..num_labels-1``, as the model's head expects."""
-    column = data.label_column
-    values = pd.to_numeric(table[column], errors="coerce")
-    whole = values.notna() & (values == values.round())
-    if not whole.all():
-        bad = table[column][~whole].unique()[:5].tolist()
+# --------------------------------------------------------------------------- labels
+LABELS_FILE = "labels.json"
+_LABELS: dict[str, Settings] = {}
+
+
+def _label_column(table: pd.DataFrame, data: DataSettings) -> pd.Series:
+    if data.label_column not in table.columns:
+        raise ConfigError(
+            "data.label_column",
+            data.label_column,
+            f"the data has no such column; its columns are {list(table.columns)}",
+        )
+    return table[data.label_column]
+
+
+def found_labels(values: pd.Series, column: str) -> tuple[tuple[str, ...] | None, int]:
+    """``(names, count)`` of a label column: string labels (``positive``,
+    ``LOC``) give their sorted set and its size; integer labels give
+    ``(None, max + 1)`` (they are the ids already).
+
+    Raises
+    ------
+    ConfigError
+        ``data.label_column``: empty labels, or negative integer ones.
+    """
+    if values.empty:
+        raise ConfigError("data.label_column", column, "the data has no rows")
+    if values.isna().any():
         raise ConfigError(
             "data.label_column",
             column,
-            f"holds values that are not class indices (e.g. {bad}); point it at a "
-            f"column of whole numbers 0..{num_labels - 1}",
+            f"{int(values.isna().sum())} rows have no label; fill or drop them",
         )
-    outside = sorted({int(v) for v in values if not 0 <= v < num_labels})
+    integral = pd.api.types.is_integer_dtype(values) or (
+        pd.api.types.is_float_dtype(values) and bool((values % 1 == 0).all())
+    )
+    if integral and not pd.api.types.is_bool_dtype(values):
+        ids = values.astype(int)
+        if int(ids.min()) < 0:
+            raise ConfigError(
+                "data.label_column",
+                column,
+                f"it holds negative labels ({int(ids.min())}); integer labels are "
+                "the ids 0..num_labels-1, else list the names in data.labels",
+            )
+        return None, int(ids.max()) + 1
+    names = tuple(sorted(values.astype(str).unique()))
+    return names, len(names)
+
+
+def resolve_labels(settings: Settings) -> Settings:
+    """``settings`` with the label mapping fixed for every party (classification).
+
+    ``data.labels`` (the names in id order) is kept when given; else string labels
+    get the sorted set of the whole data set's labels (training and evaluation
+    splits, never one client's partition, so a client lacking a label cannot shift
+    the ids). ``model.num_labels`` is inferred when null, and checked when given.
+    The server sends the result to every client. Cached in-process.
+
+    Raises
+    ------
+    ConfigError
+        ``model.num_labels`` that does not fit the data (both numbers named), a
+        missing label column (the columns found named), duplicate names in
+        ``data.labels``.
+    """
+    s = settings
+    if s.model.task != "seq_cls":
+        return s
+    key = json.dumps([s.data.to_dict(), s.model.to_dict()], sort_keys=True, default=str)
+    if key in _LABELS:
+        return _LABELS[key]
+    data, given = s.data, s.model.num_labels
+    if data.labels is not None:
+        names: tuple[str, ...] | None = tuple(str(x) for x in data.labels)
+        if len(set(names)) != len(names) or not names:
+            raise ConfigError(
+                "data.labels",
+                list(data.labels),
+                "list each label name once, in id order (null: the sorted labels "
+                "of the data)",
+            )
+        count = len(names)
+        source = f"data.labels names {count} labels"
+    else:
+        train, evals = load_splits(data)
+        values = pd.concat([_label_column(train, data), _label_column(evals, data)])
+        names, count = found_labels(values, data.label_column)
+        source = (
+            f"the data has {count} labels {list(names)[:20]}"
+            if names is not None
+            else f"the data's integer labels go up to {count - 1}"
+        )
+    if given is not None:
+        ok = (
+            isinstance(given, int)
+            and not isinstance(given, bool)
+            and (given == count if names is not None else given >= count)
+        )
+        if not ok:
+            raise ConfigError(
+                "model.num_labels",
+                given,
+                f"{source}, so the model needs {count} labels"
+                + ("" if names is not None else " (or more)")
+                + f"; set model.num_labels={count}, or null to take it from the data",
+            )
+    changes: list[Any] = ["model.num_labels", count if given is None else given]
+    if names is not None:
+        changes += ["data.labels", list(names)]
+    _LABELS[key] = with_(s, *changes)
+    return _LABELS[key]
+
+
+def check_data(settings: Settings) -> Settings:
+    """Read the data once before any work: both splits load, hold the columns the
+    task needs, and their labels fit ``model.num_labels``; returns
+    :func:`resolve_labels`' settings.
+
+    Raises
+    ------
+    ConfigError
+        The first problem found, naming its key (see :func:`load_splits`,
+        :func:`check_columns`, :func:`resolve_labels`).
+    """
+    train, evals = load_splits(settings.data)
+    for split in (train, evals):
+        check_columns(split, settings.data, settings.model.task)
+    return resolve_labels(settings)
+
+
+def label_ids(table: pd.DataFrame, data: DataSettings) -> list[int]:
+    """The class id of each row: the label's index in ``data.labels``, or the
+    integer label itself when ``data.labels`` is null.
+
+    Raises
+    ------
+    ConfigError
+        A label ``data.labels`` does not list, or string labels with no
+        ``data.labels`` (:func:`resolve_labels` sets it).
+    """
+    column = _label_column(table, data)
+    if data.labels is None:
+        names, _ = found_labels(column, data.label_column)
+        if names is not None:
+            raise ConfigError(
+                "data.labels",
+                None,
+                f"the labels of column {data.label_column!r} are not integers "
+                f"(e.g. {list(names)[:5]}); list the names in id order in "
+                "data.labels, or build the settings with resolve_labels",
+            )
+        return column.astype(int).tolist()
+    ids = {str(name): i for i, name in enumerate(data.labels)}
+    mapped = column.astype(str).map(ids)
+    unknown = sorted(set(column.astype(str)[mapped.isna()]))
+    if unknown:
+        raise ConfigError(
+            "data.labels",
+            list(data.labels),
+            f"the data has labels {unknown[:20]} it does not list; add them, or set "
+            "data.labels=null to take the labels from the data",
+        )
+    return mapped.astype(int).tolist()
+
+
+def labels_record(settings: Settings) -> dict[str, Any]:
+    """``{"num_labels", "id2label", "label2id"}`` of a classification run
+    (``transformers``' config keys: ``from_pretrained(base, **record)`` builds the
+    head with the run's label names)."""
+    n = int(settings.model.num_labels)
+    names = settings.data.labels or tuple(str(i) for i in range(n))
+    return {
+        "num_labels": n,
+        "id2label": {str(i): str(name) for i, name in enumerate(names)},
+        "label2id": {str(name): i for i, name in enumerate(names)},
+    }
+
+
+def write_labels(folder: str | Path, settings: Settings) -> Path | None:
+    """Save :func:`labels_record` as ``folder/labels.json`` (classification only)."""
+    if settings.model.task != "seq_cls":
+        return None
+    path = Path(folder) / LABELS_FILE
+    path.write_text(json.dumps(labels_record(settings), indent=2) + "\n")
+    return path
+
+
+def check_labels(table: pd.DataFrame, settings: Settings) -> None:
+    """Raise ConfigError unless every label of ``table`` (classification) maps to a
+    class id in ``0..model.num_labels-1`` under the run's label mapping
+    (:func:`resolve_labels`), as the model's head expects."""
+    s = resolve_labels(settings)
+    num_labels = int(s.model.num_labels)
+    ids = label_ids(table, s.data)
+    outside = sorted({i for i in ids if not 0 <= i < num_labels})
     if outside:
-        fix = (
-            "negative labels cannot be trained on (an unlabelled split?); "
-            f"map them to 0..{num_labels - 1}"
-            if outside[0] < 0
-            else f"set model.num_labels={outside[-1] + 1} or map the labels to "
-            f"0..{num_labels - 1}"
-        )
+        column = s.data.label_column
         raise ConfigError(
             "model.num_labels",
             num_labels,
             f"the data's {column!r} column holds labels {outside[:5]} outside "
-            f"0..{num_labels - 1}; {fix}",
+            f"0..{num_labels - 1}; set model.num_labels={outside[-1] + 1} (or null "
+            f"to take it from the data) or map the labels to 0..{num_labels - 1}",
         )
 
 
@@ -218,7 +437,7 @@ def check_table(table: pd.DataFrame, s: Settings) -> None:
     """:func:`check_columns`, then (classification) :func:`check_labels`."""
     check_columns(table, s.data, s.model.task)
     if s.model.task == "seq_cls":
-        check_labels(table, s.data, int(s.model.num_labels))
+        check_labels(table, s)
 
 
 # ---------------------------------------------------------------------- partitioning
@@ -321,7 +540,7 @@ def tokenise(
             truncation=True,
             max_length=max_length,
         )
-        labels = table[data.label_column].astype(int).tolist()
+        labels = label_ids(table, data)
         return [
             {"input_ids": ids, "attention_mask": am, "labels": y}
             for ids, am, y in zip(
@@ -359,7 +578,7 @@ def client_examples(
     The partition is computed from the shared seeds, so every process agrees on it;
     ``data.client_eval_fraction`` of it is held out for federated evaluation.
     """
-    s = settings
+    s = resolve_labels(settings)  # the whole data set's labels, not the partition's
     key = json.dumps(
         [
             s.data.to_dict(),
@@ -445,17 +664,18 @@ def partition_table(
         the data can serve (see :func:`partition_indices`).
     """
     check_table(train, s)
-    labels = (
-        train[s.data.label_column].to_numpy()
-        if s.data.label_column in train.columns
-        else np.zeros(len(train), dtype=int)
-    )
+    if s.model.task == "seq_cls":
+        labels = np.asarray(label_ids(train, resolve_labels(s).data))
+    elif s.data.label_column in train.columns:
+        labels = train[s.data.label_column].to_numpy()
+    else:
+        labels = np.zeros(len(train), dtype=int)
     return partition_indices(labels, num_partitions, s.partition)
 
 
 def server_examples(settings: Settings, tokenizer: Any) -> list[Example]:
     """The held-out split for the server's centralised evaluation, tokenised."""
-    s = settings
+    s = resolve_labels(settings)
     _, evals = load_splits(s.data)
     check_table(evals, s)
     return tokenise(evals, tokenizer, s.data, s.model.task, int(s.train.max_length))
@@ -553,6 +773,7 @@ def server_calibration_examples(
         ``strategy.server_data_path``: no usable file (see :func:`server_data_file`),
         no rows, or a column the data settings name is absent.
     """
+    settings = resolve_labels(settings)
     path = server_data_file(settings)
     table = read_table(path)
     task = settings.model.task

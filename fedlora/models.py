@@ -66,8 +66,14 @@ def load_tokenizer(model: ModelSettings) -> Any:
     return tok
 
 
-def load_base_model(settings: ModelSettings, seed: int) -> torch.nn.Module:
+def load_base_model(
+    settings: ModelSettings, seed: int, labels: dict[str, Any] | None = None
+) -> torch.nn.Module:
     """Base model for ``model.task``; newly created heads are initialised from ``seed``.
+
+    ``labels`` (classification): ``id2label`` and ``label2id`` for the model's
+    config (:func:`fedlora.data.labels_record`); without them ``model.num_labels``
+    heads named ``LABEL_<i>``.
 
     The seed makes every party (server and clients) build the very same model.
     """
@@ -83,8 +89,19 @@ def load_base_model(settings: ModelSettings, seed: int) -> torch.nn.Module:
     try:
         torch.manual_seed(seed)
         if task == "seq_cls":
+            if settings.num_labels is None:
+                raise ConfigError(
+                    "model.num_labels",
+                    None,
+                    "unresolved; fedlora.data.resolve_labels infers it from the "
+                    "data, or set model.num_labels",
+                )
             model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=int(settings.num_labels)
+                path,
+                **(labels or {"num_labels": int(settings.num_labels)}),
+                # a checkpoint's head for another number of labels: a new head,
+                # from the seed (the same on every party)
+                ignore_mismatched_sizes=True,
             )
         else:
             model = AutoModelForCausalLM.from_pretrained(path)

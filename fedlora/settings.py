@@ -156,7 +156,7 @@ class ModelSettings(_Section):
 
     name: str  # a local folder, a hub id or a packaged alias (minilm)
     task: str  # seq_cls | causal_lm
-    num_labels: int
+    num_labels: int | None  # null: from the data (fedlora.data.resolve_labels)
 
 
 @dataclass(frozen=True)
@@ -196,6 +196,8 @@ class DataSettings(_Section):
 
     name: str
     path: str | None = optional()  # a local file or folder (not synthetic)
+    #: the label names in id order (null: the sorted labels of the whole data)
+    labels: tuple[str, ...] | None = optional()
     hub_id: str | None = optional()
     hub_config: str | None = optional()
     train_split: str | None = optional()

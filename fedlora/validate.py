@@ -271,7 +271,15 @@ def validate(plain: Mapping[str, Any] | Settings) -> Settings:
         listed in one report.
     """
     s = plain if isinstance(plain, Settings) else Settings.from_dict(plain)
-    raise_problems(_problems(s))
+    problems = _problems(s)
+    if not problems and not (s.data.hub_id and not s.data.path):  # local data
+        from fedlora.data import check_data
+
+        try:  # the splits, their columns, the labels and model.num_labels
+            check_data(s)
+        except ConfigError as exc:
+            problems.append(exc)
+    raise_problems(problems)
     return s
 
 

@@ -31,7 +31,12 @@ from fedlora.adapters import (
     set_state,
 )
 from fedlora.build import build
-from fedlora.data import server_calibration_examples, server_examples
+from fedlora.data import (
+    resolve_labels,
+    server_calibration_examples,
+    server_examples,
+    write_labels,
+)
 from fedlora.errors import ConfigError, NodesUnavailableError
 from fedlora.lora_sb import gradient_sums
 from fedlora.models import resolve_device
@@ -87,7 +92,7 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """
     # 1. the global model, from the shared seed, and the server's evaluation data
     #    (``cfg`` was validated by whoever composed it: typed once here)
-    s = Settings.from_dict(settings(cfg))
+    s = resolve_labels(Settings.from_dict(settings(cfg)))  # the same ids everywhere
     plain = s.to_dict()  # what the clients receive and checkpoints keep
     ckpt = None
     if s.resume:
@@ -95,6 +100,7 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         check_resume(s, ckpt)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(plain))
+    write_labels(run_dir, s)
     if ckpt is None:
         (run_dir / results.METRICS_FILE).unlink(missing_ok=True)
     else:  # drop rows the crashed run wrote after its checkpoint (and torn lines)
@@ -237,6 +243,7 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     )
     export_model, _ = build(export_settings, plain=True)  # ordinary PEFT LoRA
     adapter_dir = results.save_adapter(export_model, exported, run_dir / "adapter")
+    write_labels(adapter_dir, s)
     results.save_tensor_files(adapter_dir, method.export_files(final))
     rows = results.read_metrics(run_dir)
     extra = {

@@ -35,6 +35,19 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
+@pytest.fixture(scope="session")
+def data_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stand-in for a local data set (SST-2's layout and data=local's default
+    splits): ``train.tsv``, ``dev.tsv``, ``test.tsv`` with columns ``sentence``,
+    ``text`` and integer ``label``. Validation reads the data, so configs naming
+    ``data.path`` need one."""
+    folder = tmp_path_factory.mktemp("data")
+    for split in ("train", "dev", "test"):
+        rows = "".join(f"s{i}\ts{i}\t{i % 2}\n" for i in range(4))
+        (folder / f"{split}.tsv").write_text("sentence\ttext\tlabel\n" + rows)
+    return folder
+
+
 FEDAVG_LORA = "fedlora.methods.fedavg_lora.FedAvgLoRA"
 FFA_LORA = "fedlora.methods.ffa_lora.FFALoRA"
 FEDSB = "fedlora.methods.fedsb.FedSB"
@@ -65,9 +78,13 @@ BASE_OVERRIDES = [
 def base_settings(tiny_bert: Path) -> Settings:
     """The typed settings of :data:`BASE_OVERRIDES` on the tiny BERT (immutable,
     so one object serves every test)."""
+    from fedlora.data import resolve_labels
     from strategies.server_app import compose_settings
 
-    return compose_settings([*BASE_OVERRIDES, f"model.name={tiny_bert}"])
+    # model.num_labels, null in conf/, taken from the data as the server does
+    return resolve_labels(
+        compose_settings([*BASE_OVERRIDES, f"model.name={tiny_bert}"])
+    )
 
 
 @pytest.fixture

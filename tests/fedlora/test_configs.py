@@ -40,8 +40,9 @@ def test_contract_groups_exist():
 @pytest.mark.parametrize(
     "group,option", [(g, o) for g, opts in GROUPS.items() for o in opts]
 )
-def test_every_group_option_composes_and_validates(group, option):
-    extra = ["data.path=."] if (group, option) == ("data", "sst2") else []
+def test_every_group_option_composes_and_validates(group, option, data_folder):
+    local = (group, option) in (("data", "sst2"), ("data", "local"))
+    extra = [f"data.path={data_folder}"] if local else []  # validation reads it
     cfg = compose([f"{group}={option}", *extra])
     plain = settings(cfg)
     assert "${" not in str(plain)  # every interpolation resolved
@@ -188,8 +189,8 @@ def compose_with_hydra(overrides: list[str]):
 
 
 @pytest.mark.parametrize("name", PRESETS)
-def test_every_preset_composes_and_validates(name):
-    overrides = [f"+experiment={name}", "data.path=."]  # the data is not here
+def test_every_preset_composes_and_validates(name, data_folder):
+    overrides = [f"+experiment={name}", f"data.path={data_folder}"]  # SST-2's layout
     plain = settings(compose(overrides))
     assert "${" not in str(plain)
     hydra_cfg = compose_with_hydra(overrides).hydra
@@ -205,15 +206,21 @@ def test_every_preset_composes_and_validates(name):
 
 
 @pytest.mark.parametrize("name", ["dp_sweep", "dp_large"])
-def test_the_dp_presets_validate_under_every_privacy_arm(name):
+def test_the_dp_presets_validate_under_every_privacy_arm(name, data_folder):
     for strategy in ("fedavg_lora", "ffa_lora", "fedsb"):
         init = ["strategy.init=random_orthogonal"] if strategy == "fedsb" else []
         for arm in (["privacy=none"], ["privacy=dp_sgd", "privacy.target_epsilon=1"]):
-            overrides = [f"+experiment={name}", "data.path=.", f"strategy={strategy}"]
+            overrides = [
+                f"+experiment={name}",
+                f"data.path={data_folder}",
+                f"strategy={strategy}",
+            ]
             plain = settings(compose([*overrides, *init, *arm]))
             assert plain["federation"]["fraction_evaluate"] == 0
 
 
-def test_a_preset_is_overridden_by_the_command_line():
-    cfg = compose(["+experiment=dp_large", "data.path=.", "federation.rounds=5"])
+def test_a_preset_is_overridden_by_the_command_line(data_folder):
+    cfg = compose(
+        ["+experiment=dp_large", f"data.path={data_folder}", "federation.rounds=5"]
+    )
     assert cfg.federation.rounds == 5 and cfg.data.max_train_examples == 30000
