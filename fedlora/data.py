@@ -228,7 +228,7 @@ def check_columns(table: pd.DataFrame, data: DataSettings, task: str) -> None:
 
 # --------------------------------------------------------------------------- labels
 LABELS_FILE = "labels.json"
-_LABELS: dict[str, Settings] = {}
+_LABELS: dict[str, tuple[tuple[str, ...] | None, int]] = {}
 
 
 def _label_column(table: pd.DataFrame, data: DataSettings) -> pd.Series:
@@ -283,7 +283,8 @@ def resolve_labels(settings: Settings) -> Settings:
     get the sorted set of the whole data set's labels (training and evaluation
     splits, never one client's partition, so a client lacking a label cannot shift
     the ids). ``model.num_labels`` is inferred when null, and checked when given.
-    The server sends the result to every client. Cached in-process.
+    The server sends the result to every client. The labels found are cached
+    in-process, by the data and model settings.
 
     Raises
     ------
@@ -296,8 +297,17 @@ def resolve_labels(settings: Settings) -> Settings:
     if s.model.task != "seq_cls":
         return s
     key = json.dumps([s.data.to_dict(), s.model.to_dict()], sort_keys=True, default=str)
-    if key in _LABELS:
-        return _LABELS[key]
+    if key not in _LABELS:
+        _LABELS[key] = _resolved_labels(s)
+    names, count = _LABELS[key]
+    changes: list[Any] = ["model.num_labels", count]
+    if names is not None:
+        changes += ["data.labels", list(names)]
+    return with_(s, *changes)
+
+
+def _resolved_labels(s: Settings) -> tuple[tuple[str, ...] | None, int]:
+    """``(data.labels, model.num_labels)`` of :func:`resolve_labels`."""
     data, given = s.data, s.model.num_labels
     if data.labels is not None:
         names: tuple[str, ...] | None = tuple(str(x) for x in data.labels)
@@ -333,11 +343,7 @@ def resolve_labels(settings: Settings) -> Settings:
                 + ("" if names is not None else " (or more)")
                 + f"; set model.num_labels={count}, or null to take it from the data",
             )
-    changes: list[Any] = ["model.num_labels", count if given is None else given]
-    if names is not None:
-        changes += ["data.labels", list(names)]
-    _LABELS[key] = with_(s, *changes)
-    return _LABELS[key]
+    return names, count if given is None else int(given)
 
 
 def check_data(settings: Settings) -> Settings:

@@ -40,12 +40,13 @@ def test_every_run_gets_the_arm_the_strategy_and_the_extra_overrides(
     assert all("strategy.init=random_orthogonal" in c for c in fedsb)
 
 
-def test_the_presets_hold_the_settings_the_sweeps_used_to_spell_out(tmp_path):
+def test_the_presets_hold_the_settings_the_sweeps_used_to_spell_out(data_folder):
     from strategies.server_app import compose, settings
 
+    # data_folder: SST-2's layout, which validation reads
     before = [  # the overrides bench_privacy built itself (and the docs' --set)
         "data=sst2",
-        f"data.path={tmp_path}",
+        f"data.path={data_folder}",
         "data.client_eval_fraction=0",
         "federation.num_clients=3",
         "federation.min_train_clients=3",
@@ -69,10 +70,10 @@ def test_the_presets_hold_the_settings_the_sweeps_used_to_spell_out(tmp_path):
     ]
     for arm in (["privacy=none"], ["privacy=dp_sgd", "privacy.target_epsilon=8"]):
         run = ["strategy=ffa_lora", "federation.seed=1", *arm]
-        small = bench_privacy.common(tmp_path, False)
+        small = bench_privacy.common(data_folder, False)
         assert small[0] == "+experiment=dp_sweep"
         assert settings(compose([*run, *small])) == settings(compose([*run, *before]))
-        dp_large = bench_privacy.common(tmp_path, False, "dp_large")
+        dp_large = bench_privacy.common(data_folder, False, "dp_large")
         assert settings(compose([*run, *dp_large])) == settings(
             compose([*run, *before, *large])
         )

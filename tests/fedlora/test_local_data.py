@@ -200,3 +200,14 @@ def test_the_synthetic_task_keeps_integer_labels(settings):
     assert np.array_equal(
         label_ids(load_splits(s.data)[0], s.data), load_splits(s.data)[0]["label"]
     )
+
+
+def test_resolving_changes_only_the_labels_and_num_labels(settings, tmp_path):
+    """The labels found are cached; the other settings are the caller's own."""
+    path = write(table(), tmp_path / "d.csv")
+    first = resolve_labels(local(settings, path))
+    other = with_(local(settings, path), "adapter.r", 2, "train.lr", 0.5)
+    second = resolve_labels(other)
+    assert second.adapter.r == 2 and second.train.lr == 0.5
+    assert second == with_(other, "model.num_labels", 3, "data.labels", list(NAMES))
+    assert first.adapter.r == settings.adapter.r

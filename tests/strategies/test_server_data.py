@@ -11,7 +11,7 @@ import pytest
 from fedlora import data
 from fedlora.errors import ConfigError
 from fedlora.methods.fedsb import FedSB
-from fedlora.settings import Settings
+from fedlora.settings import Settings, with_
 from strategies import server_app
 from strategies.strategy import LoRAStrategy
 
@@ -186,10 +186,13 @@ def test_a_missing_file_or_column_is_refused(folders, tiny_bert, tmp_path):
             folder,
             "strategy.init=server_data",
             f"strategy.server_data_path={calib}",
-            "data.text_column=review",
         )
     )
-    plain = Settings.from_dict(server_app.settings(cfg))
+    # a column the calibration file lacks (the clients' data has it: validation
+    # reads the data, so a column missing there is refused before)
+    plain = with_(
+        Settings.from_dict(server_app.settings(cfg)), "data.text_column", "review"
+    )
     _, tokenizer = server_app.build(plain)
     with pytest.raises(ConfigError) as err:
         data.server_calibration_examples(plain, tokenizer, 8)
