@@ -105,9 +105,12 @@ def processes_in_group(pgid: int) -> list[str]:
     return [line for line in out.splitlines() if line.split(None, 1)[0] == str(pgid)]
 
 
-def front_door_command(out: Path, model: Path, *overrides: str) -> list[str]:
-    """The tests' small experiment: 3 clients x 2 rounds on ``model``."""
-    return [
+def front_door_command(
+    out: Path, model: Path, *overrides: str, drop: tuple[str, ...] = ()
+) -> list[str]:
+    """The tests' small experiment: 3 clients x 2 rounds on ``model`` (``drop``:
+    keys of its own overrides to leave out, e.g. the synthetic task's)."""
+    command = [
         sys.executable,
         "-m",
         "experiments.run",
@@ -123,17 +126,23 @@ def front_door_command(out: Path, model: Path, *overrides: str) -> list[str]:
         "quiet=true",
         *overrides,
     ]
+    return [arg for arg in command if arg.partition("=")[0] not in drop]
 
 
 def run_front_door(
-    out: Path, model: Path, *overrides: str, env: dict[str, str] | None = None
+    out: Path,
+    model: Path,
+    *overrides: str,
+    env: dict[str, str] | None = None,
+    drop: tuple[str, ...] = (),
 ) -> list[dict[str, Any]]:
     """``python -m experiments.run`` on a tiny model: 3 clients x 2 rounds.
 
     Asserts it succeeded, showed progress and left no process behind; returns the rows
-    of ``metrics.jsonl``. ``env`` adds environment variables.
+    of ``metrics.jsonl``. ``env`` adds environment variables; ``drop`` as in
+    :func:`front_door_command`.
     """
-    cmd = front_door_command(out, model, *overrides)
+    cmd = front_door_command(out, model, *overrides, drop=drop)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     with subprocess.Popen(
         cmd,
