@@ -33,13 +33,8 @@ def build(settings: Settings, plain: bool = False) -> tuple[torch.nn.Module, Any
     s = resolve_labels(settings)  # model.num_labels null: from the data
     seed = int(s.federation.seed)
     tokenizer = load_tokenizer(s.model)
-    labels = None
-    if s.model.task == "seq_cls" and s.data.labels:  # the names in the config
-        record = labels_record(s)
-        labels = {
-            "id2label": {int(i): name for i, name in record["id2label"].items()},
-            "label2id": record["label2id"],
-        }
+    named = s.model.task == "seq_cls" and s.data.labels  # the names in the config
+    labels = labels_record(s) if named else None
     model = load_base_model(s.model, seed, labels)
     model = wrap_with_lora(model, s.adapter, s.model.task, seed)
     if not plain:

@@ -72,8 +72,8 @@ def load_base_model(
     """Base model for ``model.task``; newly created heads are initialised from ``seed``.
 
     ``labels`` (classification): ``id2label`` and ``label2id`` for the model's
-    config (:func:`fedlora.data.labels_record`); without them ``model.num_labels``
-    heads named ``LABEL_<i>``.
+    config (:func:`fedlora.data.labels_record`, ``labels.json``; other keys
+    ignored); without them ``model.num_labels`` heads named ``LABEL_<i>``.
 
     The seed makes every party (server and clients) build the very same model.
     """
@@ -96,9 +96,15 @@ def load_base_model(
                     "unresolved; fedlora.data.resolve_labels infers it from the "
                     "data, or set model.num_labels",
                 )
+            names = {"num_labels": int(settings.num_labels)}
+            if labels:  # labels.json has string keys; the config wants ints
+                names = {
+                    "id2label": {int(i): n for i, n in labels["id2label"].items()},
+                    "label2id": {n: int(i) for n, i in labels["label2id"].items()},
+                }
             model = AutoModelForSequenceClassification.from_pretrained(
                 path,
-                **(labels or {"num_labels": int(settings.num_labels)}),
+                **names,
                 # a checkpoint's head for another number of labels: a new head,
                 # from the seed (the same on every party)
                 ignore_mismatched_sizes=True,

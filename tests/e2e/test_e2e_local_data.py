@@ -61,8 +61,7 @@ def test_a_csv_of_string_labels_runs_and_its_adapter_keeps_the_names(
         assert record["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}
     # the adapter loads onto a base model with the run's label names
     cfg = Settings.from_dict(resolved)
-    labels = {k: record[k] for k in ("id2label", "label2id")}
-    base = load_base_model(cfg.model, seed=7, labels=labels)
+    base = load_base_model(cfg.model, seed=7, labels=record)  # labels.json as is
     loaded = PeftModel.from_pretrained(base, str(run / "adapter"))
     assert loaded.config.id2label[2] == "positive"
     tok = load_tokenizer(cfg.model)
