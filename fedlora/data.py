@@ -8,8 +8,9 @@ null: the sorted label set of the whole data set), ``hub_id`` /
 ``hub_config`` (online users), ``train_split``, ``eval_split``, ``text_column``,
 ``label_column``, ``prompt_column``, ``response_column`` (causal LM),
 ``max_train_examples``, ``max_eval_examples``, ``client_eval_fraction``, ``seed``.
-Partitioning (``partition.*``): ``type`` = ``iid`` | ``dirichlet`` | ``shard``,
-``alpha``, ``min_partition_size``, ``shards_per_client``, ``seed``.
+Partitioning (``partition.*``): ``type`` = ``iid`` | ``dirichlet`` | ``shard`` |
+``natural`` (a client per value of ``column``), ``alpha``, ``min_partition_size``,
+``shards_per_client``, ``column``, ``seed``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ FORMATS = {
     ".json": "json",
     ".parquet": "parquet",
 }
-PARTITIONS = ("iid", "dirichlet", "shard")
+PARTITIONS = ("iid", "dirichlet", "shard", "natural")
 _TOKENISED: dict[str, tuple[list[Example], list[Example]]] = {}
 _PARTITIONED: dict[str, tuple[pd.DataFrame, list[np.ndarray]]] = {}
 
@@ -348,7 +349,8 @@ def _resolved_labels(s: Settings) -> tuple[tuple[str, ...] | None, int]:
 
 def check_data(settings: Settings) -> Settings:
     """Read the data once before any work: both splits load, hold the columns the
-    task needs, and their labels fit ``model.num_labels``; returns
+    task needs (and ``partition.column`` for ``partition.type=natural``, a value
+    per client), and their labels fit ``model.num_labels``; returns
     :func:`resolve_labels`' settings.
 
     Raises
@@ -360,6 +362,11 @@ def check_data(settings: Settings) -> Settings:
     train, evals = load_splits(settings.data)
     for split in (train, evals):
         check_columns(split, settings.data, settings.model.task)
+    part = settings.partition
+    if part.type == "natural":  # the column, and a client per value of it
+        ids = _natural_ids(train, part)
+        num_clients = int(settings.federation.num_clients)
+        partition_indices(np.zeros(len(ids), dtype=int), num_clients, part, ids)
     return resolve_labels(settings)
 
 
@@ -448,18 +455,25 @@ def check_table(table: pd.DataFrame, s: Settings) -> None:
 
 # ---------------------------------------------------------------------- partitioning
 def partition_indices(
-    labels: np.ndarray, num_partitions: int, part: PartitionSettings
+    labels: np.ndarray,
+    num_partitions: int,
+    part: PartitionSettings,
+    natural_ids: np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """Row indices of each client's partition, via flwr-datasets partitioners.
 
     ``iid``: equal random split. ``dirichlet``: per-label proportions drawn from
     ``Dir(alpha)``, resampled until every client has ``min_partition_size``.
     ``shard``: sort by label, cut into shards, ``shards_per_client`` each.
+    ``natural``: one client per distinct value of ``natural_ids`` (the column
+    ``partition.column``: a user, a site), client ``k`` taking the ``k``-th value in
+    sorted order.
     """
     import datasets
     from flwr_datasets.partitioner import (
         DirichletPartitioner,
         IidPartitioner,
+        NaturalIdPartitioner,
         ShardPartitioner,
     )
 
@@ -493,6 +507,22 @@ def partition_indices(
             shuffle=True,
             seed=seed,
         )
+    elif kind == "natural":
+        if natural_ids is None:
+            raise ConfigError(
+                "partition.column", part.column, "name the column of client ids"
+            )
+        found = sorted({str(x) for x in natural_ids})
+        if len(found) != num_partitions:
+            raise ConfigError(
+                "federation.num_clients",
+                num_partitions,
+                f"partition.type=natural gives one client per value of column "
+                f"{part.column!r}, which has {len(found)} ({found[:10]}); set "
+                f"federation.num_clients={len(found)}",
+            )
+        ds = ds.add_column("natural", [str(x) for x in natural_ids])
+        part = NaturalIdPartitioner("natural")
     elif kind == "shard":
         part = ShardPartitioner(
             num_partitions,
@@ -670,13 +700,29 @@ def partition_table(
         the data can serve (see :func:`partition_indices`).
     """
     check_table(train, s)
+    natural = None
+    if s.partition.type == "natural":
+        natural = _natural_ids(train, s.partition)
     if s.model.task == "seq_cls":
         labels = np.asarray(label_ids(train, resolve_labels(s).data))
     elif s.data.label_column in train.columns:
         labels = train[s.data.label_column].to_numpy()
     else:
         labels = np.zeros(len(train), dtype=int)
-    return partition_indices(labels, num_partitions, s.partition)
+    return partition_indices(labels, num_partitions, s.partition, natural)
+
+
+def _natural_ids(table: pd.DataFrame, part: PartitionSettings) -> np.ndarray:
+    """The column ``partition.column`` of ``table`` (``partition.type=natural``)."""
+    column = part.column
+    if not column or column not in table.columns:
+        raise ConfigError(
+            "partition.column",
+            column,
+            "partition.type=natural needs the column naming each row's client; "
+            f"the data's columns are {list(table.columns)}",
+        )
+    return table[column].to_numpy()
 
 
 def server_examples(settings: Settings, tokenizer: Any) -> list[Example]:

@@ -218,11 +218,13 @@ class DataSettings(_Section):
 class PartitionSettings(_Section):
     """``partition``: how the training split is divided among the clients."""
 
-    type: str  # iid | dirichlet | shard
+    type: str  # iid | dirichlet | shard | natural
     alpha: float
     min_partition_size: int
     shards_per_client: int
     seed: int
+    #: natural: the data's column naming each row's client
+    column: str | None = optional()
 
 
 @dataclass(frozen=True)

@@ -169,10 +169,10 @@ def _problems(s: Settings) -> list[ConfigError]:
     )
     part = s.partition
     need(
-        part.type in ("iid", "dirichlet", "shard"),
+        part.type in ("iid", "dirichlet", "shard", "natural"),
         "partition.type",
         part.type,
-        "choose iid, dirichlet or shard",
+        "choose iid, dirichlet, shard or natural",
     )
     if part.type == "dirichlet":
         need(

@@ -211,3 +211,30 @@ def test_resolving_changes_only_the_labels_and_num_labels(settings, tmp_path):
     assert second.adapter.r == 2 and second.train.lr == 0.5
     assert second == with_(other, "model.num_labels", 3, "data.labels", list(NAMES))
     assert first.adapter.r == settings.adapter.r
+
+
+def test_natural_partition_gives_each_client_the_rows_of_one_id(settings, tmp_path):
+    """partition.type=natural: a client per value of partition.column (sorted)."""
+    t = table().assign(
+        site=[["b", "a", "c"][i % 3] if i < 45 else "a" for i in range(60)]
+    )
+    write(t.iloc[:54], tmp_path / "train.csv")
+    write(t.iloc[54:], tmp_path / "test.csv")
+    s = with_(
+        local(settings, tmp_path),
+        "partition.type",
+        "natural",
+        "partition.column",
+        "site",
+        "federation.num_clients",
+        3,
+    )
+    assert validate(s) == s  # checked before any work
+    train, parts = _partitioned(resolve_labels(s), 3)
+    assert [sorted(set(train.iloc[p]["site"])) for p in parts] == [["a"], ["b"], ["c"]]
+    assert sorted(np.concatenate(parts).tolist()) == list(range(54))
+    assert len(parts[0]) == 15 + 9  # uneven sizes, as the data has them
+    with pytest.raises(ConfigError, match=r"federation.num_clients=4.*has 3.*=3"):
+        validate(with_(s, "federation.num_clients", 4))
+    with pytest.raises(ConfigError, match=r"partition.column='user'.*'site'"):
+        validate(with_(s, "partition.column", "user"))
