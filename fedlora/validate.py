@@ -184,6 +184,14 @@ def _problems(s: Settings) -> list[ConfigError]:
     if data.name == "synthetic":
         for key in ("num_examples", "num_eval_examples"):
             positive_int(data, "data", key)
+        need(
+            not data.path,
+            "data.path",
+            data.path,
+            "data=synthetic (the default) is the built-in toy task and reads no "
+            "file; for your own data add data=local (with data.text_column and "
+            "data.label_column)",
+        )
     else:
         for key in ("train_split", "eval_split"):
             need(

@@ -238,3 +238,10 @@ def test_natural_partition_gives_each_client_the_rows_of_one_id(settings, tmp_pa
         validate(with_(s, "federation.num_clients", 4))
     with pytest.raises(ConfigError, match=r"partition.column='user'.*'site'"):
         validate(with_(s, "partition.column", "user"))
+
+
+def test_a_path_under_the_synthetic_task_points_at_data_local():
+    from strategies.server_app import compose
+
+    with pytest.raises(ConfigError, match=r"data.path='x.csv'.*data=local"):
+        compose(["data.path=x.csv"])

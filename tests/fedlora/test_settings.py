@@ -56,9 +56,9 @@ def test_options_without_a_key_leave_it_none_and_out_of_the_dict():
     typed = Settings.from_dict(settings(compose([])))  # privacy=none: only mode
     assert typed.privacy.mode == "none" and typed.privacy.target_epsilon is None
     assert typed.to_dict()["privacy"] == {"mode": "none"}
-    assert typed.data.path is None and "path" not in typed.to_dict()["data"]
-    moved = with_(typed, "data.path", "/elsewhere")  # set later: it travels
-    assert moved.to_dict()["data"]["path"] == "/elsewhere"
+    assert typed.data.hub_id is None and "hub_id" not in typed.to_dict()["data"]
+    moved = with_(typed, "data.hub_id", "glue")  # set later: it travels
+    assert moved.to_dict()["data"]["hub_id"] == "glue"
 
 
 def test_settings_are_frozen(settings):
