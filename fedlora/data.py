@@ -41,6 +41,21 @@ _TOKENISED: dict[str, tuple[list[Example], list[Example]]] = {}
 _PARTITIONED: dict[str, tuple[pd.DataFrame, list[np.ndarray]]] = {}
 
 
+def _files_stamp(path: str | None, limit: int = 1000) -> list[tuple[str, int, int]]:
+    """``(file, mtime_ns, size)`` of the data file, or of the files under the data
+    folder (at most ``limit``): a cache keyed by it sees a file rewritten in place."""
+    if not path:
+        return []
+    root = Path(path).expanduser()
+    if root.is_file():
+        files = [root]
+    elif root.is_dir():
+        files = sorted(p for p in root.rglob("*") if p.is_file())[:limit]
+    else:
+        return []
+    return [(str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files]
+
+
 def clear_caches() -> None:
     """Forget the partitions, label mappings and tokenised examples kept in this
     process."""
@@ -297,7 +312,11 @@ def resolve_labels(settings: Settings) -> Settings:
     s = settings
     if s.model.task != "seq_cls":
         return s
-    key = json.dumps([s.data.to_dict(), s.model.to_dict()], sort_keys=True, default=str)
+    key = json.dumps(
+        [s.data.to_dict(), s.model.to_dict(), _files_stamp(s.data.path)],
+        sort_keys=True,
+        default=str,
+    )
     if key not in _LABELS:
         _LABELS[key] = _resolved_labels(s)
     names, count = _LABELS[key]

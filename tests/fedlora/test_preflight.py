@@ -62,16 +62,18 @@ def test_labels_the_head_cannot_take_name_the_key_and_the_fix(settings, tmp_path
     assert pre.data_problems(ok) == []
     (problem,) = pre.data_problems(local_data(settings, tmp_path, [0, 1, 2, 3] * 5))
     assert problem.key == "model.num_labels" and problem.found == 2
-    assert "labels [2, 3] outside 0..1; set model.num_labels=4" in problem.fix
-    (problem,) = pre.data_problems(local_data(settings, tmp_path, ["pos", "neg"] * 10))
-    assert problem.key == "data.label_column" and problem.found == "label"
-    assert "not class indices (e.g. ['pos', 'neg'])" in problem.fix
+    assert "integer labels go up to 3, so the model needs 4 labels" in problem.fix
+    # string labels are names: three of them do not fit a two-label head
+    three = local_data(settings, tmp_path, ["pos", "neg", "mid"] * 5, ["pos", "neg"])
+    (problem,) = pre.data_problems(three)
+    assert problem.key == "model.num_labels" and problem.found == 2
+    assert "the data has 3 labels ['mid', 'neg', 'pos']" in problem.fix
     # the evaluation split too, which is also what the server itself checks
     bad_dev = local_data(settings, tmp_path, [0, 1] * 10, dev_labels=[-1, -1])
     (problem,) = pre.data_problems(bad_dev)
-    assert problem.key == "model.num_labels" and "negative labels" in problem.fix
+    assert problem.key == "data.label_column" and "negative labels (-1)" in problem.fix
     tokenizer = load_tokenizer(settings.model)
-    with pytest.raises(ConfigError, match=r"^model\.num_labels=2: .*\[-1\]"):
+    with pytest.raises(ConfigError, match=r"^data\.label_column='label': .*\(-1\)"):
         server_examples(bad_dev, tokenizer)
 
 
