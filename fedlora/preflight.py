@@ -37,7 +37,9 @@ def model_problems(s: Settings) -> list[ConfigError]:
     except ConfigError as exc:
         return [exc]
     if s.model.task == "seq_cls":
-        config = AutoConfig.from_pretrained(path, num_labels=int(s.model.num_labels))
+        # the head's size does not change the module names (null: from the data)
+        n = s.model.num_labels
+        config = AutoConfig.from_pretrained(path, num_labels=int(n or 2))
         auto = AutoModelForSequenceClassification
     else:
         config = AutoConfig.from_pretrained(path)
