@@ -40,6 +40,7 @@ def local_data(settings, tmp_path, train_labels, dev_labels=(0, 1)):
 def test_target_modules_the_model_lacks_are_found_without_loading_it(settings):
     before = torch.random.get_rng_state()
     assert pre.model_problems(settings) == []  # query, value: BERT's
+    assert pre.model_problems(with_(settings, "model.num_labels", None)) == []
     (problem,) = pre.model_problems(with_(settings, "adapter.target_modules", ["foo"]))
     assert problem.key == "adapter.target_modules" and problem.found == ["foo"]
     assert (
