@@ -48,6 +48,7 @@ from fedlora.errors import ConfigError
 from fedlora.lora_sb import gradient_sums
 from fedlora.methods import Method, from_settings
 from fedlora.models import resolve_device
+from fedlora.node_state import NodeStore
 from fedlora.settings import Settings
 from fedlora.train import evaluate as evaluate_model
 from fedlora.train import train_local
@@ -178,6 +179,16 @@ def _load_adapter(
     local = {k: v for k, v in initial.items() if method.keeps_local(k)}
     if local and KEY_STATE_LOCAL in context.state:
         local = record_to_state(context.state[KEY_STATE_LOCAL])
+    elif local and (store := node_store(msg, context, partition)) is not None:
+        # a new Flower run (a resume) or a restarted node: its copy on disk, from
+        # before this round (an evaluation reads the round's own)
+        evaluating = msg.metadata.message_type == MessageType.EVALUATE
+        saved = store.load(before=server_round + int(evaluating))
+        if saved is not None:
+            local, kept = saved
+            context.state[KEY_STATE_LOCAL] = state_to_record(local)
+            kept_rounds = ConfigRecord({KEY_LOCAL_ROUNDS: kept})
+            context.state[KEY_STATE_LOCAL_ROUNDS] = kept_rounds
     sent = record_to_state(msg.content[KEY_ARRAYS]) if KEY_ARRAYS in msg.content else {}
     if KEY_GLOBAL_SYNC in msg.content:  # the changes since this node's copy
         sent = _merge_global(msg, context, sent)
@@ -339,6 +350,8 @@ def train(msg: Message, context: Context) -> Message:
         rounds = int(kept[KEY_LOCAL_ROUNDS]) + 1 if kept is not None else 1
         context.state[KEY_STATE_LOCAL_ROUNDS] = ConfigRecord({KEY_LOCAL_ROUNDS: rounds})
         public[KEY_LOCAL_ROUNDS] = rounds
+        if (store := node_store(msg, context, pid)) is not None:
+            store.save(server_round, local, rounds)  # before the reply
     public.update(
         {
             KEY_PARTITION: pid,
@@ -354,6 +367,17 @@ def train(msg: Message, context: Context) -> Message:
         {KEY_ARRAYS: state_to_record(update), KEY_METRICS: MetricRecord(public)}
     )
     return Message(content=content, reply_to=msg)
+
+
+def node_store(msg: Message, context: Context, pid: int) -> NodeStore | None:
+    """This node's own state on its disk, ``<data-dir>/node-state`` (else
+    ``$FEDLORA_CLIENT_DIR/node-state``), for the run the message names; None when
+    the node has neither (it then keeps the state in its Flower context only)."""
+    base = context.node_config.get("data-dir") or os.environ.get(privacy.CLIENT_DIR_ENV)
+    run_id = msg.content[KEY_CONFIG].get(KEY_RUN_ID)
+    if not base or run_id is None:
+        return None
+    return NodeStore(Path(str(base)).expanduser() / "node-state", str(run_id), pid)
 
 
 def ledger_root(context: Context) -> Path:
