@@ -2,7 +2,7 @@
 
     python -m deploy.launch [--tls] [--auth] [--out DIR] [--work DIR]
                                  [--timeout S] [--node-config I:KEY=VALUE ...]
-                                 [hydra overrides ...]
+                                 [--resume RUN_DIR] [hydra overrides ...]
 
 It starts the services of ``docker-compose.yml`` with the same flags
 (:func:`commands`): ``superlink`` (Fleet API on gRPC, Control/Runtime API on HTTP),
@@ -14,6 +14,12 @@ e.g. ``--node-config 0:rank=2``: that node trains LoRA rank 2) and
 experiment with ``flwr run . <connection> --run-config <toml>`` (the Hydra overrides
 and the output directory), waits for ``finished:completed``, checks the run directory
 and stops every process it started, by PID, also when the run fails.
+
+The SuperLink keeps its state in ``<work>/state/superlink.db`` (emptied at each
+launch): if it exits mid-run, the launcher starts it again on that database and the
+run continues. A run that fails anyway (e.g. its ServerApp died) is continued from
+its newest checkpoint with ``--resume RUN_DIR`` (the launcher prints the command).
+The SuperLink and SuperNodes serve gRPC health checks (``--health-server-address``).
 
 Fault drills: :meth:`Services.kill` SIGKILLs one service's process group and
 :meth:`Services.restart` starts it again with the same flags; a ``watch`` callback
@@ -76,6 +82,9 @@ class Plan:
         The SuperLink's address, bound and dialled.
     fleet_port, control_port, node_ports : int, int, list of int
         Fleet API, Control/Runtime API, SuperNodes' Runtime APIs (0: free ports).
+    health_ports : list of int
+        The gRPC health servers (``grpc.health.v1``, no TLS, on 127.0.0.1) of the
+        SuperLink, then of each SuperNode (empty: free ports).
     prefix : dict
         Service name -> command prefix, e.g. ``["ip", "netns", "exec", "ns0"]``.
     node_config : dict
@@ -91,6 +100,7 @@ class Plan:
     fleet_port: int = 0
     control_port: int = 0
     node_ports: list[int] = field(default_factory=list)
+    health_ports: list[int] = field(default_factory=list)
     prefix: dict[str, list[str]] = field(default_factory=dict)
     node_config: dict[int, str] = field(default_factory=dict)
 
@@ -101,6 +111,8 @@ class Plan:
             self.fleet_port, self.control_port, *self.node_ports = free_ports(
                 2 + self.num_supernodes
             )
+        if not self.health_ports:
+            self.health_ports = free_ports(1 + self.num_supernodes)
 
     @property
     def certs(self) -> Path:
@@ -109,6 +121,17 @@ class Plan:
     @property
     def control_address(self) -> str:
         return f"{self.host}:{self.control_port}"
+
+    @property
+    def database(self) -> Path:
+        """The SuperLink's state (runs, nodes, messages): it survives a restart."""
+        return self.work / "state" / "superlink.db"
+
+    def health_address(self, service: str) -> str:
+        """``127.0.0.1:<port>`` of the health server of ``superlink`` or
+        ``supernode-<i>``."""
+        index = 0 if service == "superlink" else 1 + int(service.rsplit("-", 1)[1])
+        return f"127.0.0.1:{self.health_ports[index]}"
 
 
 def free_ports(n: int) -> list[int]:
@@ -162,6 +185,10 @@ def commands(plan: Plan) -> dict[str, list[str]]:
             "--fleet-api-address",
             fleet,
             "--disable-runtime-dependency-installation",
+            "--database",
+            str(plan.database),
+            "--health-server-address",
+            plan.health_address("superlink"),
             *(["--enable-supernode-auth"] if plan.auth else []),
         ],
         "superexec-serverapp": [
@@ -193,6 +220,8 @@ def commands(plan: Plan) -> dict[str, list[str]]:
                     *([plan.node_config[i]] if plan.node_config.get(i) else []),
                 ]
             ),
+            "--health-server-address",
+            plan.health_address(f"supernode-{i}"),
         ]
         out[f"superexec-clientapp-{i}"] = [
             "flower-superexec",
@@ -213,6 +242,7 @@ class Services:
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.restarts = 0  # of the SuperLink, by :func:`restart_superlink`
 
     def env(self, home: str) -> dict[str, str]:
         """This environment plus quiet Flower settings and its own ``FLWR_HOME``."""
@@ -444,6 +474,10 @@ def start(plan: Plan, services: Services, timeout: float = 120) -> None:
     """Start the SuperLink, register the SuperNodes' keys (``auth``), start the
     SuperNodes and the SuperExecs; return once every SuperNode is connected."""
     plan.work.mkdir(parents=True, exist_ok=True)
+    plan.database.parent.mkdir(exist_ok=True)
+    for stale in plan.database.parent.glob(plan.database.name + "*"):
+        stale.unlink()  # a launch starts with an empty SuperLink state (the runs
+        # and nodes of an earlier launch are gone); a restart within it keeps it
     if plan.tls:
         make_certs(plan)
     write_connection(plan)
@@ -511,20 +545,18 @@ def run_experiment(
     print(
         f"[deploy] run {run_id} submitted; its log: {services.log('run')}", flush=True
     )
-    follower = services.start(
-        "run",
-        [str(BIN / "flwr"), "log", str(run_id), CONNECTION, "--stream"],
-        home="cli",
-    )
-    shown = 0
+    follow = [str(BIN / "flwr"), "log", str(run_id), CONNECTION, "--stream"]
+    follower = services.start("run", follow, home="cli")
+    shown, printed = 0, set()
 
     def show_progress() -> list[str]:  # the ServerApp's "[fedlora] round ..." lines
         nonlocal shown
         text = tail(services.log("run"), 10**8)
         lines = text[: text.rfind("\n") + 1].splitlines()  # complete lines only
         new, shown = lines[shown:], len(lines)
-        for line in new:
-            if line.startswith("[fedlora]"):
+        for line in new:  # a stream started again repeats the log from its start
+            if line.startswith("[fedlora]") and line not in printed:
+                printed.add(line)
                 print(line, flush=True)
         return new
 
@@ -537,14 +569,25 @@ def run_experiment(
         lines = show_progress()
         if watch is not None:
             watch(services, lines)
+        restart_superlink(services, run_id)
         services.check_alive()
         running = bool(_descendants(services.procs["superexec-serverapp"].pid))
         ended, seen = ended or (seen and not running), seen or running
         if ended or time.monotonic() - asked > 15:
             asked = time.monotonic()
-            row = flwr(services, "ls", CONNECTION, "--run-id", str(run_id))["runs"][0]
+            try:
+                ls = flwr(services, "ls", CONNECTION, "--run-id", str(run_id))
+            except (RuntimeError, subprocess.TimeoutExpired):
+                ls = None  # the SuperLink is not answering (yet): ask again later
+            row = ls["runs"][0] if ls else {"status": "unknown"}
             if row["status"].startswith("finished"):
                 break
+        if (
+            follower.poll() is not None
+            and running
+            and port_open(plan.host, plan.control_port)
+        ):  # the log stream broke (the SuperLink went away) and the run goes on
+            follower = services.start("run", follow, home="cli")
         if time.monotonic() > deadline:
             flwr(services, "stop", str(run_id), CONNECTION)
             raise TimeoutError(f"run {run_id} still running after {timeout} s")
@@ -556,9 +599,62 @@ def run_experiment(
     if row["status"] != "finished:completed":
         raise RuntimeError(
             f"run {run_id} ended {row['status']}: "
-            f"{row.get('status-details')}\n" + tail(services.log("run"))
+            f"{row.get('status-details')}\n"
+            + tail(services.log("run"))
+            + resume_hint(out, plan.work)
         )
     return row
+
+
+def resume_hint(out: Path, work: Path) -> str:
+    """How to continue a failed run from the newest checkpoint in ``out`` (or that
+    there is none)."""
+    from fedlora import checkpoint
+
+    ckpt = checkpoint.load_latest(out)
+    if ckpt is None:
+        return f"\n[deploy] {out} holds no checkpoint: the run cannot be resumed"
+    return (
+        f"\n[deploy] {out} holds the checkpoint of round {ckpt.round}; continue the "
+        f"run with: python -m deploy.launch --resume {out} --work {work}"
+    )
+
+
+#: restarts of the SuperLink one launch allows before it gives up
+SUPERLINK_RESTARTS = 3
+
+
+def restart_superlink(services: Services, run_id: int) -> bool:
+    """Start the SuperLink again if it has exited (as a supervisor would), on its
+    database, and say so; True when it did. The SuperNodes and SuperExecs
+    reconnect by themselves and the run goes on where it was. After
+    :data:`SUPERLINK_RESTARTS` restarts it is left dead (:meth:`Services.check_alive`
+    then reports it)."""
+    proc = services.procs.get("superlink")
+    if proc is None or proc.poll() is None or services.restarts >= SUPERLINK_RESTARTS:
+        return False
+    services.restarts += 1
+    plan = services.plan
+    print(
+        f"[deploy] the SuperLink exited with code {proc.returncode}; restarting it "
+        f"on its database {plan.database} ({services.restarts} of "
+        f"{SUPERLINK_RESTARTS} restarts)",
+        flush=True,
+    )
+    del services.procs["superlink"]
+    services.restart("superlink")
+    wait_for(
+        "SuperLink",
+        lambda: port_open(plan.host, plan.fleet_port),
+        services,
+        120,
+    )
+    print(
+        f"[deploy] the SuperLink is back: run {run_id} continues "
+        "(the SuperNodes reconnect by themselves)",
+        flush=True,
+    )
+    return True
 
 
 def check_run_dir(out: Path) -> None:
@@ -603,6 +699,9 @@ def deploy(
         run directory is incomplete. Every started process is stopped first.
     """
     out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = {"status": "running", "work": str(plan.work)}
+    (out / "deployment.json").write_text(json.dumps(record, indent=2))  # --resume
     services = Services(plan)
     started = time.perf_counter()
     try:
@@ -622,6 +721,16 @@ def deploy(
     }
     (out / "deployment.json").write_text(json.dumps(record, indent=2))
     return json.loads((out / "summary.json").read_text())
+
+
+def recorded_work(run_dir: Path) -> Path | None:
+    """The work folder ``run_dir/deployment.json`` records (its nodes' data: caches,
+    DP-SGD privacy ledgers), if it still exists."""
+    record = Path(run_dir) / "deployment.json"
+    if not record.is_file():
+        return None
+    work = Path(json.loads(record.read_text())["work"])
+    return work if work.is_dir() else None
 
 
 def parse_node_config(entries: list[str], n: int) -> dict[int, str]:
@@ -653,10 +762,15 @@ def parse_node_config(entries: list[str], n: int) -> dict[int, str]:
 
 
 def experiment(overrides: list[str]) -> Settings:
-    """``conf/`` composed with ``overrides`` and checked, as the ServerApp will."""
-    from strategies.server_app import compose_settings
+    """``conf/`` composed with ``overrides`` and checked, as the ServerApp will
+    (with ``resume=<run dir>``: the checkpoint's settings)."""
+    from fedlora.validate import validate
+    from strategies.server_app import compose, resume_config, settings
 
-    return compose_settings(overrides)
+    cfg = compose(overrides)
+    if cfg.resume:
+        cfg = resume_config(cfg, overrides)
+    return validate(settings(cfg))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -690,7 +804,19 @@ def main(argv: list[str] | None = None) -> None:
         metavar="I:KEY=VALUE",
         help="add KEY=VALUE to SuperNode I's node config, e.g. 0:rank=2 (repeatable)",
     )
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its newest checkpoint (default --out "
+        "RUN_DIR, --work: the one its deployment.json records)",
+    )
     args = parser.parse_args(argv)
+    if args.resume:
+        args.resume = args.resume.resolve()
+        args.out = args.out or args.resume
+        args.work = args.work or recorded_work(args.resume)
+        args.overrides = [*args.overrides, f"resume={args.resume}"]
     try:
         cfg = experiment(args.overrides)
         node_config = parse_node_config(

@@ -28,8 +28,16 @@ FILES = {
     "--ssl-keyfile",
     "--root-certificates",
     "--auth-supernode-private-key",
+    "--database",
 }  # compared by file name
-ADDRESSES = {"--fleet-api-address", "--superlink", "--runtime-api-address"}  # by port
+ADDRESSES = {
+    "--fleet-api-address",
+    "--superlink",
+    "--runtime-api-address",
+    "--health-server-address",
+}  # compared by port
+#: one-shot compose services that prepare volumes; the launcher has no such step
+INIT = {"superlink-state-init"}
 PROGRAMS = {
     "flwr/superlink": "flower-superlink",
     "flwr/supernode": "flower-supernode",
@@ -83,8 +91,11 @@ def test_deploy_compose_services_run_the_launchers_commands(auth):
         fleet_port=9092,
         control_port=9093,
         node_ports=[9094, 9095],
+        health_ports=[9080, 9081, 9082],
     )
     launcher = deploy.commands(plan)
+    assert INIT <= set(services)
+    services = {n: svc for n, svc in services.items() if n not in INIT}
     assert sorted(services) == sorted(launcher)
     for name, svc in services.items():
         image = svc["image"].split(":")[0]
