@@ -547,6 +547,7 @@ def run_experiment(
     )
     follow = [str(BIN / "flwr"), "log", str(run_id), CONNECTION, "--stream"]
     follower = services.start("run", follow, home="cli")
+    followed = services.restarts  # SuperLink restarts the log stream has seen
     shown, printed = 0, set()
 
     def show_progress() -> list[str]:  # the ServerApp's "[fedlora] round ..." lines
@@ -583,10 +584,11 @@ def run_experiment(
             if row["status"].startswith("finished"):
                 break
         if (
-            follower.poll() is not None
-            and running
+            services.restarts > followed
+            and follower.poll() is not None
             and port_open(plan.host, plan.control_port)
-        ):  # the log stream broke (the SuperLink went away) and the run goes on
+        ):  # the log stream broke with the SuperLink: follow the run again
+            followed = services.restarts
             follower = services.start("run", follow, home="cli")
         if time.monotonic() > deadline:
             flwr(services, "stop", str(run_id), CONNECTION)
@@ -723,6 +725,17 @@ def deploy(
     return json.loads((out / "summary.json").read_text())
 
 
+def planned_rounds(run_dir: Path) -> int | None:
+    """The ``federation.rounds`` of the run whose newest checkpoint is in
+    ``run_dir``; None when there is none."""
+    from fedlora import checkpoint
+
+    ckpt = checkpoint.load_latest(run_dir)
+    if ckpt is None:
+        return None
+    return int(ckpt.state["settings"]["federation"]["rounds"])
+
+
 def recorded_work(run_dir: Path) -> Path | None:
     """The work folder ``run_dir/deployment.json`` records (its nodes' data: caches,
     DP-SGD privacy ledgers), if it still exists."""
@@ -817,6 +830,11 @@ def main(argv: list[str] | None = None) -> None:
         args.out = args.out or args.resume
         args.work = args.work or recorded_work(args.resume)
         args.overrides = [*args.overrides, f"resume={args.resume}"]
+        rounds = planned_rounds(args.resume)
+        if rounds and not any(
+            o.startswith("federation.rounds=") for o in args.overrides
+        ):  # the run's own rounds, not conf/'s default
+            args.overrides.append(f"federation.rounds={rounds}")
     try:
         cfg = experiment(args.overrides)
         node_config = parse_node_config(
