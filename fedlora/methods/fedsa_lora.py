@@ -26,9 +26,10 @@ class FedSALoRA(Method):
     The main metric is the clients' federated evaluation of their own models on
     their held-out slices. The server holds no ``B`` but the seeded initial one
     (``0`` under PEFT's init), so its own evaluation measures ``A`` and the head
-    without any ``B``: reported, labelled as such in ``summary.json``. A new or
-    restarted node starts its ``B`` from that initial value: it loses its
-    personalisation and needs a few rounds of its own training to regain it.
+    without any ``B``: reported, labelled as such in ``summary.json``. A new node
+    starts its ``B`` from that initial value and needs a few rounds of its own
+    training to personalise it; a node with a data folder keeps its ``B`` there too
+    (:mod:`fedlora.node_state`), so a restart or a resumed run reloads it.
 
     Parameters
     ----------
