@@ -27,10 +27,12 @@ from strategies.wire import (
     KEY_BASE_TO,
     KEY_CONFIG,
     KEY_EXPERIMENT,
+    KEY_LOCAL_ROUNDS,
     KEY_METRICS,
     KEY_NUM_EXAMPLES,
     KEY_RANK,
     KEY_ROUND,
+    KEY_RUN_ID,
     KEY_STATE_LOCAL,
     record_to_state,
     state_to_record,
@@ -140,6 +142,49 @@ def test_fedsa_keeps_each_nodes_b_on_the_node_and_sends_only_a(settings):
     assert ev_own.content[KEY_METRICS]["eval_loss"] != pytest.approx(
         ev_fresh.content[KEY_METRICS]["eval_loss"], rel=1e-9
     )
+
+
+def test_a_fedsa_node_with_a_data_dir_reloads_its_b_after_a_restart_or_resume(
+    settings, tmp_path
+):
+    """With a ``data-dir`` and the run's id, a node also keeps its B on disk: a new
+    context (a restarted SuperNode, or a resumed run, which is a new Flower run)
+    starts from the B of the newest round before the one it trains, also when
+    that round had been trained already (a dead server's round)."""
+    cfg = method_settings(settings, FEDSA)
+    initial = _wire(cfg)
+    b_keys = {k for k in initial if ".lora_B." in k}
+    sent = {k: v for k, v in initial.items() if k not in b_keys}
+    still = with_(cfg, "train.lr", 0.0)  # nothing trains: B stays as it started
+
+    def on_disk(folder: str) -> Context:
+        ctx = node(0)
+        ctx.node_config["data-dir"] = str(tmp_path / folder)
+        return ctx
+
+    def train(c, server_round, ctx, run_id="20261203-000000-abcd1234"):
+        msg = message(c, sent, server_round)
+        msg.content[KEY_CONFIG][KEY_RUN_ID] = run_id
+        return client_train(msg, ctx)
+
+    # round 3 after a restart; round 2 again after a resume (the dead server had
+    # sent it, the node had trained it): each on a node that trained rounds 1, 2
+    for folder, server_round, start, kept in (("a", 3, 2, 3), ("b", 2, 1, 2)):
+        first = on_disk(folder)
+        held = {}
+        for r in (1, 2):
+            train(cfg, r, first)
+            held[r] = record_to_state(first.state[KEY_STATE_LOCAL])
+        assert any(np.abs(held[2][k] - held[1][k]).max() > 0 for k in b_keys)
+        fresh = on_disk(folder)
+        reply = train(still, server_round, fresh)
+        assert reply.content[KEY_METRICS][KEY_LOCAL_ROUNDS] == kept
+        for k, v in record_to_state(fresh.state[KEY_STATE_LOCAL]).items():
+            np.testing.assert_array_equal(v, held[start][k])
+    other_run = on_disk("a")  # another run finds nothing of this one
+    train(still, 3, other_run, run_id="20261203-000000-ffff0000")
+    for k, v in record_to_state(other_run.state[KEY_STATE_LOCAL]).items():
+        np.testing.assert_array_equal(v, initial[k])
 
 
 def folds_message(cfg, state, server_round, start, end, delta: BaseDelta):
