@@ -212,7 +212,9 @@ def commands(plan: Plan) -> dict[str, list[str]]:
             "127.0.0.1",
             "--port",
             str(port),
-            "--node-config",
+            "--health-server-address",
+            plan.health_address(f"supernode-{i}"),
+            "--node-config",  # last: drills and tests read it there
             " ".join(
                 [
                     f"partition-id={i} num-partitions={n}",
@@ -220,8 +222,6 @@ def commands(plan: Plan) -> dict[str, list[str]]:
                     *([plan.node_config[i]] if plan.node_config.get(i) else []),
                 ]
             ),
-            "--health-server-address",
-            plan.health_address(f"supernode-{i}"),
         ]
         out[f"superexec-clientapp-{i}"] = [
             "flower-superexec",
