@@ -5,17 +5,16 @@ failing round after round; one node's own bad setting does not stop its peers.""
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from flwr.app import ConfigRecord, Error, Message, RecordDict
+from flwr.app import Error, Message, RecordDict
 
 from fedlora.errors import ClientConfigError
 from fedlora.methods.fedavg_lora import FedAvgLoRA
 from strategies.strategy import LoRAStrategy
-from strategies.wire import ERROR_CONFIG, KEY_CONFIG, KEY_EXPERIMENT
+from strategies.wire import ERROR_CONFIG
 from tests.fedlora.methods.test_methods import (  # noqa: F401 - fixtures
     client_frozen,
+    edit_experiment,
     experiment,
     federated_round,
 )
@@ -27,21 +26,10 @@ def without_label_column(*nodes):
     """A tamper for ``federated_round``: these nodes' data lack the label column
     (as a deployed node's own data could)."""
 
-    def tamper(node, msg):
-        if node not in nodes:
-            return msg
-        cfg = json.loads(str(msg.content[KEY_CONFIG][KEY_EXPERIMENT]))
+    def no_column(cfg):
         cfg["data"]["label_column"] = "nope"
-        config = ConfigRecord(
-            {**dict(msg.content[KEY_CONFIG]), KEY_EXPERIMENT: json.dumps(cfg)}
-        )
-        return Message(
-            content=RecordDict({**dict(msg.content.items()), KEY_CONFIG: config}),
-            message_type=msg.metadata.message_type,
-            dst_node_id=node,
-        )
 
-    return tamper
+    return edit_experiment(nodes, no_column)
 
 
 def test_config_errors_in_every_client_stop_the_run_with_their_message(

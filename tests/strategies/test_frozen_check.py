@@ -3,11 +3,9 @@ Fed-SB's exactness rests on every client using the server's ``A`` (and ``B``).""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Message, MetricRecord, RecordDict
 
 from clients import client_app
 from fedlora import adapters
@@ -18,8 +16,6 @@ from fedlora.methods.ffa_lora import FFALoRA
 from fedlora.settings import with_
 from strategies.strategy import LoRAStrategy
 from strategies.wire import (
-    KEY_CONFIG,
-    KEY_EXPERIMENT,
     KEY_FROZEN,
     record_to_state,
     state_to_record,
@@ -28,6 +24,7 @@ from tests.conftest import FFA_LORA, exchange
 from tests.fedlora.methods.test_methods import (  # noqa: F401 - fixtures
     client_frozen,
     dense_check,
+    edit_experiment,
     experiment,
     federated_round,
 )
@@ -131,21 +128,14 @@ def test_an_ffa_client_with_another_a_is_rejected_and_the_rest_stays_exact(
 ):
     """Node 3 builds its model from another seed, so its A is not the server's."""
 
-    def other_seed(node, msg):
-        if node != 3:
-            return msg
-        cfg = json.loads(str(msg.content[KEY_CONFIG][KEY_EXPERIMENT]))
+    def other_seed(cfg):
         cfg["federation"]["seed"] += 1
-        config = ConfigRecord(
-            {**dict(msg.content[KEY_CONFIG]), KEY_EXPERIMENT: json.dumps(cfg)}
-        )
-        return Message(
-            content=RecordDict({**dict(msg.content.items()), KEY_CONFIG: config}),
-            message_type=msg.metadata.message_type,
-            dst_node_id=node,
-        )
 
-    rnd = federated_round(experiment(tiny_bert, "ffa_lora"), client_frozen, other_seed)
+    rnd = federated_round(
+        experiment(tiny_bert, "ffa_lora"),
+        client_frozen,
+        edit_experiment({3}, other_seed),
+    )
     # exact over the updates the server aggregated, each with its client's own A
     assert dense_check(rnd, aggregated(rnd)).error < 1e-5
     assert len(aggregated(rnd)) == 2

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from clients import client_app
 from fedlora.adapters import get_frozen_state, get_state
@@ -26,7 +26,12 @@ from fedlora.methods.lora_fair import LoRAFAIR
 from fedlora.settings import Settings
 from strategies.server_app import compose, settings
 from strategies.strategy import LoRAStrategy
-from strategies.wire import KEY_EXPERIMENT, record_to_state, state_to_record
+from strategies.wire import (
+    KEY_CONFIG,
+    KEY_EXPERIMENT,
+    record_to_state,
+    state_to_record,
+)
 
 D_OUT, D_IN, R, K = 20, 14, 3, 4
 LAYERS = ("l0.query", "l0.value", "l1.query")
@@ -99,6 +104,28 @@ class Round:
     messages: list[Any]  # the strategy's train messages
     server_round: int
     contexts: dict[int, Any]  # each node's Flower context (its state across rounds)
+
+
+def edit_experiment(nodes, edit):
+    """A tamper for :func:`federated_round`: the train message of each node in
+    ``nodes`` carries the experiment settings as ``edit(settings dict)`` changed
+    them (a node with other local settings)."""
+
+    def tamper(node, msg):
+        if node not in nodes:
+            return msg
+        cfg = json.loads(str(msg.content[KEY_CONFIG][KEY_EXPERIMENT]))
+        edit(cfg)
+        config = ConfigRecord(
+            {**dict(msg.content[KEY_CONFIG]), KEY_EXPERIMENT: json.dumps(cfg)}
+        )
+        return Message(
+            content=RecordDict({**dict(msg.content.items()), KEY_CONFIG: config}),
+            message_type=msg.metadata.message_type,
+            dst_node_id=node,
+        )
+
+    return tamper
 
 
 def federated_round(cfg, client_frozen, tamper=None, previous=None):
