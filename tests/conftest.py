@@ -214,6 +214,29 @@ def exchange(strategy: Any, global_state: dict, contents: list) -> list:
     return replies
 
 
+def adapter_metrics(base: Any, adapter_dir: Path, settings: Settings) -> dict:
+    """The server-side evaluation metrics (``eval_accuracy``, ``eval_loss``) of the
+    adapter saved in ``adapter_dir``
+    read back by PEFT onto ``base`` (what a user loading the run's adapter gets)."""
+    import torch
+    from peft import PeftModel
+
+    from fedlora.data import server_examples
+    from fedlora.models import load_tokenizer
+    from fedlora.train import evaluate
+
+    loaded = PeftModel.from_pretrained(base, str(adapter_dir))
+    tok = load_tokenizer(settings.model)
+    return evaluate(
+        loaded,
+        server_examples(settings, tok),
+        "seq_cls",
+        torch.device("cpu"),
+        tok.pad_token_id,
+        settings.train.eval_batch_size,
+    )
+
+
 def assert_same_logits(model: Any, loaded: Any, settings: Settings, tokenizer: Any):
     """``loaded`` (e.g. an exported adapter read back by PEFT) gives ``model``'s
     logits on a batch of partition 0's first 8 examples (atol 1e-5)."""

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from safetensors.numpy import load_file
 
-from tests.conftest import run_front_door
+from tests.conftest import adapter_metrics, run_front_door
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +60,10 @@ def test_run_directory_holds_the_contract_files(run_dir):
 
 @pytest.mark.slow
 def test_global_adapter_changed_and_loads_in_peft_with_the_same_predictions(run_dir):
-    from peft import PeftModel
-
     from fedlora.adapters import get_state
     from fedlora.build import build
-    from fedlora.data import server_examples
     from fedlora.models import load_base_model
     from fedlora.settings import Settings
-    from fedlora.train import evaluate
 
     cfg = Settings.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     initial_model, tok = build(cfg)
@@ -83,15 +78,7 @@ def test_global_adapter_changed_and_loads_in_peft_with_the_same_predictions(run_
     assert all(changed)  # every A moved away from its shared initialisation
 
     base = load_base_model(cfg.model, seed=12345)  # the head comes from the adapter
-    loaded = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
-    metrics = evaluate(
-        loaded,
-        server_examples(cfg, tok),
-        "seq_cls",
-        torch.device("cpu"),
-        tok.pad_token_id,
-        cfg.train.eval_batch_size,
-    )
+    metrics = adapter_metrics(base, run_dir / "adapter", cfg)
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert metrics["eval_accuracy"] == last["eval_accuracy"]
     assert metrics["eval_loss"] == pytest.approx(last["eval_loss"], abs=1e-5)

@@ -7,10 +7,9 @@ import random
 
 import pandas as pd
 import pytest
-import torch
 import yaml
 
-from tests.conftest import run_front_door
+from tests.conftest import adapter_metrics, run_front_door
 
 NAMES = ["negative", "neutral", "positive"]  # sorted: ids 0, 1, 2
 
@@ -35,12 +34,8 @@ def reviews(tmp_path_factory):
 def test_a_csv_of_string_labels_runs_and_its_adapter_keeps_the_names(
     tiny_bert, reviews, tmp_path
 ):
-    from peft import PeftModel
-
-    from fedlora.data import server_examples
-    from fedlora.models import load_base_model, load_tokenizer
+    from fedlora.models import load_base_model
     from fedlora.settings import Settings
-    from fedlora.train import evaluate
 
     run = tmp_path / "run"
     rows = run_front_door(
@@ -62,15 +57,6 @@ def test_a_csv_of_string_labels_runs_and_its_adapter_keeps_the_names(
     # the adapter loads onto a base model with the run's label names
     cfg = Settings.from_dict(resolved)
     base = load_base_model(cfg.model, seed=7, labels=record)  # labels.json as is
-    loaded = PeftModel.from_pretrained(base, str(run / "adapter"))
-    assert loaded.config.id2label[2] == "positive"
-    tok = load_tokenizer(cfg.model)
-    metrics = evaluate(
-        loaded,
-        server_examples(cfg, tok),
-        "seq_cls",
-        torch.device("cpu"),
-        tok.pad_token_id,
-        cfg.train.eval_batch_size,
-    )
+    assert base.config.id2label[2] == "positive"
+    metrics = adapter_metrics(base, run / "adapter", cfg)
     assert metrics["eval_accuracy"] == rows[-1]["eval_accuracy"]
