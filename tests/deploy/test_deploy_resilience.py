@@ -158,14 +158,22 @@ def test_deploy_superlink_restarted(tiny_bert, uninterrupted, tmp_path, capsys):
     continues with no failure to the uninterrupted run's adapter, bit for bit."""
     work, out = tmp_path / "work", tmp_path / "run"
     t: dict[str, float] = {}
+    at_kill: dict[str, int] = {}  # each node's log length when the SuperLink died
 
     def reconnected(services: deploy.Services, node: str) -> bool:
-        return "Connection successful" in services.log(node).read_text()
+        """The node talks to the restarted SuperLink: it logged a reconnection
+        after failed attempts, or (it tried nothing during the outage) it sent its
+        round-2 reply since the kill."""
+        new = services.log(node).read_text()[at_kill[node] :]
+        if "Connection attempt failed" in new:
+            return "Connection successful" in new
+        return "Sending: train message" in new
 
     def watch(services: deploy.Services, lines: list[str]) -> None:
         nodes = ["supernode-0", "supernode-1"]
         if "kill" not in t and all(received(services, n) == 2 for n in nodes):
             link = services.procs["superlink"]
+            at_kill.update({n: len(services.log(n).read_text()) for n in nodes})
             deploy._signal_group(link.pid, signal.SIGKILL)
             link.wait()
             t["kill"] = time.monotonic()  # the launcher notices and restarts it
