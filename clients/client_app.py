@@ -85,6 +85,7 @@ from strategies.wire import (
     KEY_STATE_LOCAL,
     KEY_STATE_LOCAL_ROUNDS,
     PHASE_GRADIENT,
+    exact_record,
     record_to_state,
     state_to_record,
 )
@@ -265,7 +266,7 @@ def _sync_base(msg: Message, context: Context, model: Any) -> None:
                 "whole sum next time"
             )
         held_round = end
-        context.state[KEY_STATE_BASE] = state_to_record(held.to_state())
+        context.state[KEY_STATE_BASE] = exact_record(held.to_state())
     set_base_delta(model, held.matrices())
     context.state[KEY_STATE_BASE_ROUND] = ConfigRecord({KEY_BASE_TO: held_round})
 

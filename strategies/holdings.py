@@ -31,6 +31,7 @@ from strategies.wire import (
     KEY_BASE_TO,
     KEY_FROZEN,
     KEY_GLOBAL_SYNC,
+    exact_record,
     payload_bytes,
     state_to_record,
 )
@@ -88,7 +89,7 @@ class Holdings:
             start, delta = log.since(self.folds.get(node))
             sent[node] = log.latest
             sync = ConfigRecord({KEY_BASE_FROM: start, KEY_BASE_TO: log.latest})
-            records = {KEY_BASE: state_to_record(delta.to_state()), KEY_BASE_SYNC: sync}
+            records = {KEY_BASE: exact_record(delta.to_state()), KEY_BASE_SYNC: sync}
             out.append(_with(msg, records))
         return out
 

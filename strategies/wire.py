@@ -44,6 +44,13 @@ def state_to_record(state: dict[str, np.ndarray]) -> ArrayRecord:
     )
 
 
+def exact_record(state: dict[str, np.ndarray]) -> ArrayRecord:
+    """Wire state -> ArrayRecord, each array in its own dtype (float64 stays
+    float64): for what every party must hold bit for bit, such as the summed
+    base-weight folds, whose dense form is float64 (:mod:`fedlora.base_delta`)."""
+    return ArrayRecord({k: to_array(np.ascontiguousarray(v)) for k, v in state.items()})
+
+
 def record_to_state(record: ArrayRecord) -> dict[str, np.ndarray]:
     """ArrayRecord -> wire state (arrays of their own, writable)."""
     return {k: from_array(v).copy() for k, v in record.items()}

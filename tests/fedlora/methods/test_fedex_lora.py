@@ -342,7 +342,8 @@ def test_folds_sent_with_evaluate_messages_count_in_bytes_down(task_identity):
         strategy.configure_evaluate(1, state_to_record(state), ConfigRecord(), grid)
     )
     folds = strategy.round_log[1]["bytes_down_folds_eval"]
-    assert 4 * k * sent <= folds <= 4 * k * sent + 1_000 * k * (len(LAYERS) + 1)
+    # a dense sum travels as float64 (every node holds the server's bits)
+    assert 8 * k * sent <= folds <= 8 * k * sent + 1_000 * k * (len(LAYERS) + 1)
     assert strategy.round_log[1]["bytes_down"] == train_bytes + folds
     replies = []
     for msg in evaluate:
