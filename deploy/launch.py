@@ -702,7 +702,7 @@ def deploy(
     """
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    record: dict[str, Any] = {"status": "running", "work": str(plan.work)}
+    record: dict[str, Any] = {"status": "running", **plan_record(plan)}
     (out / "deployment.json").write_text(json.dumps(record, indent=2))  # --resume
     services = Services(plan)
     started = time.perf_counter()
@@ -718,7 +718,7 @@ def deploy(
         "status": row["status"],
         "startup_seconds": ready - started,
         "run_seconds": time.perf_counter() - ready,
-        "work": str(plan.work),
+        **plan_record(plan),
         "commands": commands(plan),
     }
     (out / "deployment.json").write_text(json.dumps(record, indent=2))
@@ -736,14 +736,49 @@ def planned_rounds(run_dir: Path) -> int | None:
     return int(ckpt.state["settings"]["federation"]["rounds"])
 
 
-def recorded_work(run_dir: Path) -> Path | None:
-    """The work folder ``run_dir/deployment.json`` records (its nodes' data: caches,
-    DP-SGD privacy ledgers), if it still exists."""
+def plan_record(plan: Plan) -> dict[str, Any]:
+    """What ``deployment.json`` keeps of the plan for ``--resume``: the work folder
+    (the nodes' data: caches, DP-SGD privacy ledgers), TLS, authentication and
+    the node-config entries."""
+    return {
+        "work": str(plan.work),
+        "tls": plan.tls,
+        "auth": plan.auth,
+        "node_config": {str(i): entry for i, entry in plan.node_config.items()},
+    }
+
+
+def recorded_plan(run_dir: Path) -> dict[str, Any]:
+    """The plan options ``run_dir/deployment.json`` records (:func:`plan_record`;
+    ``work`` only if that folder still exists); ``{}`` without the file."""
     record = Path(run_dir) / "deployment.json"
     if not record.is_file():
-        return None
-    work = Path(json.loads(record.read_text())["work"])
-    return work if work.is_dir() else None
+        return {}
+    saved = json.loads(record.read_text())
+    out = {k: saved[k] for k in ("tls", "auth", "node_config") if k in saved}
+    if "work" in saved and Path(saved["work"]).is_dir():
+        out["work"] = Path(saved["work"])
+    return out
+
+
+def resume_args(args: argparse.Namespace) -> None:
+    """``--resume RUN_DIR``: what the command line leaves out comes from the run's
+    ``deployment.json`` (run directory, work folder, TLS, authentication,
+    node-config entries) and its checkpoint (``federation.rounds``)."""
+    args.resume = args.resume.resolve()
+    recorded = recorded_plan(args.resume)
+    args.out = args.out or args.resume
+    args.work = args.work or recorded.get("work")
+    args.tls = args.tls or bool(recorded.get("tls"))
+    args.auth = args.auth or bool(recorded.get("auth"))
+    if not args.node_config:
+        args.node_config = [
+            f"{i}:{entry}" for i, entry in recorded.get("node_config", {}).items()
+        ]
+    args.overrides = [*args.overrides, f"resume={args.resume}"]
+    rounds = planned_rounds(args.resume)
+    if rounds and not any(o.startswith("federation.rounds=") for o in args.overrides):
+        args.overrides.append(f"federation.rounds={rounds}")  # not conf/'s default
 
 
 def parse_node_config(entries: list[str], n: int) -> dict[int, str]:
@@ -822,19 +857,12 @@ def main(argv: list[str] | None = None) -> None:
         type=Path,
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR from its newest checkpoint (default --out "
-        "RUN_DIR, --work: the one its deployment.json records)",
+        "RUN_DIR; --work, --tls, --auth, --node-config: what its deployment.json "
+        "records)",
     )
     args = parser.parse_args(argv)
     if args.resume:
-        args.resume = args.resume.resolve()
-        args.out = args.out or args.resume
-        args.work = args.work or recorded_work(args.resume)
-        args.overrides = [*args.overrides, f"resume={args.resume}"]
-        rounds = planned_rounds(args.resume)
-        if rounds and not any(
-            o.startswith("federation.rounds=") for o in args.overrides
-        ):  # the run's own rounds, not conf/'s default
-            args.overrides.append(f"federation.rounds={rounds}")
+        resume_args(args)
     try:
         cfg = experiment(args.overrides)
         node_config = parse_node_config(

@@ -358,3 +358,39 @@ def test_deploy_node_config_refuses_malformed_entries(entry, message):
     with pytest.raises(ConfigError, match=message) as err:
         deploy.parse_node_config([entry], 3)
     assert err.value.key == "--node-config"
+
+
+def test_deploy_resume_takes_what_the_command_line_leaves_out_from_the_record(
+    tmp_path,
+):
+    """``--resume RUN_DIR`` alone continues the run as it was launched: its work
+    folder, TLS, authentication and node-config entries come from its
+    ``deployment.json``; what the command line gives still wins."""
+    import argparse
+    import json
+
+    work, run = tmp_path / "work", tmp_path / "run"
+    work.mkdir(), run.mkdir()
+    extra = deploy.parse_node_config(["0:rank=2", "2:rank=8", "0:note=x"], 3)
+    plan = deploy.Plan(work, 3, auth=True, node_config=extra)
+    (run / "deployment.json").write_text(json.dumps(deploy.plan_record(plan)))
+
+    def resumed(**given):
+        args = argparse.Namespace(
+            resume=run, out=None, work=None, tls=False, auth=False, node_config=[]
+        )
+        args.overrides = ["federation.rounds=6"]
+        vars(args).update(given)
+        deploy.resume_args(args)
+        return args
+
+    args = resumed()
+    assert (args.out, args.work, args.tls, args.auth) == (run, work, True, True)
+    assert deploy.parse_node_config(args.node_config, 3) == extra
+    assert args.overrides == ["federation.rounds=6", f"resume={run}"]
+    assert resumed(node_config=["1:rank=4"]).node_config == ["1:rank=4"]
+    shutil.rmtree(work)  # a work folder that is gone: a new one is made
+    assert resumed().work is None
+    (run / "deployment.json").unlink()  # no record: the command line alone
+    args = resumed(tls=True)
+    assert (args.work, args.tls, args.auth, args.node_config) == (None, True, False, [])
