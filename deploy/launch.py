@@ -823,6 +823,7 @@ def experiment(overrides: list[str]) -> Settings:
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: see the module docstring."""
+    from fedlora.console import summary_table
     from fedlora.errors import ConfigError
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -887,8 +888,8 @@ def main(argv: list[str] | None = None) -> None:
     except (RuntimeError, TimeoutError) as exc:
         print(f"[deploy] {exc}\n[deploy] logs in {plan.work}", file=sys.stderr)
         raise SystemExit(1) from None
-    print(f"[deploy] finished:completed; run directory {out}")
-    print("[fedlora] summary: " + json.dumps(summary), flush=True)
+    table = summary_table(summary, str(out))
+    print(f"[deploy] finished:completed\n{table}", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,6 @@ this process, :func:`simulate`) and leaves everything in Hydra's output director
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -24,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from clients.client_app import app as client_app
+from fedlora.console import hush_libraries, summary_table
 from fedlora.errors import ClientConfigError, ConfigError
 from fedlora.preflight import preflight
 from fedlora.privacy import CLIENT_DIR_ENV
@@ -55,8 +54,7 @@ def simulate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     s = Settings.from_dict(settings(cfg))  # validated by the caller
     if s.simulation.client_dir:
         os.environ[CLIENT_DIR_ENV] = str(Path(s.simulation.client_dir).resolve())
-    if s.quiet:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+    hush_libraries(bool(s.verbose))
     out: dict[str, Any] = {}
     server_app = ServerApp()
 
@@ -65,7 +63,13 @@ def simulate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         out["summary"] = run_server(grid, cfg, run_dir)
 
     sim = s.simulation
-    init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": "error"}
+    init_args: dict[str, Any] = {
+        "include_dashboard": False,
+        "logging_level": "error",
+        # the simulated clients' own prints and warnings (model loading bars,
+        # library notices); their errors reach the server in their replies
+        "log_to_driver": bool(s.verbose),
+    }
     if sim.ray_num_cpus:
         init_args["num_cpus"] = int(sim.ray_num_cpus)
     backend_config = {
@@ -109,13 +113,16 @@ def main(cfg: DictConfig) -> float | None:
         preflight(Settings.from_dict(settings(cfg)), data=True)
         # 2. the run directory is Hydra's output directory
         run_dir = Path(HydraConfig.get().runtime.output_dir)
-        print(f"[fedlora] run directory: {run_dir}", flush=True)
+        quiet = bool(cfg.quiet)
+        if not quiet:
+            print(f"[fedlora] run directory: {run_dir}", flush=True)
         # 3. simulate and report
         summary = simulate(cfg, run_dir)
     except (ConfigError, ClientConfigError) as exc:
         print(f"[fedlora] configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    print("[fedlora] summary: " + json.dumps(summary), flush=True)
+    if not quiet:
+        print("[fedlora] done\n" + summary_table(summary, str(run_dir)), flush=True)
     return summary.get("final_eval_accuracy")
 
 

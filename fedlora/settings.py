@@ -414,6 +414,9 @@ class Settings:
     #: None when absent (settings written before the section existed: the
     #: diagnostic every round)
     diagnostics: DiagnosticsSettings | None = None
+    #: Flower's logs and the libraries' warnings shown; None when absent
+    #: (settings written before the key existed: not shown)
+    verbose: bool | None = None
 
     @classmethod
     def from_dict(cls, plain: Mapping[str, Any]) -> Settings:
@@ -434,6 +437,7 @@ class Settings:
             "faults",
             "export",
             "diagnostics",
+            "verbose",
         ]
         for key in plain:
             if key not in known:
@@ -452,6 +456,7 @@ class Settings:
             strategy=Frozen(strategy),
             server_optimizer=_server_optimizer(plain),
             quiet=plain["quiet"],
+            verbose=plain.get("verbose"),
             resume=plain["resume"],
             faults=None
             if faults is None
@@ -479,6 +484,8 @@ class Settings:
             out["export"] = self.export.to_dict()
         if self.diagnostics is not None:
             out["diagnostics"] = self.diagnostics.to_dict()
+        if self.verbose is not None:
+            out["verbose"] = self.verbose
         return out
 
     @property

@@ -84,6 +84,31 @@ def _problems(s: Settings) -> list[ConfigError]:
             f"cannot exceed federation.num_clients="
             f"{fed.num_clients}; lower it or add clients",
         )
+    for key in ("quiet", "verbose"):
+        value = getattr(s, key)
+        need(
+            value is None or isinstance(value, bool),
+            key,
+            value,
+            f"must be true or false, e.g. {key}=true",
+        )
+    need(
+        not (s.quiet and s.verbose),
+        "verbose",
+        s.verbose,
+        "quiet=true prints nothing but errors, verbose=true everything: choose one",
+    )
+    timeout = fed.round_timeout
+    need(
+        isinstance(timeout, (int, float))
+        and not isinstance(timeout, bool)
+        and math.isfinite(timeout)
+        and timeout > 0,
+        "federation.round_timeout",
+        timeout,
+        "give the seconds a round may take (a positive number, e.g. 3600); "
+        "clients later than that count as failed",
+    )
     wait = fed.wait_timeout
     need(
         wait is None

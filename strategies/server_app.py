@@ -31,6 +31,7 @@ from fedlora.adapters import (
     set_state,
 )
 from fedlora.build import build
+from fedlora.console import Progress, hush_libraries
 from fedlora.data import (
     resolve_labels,
     server_calibration_examples,
@@ -64,6 +65,7 @@ RESUMABLE = (
     "train.device",
     "simulation",
     "quiet",
+    "verbose",
     "faults",
     "resume",
     "export",
@@ -123,6 +125,7 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         )
     rounds = int(s.federation.rounds)
     done = ckpt.round if ckpt is not None else 0
+    progress = Progress(rounds, quiet=s.quiet)
     if s.privacy.mode == "dp_sgd" and s.privacy.reproducible_noise:
         log.warning(
             "privacy.reproducible_noise=true: the clients' DP-SGD noise and sampling "
@@ -167,7 +170,7 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             **strategy.round_log.get(server_round, {}),
         }
         results.append_metrics(run_dir, row)
-        _progress(row, rounds)
+        progress(row)
         saved.append(
             save_checkpoint(run_dir, server_round, arrays, strategy, plain, run_id)
         )
@@ -210,9 +213,11 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             method.round_offset = done
             initial_arrays = state_to_record(ckpt.arrays["global"])
             checkpoint.set_rng_state(ckpt.arrays["rng"], ckpt.state["rng"])
-            print(
-                f"[fedlora] round {done}/{rounds}: resumed from {ckpt.path}", flush=True
-            )
+            if not s.quiet:
+                print(
+                    f"[fedlora] round {done}/{rounds}: resumed from {ckpt.path}",
+                    flush=True,
+                )
         if strategy.frozen:
             set_frozen_state(model, strategy.frozen)
         result = strategy.start(
@@ -472,22 +477,6 @@ def resume_config(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     return OmegaConf.create(merged)
 
 
-def _progress(row: dict[str, Any], rounds: int) -> None:
-    score = (
-        f"acc {row['eval_accuracy']:.4f}"
-        if "eval_accuracy" in row
-        else f"ppl {row.get('eval_perplexity', float('nan')):.3f}"
-    )
-    err = row.get("aggregation_error")
-    print(
-        f"[fedlora] round {row['round']}/{rounds}: clients {row['clients']} ok, "
-        f"{row['failures']} failed | server {score}, loss {row['eval_loss']:.4f}"
-        + (f" | agg_error {err:.3g}" if err is not None else "")
-        + f" | {row['wall_time']:.1f}s",
-        flush=True,
-    )
-
-
 def compose(overrides: list[str]) -> DictConfig:
     """Compose ``conf/`` with Hydra overrides (as the front door would), validated."""
     return _compose(overrides)[0]
@@ -517,6 +506,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = compose(overrides)
     if cfg.resume:  # resume=<run dir> among the overrides
         cfg = resume_config(cfg, overrides)
+    hush_libraries(bool(cfg.verbose))
     run_server(
         grid, cfg, Path(str(context.run_config.get("output-dir", "outputs/deployment")))
     )

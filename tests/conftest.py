@@ -105,6 +105,18 @@ def processes_in_group(pgid: int) -> list[str]:
     return [line for line in out.splitlines() if line.split(None, 1)[0] == str(pgid)]
 
 
+#: what the libraries print that a default run (neither quiet nor verbose) hides:
+#: Flower's deprecation banner and echoed config, transformers' notice and loading
+#: bars, the simulated clients' (Ray actors') output
+NOISE = (
+    "DEPRECATED FEATURE",
+    "ConfigRecord (train)",
+    "is_gradient_checkpointing",
+    "Loading weights",
+    "ClientAppActor",
+)
+
+
 def front_door_command(
     out: Path, model: Path, *overrides: str, drop: tuple[str, ...] = ()
 ) -> list[str]:
@@ -123,7 +135,6 @@ def front_door_command(
         "train.lr=5e-3",
         "train.batch_size=16",
         "simulation.client_num_cpus=1",
-        "quiet=true",
         *overrides,
     ]
     return [arg for arg in command if arg.partition("=")[0] not in drop]
@@ -156,7 +167,9 @@ def run_front_door(
         stdout, stderr = proc.communicate(timeout=900)
     assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
     assert "[fedlora] round 2/" in stdout  # progress is shown
-    assert "[fedlora] summary" in stdout
+    assert "[fedlora] done" in stdout and f"run directory  {out}" in stdout
+    for noise in NOISE:  # the default console: our lines, not the libraries'
+        assert noise not in stdout + stderr, (noise, (stdout + stderr)[-3000:])
     # Ray's daemons and workers join the run's process group: none may outlive the
     # run (workers get a few seconds to finish exiting after ray.shutdown)
     deadline = time.monotonic() + 20
