@@ -11,7 +11,7 @@ import torch
 from fedlora.adapters import get_state, wrap_with_lora
 from fedlora.data import labels_record, resolve_labels
 from fedlora.methods import from_settings
-from fedlora.models import load_base_model, load_tokenizer
+from fedlora.models import load_base_model, load_tokenizer, prepare_for_training
 from fedlora.settings import Settings
 
 _CACHE: dict[str, tuple[torch.nn.Module, Any]] = {}
@@ -29,6 +29,10 @@ def build(settings: Settings, plain: bool = False) -> tuple[torch.nn.Module, Any
 
     The base model's new head and the LoRA factors are initialised from
     ``federation.seed``, so the server and every client build identical models.
+    The base weights load in ``model.dtype`` (or quantized, ``model.quantization``);
+    PEFT keeps the LoRA factors in float32 whatever that dtype
+    (``get_peft_model``'s ``autocast_adapter_dtype``), and the wire state is
+    float32 in any case (:func:`fedlora.adapters.get_state`).
     """
     s = resolve_labels(settings)  # model.num_labels null: from the data
     seed = int(s.federation.seed)
@@ -36,6 +40,8 @@ def build(settings: Settings, plain: bool = False) -> tuple[torch.nn.Module, Any
     named = s.model.task == "seq_cls" and s.data.labels  # the names in the config
     labels = labels_record(s) if named else None
     model = load_base_model(s.model, seed, labels)
+    checkpointing = bool(s.train.gradient_checkpointing)
+    model = prepare_for_training(model, s.model, checkpointing)
     model = wrap_with_lora(model, s.adapter, s.model.task, seed)
     if not plain:
         from_settings(s).parametrise(model)
@@ -60,6 +66,7 @@ def build_cached(settings: Settings) -> tuple[torch.nn.Module, Any]:
             settings.adapter.to_dict(),
             dict(settings.strategy),
             settings.federation.seed,
+            settings.train.gradient_checkpointing,
         ],
         sort_keys=True,
         default=str,

@@ -2,11 +2,13 @@
 
 :func:`fedlora.validate.validate` checks the settings by themselves; these look at
 the model and the data: ``adapter.target_modules`` against the model's modules (on
-a weightless copy, so no weights are loaded), and, where the caller may read the
-clients' data (a simulation, where they share one machine and one ``data.path``),
-the training table's columns and labels and one partition per client. A
-deployment's server must not read its clients' data: it checks the model only (and
-its own evaluation split, :func:`fedlora.data.server_examples`).
+a weightless copy, so no weights are loaded), that this machine can quantize the
+model when ``model.quantization`` asks for it (a CUDA device, bitsandbytes),
+and, where the caller may read the clients' data (a simulation, where they share
+one machine and one ``data.path``), the training table's columns and labels and
+one partition per client. A deployment's server must not read its clients' data:
+it checks the model only (and its own evaluation split,
+:func:`fedlora.data.server_examples`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from fedlora.adapters import wrap_with_lora
 from fedlora.data import check_table, load_splits, partition_table
 from fedlora.errors import ConfigError
-from fedlora.models import resolve_model_path
+from fedlora.models import quantization_config, resolve_model_path
 from fedlora.settings import Settings
 from fedlora.validate import raise_problems
 
@@ -34,6 +36,7 @@ def model_problems(s: Settings) -> list[ConfigError]:
 
     try:
         path = resolve_model_path(s.model.name)
+        quantization_config(s.model)  # CUDA and bitsandbytes, when quantized
     except ConfigError as exc:
         return [exc]
     if s.model.task == "seq_cls":

@@ -157,6 +157,11 @@ class ModelSettings(_Section):
     name: str  # a local folder, a hub id or a packaged alias (minilm)
     task: str  # seq_cls | causal_lm
     num_labels: int | None  # null: from the data (fedlora.data.resolve_labels)
+    #: the base weights' dtype: float32 | bfloat16 | float16; None: as the
+    #: checkpoint stores them (also in settings written before the key existed)
+    dtype: str | None = optional()
+    #: 4bit | 8bit: bitsandbytes-quantized base weights (QLoRA, CUDA only); None: off
+    quantization: str | None = optional()
 
 
 @dataclass(frozen=True)
@@ -283,6 +288,9 @@ class TrainSettings(_Section):
     #: FedProx's mu (0: off); optional only for checkpoints written before the key
     #: existed (then off, as they trained)
     proximal_mu: float | None = optional()
+    #: recompute activations in the backward pass (less memory, more compute);
+    #: None in settings written before the key existed (off, as they trained)
+    gradient_checkpointing: bool | None = optional()
 
     def batches_per_epoch(self, num_examples: int) -> int:
         """``ceil(N_k / batch_size)``, at least 1."""

@@ -36,21 +36,24 @@ def save_tiny_bert(folder: Path) -> Path:
     return folder
 
 
-def save_tiny_llama(folder: Path) -> Path:
-    """A 2-layer Llama (hidden 32) with MiniLM's word pieces as its vocabulary."""
+def save_tiny_llama(folder: Path, hidden: int = 32, layers: int = 2) -> Path:
+    """A Llama of ``layers`` layers (hidden ``hidden``, MLP ``2 hidden``,
+    ``max(2, hidden // 64)`` heads) with MiniLM's word pieces as its vocabulary,
+    randomly initialised from seed 0; by default 2 layers of hidden 32."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = minilm_tokenizer()
     tok.eos_token = "[SEP]"
     torch.manual_seed(0)
+    heads = max(2, hidden // 64)  # head width 16 at hidden 32, 64 from hidden 128
     config = LlamaConfig(
         vocab_size=30522,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
         max_position_embeddings=128,
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,

@@ -6,9 +6,10 @@ Settings (``train.*``): ``optimizer`` (adamw | sgd), ``lr``, ``weight_decay``,
 pieces of at most this many examples whose gradients add up to the batch's),
 ``eval_batch_size``, ``max_length``, ``device`` (auto | cpu | cuda),
 ``group_by_length`` (default true), ``seed``, ``proximal_mu`` (FedProx, see
-:class:`ProximalTerm`; 0: off). Batches are padded dynamically to their longest
-example; with ``group_by_length`` they hold examples of similar length (see
-:func:`batch_indices`), and evaluation always runs longest first.
+:class:`ProximalTerm`; 0: off), ``gradient_checkpointing`` (set up when the model is
+built, :func:`fedlora.models.prepare_for_training`). Batches are padded
+dynamically to their longest example; with ``group_by_length`` they hold examples
+of similar length (see :func:`batch_indices`), and evaluation always runs longest first.
 """
 
 from __future__ import annotations
@@ -133,9 +134,15 @@ def make_optimizer(
     raise ConfigError("train.optimizer", name, "choose adamw or sgd")
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    if device.type == "cuda":  # bf16 autocast on GPUs; float32 on the CPU
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def _autocast(
+    device: torch.device, model: torch.nn.Module
+) -> contextlib.AbstractContextManager[Any]:
+    """bfloat16 autocast on GPUs (float16 for base weights in float16,
+    ``model.dtype``); none on the CPU, where PEFT casts a layer's input to its
+    float32 LoRA factors' dtype and back."""
+    if device.type == "cuda":
+        half = getattr(model, "dtype", None) == torch.float16
+        return torch.autocast("cuda", dtype=torch.float16 if half else torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -244,7 +251,7 @@ def _accumulate(
     for batch, count in zip(pieces, counts, strict=True):
         if count == 0 and len(pieces) > 1:
             continue  # no response tokens here: nothing to learn, and a NaN mean
-        with _autocast(device):
+        with _autocast(device, model):
             loss = model(**batch).loss
         share = count / total if len(pieces) > 1 else 1.0
         (loss * share).backward()
@@ -325,7 +332,7 @@ def evaluate(
     total_loss, correct, count, tokens = 0.0, 0, 0, 0
     for batch in batches(examples, batch_size, pad_id, group_by_length=True):
         batch = {k: v.to(device) for k, v in batch.items()}
-        with _autocast(device):
+        with _autocast(device, model):
             out = model(**batch)
         if task == "seq_cls":
             n = batch["labels"].shape[0]

@@ -232,6 +232,7 @@ def _problems(s: Settings) -> list[ConfigError]:
             data.path,
             "no such file or folder; point it at your data (e.g. ../shared/data/sst2)",
         )
+    out.extend(_large_model_problems(s))
     out.extend(_privacy_problems(s))
     try:  # the server optimizer builds (its class, its keys and their values)
         optimizer = server_opt.from_settings(s.server_optimizer)
@@ -246,6 +247,87 @@ def _problems(s: Settings) -> list[ConfigError]:
                     "privacy=central calibrates its noise to the mean of the "
                     "clients' updates, not to an optimizer's step on it; use "
                     "server_optimizer=none with privacy=central",
+                )
+            )
+    return out
+
+
+def _large_model_problems(s: Settings) -> list[ConfigError]:
+    """``model.dtype``, ``model.quantization`` and ``train.gradient_checkpointing``:
+    their values, and what they cannot be combined with (DP-SGD, the CPU). Whether
+    this machine can quantize (CUDA, bitsandbytes) is checked where the model is
+    built and in :func:`fedlora.preflight.preflight`."""
+    from fedlora.models import DTYPES, QUANTIZATIONS
+
+    model, train = s.model, s.train
+    out: list[ConfigError] = []
+    if model.dtype is not None and model.dtype not in DTYPES:
+        out.append(
+            ConfigError(
+                "model.dtype",
+                model.dtype,
+                f"choose one of {', '.join(DTYPES)}, or null (the checkpoint's own)",
+            )
+        )
+    quant = model.quantization
+    if quant is not None and quant not in QUANTIZATIONS:
+        out.append(
+            ConfigError(
+                "model.quantization",
+                quant,
+                f"choose one of {', '.join(QUANTIZATIONS)}, or null (no quantization)",
+            )
+        )
+    checkpointing = train.gradient_checkpointing
+    if checkpointing is not None and not isinstance(checkpointing, bool):
+        out.append(
+            ConfigError(
+                "train.gradient_checkpointing",
+                checkpointing,
+                "must be true or false",
+            )
+        )
+    if quant is not None and str(train.device) == "cpu":
+        out.append(
+            ConfigError(
+                "model.quantization",
+                quant,
+                "quantized (QLoRA) layers run on CUDA only, and train.device=cpu; "
+                "set train.device=auto or cuda, or model.quantization=null",
+            )
+        )
+    if s.privacy.mode == "dp_sgd":
+        # Opacus computes per-example gradients from hooks on the adapted layers:
+        # recomputed (checkpointed) forwards leave it without them, and it is
+        # checked here in float32 only
+        if checkpointing:
+            out.append(
+                ConfigError(
+                    "train.gradient_checkpointing",
+                    checkpointing,
+                    "with privacy=dp_sgd Opacus computes no per-example gradients "
+                    "for layers whose forward pass is recomputed; set "
+                    "train.gradient_checkpointing=false (lower "
+                    "privacy.max_physical_batch_size to save memory instead)",
+                )
+            )
+        if quant is not None:
+            out.append(
+                ConfigError(
+                    "model.quantization",
+                    quant,
+                    "privacy=dp_sgd is not supported on quantized base weights "
+                    "(Opacus' per-example gradients are untested on bitsandbytes' "
+                    "layers); set model.quantization=null",
+                )
+            )
+        if model.dtype in ("bfloat16", "float16"):
+            out.append(
+                ConfigError(
+                    "model.dtype",
+                    model.dtype,
+                    "privacy=dp_sgd clips per-example gradients, tested in float32 "
+                    "only; set model.dtype=float32",
                 )
             )
     return out

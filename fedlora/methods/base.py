@@ -186,6 +186,18 @@ class Method:
                     "pads to the global rank)",
                 )
             )
+        quant = settings.model.quantization
+        if quant and self.folds_into_base:
+            out.append(
+                ConfigError(
+                    "model.quantization",
+                    quant,
+                    f"{self.name} adds to the base weights every round, which "
+                    "quantization packs into 4 or 8 bits; set "
+                    "model.quantization=null (model.dtype=bfloat16 halves the "
+                    "memory) or choose another strategy",
+                )
+            )
         optimizer = settings.server_optimizer
         if (
             not self.accepts_server_optimizer

@@ -98,6 +98,17 @@ class FedSB(Method):
                     "clients' data)",
                 )
             )
+        quant = settings.model.quantization
+        if quant and self.init != "random_orthogonal":
+            out.append(
+                ConfigError(
+                    "strategy.init",
+                    self.init,
+                    f"with model.quantization={quant} the base weights are packed "
+                    "and have no gradients for the Fed-SB init; use "
+                    "strategy.init=random_orthogonal (data-free)",
+                )
+            )
         if self.init == "server_data":
             try:
                 server_data_file(settings)
