@@ -6,7 +6,9 @@ Settings (``data.*``): ``name`` (``synthetic`` builds the offline toy task), ``p
 ``datasets``' ``save_to_disk`` wrote), ``labels`` (the label names in id order;
 null: the sorted label set of the whole data set), ``hub_id`` /
 ``hub_config`` (online users), ``train_split``, ``eval_split``, ``text_column``,
-``label_column``, ``prompt_column``, ``response_column`` (causal LM),
+``label_column``; causal LM: ``layout`` and the columns of each layout
+(``prompt_column``, ``response_column``, ``instruction_column``, ``input_column``,
+``output_column``, ``messages_column``; :mod:`fedlora.layouts`),
 ``max_train_examples``, ``max_eval_examples``, ``client_eval_fraction``, ``seed``.
 Partitioning (``partition.*``): ``type`` = ``iid`` | ``dirichlet`` | ``shard`` |
 ``natural`` (a client per value of ``column``), ``alpha``, ``min_partition_size``,
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 from pathlib import Path
@@ -26,7 +29,10 @@ import numpy as np
 import pandas as pd
 
 from fedlora.errors import ConfigError
+from fedlora.layouts import encode, resolve_layout
 from fedlora.settings import DataSettings, PartitionSettings, Settings, with_
+
+log = logging.getLogger("fedlora")
 
 Example = dict[str, Any]  # {"input_ids": [...], "attention_mask": [...], "labels": ...}
 FORMATS = {
@@ -226,13 +232,13 @@ def _subsample(table: pd.DataFrame, limit: Any, seed: int) -> pd.DataFrame:
 
 
 def check_columns(table: pd.DataFrame, data: DataSettings, task: str) -> None:
-    """Raise ConfigError naming the column setting when a needed column is absent."""
-    keys = (
-        ("text_column", "label_column")
-        if task == "seq_cls"
-        else ("prompt_column", "response_column")
-    )
-    for key in keys:
+    """Raise ConfigError naming the column setting when a needed column is absent
+    (causal LM: the columns of the data layout, :func:`fedlora.layouts.resolve_layout`).
+    """
+    if task != "seq_cls":
+        resolve_layout(table.columns, data)
+        return
+    for key in ("text_column", "label_column"):
         column = getattr(data, key)
         if column not in table.columns:
             raise ConfigError(
@@ -586,8 +592,15 @@ def tokenise(
 ) -> list[Example]:
     """Tokenise once, without padding (batches are padded dynamically).
 
-    Causal LM: ``input = prompt + response + eos``; labels are -100 on the prompt so
-    the loss covers the response tokens only.
+    Causal LM: each row rendered by its data layout (:mod:`fedlora.layouts`), labels
+    -100 outside the response so the loss covers the response tokens only. Rows
+    left with no response token within ``max_length`` are dropped, with a warning
+    that counts them.
+
+    Raises
+    ------
+    ConfigError
+        ``train.max_length``: no row keeps a response token.
     """
     if task == "seq_cls":
         enc = tokenizer(
@@ -602,21 +615,19 @@ def tokenise(
                 enc["input_ids"], enc["attention_mask"], labels, strict=True
             )
         ]
-    prompts = tokenizer(
-        table[data.prompt_column].astype(str).tolist(), add_special_tokens=False
-    )["input_ids"]
-    responses = tokenizer(
-        table[data.response_column].astype(str).tolist(),
-        add_special_tokens=False,
-    )["input_ids"]
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    out = []
-    for p, r in zip(prompts, responses, strict=True):
-        ids = (p + r + eos)[:max_length]
-        labels = ([-100] * len(p) + r + eos)[:max_length]
-        out.append(
-            {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+    layout = resolve_layout(table.columns, data)
+    out, dropped = encode(layout.pieces(table, data, tokenizer), tokenizer, max_length)
+    why = (
+        f"{dropped} of {len(table)} examples ({layout.name} layout) have no response "
+        f"token within train.max_length={max_length}: their prompt fills it, or "
+        "they have no response (no assistant turn)"
+    )
+    if dropped and not out:
+        raise ConfigError(
+            "train.max_length", max_length, f"{why}; raise train.max_length"
         )
+    if dropped:
+        log.warning("%s; they are left out (raise train.max_length to keep them)", why)
     return out
 
 
@@ -654,8 +665,8 @@ def client_examples(
         train, parts = _partitioned(s, num_partitions)
         task = s.model.task
         rows = train.iloc[parts[partition_id]]
-        n_eval = int(len(rows) * float(s.data.client_eval_fraction))
         examples = tokenise(rows, tokenizer, s.data, task, int(s.train.max_length))
+        n_eval = int(len(examples) * float(s.data.client_eval_fraction))
         _TOKENISED[key] = (examples[n_eval:], examples[:n_eval])
         if cache_dir:
             write_cache(cache_dir, key, _TOKENISED[key])

@@ -213,6 +213,14 @@ class DataSettings(_Section):
     label_column: str = field()
     prompt_column: str = field()
     response_column: str = field()
+    #: causal LM: auto | prompt_response | instruction | chat (fedlora.layouts);
+    #: these five are optional only for settings written before they existed
+    #: (layout None: auto)
+    layout: str | None = optional()
+    instruction_column: str | None = optional()
+    input_column: str | None = optional()
+    output_column: str | None = optional()
+    messages_column: str | None = optional()
     client_eval_fraction: float = field()
     max_train_examples: int | None = field()
     max_eval_examples: int | None = field()

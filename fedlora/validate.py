@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedlora import server_opt
+from fedlora import layouts, server_opt
 from fedlora.errors import ConfigError
 from fedlora.settings import Settings
 
@@ -206,6 +206,12 @@ def _problems(s: Settings) -> list[ConfigError]:
             part.alpha,
             "the Dirichlet concentration must be > 0 (0.5 is the usual choice)",
         )
+    need(
+        data.layout is None or data.layout in layouts.CHOICES,  # None: old settings
+        "data.layout",
+        data.layout,
+        f"choose one of {', '.join(layouts.CHOICES)}",
+    )
     if data.name == "synthetic":
         for key in ("num_examples", "num_eval_examples"):
             positive_int(data, "data", key)
