@@ -291,8 +291,8 @@ def resolve_layout(columns: Sequence[str], data: DataSettings) -> Layout:
             "data.layout",
             "auto",
             f"the data's columns {columns} fit no layout ({options}); name your "
-            "columns with those keys, e.g. data.prompt_column=question "
-            "data.response_column=answer",
+            "columns with those keys (e.g. data.instruction_column=<column> "
+            "data.output_column=<column>), or set data.layout",
         )
     names = [x.name for x in fits]
     raise ConfigError(

@@ -97,6 +97,7 @@ def test_unknown_strategy_lists_the_options():
         ("train.lr=-1", "train.lr"),
         ("adapter.target_modules=[]", "adapter.target_modules"),
         ("partition.type=zipf", "partition.type"),
+        ("data.layout=dialogue", "data.layout"),
         ("data.path=/no/such/dir", "data.path"),
     ],
 )
