@@ -865,8 +865,7 @@ def server_calibration_examples(
         raise ConfigError(
             SERVER_DATA_KEY,
             str(path),
-            f"it has no column {exc.found!r} ({exc.key}); its columns are "
-            f"{list(table.columns)}",
+            f"{exc.key}={exc.found!r} does not fit this file: {exc.fix}",
         ) from exc
     if len(table) == 0 or n < 1:
         raise ConfigError(
