@@ -43,6 +43,7 @@ from fedlora.adapters import (
 )
 from fedlora.base_delta import BaseDelta
 from fedlora.build import build_cached, initial_state
+from fedlora.console import hush_libraries
 from fedlora.data import client_examples
 from fedlora.errors import ConfigError
 from fedlora.lora_sb import gradient_sums
@@ -99,6 +100,7 @@ def _setup(msg: Message, context: Context) -> tuple[Any, ...]:
     loaded, this round's trainable set), tokenizer, device, partition."""
     config = msg.content[KEY_CONFIG]
     cfg = Settings.from_dict(json.loads(str(config[KEY_EXPERIMENT])))
+    hush_libraries(bool(cfg.verbose))  # as the server: known chatter only
     node = context.node_config
     pid = int(node["partition-id"])
     restarted = cfg.faults is not None and cfg.faults.forgets(

@@ -66,9 +66,6 @@ def simulate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     init_args: dict[str, Any] = {
         "include_dashboard": False,
         "logging_level": "error",
-        # the simulated clients' own prints and warnings (model loading bars,
-        # library notices); their errors reach the server in their replies
-        "log_to_driver": bool(s.verbose),
     }
     if sim.ray_num_cpus:
         init_args["num_cpus"] = int(sim.ray_num_cpus)
