@@ -103,22 +103,27 @@ def launch(work: Path, out: Path, *args: str) -> str:
     )
 
 
-@pytest.fixture(scope="module")
-def simulated(tiny_bert, tmp_path_factory) -> dict[str, np.ndarray]:
-    """The final adapter of the same experiment on Flower's simulation engine."""
-    out = tmp_path_factory.mktemp("sim") / "run"
+def simulate(model: str, out: Path, *overrides: str) -> dict[str, np.ndarray]:
+    """Run ``overrides`` on Flower's simulation engine into ``out``; the final
+    adapter."""
     run_python(
         [
             "-m",
             "experiments.run",
             f"hydra.run.dir={out}",
-            f"model.name={tiny_bert}",
+            f"model.name={model}",
             "quiet=true",
-            *EXPERIMENT,
+            *overrides,
         ],
         out,
     )
     return adapter(out)
+
+
+@pytest.fixture(scope="module")
+def simulated(tiny_bert, tmp_path_factory) -> dict[str, np.ndarray]:
+    """The final adapter of the same experiment on Flower's simulation engine."""
+    return simulate(tiny_bert, tmp_path_factory.mktemp("sim") / "run", *EXPERIMENT)
 
 
 def test_deploy_grpc_loopback_completes_and_matches_the_simulation(
