@@ -43,7 +43,9 @@ QUIET_ENV = {
 def simulate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Simulate ``federation.num_clients`` SuperNodes; return the run's summary.
 
-    Ray is shut down afterwards, also on failure, so no worker outlives the run.
+    Ray is shut down afterwards, also on failure, so no worker outlives the run;
+    with ``simulation.ray_address`` the run only detaches from that cluster, which
+    goes on running.
     """
     from flwr.simulation import run_simulation
 
@@ -67,7 +69,9 @@ def simulate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "include_dashboard": False,
         "logging_level": "error",
     }
-    if sim.ray_num_cpus:
+    if sim.ray_address:  # a running cluster: attach (the run's end only detaches)
+        init_args["address"] = str(sim.ray_address)
+    elif sim.ray_num_cpus:
         init_args["num_cpus"] = int(sim.ray_num_cpus)
     backend_config = {
         "client_resources": {

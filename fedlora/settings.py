@@ -341,6 +341,9 @@ class SimulationSettings(_Section):
     client_num_gpus: float
     ray_num_cpus: int | None
     client_dir: str | None
+    #: a running Ray cluster to attach to (``auto`` or an address); None: a Ray
+    #: of the run's own (absent in settings from before the key: None)
+    ray_address: str | None = optional()
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,22 @@ def _problems(s: Settings) -> list[ConfigError]:
         s.verbose,
         "quiet=true prints nothing but errors, verbose=true everything: choose one",
     )
+    sim = s.simulation
+    address = sim.ray_address
+    need(
+        address is None or (isinstance(address, str) and address.strip() != ""),
+        "simulation.ray_address",
+        address,
+        "give auto, a cluster address (host:6379 or ray://host:10001), or null "
+        "for a Ray of the run's own",
+    )
+    need(
+        address is None or not sim.ray_num_cpus,
+        "simulation.ray_num_cpus",
+        sim.ray_num_cpus,
+        f"cannot cap the CPUs of the running cluster simulation.ray_address="
+        f"{address} (it has its own); drop it, or set ray_address=null",
+    )
     timeout = fed.round_timeout
     need(
         isinstance(timeout, (int, float))
