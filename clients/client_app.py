@@ -30,6 +30,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
+from clients import secagg
 from fedlora import privacy
 from fedlora.adapters import (
     FROZEN_CRC_KEY,
@@ -78,6 +79,7 @@ from strategies.wire import (
     KEY_REASON,
     KEY_ROUND,
     KEY_RUN_ID,
+    KEY_SECAGG,
     KEY_STATE_BASE,
     KEY_STATE_BASE_ROUND,
     KEY_STATE_FROZEN,
@@ -87,11 +89,19 @@ from strategies.wire import (
     KEY_STATE_LOCAL_ROUNDS,
     PHASE_GRADIENT,
     exact_record,
+    SECAGG_KEYS,
+    SECAGG_SHARE,
+    SECAGG_UNMASK,
     record_to_state,
     state_to_record,
 )
 
 app = ClientApp()
+# secure aggregation's stages (clients/secagg.py); the masked input is the train
+# handler's reply to a train message that carries the protocol's record
+app.train(SECAGG_KEYS)(secagg.keys)
+app.train(SECAGG_SHARE)(secagg.share)
+app.train(SECAGG_UNMASK)(secagg.unmask)
 log = logging.getLogger("fedlora")
 
 
@@ -317,6 +327,8 @@ def train(msg: Message, context: Context) -> Message:
             server_round,
             "an injected configuration error (a drill); drop +faults.*",
         )
+    # secure aggregation masks the update from what the round started from
+    start = get_state(model) if KEY_SECAGG in msg.content else {}
     # the public seed drives the data order of plain training; never DP noise
     seed = int(cfg.federation.seed) * 100_003 + server_round * 1_009 + pid
     if cfg.privacy.mode == "dp_sgd":
@@ -366,6 +378,10 @@ def train(msg: Message, context: Context) -> Message:
         public[KEY_BASE_ROUND] = int(context.state[KEY_STATE_BASE_ROUND][KEY_BASE_TO])
         public[KEY_BASE_NORM] = _held_folds(context).norm()  # a fingerprint
     update = {k: v for k, v in trained.items() if k not in local}
+    if KEY_SECAGG in msg.content:
+        return secagg.masked_reply(
+            msg, context, cfg, start, update, public, method.weighting
+        )
     content = RecordDict(
         {KEY_ARRAYS: state_to_record(update), KEY_METRICS: MetricRecord(public)}
     )

@@ -34,6 +34,7 @@ import secrets
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes
@@ -248,6 +249,67 @@ def mean_error(
     return float(e / weight_sum)
 
 
+META_WORDS = 3  # after the entries: [weight, clipped entries, clipped weight]
+
+
+def encode_input(
+    update: Mapping[str, np.ndarray],
+    weight: float,
+    weight_clipped: bool,
+    values: Quantiser,
+    weights: Quantiser,
+) -> tuple[np.ndarray, int]:
+    """A client's input ``[w x, w, clipped, weight_clipped]`` as one uint32
+    vector: ``x`` every key of ``update`` (sorted, flattened) clipped to
+    ``[-c, c]`` and times ``w`` in ``[0, 1]``, quantised by ``values``; ``w``
+    by ``weights``; the counts as they are (summed exactly). Returns it and the
+    number of clipped entries."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"a weight in [0, 1], got {weight}")
+    c = values.bound
+    parts, clipped = [], 0
+    for key in sorted(update):
+        x = np.asarray(update[key], dtype=np.float64).ravel()
+        clipped += int(np.count_nonzero(np.abs(x) > c))
+        parts.append(values.encode(weight * np.clip(x, -c, c))[0])
+    meta = np.array(
+        [weights.encode(np.array([weight]))[0][0], clipped, int(weight_clipped)],
+        dtype=np.uint32,
+    )
+    return np.concatenate([*parts, meta]), clipped
+
+
+def decode_mean(
+    total: np.ndarray,
+    shapes: Mapping[str, tuple[int, ...]],
+    n: int,
+    values: Quantiser,
+    weights: Quantiser,
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """The weighted mean ``sum w_k x_k / sum w_k`` of ``n`` inputs of
+    :func:`encode_input` from the sum of their codes ``total``, as float64 arrays
+    of ``shapes``; and ``weight_sum``, ``clipped`` (entries, all clients),
+    ``clipped_weights`` (clients) and ``error_bound`` (:func:`mean_error`, the
+    largest error of an entry)."""
+    total = np.asarray(total, dtype=np.uint32)
+    meta = total[-META_WORDS:]
+    weight_sum = float(weights.decode_sum(meta[:1], n)[0])
+    out, at = {}, 0
+    for key in sorted(shapes):
+        size = math.prod(shapes[key])
+        s_x = values.decode_sum(total[at : at + size], n)
+        out[key] = (s_x / weight_sum).reshape(shapes[key])
+        at += size
+    if at + META_WORDS != total.size:
+        raise ValueError(f"a sum of {total.size} words for {at} entries")
+    return out, {
+        "weight_sum": weight_sum,
+        "clipped": int(meta[1]),
+        "clipped_weights": int(meta[2]),
+        "error_bound": mean_error(values, weights, n, weight_sum),
+    }
+
+
 # --- one client's side of a round -----------------------------------------------
 def _purpose(kind: str, server_round: int) -> bytes:
     return f"fedlora-secagg/{kind}/round-{server_round}".encode()
@@ -369,15 +431,15 @@ class ClientSession:
         out.update({v: self.held[v][1] for v in dropped if v in self.held})
         return out
 
-    def to_dict(self) -> dict[str, bytes | int | float | list[int] | list[bytes]]:
-        """The state as flat bytes/ints (to keep in a node's private state)."""
-        peers = sorted(self.peers)
-        held = sorted(self.held)
+    def to_dict(self) -> dict[str, bytes | float | list[bytes]]:
+        """The state as bytes and a float (to keep in a node's private state;
+        node ids, unsigned 64-bit, packed with :func:`pack_ids`)."""
+        peers, held = sorted(self.peers), sorted(self.held)
         return {
-            "node": self.node,
-            "round": self.server_round,
+            "node": pack_ids([self.node]),
+            "round": pack_ids([self.server_round]),
+            "threshold": pack_ids([self.threshold]),
             "fraction": self.fraction,
-            "threshold": self.threshold,
             "keys": [
                 self.enc.private,
                 self.enc.public,
@@ -385,39 +447,48 @@ class ClientSession:
                 self.mask.public,
             ],
             "seed": self.seed,
-            "peers": peers,
+            "peers": pack_ids(peers),
             "peer-enc": [self.peers[v][0] for v in peers],
             "peer-mask": [self.peers[v][1] for v in peers],
-            "held": held,
+            "held": pack_ids(held),
             "held-seed": [self.held[v][0] for v in held],
             "held-key": [self.held[v][1] for v in held],
-            "masked-with": list(self.masked_with),
+            "masked-with": pack_ids(self.masked_with),
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, object]) -> ClientSession:
+    def from_dict(cls, d: Mapping[str, Any]) -> ClientSession:
         """The session :meth:`to_dict` saved."""
-        k = list(d["keys"])  # type: ignore[call-overload]
-        peers = list(d["peers"])  # type: ignore[call-overload]
-        held = list(d["held"])  # type: ignore[call-overload]
+        k = list(d["keys"])
+        peers, held = unpack_ids(d["peers"]), unpack_ids(d["held"])
         return cls(
-            int(d["node"]),  # type: ignore[call-overload]
-            int(d["round"]),  # type: ignore[call-overload]
-            float(d["fraction"]),  # type: ignore[arg-type]
+            unpack_ids(d["node"])[0],
+            unpack_ids(d["round"])[0],
+            float(d["fraction"]),
             KeyPair(k[0], k[1]),
             KeyPair(k[2], k[3]),
-            bytes(d["seed"]),  # type: ignore[call-overload]
+            bytes(d["seed"]),
             {
                 v: (e, m)
-                for v, e, m in zip(peers, d["peer-enc"], d["peer-mask"], strict=True)  # type: ignore[call-overload]
+                for v, e, m in zip(peers, d["peer-enc"], d["peer-mask"], strict=True)
             },
             {
-                v: (s, key)
-                for v, s, key in zip(held, d["held-seed"], d["held-key"], strict=True)  # type: ignore[call-overload]
+                v: (s, x)
+                for v, s, x in zip(held, d["held-seed"], d["held-key"], strict=True)
             },
-            list(d["masked-with"]),  # type: ignore[call-overload]
-            int(d["threshold"]),  # type: ignore[call-overload]
+            unpack_ids(d["masked-with"]),
+            unpack_ids(d["threshold"])[0],
         )
+
+
+def pack_ids(ids: Iterable[int]) -> bytes:
+    """Node ids (unsigned 64-bit) as 8 big-endian bytes each."""
+    return np.asarray(list(ids), dtype=">u8").tobytes()
+
+
+def unpack_ids(data: bytes) -> list[int]:
+    """The node ids :func:`pack_ids` packed."""
+    return [int(v) for v in np.frombuffer(data, dtype=">u8")]
 
 
 # --- the server's last step ------------------------------------------------------

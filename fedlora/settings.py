@@ -334,6 +334,24 @@ class PrivacySettings(_Section):
 
 
 @dataclass(frozen=True)
+class SecureAggregationSettings(_Section):
+    """``conf/secure_aggregation/``: none, or SecAgg+ (every field but ``mode``
+    optional: ``none`` defines none of them)."""
+
+    mode: str  # none | secaggplus
+    neighbours: int | None = optional()  # k; None: every other sampled client
+    threshold: float | None = optional()  # share threshold's fraction of k + 1
+    clip: float | None = optional()  # c: an update entry's clipping range
+    max_weight: float | None = optional()  # num_examples: the largest weight
+    max_update_norm: float | None = optional()  # a client's own update check
+
+    @property
+    def on(self) -> bool:
+        """Whether the server sees only the clients' sum."""
+        return self.mode != "none"
+
+
+@dataclass(frozen=True)
 class SimulationSettings(_Section):
     """``simulation``: Ray resources of the simulated clients."""
 
@@ -436,6 +454,13 @@ class Settings:
     #: Flower's logs and the libraries' warnings shown; None when absent
     #: (settings written before the key existed: not shown)
     verbose: bool | None = None
+    #: None when absent (settings written before the section existed: none)
+    secure_aggregation: SecureAggregationSettings | None = None
+
+    @property
+    def secure(self) -> bool:
+        """Whether secure aggregation is on."""
+        return self.secure_aggregation is not None and self.secure_aggregation.on
 
     @classmethod
     def from_dict(cls, plain: Mapping[str, Any]) -> Settings:
@@ -457,6 +482,7 @@ class Settings:
             "export",
             "diagnostics",
             "verbose",
+            "secure_aggregation",
         ]
         for key in plain:
             if key not in known:
@@ -488,6 +514,11 @@ class Settings:
             )
             if "diagnostics" in plain
             else None,
+            secure_aggregation=SecureAggregationSettings.from_dict(
+                plain["secure_aggregation"], "secure_aggregation"
+            )
+            if "secure_aggregation" in plain
+            else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -505,6 +536,8 @@ class Settings:
             out["diagnostics"] = self.diagnostics.to_dict()
         if self.verbose is not None:
             out["verbose"] = self.verbose
+        if self.secure_aggregation is not None:
+            out["secure_aggregation"] = self.secure_aggregation.to_dict()
         return out
 
     @property
@@ -588,6 +621,8 @@ def with_(settings: Settings, *changes: Any) -> Settings:
                 value = ExportSettings.from_dict(value, section)
             elif section == "diagnostics" and isinstance(value, Mapping):
                 value = DiagnosticsSettings.from_dict(value, section)
+            elif section == "secure_aggregation" and isinstance(value, Mapping):
+                value = SecureAggregationSettings.from_dict(value, section)
             elif section == "strategy":
                 value = Frozen(value)
             elif section == "server_optimizer" and value is not None:

@@ -256,6 +256,7 @@ def _problems(s: Settings) -> list[ConfigError]:
         )
     out.extend(_large_model_problems(s))
     out.extend(_privacy_problems(s))
+    out.extend(_secure_problems(s))
     try:  # the server optimizer builds (its class, its keys and their values)
         optimizer = server_opt.from_settings(s.server_optimizer)
     except ConfigError as exc:
@@ -395,6 +396,83 @@ def _privacy_problems(s: Settings) -> list[ConfigError]:
         out.append(exc)
     if mode not in ("none", "dp_sgd", "central"):
         out.append(ConfigError("privacy.mode", mode, "choose none, dp_sgd or central"))
+    return out
+
+
+def _secure_problems(s: Settings) -> list[ConfigError]:
+    """The ``secure_aggregation`` section's values and what it cannot run with
+    (the method's own refusal is in its ``problems``)."""
+    sec = s.secure_aggregation
+    if sec is None or sec.mode == "none":
+        return []
+    if sec.mode != "secaggplus":
+        return [ConfigError("secure_aggregation.mode", sec.mode, "none or secaggplus")]
+    out: list[ConfigError] = []
+    k = sec.neighbours
+    checks = [
+        (
+            k is None or (isinstance(k, int) and k >= 2 and k % 2 == 0),
+            "neighbours",
+            k,
+            "an even number >= 2, or null for every other sampled client",
+        ),
+        (
+            isinstance(sec.threshold, (int, float)) and 0.5 <= sec.threshold < 1,
+            "threshold",
+            sec.threshold,
+            "a fraction in [0.5, 1): more than half of a secret's holders rebuild it",
+        ),
+        (
+            isinstance(sec.clip, (int, float)) and sec.clip > 0,
+            "clip",
+            sec.clip,
+            "a positive bound on an update entry, e.g. 0.5",
+        ),
+        (
+            isinstance(sec.max_weight, (int, float)) and sec.max_weight >= 1,
+            "max_weight",
+            sec.max_weight,
+            "the largest example count a client's weight takes, >= 1",
+        ),
+        (
+            sec.max_update_norm is None or float(sec.max_update_norm) > 0,
+            "max_update_norm",
+            sec.max_update_norm,
+            "a positive L2 norm, or null for no limit",
+        ),
+    ]
+    for ok, key, value, fix in checks:
+        if not ok:
+            out.append(ConfigError(f"secure_aggregation.{key}", value, fix))
+    if s.federation.min_train_clients < 3:
+        out.append(
+            ConfigError(
+                "federation.min_train_clients",
+                s.federation.min_train_clients,
+                "secure aggregation needs at least 3 clients a round (with 2, each "
+                "learns the other's update from the sum); raise it to 3 or more",
+            )
+        )
+    if s.privacy.mode == "central":
+        out.append(
+            ConfigError(
+                "privacy",
+                "central",
+                "client-level DP with secure aggregation needs noise the clients "
+                "add themselves (distributed noise), not implemented yet: the "
+                "server would add its noise to a sum it has seen. Use privacy=dp_sgd "
+                "(works unchanged) or secure_aggregation=none",
+            )
+        )
+    if s.adapter.client_ranks:
+        out.append(
+            ConfigError(
+                "adapter.client_ranks",
+                list(s.adapter.client_ranks),
+                "secure aggregation sums updates of one shape; remove "
+                "adapter.client_ranks or use secure_aggregation=none",
+            )
+        )
     return out
 
 

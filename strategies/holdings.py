@@ -74,7 +74,7 @@ class Holdings:
         """``msg`` plus the frozen factors, for a node that does not hold them."""
         if msg.metadata.dst_node_id in self.frozen:
             return msg
-        return _with(msg, {KEY_FROZEN: frozen})
+        return with_records(msg, {KEY_FROZEN: frozen})
 
     def with_folds(
         self, messages: list[Message], log: FoldLog, train: bool
@@ -90,7 +90,7 @@ class Holdings:
             sent[node] = log.latest
             sync = ConfigRecord({KEY_BASE_FROM: start, KEY_BASE_TO: log.latest})
             records = {KEY_BASE: exact_record(delta.to_state()), KEY_BASE_SYNC: sync}
-            out.append(_with(msg, records))
+            out.append(with_records(msg, records))
         return out
 
     def with_changes(
@@ -112,7 +112,9 @@ class Holdings:
                 keys = [k for k in sent if start == 0 or changed.get(k, 0) >= start]
                 records[start] = state_to_record({k: sent[k] for k in keys})
             sync = ConfigRecord({KEY_BASE_FROM: start, KEY_BASE_TO: server_round})
-            out.append(_with(msg, {KEY_ARRAYS: records[start], KEY_GLOBAL_SYNC: sync}))
+            out.append(
+                with_records(msg, {KEY_ARRAYS: records[start], KEY_GLOBAL_SYNC: sync})
+            )
         return out
 
     def at_ranks(
@@ -125,7 +127,9 @@ class Holdings:
         for msg in messages:
             rank = self.ranks.get(msg.metadata.dst_node_id)
             record = None if rank is None else cut(rank)
-            out.append(msg if record is None else _with(msg, {KEY_ARRAYS: record}))
+            out.append(
+                msg if record is None else with_records(msg, {KEY_ARRAYS: record})
+            )
         return out
 
     # --- incoming ------------------------------------------------------------------
@@ -191,7 +195,7 @@ def fold_bytes(messages: list[Message]) -> int:
     )
 
 
-def _with(msg: Message, records: dict[str, Any]) -> Message:
+def with_records(msg: Message, records: dict[str, Any]) -> Message:
     """A copy of the outgoing ``msg`` with ``records`` added to its content."""
     return Message(
         content=RecordDict({**dict(msg.content.items()), **records}),

@@ -40,6 +40,7 @@ from fedlora.settings import DiagnosticsSettings, Settings
 from strategies import replies as checks
 from strategies.holdings import Holdings, fold_bytes
 from strategies.nodes import Snapshot, wait_for_nodes
+from strategies.secagg import SecAggPlus
 from strategies.wire import (
     KEY_ARRAYS,
     KEY_CALIBRATION,
@@ -85,6 +86,9 @@ class LoRAStrategy(FedAvg):
         Seconds a round waits for the nodes it needs before it samples
         (``federation.wait_timeout``); then it raises
         :class:`~fedlora.errors.NodesUnavailableError`. None: no limit, as Flower.
+    secure : SecAggPlus or None
+        Secure aggregation (``secure_aggregation=secaggplus``): the server sees
+        only the clients' weighted sum (:mod:`strategies.secagg`); None: off.
     diagnostics_every : int
         Measure the aggregation error in every ``diagnostics_every``-th round
         (rounds N, 2N, ...; 0: never). Other rounds record ``aggregation_error``
@@ -117,6 +121,7 @@ class LoRAStrategy(FedAvg):
         max_failed_rounds: int = 3,
         wait_timeout: float | None = None,
         diagnostics_every: int = 1,
+        secure: SecAggPlus | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(**fedavg_kwargs)
@@ -151,6 +156,8 @@ class LoRAStrategy(FedAvg):
         self.down_bytes: dict[int, tuple[int | None, int]] = {}
         self.folds = FoldLog()
         self.changed: dict[str, int] = {}  # key -> round whose aggregation set it
+        self.secure = secure
+        self._grid: Any = None  # the round's grid, for secure aggregation's unmasking
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LoRAStrategy:
@@ -166,6 +173,9 @@ class LoRAStrategy(FedAvg):
             max_failed_rounds=fed.max_failed_rounds,
             wait_timeout=fed.wait_timeout,
             diagnostics_every=diagnostics.every,
+            secure=SecAggPlus(settings.secure_aggregation, fed.round_timeout)
+            if settings.secure and settings.secure_aggregation
+            else None,
             fraction_train=fed.fraction_train,
             fraction_evaluate=fed.fraction_evaluate,
             min_train_nodes=fed.min_train_clients,
@@ -247,13 +257,17 @@ class LoRAStrategy(FedAvg):
             messages = self.holdings.with_changes(
                 messages, self.sent, self.changed, server_round
             )
+        sampled = len(messages)
+        if self.secure is not None:  # stages 0 and 1; the replies: masked inputs
+            self._grid = grid
+            messages = self.secure.setup(grid, messages, server_round)
         self.sampled = [m.metadata.dst_node_id for m in messages]
         self.down_bytes = {
             m.metadata.dst_node_id: (rank, payload_bytes(m.content))
             for m, rank in zip(messages, self._known_ranks(messages), strict=True)
         }
         self.round_log[server_round] = {
-            "clients_sampled": len(messages),
+            "clients_sampled": sampled,
             "bytes_down": sum(size for _, size in self.down_bytes.values()),
             "params_down": sum(
                 int(np.prod(a.shape))
@@ -287,6 +301,8 @@ class LoRAStrategy(FedAvg):
         server_round += self.round_offset
         entry = self.round_log.setdefault(server_round, {})
         replies = list(replies)
+        if self.secure is not None:
+            return self._aggregate_secure(server_round, replies, entry, started)
         accepted = self._screen(server_round, replies, entry)
         if not self._enough(server_round, len(accepted.states), replies):
             return None, None
@@ -302,6 +318,56 @@ class LoRAStrategy(FedAvg):
         self.changed.update(dict.fromkeys(self.expected, server_round))
         entry["server_aggregate_time"] = time.perf_counter() - started
         return state_to_record(new), MetricRecord(summary)
+
+    def _aggregate_secure(
+        self,
+        server_round: int,
+        replies: list[Message],
+        entry: dict[str, Any],
+        started: float,
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Secure aggregation's end of a round: unmask the survivors' weighted
+        mean update (:meth:`SecAggPlus.finish`) and apply the method's step to
+        ``sent + mean``. The server's update checks and the aggregation-error
+        diagnostic need each client's update: they do not run (each client checks
+        its own); declined, failed and malformed replies are dropouts."""
+        assert self.secure is not None
+        ok = [m for m in replies if not m.has_error()]
+        result = self.secure.finish(
+            self._grid, [m for m in ok if not checks.is_declined(m)], self.expected
+        )
+        self._tally(entry, replies, ok)
+        self.holdings.after_train(
+            self.sampled,
+            ok,
+            [],
+            self.method.ships_frozen,
+            self.method.folds_into_base,
+            server_round if self.method.nodes_keep_global else None,
+        )
+        usable = len(result.survivors) if result.mean is not None else 0
+        entry.update(result.record)
+        entry.update(
+            secure_aggregation=True,
+            clients=usable,
+            rejected=[],
+            bytes_up=entry["bytes_up"] + result.record.get("secagg_bytes_up", 0),
+            bytes_down=entry.get("bytes_down", 0)
+            + result.record.get("secagg_bytes_down", 0),
+            aggregation_error=None,
+            aggregation_error_by_module={},
+            aggregation_error_skipped="secure aggregation: the server sees only "
+            "the clients' weighted sum, not the updates the diagnostic compares",
+            client_replies=[dict(m.content[KEY_METRICS]) for m in ok],
+        )
+        if not self._enough(server_round, usable, replies) or result.mean is None:
+            return None, None
+        mean = {k: self.sent[k].astype(np.float64) + v for k, v in result.mean.items()}
+        new = {**self.current, **self.method.aggregate([mean], np.ones(1), self.sent)}
+        new.update(self.optimizer.step(self.sent, {k: new[k] for k in self.expected}))
+        self.changed.update(dict.fromkeys(self.expected, server_round))
+        entry["server_aggregate_time"] = time.perf_counter() - started
+        return state_to_record(new), MetricRecord({})
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -527,8 +593,6 @@ class LoRAStrategy(FedAvg):
         """Sort a round's replies into failures, declines, rejections and the
         accepted updates; record them (and the privacy reported) in ``entry``."""
         ok = [m for m in replies if not m.has_error()]
-        missing = max(entry.get("clients_sampled", 0) - len(replies), 0)
-        self.epsilon.update(checks.epsilons(ok))
         accepted = checks.accept(
             [m for m in ok if not checks.is_declined(m)],
             self.expected,
@@ -554,18 +618,33 @@ class LoRAStrategy(FedAvg):
                 (reported.get(node) if rank is None else rank, size)
                 for node, (rank, size) in self.down_bytes.items()
             )
+        self._tally(entry, replies, ok, sizes)
+        entry.update(rejected=accepted.rejected, clients=len(accepted.states))
+        return accepted
+
+    def _tally(
+        self,
+        entry: dict[str, Any],
+        replies: list[Message],
+        ok: list[Message],
+        sizes: list[int] | None = None,
+    ) -> None:
+        """Record a round's failures (with the sampled nodes that never replied),
+        declines, bytes up (``sizes``: of ``ok``'s payloads, if measured) and the
+        privacy the clients reported."""
+        missing = max(entry.get("clients_sampled", 0) - len(replies), 0)
+        self.epsilon.update(checks.epsilons(ok))
+        if sizes is None:
+            sizes = [payload_bytes(m.content) for m in ok]
         entry.update(
             failures=len(replies) - len(ok) + missing,
             failure_reasons=checks.failures(replies, self.sampled, missing),
             bytes_up=sum(sizes),
             declined=checks.declined(ok),
-            rejected=accepted.rejected,
-            clients=len(accepted.states),
         )
         if self.epsilon:
             entry["epsilon"] = {str(k): v for k, v in sorted(self.epsilon.items())}
             entry["epsilon_max"] = max(self.epsilon.values())
-        return accepted
 
     def _record(
         self,

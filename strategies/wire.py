@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
@@ -193,3 +194,19 @@ KEY_GLOBAL_SYNC = "global-sync"  # ConfigRecord: the arrays are the changes sinc
 #   KEY_BASE_FROM (0: all of them) up to KEY_BASE_TO, for nodes that keep the global
 KEY_STATE_GLOBAL = "fedlora.global"  # where such a node keeps the global state
 KEY_STATE_GLOBAL_ROUND = "fedlora.global-round"  # ... and the round it is from
+# secure aggregation (strategies.secagg, clients.secagg): each stage's message type,
+# its ConfigRecord, and where a node keeps its round's protocol secrets
+SECAGG_KEYS = "secagg_keys"  # train action: fresh key pairs, public halves back
+SECAGG_SHARE = "secagg_share"  # train action: encrypted secret shares back
+SECAGG_UNMASK = "secagg_unmask"  # train action: one share per holder back
+KEY_SECAGG = "secagg"  # ConfigRecord of every protocol message (and the masked
+#   train message: the shares the node's neighbours sent it)
+KEY_SECAGG_META = "secagg-meta"  # ArrayRecord of a masked reply: [weight, clipped
+#   entries, clipped weight], masked with the update
+KEY_STATE_SECAGG = "fedlora.secagg"  # where a node keeps its round's session
+
+
+def no_empty(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` without its empty lists, for a ConfigRecord (Flower cannot
+    type an empty list; the reader takes a missing key as empty)."""
+    return {k: v for k, v in values.items() if not (isinstance(v, list) and not v)}

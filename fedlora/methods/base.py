@@ -113,6 +113,10 @@ class Method:
     #: the server step is the weighted mean of what the clients send, so
     #: client-level DP noise on that mean covers it (privacy=central)
     aggregates_by_mean: ClassVar[bool] = True
+    #: the server step is a weighted sum of the clients' tensors (with weights
+    #: that do not depend on the tensors), so it can run on their securely
+    #: aggregated sum alone (``secure_aggregation=secaggplus``)
+    sums_only: ClassVar[bool] = True
     #: the frozen factors travel to each node once (else every party rebuilds
     #: them from the shared seed)
     ships_frozen: ClassVar[bool] = False
@@ -174,6 +178,18 @@ class Method:
                     f"{self.name}'s server step uses every client's update, not "
                     "just their mean, so client-level DP noise on the mean does not "
                     "cover it; use privacy=dp_sgd or another strategy",
+                )
+            )
+        if settings.secure and not self.sums_only:
+            out.append(
+                ConfigError(
+                    "secure_aggregation",
+                    "secaggplus",
+                    f"{self.name}'s server step reads each client's update, not "
+                    "only their weighted sum, and secure aggregation shows the "
+                    "server the sum alone; use secure_aggregation=none, or a method "
+                    "whose server step is a weighted sum (fedavg_lora, ffa_lora, "
+                    "fedsb, rolora, fedsa_lora)",
                 )
             )
         if settings.adapter.client_ranks and not self.accepts_client_ranks:

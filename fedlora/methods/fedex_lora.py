@@ -108,6 +108,7 @@ class FedExLoRA(MergedExport, Method):
 
     name = "fedex_lora"
     aggregates_by_mean = False  # the residual reads every client's factors
+    sums_only = False  # the residual reads every client's factors
     folds_into_base = True
     accepts_server_optimizer = False  # W0 + s ideal holds for the mean only
 

@@ -109,6 +109,16 @@ class FedSB(Method):
                     "strategy.init=random_orthogonal (data-free)",
                 )
             )
+        if settings.secure and self.init == "federated_gradient":
+            out.append(
+                ConfigError(
+                    "strategy.init",
+                    self.init,
+                    "with secure_aggregation=secaggplus the Fed-SB init round would "
+                    "send each client's gradient in plaintext; use "
+                    "strategy.init=random_orthogonal or server_data",
+                )
+            )
         if self.init == "server_data":
             try:
                 server_data_file(settings)

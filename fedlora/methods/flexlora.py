@@ -37,6 +37,7 @@ class FlexLoRA(FedAvgLoRA):
     """
 
     name = "flexlora"
+    sums_only = False  # the SVD of the stack reads every client's factors
 
     def __init__(self, **common: Any) -> None:
         super().__init__(**common)

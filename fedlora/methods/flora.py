@@ -56,6 +56,7 @@ class FLoRA(MergedExport, FedAvgLoRA):
     name = "flora"
     folds_into_base = True
     aggregates_by_mean = False  # the stack keeps every client's factors
+    sums_only = False  # the stack keeps every client's factors
     accepts_server_optimizer = False  # the step is a stack, not a mean
 
     def __init__(self, *, seed: int = 0, **common: Any) -> None:

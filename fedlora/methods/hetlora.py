@@ -33,6 +33,7 @@ class HetLoRA(FedAvgLoRA):
     """
 
     name = "hetlora"
+    sums_only = False  # the weights w_k read every client's factors
 
     def aggregate(
         self, states: Sequence[State], weights: np.ndarray, sent: State

@@ -46,6 +46,7 @@ class LoRAFAIR(Method):
 
     name = "lora_fair"
     aggregates_by_mean = False  # the correction reads every client's factors
+    sums_only = False  # the correction reads every client's factors
 
     def __init__(
         self,
