@@ -444,15 +444,6 @@ def _secure_problems(s: Settings) -> list[ConfigError]:
     for ok, key, value, fix in checks:
         if not ok:
             out.append(ConfigError(f"secure_aggregation.{key}", value, fix))
-    if s.federation.min_train_clients < 3:
-        out.append(
-            ConfigError(
-                "federation.min_train_clients",
-                s.federation.min_train_clients,
-                "secure aggregation needs at least 3 clients a round (with 2, each "
-                "learns the other's update from the sum); raise it to 3 or more",
-            )
-        )
     if s.privacy.mode == "central":
         out.append(
             ConfigError(
