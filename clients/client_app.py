@@ -88,10 +88,10 @@ from strategies.wire import (
     KEY_STATE_LOCAL,
     KEY_STATE_LOCAL_ROUNDS,
     PHASE_GRADIENT,
-    exact_record,
     SECAGG_KEYS,
     SECAGG_SHARE,
     SECAGG_UNMASK,
+    exact_record,
     record_to_state,
     state_to_record,
 )
