@@ -1,6 +1,8 @@
 """Typed errors: each message says which setting is wrong, what was found, the fix."""
 
 import importlib
+import inspect
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -88,3 +90,58 @@ def load_target(target: str, base: type, key: str, example: str) -> Any:
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise ConfigError(key, target, f"is not a {base.__module__}.{base.__name__}")
     return cls
+
+
+def build_target(
+    section: Any, base: type, key: str, example: str, default: type
+) -> Any:
+    """The object a ``_target_`` settings section describes: the class it names
+    (null: ``default``), built with the section's other keys as its arguments.
+
+    Parameters
+    ----------
+    section : mapping
+        ``_target_`` and the class's arguments (a conf group's option).
+    base : type
+        The class every target must subclass.
+    key : str
+        The section's dotted config key (``server_optimizer``, ``logger``).
+    example : str
+        A valid target, for the messages.
+    default : type
+        The class a null ``_target_`` stands for.
+
+    Raises
+    ------
+    ConfigError
+        Not a mapping, no ``_target_``, a target that is not a ``base``, or an
+        argument the class does not take (naming ``<key>.<argument>``); and
+        whatever the class raises for a bad value.
+    """
+    if not isinstance(section, Mapping):
+        fix = f"must be a mapping with _target_ (see conf/{key}/)"
+        raise ConfigError(key, section, fix)
+    if "_target_" not in section:
+        raise ConfigError(
+            f"{key}._target_", None, f"is missing; name the class, e.g. {example}"
+        )
+    target = section["_target_"]
+    if target is None:
+        cls = default
+    else:
+        cls = load_target(target, base, f"{key}._target_", example)
+    accepted = [
+        name
+        for name, p in inspect.signature(cls).parameters.items()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+    kwargs = {str(k): v for k, v in section.items() if k != "_target_"}
+    for name, value in kwargs.items():
+        if name not in accepted:
+            takes = ", ".join(accepted) if accepted else "no settings"
+            raise ConfigError(
+                f"{key}.{name}",
+                value,
+                f"{cls.__name__} takes {takes}; remove the key or choose another {key}",
+            )
+    return cls(**kwargs)

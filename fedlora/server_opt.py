@@ -27,18 +27,18 @@ https://arxiv.org/abs/1909.06335.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import numpy as np
 
-from fedlora.errors import ConfigError, load_target
+from fedlora.errors import ConfigError, build_target, load_target
 
 State = dict[str, np.ndarray]
 WIRE_DTYPE = np.float32  # what crosses the wire, and what step() returns
 SECTION = "server_optimizer"  # the settings section (conf/server_optimizer/)
+_EXAMPLE = "fedlora.server_opt.Adam, or choose server_optimizer=none"
 
 __all__ = [
     "Adagrad",
@@ -446,12 +446,7 @@ class Yogi(_WithBetas):
 # --- construction from the settings -------------------------------------------------
 def load_class(target: str) -> type[ServerOptimizer]:
     """The :class:`ServerOptimizer` subclass at the dotted path ``target``."""
-    return load_target(
-        target,
-        ServerOptimizer,
-        f"{SECTION}._target_",
-        "fedlora.server_opt.Adam, or choose server_optimizer=none",
-    )
+    return load_target(target, ServerOptimizer, f"{SECTION}._target_", _EXAMPLE)
 
 
 def from_settings(section: Mapping[str, Any] | None) -> ServerOptimizer:
@@ -473,33 +468,10 @@ def from_settings(section: Mapping[str, Any] | None) -> ServerOptimizer:
     """
     if section is None:
         return NoOptimizer()
-    if not isinstance(section, Mapping):
-        raise ConfigError(
-            SECTION,
-            section,
-            "must be a mapping with _target_ (see conf/server_optimizer/)",
-        )
-    if "_target_" not in section:
-        raise ConfigError(
-            f"{SECTION}._target_",
-            None,
-            "is missing; name the optimizer's class or choose server_optimizer=none",
-        )
-    kwargs = {str(k): v for k, v in section.items() if k != "_target_"}
-    target = section["_target_"]
-    cls = NoOptimizer if target is None else load_class(target)
-    accepted = [
-        name
-        for name, p in inspect.signature(cls).parameters.items()
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    ]
-    for key, value in kwargs.items():
-        if key not in accepted:
-            takes = ", ".join(accepted) if accepted else "no settings"
-            raise ConfigError(
-                f"{SECTION}.{key}",
-                value,
-                f"{cls.__name__} takes {takes}; remove the key or choose another "
-                f"{SECTION}",
-            )
-    return cls(**kwargs)
+    return build_target(
+        section,
+        ServerOptimizer,
+        SECTION,
+        _EXAMPLE,
+        NoOptimizer,
+    )
