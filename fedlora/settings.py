@@ -13,7 +13,9 @@ The method (``strategy``) keeps its constructor arguments as a read-only mapping
 its typed form is the object :func:`fedlora.methods.from_settings` builds. The server
 optimizer (``server_optimizer``) is held the same way and built by
 :func:`fedlora.server_opt.from_settings`; it is None in settings written before the
-section existed (no server optimizer), as is ``export`` (the default export).
+section existed (no server optimizer), as is ``export`` (the default export). So is
+the experiment tracker (``logger``, built by :func:`fedlora.tracking.from_settings`;
+None: no tracking).
 """
 
 from __future__ import annotations
@@ -456,6 +458,10 @@ class Settings:
     verbose: bool | None = None
     #: None when absent (settings written before the section existed: none)
     secure_aggregation: SecureAggregationSettings | None = None
+    #: the experiment tracker's options, ``_target_`` naming its class
+    #: (:mod:`fedlora.tracking`); None when absent (settings written before the
+    #: section existed: no tracking)
+    logger: Mapping[str, Any] | None = None
 
     @property
     def secure(self) -> bool:
@@ -483,6 +489,7 @@ class Settings:
             "diagnostics",
             "verbose",
             "secure_aggregation",
+            "logger",
         ]
         for key in plain:
             if key not in known:
@@ -499,7 +506,7 @@ class Settings:
         return cls(
             **{k: t.from_dict(plain[k], k) for k, t in _SECTIONS.items()},
             strategy=Frozen(strategy),
-            server_optimizer=_server_optimizer(plain),
+            server_optimizer=_component(plain, "server_optimizer"),
             quiet=plain["quiet"],
             verbose=plain.get("verbose"),
             resume=plain["resume"],
@@ -519,14 +526,16 @@ class Settings:
             )
             if "secure_aggregation" in plain
             else None,
+            logger=_component(plain, "logger"),
         )
 
     def to_dict(self) -> dict[str, Any]:
         """The plain dict (what travels to clients as JSON, what checkpoints keep)."""
         out = {k: getattr(self, k).to_dict() for k in _SECTIONS}
         out["strategy"] = _thaw(self.strategy)
-        if self.server_optimizer is not None:
-            out["server_optimizer"] = _thaw(self.server_optimizer)
+        for key in _COMPONENTS:
+            if getattr(self, key) is not None:
+                out[key] = _thaw(getattr(self, key))
         out.update({k: getattr(self, k) for k in _SCALARS})
         if self.faults is not None:
             out["faults"] = self.faults.to_dict()
@@ -555,20 +564,26 @@ class Settings:
         )
 
 
-def _server_optimizer(plain: Mapping[str, Any]) -> Frozen | None:
-    """The ``server_optimizer`` section, frozen; None when ``plain`` has none."""
-    if "server_optimizer" not in plain:
-        return None  # settings written before the section existed
-    section = plain["server_optimizer"]
+#: optional sections held as a ``_target_`` mapping, and the option that turns
+#: each off (for the messages)
+_COMPONENTS = {"server_optimizer": "server_optimizer=none", "logger": "logger=none"}
+
+
+def _component(plain: Mapping[str, Any], key: str) -> Frozen | None:
+    """The section ``key`` of :data:`_COMPONENTS`, frozen; None when ``plain`` has
+    none (settings written before the section existed)."""
+    if key not in plain:
+        return None
+    section = plain[key]
     if not isinstance(section, Mapping):
         raise ConfigError(
-            "server_optimizer",
+            key,
             section,
-            "must be a mapping of settings with _target_ (server_optimizer=none "
-            "for no server optimizer)",
+            f"must be a mapping of settings with _target_ ({_COMPONENTS[key]} "
+            "for none)",
         )
     if "_target_" not in section:
-        raise _missing("server_optimizer._target_")
+        raise _missing(f"{key}._target_")
     return Frozen(section)
 
 
@@ -605,8 +620,8 @@ def with_(settings: Settings, *changes: Any) -> Settings:
     keys and values, e.g. ``with_(s, "train.lr", 0.5, "train.batch_size", 8)``.
 
     A whole section may be given as a plain mapping (``with_(s, "privacy", {...})``,
-    checked as :meth:`Settings.from_dict` would); ``strategy`` and
-    ``server_optimizer`` take a mapping.
+    checked as :meth:`Settings.from_dict` would); ``strategy``,
+    ``server_optimizer`` and ``logger`` take a mapping.
     """
     if len(changes) % 2:
         raise TypeError("with_ takes pairs of a dotted key and its value")
@@ -625,10 +640,10 @@ def with_(settings: Settings, *changes: Any) -> Settings:
                 value = SecureAggregationSettings.from_dict(value, section)
             elif section == "strategy":
                 value = Frozen(value)
-            elif section == "server_optimizer" and value is not None:
-                value = _server_optimizer({section: value})
+            elif section in _COMPONENTS and value is not None:
+                value = _component({section: value}, section)
             settings = dataclasses.replace(settings, **{section: value})
-        elif section in ("strategy", "server_optimizer"):
+        elif section in ("strategy", *_COMPONENTS):
             mapping = getattr(settings, section) or {}
             settings = dataclasses.replace(
                 settings, **{section: Frozen({**mapping, key: value})}

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedlora import layouts, server_opt
+from fedlora import layouts, server_opt, tracking
 from fedlora.errors import ConfigError
 from fedlora.settings import Settings
 
@@ -257,6 +257,10 @@ def _problems(s: Settings) -> list[ConfigError]:
     out.extend(_large_model_problems(s))
     out.extend(_privacy_problems(s))
     out.extend(_secure_problems(s))
+    try:  # the tracker builds (its class, options, and package installed)
+        tracking.from_settings(s.logger)
+    except ConfigError as exc:
+        out.append(exc)
     try:  # the server optimizer builds (its class, its keys and their values)
         optimizer = server_opt.from_settings(s.server_optimizer)
     except ConfigError as exc:

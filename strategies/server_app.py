@@ -22,7 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fedlora import checkpoint, results
+from fedlora import checkpoint, results, tracking
 from fedlora.adapters import (
     get_frozen_state,
     get_state,
@@ -57,7 +57,8 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 #: the settings a resumed run may change; all others come from the checkpoint (a
 #: key among these that the resumed run lacks, e.g. the test-only ``faults`` added
 #: with ``+faults...``, is dropped, not carried over). ``export`` shapes only the
-#: adapter saved at the end.
+#: adapter saved at the end; ``logger`` only where the run is tracked (see
+#: :data:`KEPT`).
 RESUMABLE = (
     "federation.rounds",
     "federation.round_timeout",
@@ -69,7 +70,11 @@ RESUMABLE = (
     "faults",
     "resume",
     "export",
+    "logger",
 )
+#: resumable settings a resumed run keeps from the checkpoint unless the command
+#: line sets them (``resume=<run dir>`` alone goes on logging where the run did)
+KEPT = ("logger",)
 _MISSING = object()
 
 
@@ -91,7 +96,20 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     state and the RNG states are restored, the initialisation (Fed-SB's init
     round) and round 0's evaluation are not repeated, ``metrics.jsonl`` is reset to
     the checkpoint's rows and the new rounds keep their real numbers.
+
+    The experiment tracker of ``logger`` (:mod:`fedlora.tracking`) gets the config,
+    every metrics row, the summary and the files as they are written, and is
+    closed at the end, marked failed if the run fails.
     """
+    logger = Settings.from_dict(settings(cfg)).logger
+    with tracking.from_settings(logger) as tracker:
+        return _serve(grid, cfg, run_dir, tracker)
+
+
+def _serve(
+    grid: Grid, cfg: DictConfig, run_dir: Path, tracker: tracking.Tracker
+) -> dict[str, Any]:
+    """:func:`run_server` with its tracker."""
     # 1. the global model, from the shared seed, and the server's evaluation data
     #    (``cfg`` was validated by whoever composed it: typed once here)
     s = resolve_labels(Settings.from_dict(settings(cfg)))  # the same ids everywhere
@@ -138,6 +156,7 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     elapsed = (previous[-1].get("wall_time") or 0.0) if previous else 0.0
     started = time.perf_counter() - elapsed  # wall_time goes on from the checkpoint
     saved: list[Path] = [ckpt.path] if ckpt is not None else []  # newest last
+    tracker.start(run_dir, plain, run_id, previous)
 
     # 3. centralised evaluation each round, which also writes the round's metrics
     #    and the round's checkpoint
@@ -170,6 +189,7 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             **strategy.round_log.get(server_round, {}),
         }
         results.append_metrics(run_dir, row)
+        tracker.log_round(row)
         progress(row)
         saved.append(
             save_checkpoint(run_dir, server_round, arrays, strategy, plain, run_id)
@@ -264,7 +284,10 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         extra["reproducible_noise"] = bool(s.privacy.reproducible_noise)
     summary = results.summarise(rows, extra)
     results.write_summary(run_dir, summary)
-    results.plot_run(run_dir, rows)
+    plots = results.plot_run(run_dir, rows)
+    tracker.log_summary(summary)
+    files = ("config.yaml", results.METRICS_FILE, results.SUMMARY_FILE)
+    tracker.log_files([*(run_dir / f for f in files), *plots])
     return summary
 
 
@@ -341,7 +364,17 @@ def load_resume_checkpoint(resume: str | Path) -> checkpoint.Checkpoint:
 
 
 def _resumable(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in RESUMABLE)
+    return any(_under(key, k) for k in RESUMABLE)
+
+
+def _under(key: str, section: str) -> bool:
+    """Whether the dotted ``key`` is ``section`` or one of its keys."""
+    return key == section or key.startswith(section + ".")
+
+
+def _override_key(override: str) -> str:
+    """The dotted key a command-line override sets (``+a.b@pkg=1`` -> ``a.b``)."""
+    return override.split("=", 1)[0].lstrip("+~").split("@", 1)[0]
 
 
 def _select(tree: Any, key: str) -> Any:
@@ -430,7 +463,9 @@ def _move_export_rank(merged: dict[str, Any]) -> None:
 
 def resume_config(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     """The configuration of a resumed run: the checkpoint's settings, except the
-    keys in :data:`RESUMABLE`, which come from ``cfg`` (e.g. more rounds).
+    keys in :data:`RESUMABLE`, which come from ``cfg`` (e.g. more rounds); of
+    those, the keys in :data:`KEPT` stay the checkpoint's unless an override sets
+    them.
 
     ``overrides`` are the command line's overrides: one that sets a key outside
     :data:`RESUMABLE` to a value other than the checkpoint's is refused, rather than
@@ -446,8 +481,9 @@ def resume_config(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     resume = Settings.from_dict(current).resume
     ckpt = load_resume_checkpoint(str(resume))
     saved = ckpt.state["settings"]
+    keys = [_override_key(o) for o in overrides if "=" in o]
     for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~").split("@", 1)[0]
+        key = _override_key(override)
         if "=" not in override or key.startswith("hydra") or _resumable(key):
             continue
         new, old = _select(current, key), _select(saved, key)
@@ -463,6 +499,9 @@ def resume_config(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     merged = copy.deepcopy(saved)
     for key in RESUMABLE:
         value = _select(current, key)
+        if key in KEPT and not any(_under(k, key) for k in keys):
+            kept = _select(saved, key)
+            value = value if kept is _MISSING else kept
         parts = key.split(".")
         node = merged
         for part in parts[:-1]:
