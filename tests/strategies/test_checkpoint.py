@@ -264,6 +264,28 @@ def test_resume_may_change_the_export_rank_even_of_a_run_from_before_it(tmp_path
     assert resume_config(compose(overrides), overrides).export.rank == 3
 
 
+def test_resume_keeps_the_runs_logger_unless_the_command_line_sets_one(tmp_path):
+    from strategies.server_app import compose, resume_config, settings
+
+    run = checkpointed_run(tmp_path / "mlflow", ["logger=mlflow"])
+    overrides = [f"resume={run}"]  # resume alone: go on logging where it did
+    assert (
+        resume_config(compose(overrides), overrides).logger
+        == (settings(compose(["logger=mlflow"]))["logger"])
+    )
+    overrides = [f"resume={run}", "logger=tensorboard"]  # or somewhere else
+    cfg = resume_config(compose(overrides), overrides)
+    assert cfg.logger._target_ == "fedlora.tracking.TensorBoard"
+    # settings written before the section: the command line's (default none)
+    plain = settings(compose([]))
+    del plain["logger"]
+    state = {"settings": plain, "metrics": [], "run_id": "20261130-000000-0123abcd"}
+    checkpoint.save(tmp_path / "old", 2, {"global": {}}, state)
+    overrides = [f"resume={tmp_path / 'old'}"]
+    cfg = resume_config(compose(overrides), overrides)
+    assert cfg.logger._target_ == "fedlora.tracking.Tracker"
+
+
 DP_SGD = ["privacy=dp_sgd", "federation.fraction_evaluate=0"]
 
 
