@@ -155,6 +155,9 @@ def tensorboard_events(folder: Path) -> Any:
 
 
 def series(events: Any, tag: str) -> dict[int, float]:
+    """A scalar's values by step, which must hold one value each."""
+    steps = [e.step for e in events.Scalars(tag)]
+    assert len(steps) == len(set(steps)), f"{tag}: a step logged twice: {steps}"
     return {e.step: e.value for e in events.Scalars(tag)}
 
 
