@@ -261,6 +261,14 @@ def test_mlflow_resume_continues_the_same_run_and_a_failure_marks_it(tmp_path):
     assert steps == [0, 1, 2, 3, 3, 4]
 
 
+def test_mlflow_store_it_cannot_open_names_the_tracking_uri(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    uri = (tmp_path / "mlruns").as_uri()  # MLflow 3 refuses its old file store
+    with pytest.raises(ConfigError) as err:
+        track(tracking.MLflow(tracking_uri=uri), tmp_path / "run", range(1))
+    assert err.value.key == "logger.tracking_uri" and err.value.found == uri
+
+
 # --- Weights & Biases (offline) -----------------------------------------------------
 @pytest.fixture
 def wandb_home(tmp_path, monkeypatch):
