@@ -19,9 +19,11 @@ import hydra
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from clients.client_app import app as client_app
+from experiments import ray_head
 from fedlora.console import hush_libraries, summary_table
 from fedlora.errors import ClientConfigError, ConfigError
 from fedlora.preflight import preflight
@@ -40,12 +42,14 @@ QUIET_ENV = {
 }
 
 
-def simulate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def simulate(
+    cfg: DictConfig, run_dir: Path, ray_address: str | None = None
+) -> dict[str, Any]:
     """Simulate ``federation.num_clients`` SuperNodes; return the run's summary.
 
     Ray is shut down afterwards, also on failure, so no worker outlives the run;
-    with ``simulation.ray_address`` the run only detaches from that cluster, which
-    goes on running.
+    on a running cluster (``simulation.ray_address``, else ``ray_address``: a
+    sweep's shared head) the run only detaches from it, and it goes on running.
     """
     from flwr.simulation import run_simulation
 
@@ -69,8 +73,9 @@ def simulate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "include_dashboard": False,
         "logging_level": "error",
     }
-    if sim.ray_address:  # a running cluster: attach (the run's end only detaches)
-        init_args["address"] = str(sim.ray_address)
+    address = sim.ray_address or ray_address
+    if address:  # a running cluster: attach (the run's end only detaches)
+        ray_head.attach(str(address))
     elif sim.ray_num_cpus:
         init_args["num_cpus"] = int(sim.ray_num_cpus)
     backend_config = {
@@ -117,8 +122,13 @@ def main(cfg: DictConfig) -> float | None:
         quiet = bool(cfg.quiet)
         if not quiet:
             print(f"[fedlora] run directory: {run_dir}", flush=True)
-        # 3. simulate and report
-        summary = simulate(cfg, run_dir)
+        # 3. simulate and report (a sweep's runs share one Ray head)
+        shared = None
+        sim = Settings.from_dict(settings(cfg)).simulation
+        sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+        if sweep and sim.shared_ray is not False and not sim.ray_address:
+            shared = ray_head.sweep_address(sim.ray_num_cpus)
+        summary = simulate(cfg, run_dir, shared)
     except (ConfigError, ClientConfigError) as exc:
         print(f"[fedlora] configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

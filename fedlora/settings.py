@@ -364,6 +364,8 @@ class SimulationSettings(_Section):
     #: a running Ray cluster to attach to (``auto`` or an address); None: a Ray
     #: of the run's own (absent in settings from before the key: None)
     ray_address: str | None = optional()
+    #: a sweep (``-m``) starts one Ray head for all its runs (absent: true)
+    shared_ray: bool | None = optional()
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,12 @@ def _problems(s: Settings) -> list[ConfigError]:
         "for a Ray of the run's own",
     )
     need(
+        sim.shared_ray is None or isinstance(sim.shared_ray, bool),
+        "simulation.shared_ray",
+        sim.shared_ray,
+        "must be true (a sweep shares one Ray head) or false (a Ray per run)",
+    )
+    need(
         address is None or not sim.ray_num_cpus,
         "simulation.ray_num_cpus",
         sim.ray_num_cpus,

@@ -1,95 +1,89 @@
-"""The simulation on a Ray cluster that is already running (``simulation.ray_address``):
-a real head started by the test with ``ray start --head``, the run attached to it
-through the front door, and the cluster still serving after the run."""
+"""The simulation on a Ray cluster that is already running: a real head started by
+the test (``ray start --head``), a run attached to it through the front door
+(``simulation.ray_address``), the clients' environment reaching the cluster's
+workers, and the cluster still serving after the run; and a Hydra sweep whose runs
+share one head the front door starts and stops."""
 
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import processes_in_group, run_front_door
+from experiments.ray_head import RayHead, cluster_up
+from tests.conftest import REPO, front_door_command, processes_in_group, run_front_door
 
 pytestmark = pytest.mark.slow
-RAY = str(Path(sys.executable).with_name("ray"))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def cluster_up(address: str) -> bool:
-    """``ray status`` against ``address`` succeeds (the cluster serves)."""
-    proc = subprocess.run(
-        [RAY, "status", "--address", address], capture_output=True, text=True
-    )
-    return proc.returncode == 0 and "node_" in proc.stdout
+def drivers(temp: Path) -> set[Path]:
+    """A log per driver (a run's process) that joined the cluster in ``temp``."""
+    return set(temp.glob("session_*/logs/python-core-driver-*"))
 
 
 @pytest.fixture
 def ray_head():
-    """A Ray head of 2 CPUs in its own process group; its address. Stopped, and
-    checked gone, at the end."""
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: socket paths
-    head = subprocess.Popen(
-        [
-            RAY,
-            "start",
-            "--head",
-            "--block",
-            f"--port={port}",
-            "--num-cpus=2",
-            "--include-dashboard=false",
-            "--disable-usage-stats",
-            f"--temp-dir={temp}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        env={**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"},
-    )
+    """A Ray head of 2 CPUs in its own process group; stopped, and checked gone,
+    at the end."""
+    head = RayHead(num_cpus=2)
     try:
-        deadline = time.monotonic() + 180
-        while not cluster_up(address):
-            assert head.poll() is None, "ray start --head exited"
-            assert time.monotonic() < deadline, "the Ray head did not come up"
-            time.sleep(2)
-        yield address, head
+        head.start()
+        yield head
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while processes_in_group(head.pid) and time.monotonic() < deadline:
-            time.sleep(1)
-        left = processes_in_group(head.pid)
-        for _ in left:
-            os.killpg(head.pid, signal.SIGKILL)
-        assert not left, left
+        head.stop()
+        assert not processes_in_group(head.proc.pid)
 
 
 def test_a_run_attaches_to_a_running_cluster_and_leaves_it_running(
     tiny_bert, ray_head, tmp_path
 ):
-    address, head = ray_head
+    before = drivers(ray_head.temp_dir)
+    clients = tmp_path / "clients"
     rows = run_front_door(
-        tmp_path / "run", tiny_bert, f"simulation.ray_address={address}"
+        tmp_path / "run",
+        tiny_bert,
+        f"simulation.ray_address={ray_head.address}",
+        "strategy=fedsa_lora",  # its nodes keep B under simulation.client_dir
+        f"simulation.client_dir={clients}",
     )
+    assert drivers(ray_head.temp_dir) - before, "the run did not join the cluster"
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(r["clients"] == 3 and r["failures"] == 0 for r in rows[1:])
+    # the cluster's workers got the clients' environment (their own folder)
+    assert sorted(p.name for p in (clients / "node-state").iterdir())
     # the run detached only: the cluster, its head process included, still serves
-    assert head.poll() is None
-    assert cluster_up(address)
+    assert ray_head.alive() and cluster_up(ray_head.address)
+
+
+def test_a_sweep_starts_one_ray_head_for_all_its_runs(tiny_bert, tmp_path):
+    cmd = front_door_command(tmp_path / "unused", tiny_bert)
+    cmd = [a for a in cmd if not a.startswith("hydra.run.dir=")]
+    cmd.insert(cmd.index("experiments.run") + 1, "-m")  # Hydra's flags first
+    cmd += [
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        "federation.seed=0,1",
+        "simulation.ray_num_cpus=2",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as proc:
+        stdout, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert stdout.count("[fedlora] sweep: one Ray head for all runs at") == 1, stdout
+    assert stdout.count("[fedlora] done") == 2
+    runs = sorted((tmp_path / "sweep").glob("*/summary.json"))
+    assert len(runs) == 2
+    # the head and every worker are gone with the sweep
+    assert not processes_in_group(proc.pid)
+    port = stdout.split("one Ray head for all runs at ")[1].split()[0].rsplit(":")[1]
+    ps = subprocess.run(["ps", "-eo", "args="], capture_output=True, text=True)
+    assert not [line for line in ps.stdout.splitlines() if port in line]
