@@ -106,7 +106,7 @@ def simulate(
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> float | None:
-    """Run one experiment; returns the final server accuracy (for sweepers).
+    """Run one experiment; returns :func:`objective` (for sweepers).
 
     A configuration error, found before the run or reported by the clients during
     it, ends it with one line on stderr and exit status 2 (no traceback)."""
@@ -134,6 +134,15 @@ def main(cfg: DictConfig) -> float | None:
         raise SystemExit(2) from None
     if not quiet:
         print("[fedlora] done\n" + summary_table(summary, str(run_dir)), flush=True)
+    return objective(summary)
+
+
+def objective(summary: dict[str, Any]) -> float | None:
+    """What a sweeper maximises: the final validation accuracy when
+    ``data.validation_fraction`` held out training rows (tuned sweeps never see
+    the reported split), else the final server accuracy."""
+    if summary.get("final_validation_accuracy") is not None:
+        return summary["final_validation_accuracy"]
     return summary.get("final_eval_accuracy")
 
 

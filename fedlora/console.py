@@ -162,6 +162,7 @@ def summary_table(summary: Mapping[str, Any], run_dir: str) -> str:
         ("final_eval_loss", "final loss"),
         ("final_eval_perplexity", "final perplexity"),
         ("final_federated_eval_accuracy", "clients' own accuracy"),
+        ("final_validation_accuracy", "validation accuracy"),
     ):
         add(label, summary.get(key), "{:.4f}")
     add("mean aggregation error", summary.get("mean_aggregation_error"), "{:.3g}")

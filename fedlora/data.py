@@ -9,7 +9,8 @@ null: the sorted label set of the whole data set), ``hub_id`` /
 ``label_column``; causal LM: ``layout`` and the columns of each layout
 (``prompt_column``, ``response_column``, ``instruction_column``, ``input_column``,
 ``output_column``, ``messages_column``; :mod:`fedlora.layouts`),
-``max_train_examples``, ``max_eval_examples``, ``client_eval_fraction``, ``seed``.
+``max_train_examples``, ``max_eval_examples``, ``client_eval_fraction``,
+``validation_fraction`` (training rows the server holds out to tune on), ``seed``.
 Partitioning (``partition.*``): ``type`` = ``iid`` | ``dirichlet`` | ``shard`` |
 ``natural`` (a client per value of ``column``), ``alpha``, ``min_partition_size``,
 ``shards_per_client``, ``column``, ``seed``.
@@ -126,7 +127,16 @@ def _find_split(folder: Path, split: str) -> Path | None:
 
 
 def load_splits(data: DataSettings) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Return ``(train, eval)`` tables as configured (synthetic, local or hub)."""
+    """Return ``(train, eval)`` tables as configured (synthetic, local or hub),
+    without the validation rows ``data.validation_fraction`` holds out of the
+    training split (:func:`validation_table`)."""
+    train, evals = _tables(data)
+    train, _ = split_validation(train, data.validation_fraction, int(data.seed))
+    return train, evals
+
+
+def _tables(data: DataSettings) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(train, eval)`` as read and subsampled, the training split whole."""
     seed = int(data.seed)
     if data.name == "synthetic":
         n = int(data.num_examples)
@@ -145,7 +155,31 @@ def load_splits(data: DataSettings) -> tuple[pd.DataFrame, pd.DataFrame]:
         )
     train = _subsample(train, data.max_train_examples, seed)
     evals = _subsample(evals, data.max_eval_examples, seed)
-    return train.reset_index(drop=True), evals.reset_index(drop=True)
+    return train, evals.reset_index(drop=True)
+
+
+def split_validation(
+    train: pd.DataFrame, fraction: float | None, seed: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(rest, validation)``: a shuffled ``fraction`` of the training rows (at
+    least one when the fraction is positive) held out for tuning, taken before the
+    clients' partitions are formed; the same rows for the same seed. Fraction 0 or
+    None: nothing held out."""
+    train = train.reset_index(drop=True)
+    if not fraction:
+        return train, train.iloc[:0]
+    order = train.sample(frac=1.0, random_state=seed).index
+    held = order[: max(1, int(float(fraction) * len(train)))]
+    return train.drop(index=held), train.loc[held]
+
+
+def validation_table(data: DataSettings) -> pd.DataFrame:
+    """The rows :func:`split_validation` took out of the training split (empty
+    when ``data.validation_fraction`` is 0): the tuning split, never the
+    evaluation split accuracy is reported on."""
+    train, _ = _tables(data)
+    _, held = split_validation(train, data.validation_fraction, int(data.seed))
+    return held.reset_index(drop=True)
 
 
 def _load_local(data: DataSettings, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -347,7 +381,7 @@ def _resolved_labels(s: Settings) -> tuple[tuple[str, ...] | None, int]:
         count = len(names)
         source = f"data.labels names {count} labels"
     else:
-        train, evals = load_splits(data)
+        train, evals = _tables(data)  # the validation rows too
         values = pd.concat([_label_column(train, data), _label_column(evals, data)])
         names, count = found_labels(values, data.label_column)
         source = (
@@ -761,6 +795,18 @@ def server_examples(settings: Settings, tokenizer: Any) -> list[Example]:
     _, evals = load_splits(s.data)
     check_table(evals, s)
     return tokenise(evals, tokenizer, s.data, s.model.task, int(s.train.max_length))
+
+
+def server_validation_examples(settings: Settings, tokenizer: Any) -> list[Example]:
+    """The validation rows ``data.validation_fraction`` held out of the training
+    split (:func:`validation_table`), tokenised: the server's tuning objective.
+    Empty when the fraction is 0."""
+    s = resolve_labels(settings)
+    held = validation_table(s.data)
+    if held.empty:
+        return []
+    check_table(held, s)
+    return tokenise(held, tokenizer, s.data, s.model.task, int(s.train.max_length))
 
 
 # ------------------------------------------------- the server's own calibration data

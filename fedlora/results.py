@@ -59,6 +59,13 @@ def summarise(rounds: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, 
         for r in trained
         if r.get("federated_eval_accuracy") is not None
     ]
+    held = [r for r in rounds if r.get("validation_accuracy") is not None]
+    if held:  # data.validation_fraction: the tuning objective, not the report
+        extra = {
+            **extra,
+            "final_validation_accuracy": held[-1]["validation_accuracy"],
+            "best_validation_accuracy": max(r["validation_accuracy"] for r in held),
+        }
     if federated:  # the clients' own evaluation (FedSA-LoRA's main metric)
         extra = {
             **extra,

@@ -224,6 +224,10 @@ class DataSettings(_Section):
     output_column: str | None = optional()
     messages_column: str | None = optional()
     client_eval_fraction: float = field()
+    #: training rows held out (before partitioning) for the server's validation
+    #: accuracy, the tuning objective; None (settings written before the key
+    #: existed): 0, none
+    validation_fraction: float | None = optional()
     max_train_examples: int | None = field()
     max_eval_examples: int | None = field()
     seed: int = field()

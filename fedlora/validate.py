@@ -234,6 +234,19 @@ def _problems(s: Settings) -> list[ConfigError]:
         data.layout,
         f"choose one of {', '.join(layouts.CHOICES)}",
     )
+    held = data.validation_fraction
+    need(
+        held is None
+        or (
+            isinstance(held, (int, float))
+            and not isinstance(held, bool)
+            and 0.0 <= held < 1.0
+        ),
+        "data.validation_fraction",
+        held,
+        "give the share of training rows held out for the validation accuracy "
+        "sweeps tune on: a number in [0, 1), e.g. 0.1 (0: none)",
+    )
     if data.name == "synthetic":
         for key in ("num_examples", "num_eval_examples"):
             positive_int(data, "data", key)

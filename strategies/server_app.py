@@ -36,6 +36,7 @@ from fedlora.data import (
     resolve_labels,
     server_calibration_examples,
     server_examples,
+    server_validation_examples,
     write_labels,
 )
 from fedlora.errors import ConfigError, NodesUnavailableError
@@ -129,6 +130,8 @@ def _serve(
     device = resolve_device(s.train.device)
     model.to(device)
     eval_examples = server_examples(s, tokenizer)
+    # data.validation_fraction: training rows held out, the tuning objective
+    validation_examples = server_validation_examples(s, tokenizer)
     initial = get_state(model)
 
     # 2. the strategy: Flower's sampling around the method of conf/strategy/
@@ -168,17 +171,26 @@ def _serve(
         set_state(model, record_to_state(arrays))
         if method.method.folds_into_base:
             set_base_delta(model, method.folds.total.matrices())
-        metrics = evaluate(
-            model,
-            eval_examples,
-            s.model.task,
-            device,
-            tokenizer.pad_token_id,
-            s.train.eval_batch_size,
-        )
+
+        def on(examples: list[Any]) -> dict[str, float]:
+            return evaluate(
+                model,
+                examples,
+                s.model.task,
+                device,
+                tokenizer.pad_token_id,
+                s.train.eval_batch_size,
+            )
+
+        metrics = on(eval_examples)
+        validation = on(validation_examples) if validation_examples else {}
         row = {
             "round": server_round,
             **metrics,
+            **{
+                f"validation_{k.removeprefix('eval_')}": v
+                for k, v in validation.items()
+            },
             "server_eval_time": time.perf_counter() - eval_start,
             "wall_time": time.perf_counter() - started,
             "bytes_up": 0,
