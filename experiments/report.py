@@ -267,6 +267,107 @@ def plot(runs: dict[str, list[Run]], out: Path) -> list[Path]:
     return written
 
 
+# --------------------------------------------------------------- tuned sweeps
+#: the file Hydra's Optuna sweeper leaves in a study's sweep folder
+STUDY_FILE = "optimization_results.yaml"
+#: the settings a tuned sweep may search, as config.yaml spells them
+TUNED = ("train.lr", "train.local_epochs")
+
+
+def trial(run: Run) -> dict[str, Any]:
+    """One trial of a tuned sweep (a run with ``data.validation_fraction``): its
+    number (Hydra's job number, the folder's prefix), its settings of
+    :data:`TUNED` (from its ``config.yaml``), the final validation accuracy (the
+    objective) and the final accuracy on the evaluation split (the reported one)."""
+    from omegaconf import OmegaConf
+
+    folder = Path(run["dir"])
+    config = OmegaConf.load(folder / "config.yaml")
+    number = folder.name.split("_", 1)[0]
+    return {
+        "trial": int(number) if number.isdigit() else None,
+        **{key: OmegaConf.select(config, key) for key in TUNED},
+        "validation_acc": run["summary"].get("final_validation_accuracy"),
+        "test_acc": run["summary"].get(f"final_{SERVER_METRIC}"),
+        "dir": str(folder),
+    }
+
+
+def tuned_studies(root: Path, runs: dict[str, list[Run]]) -> dict[str, dict[str, Any]]:
+    """Every tuned study among ``runs`` (:func:`load_runs` of ``root``: a folder of
+    runs that held out a validation split), ``{"<strategy> (<folder>)": study}``:
+    its trials in order, the best
+    (highest validation accuracy, the earlier trial on a tie, as Optuna keeps it)
+    and the sweeper's own ``optimization_results.yaml`` when present.
+    """
+    from omegaconf import OmegaConf
+
+    folders: dict[tuple[str, Path], list[dict[str, Any]]] = defaultdict(list)
+    for group in runs.values():
+        for run in group:
+            if run["summary"].get("final_validation_accuracy") is None:
+                continue  # not tuned on a validation split
+            key = (run["summary"]["strategy"], Path(run["dir"]).parent)
+            folders[key].append(trial(run))
+    studies = {}
+    for (strategy, folder), trials in sorted(folders.items(), key=str):
+        trials.sort(key=lambda x: (x["trial"] is None, x["trial"] or 0, x["dir"]))
+        best = max(trials, key=lambda x: x["validation_acc"])  # first of ties
+        results = folder / STUDY_FILE
+        optuna = (
+            OmegaConf.to_container(OmegaConf.load(results))
+            if results.is_file()
+            else None
+        )
+        where = folder.relative_to(root) if folder != root else Path(".")
+        studies[f"{strategy} ({where})"] = {
+            "strategy": strategy,
+            "folder": str(folder),
+            "trials": trials,
+            "best": best,
+            "optuna": optuna,
+        }
+    return studies
+
+
+def _value(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def tuned_markdown(studies: dict[str, dict[str, Any]]) -> str:
+    """Each method at its best setting (chosen on validation accuracy, with the
+    accuracy on the evaluation split it is reported by), then every trial."""
+    head = "| study | trials | best trial | train.lr | train.local_epochs |"
+    head += " validation acc (%) | test acc (%) |"
+    lines = ["Each method at its best trial (chosen on the validation split):", ""]
+    lines += [head, "|" + "---|" * 7]
+    for name, study in studies.items():
+        b = study["best"]
+        cells = [name, len(study["trials"]), b["trial"], _value(b["train.lr"])]
+        cells += [_value(b["train.local_epochs"])]
+        cells += [_pct(b["validation_acc"]), _pct(b["test_acc"])]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    lines += ["", "Every trial:", ""]
+    lines += [
+        "| study | trial | train.lr | train.local_epochs | validation acc (%) "
+        "| test acc (%) |",
+        "|" + "---|" * 6,
+    ]
+    for name, study in studies.items():
+        for x in study["trials"]:
+            cells = [name, x["trial"], _value(x["train.lr"])]
+            cells += [_value(x["train.local_epochs"])]
+            cells += [_pct(x["validation_acc"]), _pct(x["test_acc"])]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
 def main() -> None:
     """Parse arguments and write the report."""
     ap = argparse.ArgumentParser(
@@ -279,6 +380,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     runs = load_runs(args.root)
     text = markdown(runs)
+    studies = tuned_studies(args.root, runs)
+    if studies:  # tuned sweeps: each method at its best trial, and every trial
+        text = tuned_markdown(studies) + "\nAll runs:\n\n" + text
+        (out / "tuned.json").write_text(json.dumps(studies, indent=2, default=str))
     (out / "report.md").write_text(text)
     plot(runs, out)
     print(text)

@@ -85,3 +85,25 @@ def test_traffic_by_client_rank_is_per_reply_of_that_rank():
     table = report.rank_markdown({"hetlora": [run, run]})
     assert "| hetlora | 2 | 1.000 ± 0.000 | 0.500 ± 0.000 |" in table
     assert report.rank_markdown({"fedavg_lora": [{"rows": [{"round": 1}]}]}) == ""
+
+
+def test_a_tuned_sweep_is_reported_at_its_best_trial_by_validation(tmp_path):
+    """The best trial is the highest final validation accuracy (not the highest
+    test accuracy); its test accuracy is the one quoted; every trial is listed."""
+    sweep = tmp_path / "fedsb"
+    trials = [(3e-3, 0.70, 0.90), (1e-2, 0.80, 0.75), (1e-4, 0.80, 0.60)]
+    for n, (lr, val, test) in enumerate(trials):
+        fake_run(sweep, f"{n}_fedsb", "fedsb", [0.5, test], None)
+        run = sweep / f"{n}_fedsb"
+        summary = json.loads((run / "summary.json").read_text())
+        summary["final_validation_accuracy"] = val
+        (run / "summary.json").write_text(json.dumps(summary))
+        (run / "config.yaml").write_text(f"train:\n  lr: {lr}\n  local_epochs: 1\n")
+    fake_run(tmp_path, "0_ffa_lora", "ffa_lora", [0.5, 0.7], None)  # not tuned
+    studies = report.tuned_studies(tmp_path, load_runs(tmp_path))
+    assert list(studies) == ["fedsb (fedsb)"]
+    best = studies["fedsb (fedsb)"]["best"]
+    assert (best["trial"], best["train.lr"], best["test_acc"]) == (1, 1e-2, 0.75)
+    table = report.tuned_markdown(studies)
+    assert "| fedsb (fedsb) | 3 | 1 | 0.01 | 1 | 80.0 | 75.0 |" in table
+    assert "| fedsb (fedsb) | 2 | 0.0001 | 1 | 80.0 | 60.0 |" in table

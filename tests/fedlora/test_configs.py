@@ -29,6 +29,9 @@ SWEEPS = {
     "lora_fair_rerun": {"strategy": "fedavg_lora,lora_fair", "federation.seed": "0,1"},
     "dp_large_batch64": {"strategy": "fedavg_lora,ffa_lora", "federation.seed": "0"},
 }
+#: the Optuna presets and their search space (points: values tried below)
+SEARCHES = {"tune_lr": {"train.lr": "tag(log, interval(1e-4, 3e-2))"}}
+SEARCH_POINTS = {"tune_lr": [["train.lr=1e-4"], ["train.lr=3e-2"]]}
 
 
 def test_contract_groups_exist():
@@ -197,10 +200,10 @@ def test_every_preset_composes_and_validates(name, data_folder):
     hydra_cfg = compose_with_hydra(overrides).hydra
     assert hydra_cfg.runtime.choices.experiment == name
     params = hydra_cfg.sweeper.params or {}
-    assert dict(params) == SWEEPS.get(name, {})
-    # every point of the sweep composes and validates too
-    points = [[]]
-    for key, values in params.items():
+    assert dict(params) == {**SWEEPS, **SEARCHES}.get(name, {})
+    # every point of the sweep composes and validates too (Optuna's: its ends)
+    points = SEARCH_POINTS.get(name, [[]])
+    for key, values in params.items() if name not in SEARCHES else ():
         points = [[*p, f"{key}={v}"] for p in points for v in str(values).split(",")]
     for point in points:
         compose([*overrides, *point])
