@@ -51,7 +51,9 @@ def test_the_optuna_preset_tunes_on_validation_and_the_report_picks_the_best(
         assert any(str(o).startswith("train.lr=") for o in overrides)
         config = OmegaConf.load(folder / "config.yaml")
         assert 1e-4 <= config.train.lr <= 3e-2
-        rows = [json.loads(r) for r in (folder / "metrics.jsonl").read_text().split()]
+        rows = [
+            json.loads(r) for r in (folder / "metrics.jsonl").read_text().splitlines()
+        ]
         assert {r["validation_examples"] for r in rows} == {24.0}  # 10% of 240
         assert {r["eval_examples"] for r in rows} == {60.0}  # the reported split
         summary = json.loads((folder / "summary.json").read_text())
