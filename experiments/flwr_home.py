@@ -69,20 +69,40 @@ def local_superlinks(home: Path) -> list:
     return found
 
 
+def strays(home: Path, exclude: set[int]) -> list:
+    """Processes that run with this ``FLWR_HOME`` but are no longer below its
+    SuperLink (Ray's workers, which outlive the simulation for a few seconds as
+    orphans), except this process and its ancestors."""
+    import psutil
+
+    me = psutil.Process()
+    exclude = exclude | {me.pid} | {p.pid for p in me.parents()}
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid not in exclude and proc.environ().get("FLWR_HOME") == str(home):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
 def stop_local(home: Path, grace: float = 10.0) -> int:
-    """SIGTERM the local SuperLink(s) of ``home``; SIGKILL whatever of them and of
-    their descendants (SuperExec, simulation, Ray) is left after ``grace`` seconds.
+    """SIGTERM the local SuperLink(s) of ``home``; SIGKILL whatever of them, of
+    their descendants (SuperExec, simulation, Ray) and of the :func:`strays` is left
+    after ``grace`` seconds.
     Returns how many SuperLinks there were."""
     import psutil
 
     links = local_superlinks(home)
     family = [p for link in links for p in _descendants(link.pid)]
+    family += strays(home, exclude={p.pid for p in links + family})
     for link in links:
         try:
             link.send_signal(signal.SIGTERM)
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(links + family, timeout=grace)
+    psutil.wait_procs(links + family, timeout=grace)  # strays: exiting by themselves
     for proc in links + family:
         if proc.is_running():
             _kill_and_reap(proc)
