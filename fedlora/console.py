@@ -27,10 +27,13 @@ KNOWN_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
     # wraps a model: nothing a user can change
     (FutureWarning, "`is_gradient_checkpointing` is deprecated"),
 )
-#: Flower's notice that ``run_simulation`` is deprecated in favour of ``flwr run``:
-#: the front door calls it on purpose (``flwr run .`` is documented beside it)
+#: Flower's notice that ``run_simulation`` is deprecated in favour of ``flwr run``
+#: (the front door calls it on purpose; ``flwr run .`` is documented beside it), and
+#: its notice that it stops the simulated clients' actors at the run's end
 KNOWN_LOG_RECORDS: tuple[tuple[str, str], ...] = (
     ("flwr", "DEPRECATED FEATURE: The `run_simulation` function"),
+    # each simulated client's actor, stopped as the run ends (by design)
+    ("flwr", "Manually terminating ClientAppActor"),
 )
 
 

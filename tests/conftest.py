@@ -114,6 +114,7 @@ NOISE = (
     "ConfigRecord (train)",
     "is_gradient_checkpointing",
     "Loading weights",
+    "Manually terminating ClientAppActor",
 )
 
 
