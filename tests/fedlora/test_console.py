@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 
-from fedlora.console import Progress, hush_libraries, summary_table
+from fedlora.console import Progress, _DropKnown, hush_libraries, summary_table
 from fedlora.errors import ConfigError
 from fedlora.validate import validate
 from strategies.server_app import compose, settings
@@ -93,6 +93,8 @@ def restored_logging():
     """Undo what :func:`hush_libraries` sets (warning filters, logger levels)."""
     flwr = logging.getLogger("flwr")
     level, filters = flwr.level, list(flwr.filters)
+    # start clean: a client set up earlier in this process hushed it already
+    flwr.filters[:] = [f for f in filters if not isinstance(f, _DropKnown)]
     with warnings.catch_warnings():
         yield flwr
     flwr.setLevel(level)
