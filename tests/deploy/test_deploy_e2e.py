@@ -603,3 +603,39 @@ def test_deploy_supernodes_state_their_own_ranks_in_their_node_configs(
     final = adapter(out)
     assert all(v.shape[0] == max(RANKS) for k, v in final.items() if "lora_A" in k)
     assert_same_adapter(out, adapter(sim))
+
+
+# SecAgg+ over 3 SuperNodes: every node holds a share of every other's secrets
+# (k = 2), 2 of 3 rebuild one, so one node could drop and the round still close
+SECURE = [
+    "federation.num_clients=3",
+    "federation.min_train_clients=3",
+    "federation.rounds=2",
+    *TASK,
+    "secure_aggregation=secaggplus",
+    *NO_FEDERATED_EVAL,
+]
+
+
+def test_deploy_secure_aggregation_matches_the_simulation(tiny_bert, tmp_path):
+    """SecAgg+ over gRPC with TLS. Each stage (keys, shares, masked input, unmask)
+    is a message of its own, run in a fresh ClientApp process: a node's session
+    (key pairs, the shares it holds, its mask seeds) survives between them only in
+    ``context.state``; a lost session would fail the round. Masks cancel exactly
+    and quantising is a deterministic rounding, so the server decodes the same
+    integer sum as in the simulation: the final adapters are equal bit for bit."""
+    sim = tmp_path / "sim"
+    reference = simulate(tiny_bert, sim, *SECURE)
+    work, out = tmp_path / "work", tmp_path / "run"
+    log = launch(work, out, "--tls", f"model.name={tiny_bert}", *SECURE)
+    assert "[deploy] finished:completed" in log
+    for i in range(3):
+        assert "insecure" not in (work / f"supernode-{i}.log").read_text().lower()
+    for run in (rows(sim), rows(out)):
+        assert [r["round"] for r in run] == [0, 1, 2]
+        for r in run[1:]:
+            assert r["secure_aggregation"] is True
+            assert (r["clients"], r["failures"], r["secagg_dropouts"]) == (3, 0, 0)
+            assert "secagg_failure" not in r and r["aggregation_error"] is None
+            assert 0 < r["secagg_error_bound"] < 1e-6 and r["secagg_clipped"] == 0
+    assert_same_adapter(out, reference)
