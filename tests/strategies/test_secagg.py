@@ -205,6 +205,29 @@ def test_secure_sum_equals_the_plain_weighted_aggregate(
             assert a.dtype == "uint32" and tuple(a.shape) == sent[k].shape
 
 
+@pytest.mark.parametrize("method", ["rolora", "fedsa_lora"])
+def test_partial_upload_methods_sum_what_they_share(tiny_bert, client_inputs, method):
+    """RoLoRA uploads one factor a round (B, then A); FedSA-LoRA only A (and the
+    head), each client keeping its B. Over two rounds the secure sum is the plain
+    weighted mean of what was uploaded; what was not is left as it was sent."""
+    run = Run(experiment(tiny_bert, method), ClientGrid(4))
+    uploaded = []
+    for server_round in (1, 2):
+        client_inputs.clear()
+        sent, new, entry = run.round(server_round)
+        assert sorted(client_inputs) == [1, 2, 3, 4]
+        assert entry["secure_aggregation"] is True and entry["clients"] == 4
+        ref = reference(sent, client_inputs, [1, 2, 3, 4], "num_examples")
+        assert_within_bound(new, ref, entry)
+        unshared = set(new) - set(ref)  # the frozen factor, FedSA-LoRA's B
+        assert unshared
+        for k in unshared:
+            np.testing.assert_array_equal(new[k], sent[k], err_msg=k)
+        uploaded.append({k.split(".lora_")[-1][0] for k in ref if ".lora_" in k})
+    expected = [{"B"}, {"A"}] if method == "rolora" else [{"A"}, {"A"}]
+    assert uploaded == expected
+
+
 # --- what the server receives ---
 def secrets_revealed(grid):
     """``{node: [shares of it]}`` the unmask replies carried."""
