@@ -76,7 +76,11 @@ def markdown(table: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(
+    argv: Sequence[str] | None = None, launcher: compare.Launcher | None = None
+) -> None:
+    """Run (or resume) both arms, then print and save the paired table
+    (``launcher``: :func:`experiments.compare.launch` unless given)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     quick = "--quick" in argv
     full = [*DEFAULTS, *([] if quick else FULL)]
@@ -84,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args = compare.parse_args([*full, *argv])
         args.overrides = [*RUN, *args.overrides]  # the user's come last and win
         args.argv = [*full, *argv]
-        result = compare.compare(args)
+        result = compare.compare(args, launcher)
     except ConfigError as exc:
         print(f"[secagg_sst2] configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -189,12 +189,14 @@ class FakeLauncher:
     def __init__(self, fail=()):
         self.calls, self.fail = [], set(fail)
 
+    def accuracy(self, spec):
+        return ACC[(spec.arm.strategy, spec.lr)] + 0.01 * spec.seed
+
     def __call__(self, spec, overrides, run_dir, log):
         self.calls.append((spec.arm.label, spec.lr, spec.seed))
         if (spec.arm.label, spec.lr, spec.seed) in self.fail:
             return 1
-        acc = ACC[(spec.arm.strategy, spec.lr)] + 0.01 * spec.seed
-        s = summary(acc, spec.arm.strategy)
+        s = summary(self.accuracy(spec), spec.arm.strategy)
         (run_dir / ".hydra").mkdir(parents=True)
         (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
         (run_dir / "summary.json").write_text(json.dumps(s))
