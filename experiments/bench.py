@@ -34,6 +34,12 @@ Measurements (``--only name,name`` runs a subset):
 7. ``scale``: a 100-client simulation (10% sampled per round) of a tiny BERT:
    seconds per round and peak RSS of the process tree, against a 10-client
    simulation training the same 10 clients per round.
+8. ``causal_lm``: tokens/s of our trainer on a Llama-shaped causal LM (4 layers,
+   hidden 512, up to 128 tokens) over a plain PyTorch + PEFT loop on the very same
+   batches (``experiments/bench_lm.py``).
+9. ``gradient_checkpointing``: activation memory (peak RSS of the training steps
+   above the RSS before them, a fresh process per arm) and seconds of the same
+   Llama's training with ``train.gradient_checkpointing=true`` over without.
 
 SST-2 is read from ``--data`` (default ``../shared/data/sst2``); without it the
 built-in synthetic task is used.
@@ -82,6 +88,8 @@ MEASUREMENTS = (
     "bytes",
     "memory",
     "scale",
+    "causal_lm",
+    "gradient_checkpointing",
 )
 ENV = {
     **os.environ,
@@ -201,11 +209,19 @@ def run_front_door(overrides: list[str], run_dir: Path) -> dict[str, Any]:
     return {"wall": wall, "peak_rss_mb": mem.peak / 2**20, "rows": rows}
 
 
-def child(kind: str, args: dict[str, Any]) -> dict[str, Any]:
-    """Run ``_child_<kind>`` in a fresh interpreter (clean peak-RSS figures)."""
+def child(
+    kind: str, args: dict[str, Any], env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Run ``_child_<kind>`` in a fresh interpreter (clean peak-RSS figures), with
+    ``env`` added to its environment."""
     cmd = [sys.executable, "-m", "experiments.bench", "--child", kind, json.dumps(args)]
     proc = subprocess.run(
-        cmd, cwd=REPO, env=ENV, capture_output=True, text=True, check=False
+        cmd,
+        cwd=REPO,
+        env={**ENV, **(env or {})},
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"child {kind} failed:\n{proc.stderr[-3000:]}")
@@ -224,9 +240,12 @@ def plain_peft_loop(
     steps: int,
     cfg: Any,
     seed: int = 0,
+    collator: Any = None,
 ) -> float:
     """The baseline: what a user would write with PyTorch, transformers and PEFT,
-    on the same shuffled batches as our trainer without length grouping."""
+    on the same shuffled batches as our trainer without length grouping (and the
+    same dropout draws: the global seed set as our trainer sets it). ``collator``:
+    transformers' ``DataCollatorWithPadding`` by default (classification)."""
     import torch
     from torch.utils.data import DataLoader
     from transformers import DataCollatorWithPadding
@@ -240,10 +259,16 @@ def plain_peft_loop(
         torch.Generator().manual_seed(seed),
     )
     loader = DataLoader(
-        rows, batch_sampler=order, collate_fn=DataCollatorWithPadding(tokenizer)
+        rows,
+        batch_sampler=order,
+        collate_fn=collator or DataCollatorWithPadding(tokenizer),
+        generator=torch.Generator(),  # not the global one: that draws dropout
     )
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=float(cfg.lr))
+    optimizer = torch.optim.AdamW(
+        params, lr=float(cfg.lr), weight_decay=float(cfg.weight_decay)
+    )
+    torch.manual_seed(seed)
     model.train()
     start, done = time.perf_counter(), 0
     while done < steps:
@@ -1176,6 +1201,34 @@ def table(results: dict[str, Any]) -> str:
             "completes",
             c["met"],
         )
+    if "causal_lm" in results:
+        c = results["causal_lm"]
+        row(
+            f"causal LM tokens/s ({c['model']})",
+            f"{c['ours_tokens_per_s']:.0f}",
+            f"{c['plain_tokens_per_s']:.0f} (plain PEFT loop)",
+            c["ratio"],
+            c["goal"],
+            c["met"],
+        )
+    if "gradient_checkpointing" in results:
+        g = results["gradient_checkpointing"]
+        row(
+            "gradient checkpointing: training RSS above model (MB)",
+            f"{g['with_extra_mb']:.0f} (peak {g['with_peak_mb']:.0f})",
+            f"{g['without_extra_mb']:.0f} (peak {g['without_peak_mb']:.0f}; off)",
+            g["ratio"],
+            g["goal"],
+            g["met"],
+        )
+        row(
+            "gradient checkpointing: seconds of the same steps",
+            f"{g['with_s']:.2f}",
+            f"{g['without_s']:.2f} (off)",
+            g["time_ratio"],
+            "report",
+            None,
+        )
     return "\n".join(lines)
 
 
@@ -1209,7 +1262,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:  # an internal measurement process
-        fn = {"client": _child_client, "server": _child_server}[args.child[0]]
+        from experiments.bench_lm import child_lm_memory
+
+        fn = {
+            "client": _child_client,
+            "server": _child_server,
+            "lm_memory": child_lm_memory,
+        }[args.child[0]]
         print(json.dumps(fn(json.loads(args.child[1]))))
         return
     only = [m for m in args.only.split(",") if m] or list(MEASUREMENTS)
@@ -1233,6 +1292,9 @@ def main(argv: list[str] | None = None) -> None:
         else RankCase("llama-2-7b", 1, (8, 16, 32, 64), 1),
         "scale": (20, 1, 10) if q else (100, 3, 20),
     }
+    from experiments import bench_lm
+
+    lm_case = bench_lm.QUICK if q else bench_lm.FULL
     results: dict[str, Any] = {}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fedlora-bench-") as tmp:
@@ -1255,6 +1317,10 @@ def main(argv: list[str] | None = None) -> None:
                 base, sizes["trainer_n"], sizes["layers"], sizes["server_clients"]
             ),
             "scale": lambda: measure_scale(*sizes["scale"], work),
+            "causal_lm": lambda: bench_lm.measure_causal_lm(work, lm_case),
+            "gradient_checkpointing": lambda: bench_lm.measure_checkpointing(
+                work, lm_case
+            ),
         }
         for name in only:
             say(f"{name} ...")
