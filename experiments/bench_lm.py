@@ -219,13 +219,15 @@ def child_lm_memory(args: dict[str, Any]) -> dict[str, Any]:
 
 def measure_checkpointing(work: Path, case: LMCase) -> dict[str, Any]:
     """Activation memory (peak RSS of the training steps above the RSS before them,
-    each arm in a fresh process, twice, alternating) and seconds of the same steps
-    with gradient checkpointing over without."""
+    each arm in a fresh process, twice (``--quick``: once), alternating) and
+    seconds of the same steps, with gradient checkpointing over without."""
+    from fedlora.testing import save_tiny_llama
+
     folder = work / "lm"
-    if not (folder / "config.json").is_file():
-        lm_setup(folder, case)  # saves the model once for both arms
+    if not (folder / "config.json").is_file():  # once for both arms
+        save_tiny_llama(folder, hidden=case.hidden, layers=case.layers)
     runs: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
-    for rep in range(2):
+    for rep in range(min(case.repeats, 2)):  # --quick: one process per arm
         for on in (rep == 1, rep == 0):
             runs[on].append(
                 child(
