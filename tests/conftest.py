@@ -141,6 +141,30 @@ def front_door_command(
     return [arg for arg in command if arg.partition("=")[0] not in drop]
 
 
+def run_in_group(
+    cmd: list[str], env: dict[str, str] | None = None, timeout: float = 900
+) -> tuple[int, str, str]:
+    """Run ``cmd`` from the repository offline, in its own process group; return
+    its exit status, stdout and stderr, once no process of its group is left (Ray's
+    daemons and workers join it; they get a few seconds to finish exiting)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    with subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as proc:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    deadline = time.monotonic() + 20
+    while processes_in_group(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not processes_in_group(proc.pid), processes_in_group(proc.pid)
+    return proc.returncode, stdout, stderr
+
+
 def run_front_door(
     out: Path,
     model: Path,
@@ -155,29 +179,13 @@ def run_front_door(
     :func:`front_door_command`.
     """
     cmd = front_door_command(out, model, *overrides, drop=drop)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    with subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    ) as proc:  # its own process group
-        stdout, stderr = proc.communicate(timeout=900)
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    code, stdout, stderr = run_in_group(cmd, env=env)
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
     assert "[fedlora] round 2/" in stdout  # progress is shown
     assert "[fedlora] done" in stdout  # and the summary table, with the run's path
     assert re.search(rf"\n  run directory +{re.escape(str(out))}\n", stdout), stdout
     for noise in NOISE:  # the default console: our lines, not the libraries'
         assert noise not in stdout + stderr, (noise, (stdout + stderr)[-3000:])
-    # Ray's daemons and workers join the run's process group: none may outlive the
-    # run (workers get a few seconds to finish exiting after ray.shutdown)
-    deadline = time.monotonic() + 20
-    while processes_in_group(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not processes_in_group(proc.pid), processes_in_group(proc.pid)
     return [
         json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
     ]

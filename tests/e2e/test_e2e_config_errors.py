@@ -4,15 +4,12 @@ can (the data), else reported by the clients in the first round."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from fedlora import checkpoint
-from tests.conftest import REPO, front_door_command, processes_in_group
+from tests.conftest import front_door_command, run_in_group
 
 pytestmark = pytest.mark.slow
 ERROR = "[fedlora] configuration error: "
@@ -21,22 +18,10 @@ ERROR = "[fedlora] configuration error: "
 def failing_run(out: Path, model: Path, *overrides: str) -> tuple[str, str]:
     """Run the front door, which must fail with exit status 2, with no traceback,
     and leave no process behind; return its stdout and stderr."""
-    cmd = front_door_command(out, model, *overrides)
-    with subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    ) as proc:
-        stdout, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 2, stdout[-3000:] + stderr[-3000:]
-    deadline = time.monotonic() + 20
-    while processes_in_group(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not processes_in_group(proc.pid), processes_in_group(proc.pid)
+    code, stdout, stderr = run_in_group(
+        front_door_command(out, model, *overrides), timeout=600
+    )
+    assert code == 2, stdout[-3000:] + stderr[-3000:]
     assert "Traceback" not in stdout + stderr, stderr[-3000:]
     return stdout, stderr
 

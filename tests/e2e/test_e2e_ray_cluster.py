@@ -6,14 +6,18 @@ share one head the front door starts and stops."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from experiments.ray_head import RayHead, cluster_up
-from tests.conftest import REPO, front_door_command, processes_in_group, run_front_door
+from tests.conftest import (
+    front_door_command,
+    processes_in_group,
+    run_front_door,
+    run_in_group,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -66,24 +70,13 @@ def test_a_sweep_starts_one_ray_head_for_all_its_runs(tiny_bert, tmp_path):
         "federation.seed=0,1",
         "simulation.ray_num_cpus=2",
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    with subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    ) as proc:
-        stdout, stderr = proc.communicate(timeout=900)
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    code, stdout, stderr = run_in_group(cmd)
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
     assert stdout.count("[fedlora] sweep: one Ray head for all runs at") == 1, stdout
     assert stdout.count("[fedlora] done") == 2
     runs = sorted((tmp_path / "sweep").glob("*/summary.json"))
     assert len(runs) == 2
-    # the head and every worker are gone with the sweep
-    assert not processes_in_group(proc.pid)
+    # the head (its own process group) and every worker are gone with the sweep
     port = stdout.split("one Ray head for all runs at ")[1].split()[0].rsplit(":")[1]
     ps = subprocess.run(["ps", "-eo", "args="], capture_output=True, text=True)
     assert not [line for line in ps.stdout.splitlines() if port in line]
