@@ -29,15 +29,23 @@ def entries(model: str, r: int) -> int:
     return layers * sum(r * (d_out + d_in) for d_out, d_in in shapes)
 
 
-def protocol_bytes(clients: int) -> dict[str, int]:
-    """The protocol's own messages per round, all clients, from real sessions
-    (classic SecAgg: every client a holder of every other's shares)."""
+def sessions_after_sharing(clients: int) -> tuple[list[int], dict, dict, dict]:
+    """``clients`` real client sessions through key exchange and sharing (every
+    client a holder of every other's shares): node ids, sessions, public keys and
+    the encrypted share boxes."""
     nodes = list(range(1, clients + 1))
     sessions = {u: secagg.ClientSession.start(u, 1, 0.5) for u in nodes}
     public = {u: (s.enc.public, s.mask.public) for u, s in sessions.items()}
     boxes = {u: sessions[u].share(public) for u in nodes}
     for u in nodes:
         sessions[u].receive({v: b[u] for v, b in boxes.items() if u in b})
+    return nodes, sessions, public, boxes
+
+
+def protocol_bytes(clients: int) -> dict[str, int]:
+    """The protocol's own messages per round, all clients, from real sessions
+    (classic SecAgg: every client a holder of every other's shares)."""
+    nodes, sessions, public, boxes = sessions_after_sharing(clients)
     reveals = [sessions[u].reveal(nodes, []) for u in nodes]
     keys = sum(len(e) + len(m) for e, m in public.values())
     shares = sum(len(ct) for b in boxes.values() for ct in b.values())
@@ -54,12 +62,7 @@ def measure(model: str, clients: int, r: int = 16) -> dict[str, float]:
     rng = np.random.default_rng(0)
     update = {"x": rng.normal(0, 0.01, n)}
     values, weights = secagg.Quantiser(0.5, clients), secagg.Quantiser(1.0, clients)
-    nodes = list(range(1, clients + 1))
-    sessions = {u: secagg.ClientSession.start(u, 1, 0.5) for u in nodes}
-    public = {u: (s.enc.public, s.mask.public) for u, s in sessions.items()}
-    boxes = {u: sessions[u].share(public) for u in nodes}
-    for u in nodes:
-        sessions[u].receive({v: b[u] for v, b in boxes.items() if u in b})
+    nodes, sessions, public, boxes = sessions_after_sharing(clients)
     start = time.perf_counter()
     code, _ = secagg.encode_input(update, 0.5, False, values, weights)
     masked = sessions[1].masked(code)
