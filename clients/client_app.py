@@ -346,6 +346,8 @@ def train(msg: Message, context: Context) -> Message:
             cfg, model, examples, device, tokenizer, noise_seed, ledger, server_round
         )
         if public.pop(KEY_DECLINED, False):  # the budget would be exceeded
+            if KEY_SECAGG in msg.content:  # what a masked reply could say, no more
+                public = {k: v for k, v in public.items() if k in secagg.PUBLIC_METRICS}
             return _declined(msg, pid, public)
     else:
         result = train_local(

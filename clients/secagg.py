@@ -9,6 +9,7 @@ node) and are deleted when the node has revealed its shares.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -46,16 +47,18 @@ from strategies.wire import (
     to_array,
 )
 
+log = logging.getLogger("fedlora")
+
 #: what a masked reply's metrics may say in plaintext: nothing computed from the
-#: data (no example count, loss or timing); DP-SGD's privacy figures are public
+#: data (no example count, loss or timing), and of DP-SGD's figures only epsilon:
+#: its default delta (0.1 / examples) and its noise multiplier (calibrated to the
+#: sampling rate, batch / examples) would each give the example count away
 PUBLIC_METRICS = (
     KEY_PARTITION,
     FROZEN_CRC_KEY,
     KEY_RANK,
     KEY_LOCAL_ROUNDS,
     KEY_EPSILON,
-    "delta",
-    "noise_multiplier",
 )
 
 
@@ -158,13 +161,16 @@ def masked_reply(
     session.receive(dict(zip(senders, _bytes_list(config, "shares"), strict=True)))
     check_state({k: v.shape for k, v in update.items()}, {k: start[k] for k in update})
     delta = {k: np.asarray(v, np.float64) - start[k] for k, v in update.items()}
+    # the reasons below reach the server in the error reply: they name the check,
+    # never a value of the update (its norm is logged on the client only)
     if not all(np.all(np.isfinite(d)) for d in delta.values()):
-        raise ValueError("the update holds non-finite values; not sent")
+        raise ValueError("the update failed the client's own check; not sent")
     norm = float(np.sqrt(sum(np.sum(d * d) for d in delta.values())))
     if sec.max_update_norm is not None and norm > float(sec.max_update_norm):
+        log.warning("update L2 norm %.4g above max_update_norm; not sent", norm)
         raise ValueError(
-            f"the update's L2 norm {norm:.4g} exceeds "
-            f"secure_aggregation.max_update_norm={sec.max_update_norm}; not sent"
+            "the update failed the client's own check; not sent (see the client's "
+            f"log; secure_aggregation.max_update_norm={sec.max_update_norm})"
         )
     clients = int(config["clients"])
     n_k = float(public[KEY_NUM_EXAMPLES])

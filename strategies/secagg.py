@@ -57,6 +57,21 @@ log = logging.getLogger(__name__)
 State = dict[str, np.ndarray]
 
 
+def connected(alive: list[int], masked_with: dict[int, list[int]]) -> bool:
+    """Whether the surviving nodes form one piece of the masking graph (an edge
+    where two nodes masked with each other). Split, the pieces' pairwise masks
+    cancel within each piece, and the revealed self-mask seeds would unmask each
+    piece's sum on its own."""
+    members, seen = set(alive), {alive[0]}
+    stack = [alive[0]]
+    while stack:
+        for v in masked_with.get(stack.pop(), []):
+            if v in members and v not in seen:
+                seen.add(v)
+                stack.append(v)
+    return seen == members
+
+
 @dataclass
 class Pending:
     """A round's protocol state at the server between its stages."""
@@ -204,6 +219,16 @@ class SecAggPlus:
         record.update(secagg_clients=pending.clients, secagg_dropouts=len(dropped))
         if len(alive) < 2:
             return self._failed(record, f"{len(alive)} masked inputs arrived", alive)
+        if not connected(alive, pending.masked_with):
+            # sparse neighbours and dropouts split the survivors: each piece's
+            # masks would cancel on its own, so unmasking would reveal the
+            # pieces' sums; fail before any share is asked for
+            return self._failed(
+                record,
+                "the surviving clients' masking graph is split (too many "
+                "neighbouring clients dropped); no share was asked for",
+                alive,
+            )
         total = np.zeros(next(iter(inputs.values())).size, dtype=np.uint32)
         for vector in inputs.values():
             total += vector

@@ -21,6 +21,7 @@ from fedlora import secagg
 from fedlora.adapters import get_frozen_state, get_state
 from fedlora.build import build
 from fedlora.errors import ConfigError
+from fedlora.privacy import CLIENT_DIR_ENV
 from fedlora.settings import Settings
 from fedlora.validate import validate
 from strategies.server_app import compose, settings
@@ -28,6 +29,7 @@ from strategies.strategy import LoRAStrategy
 from strategies.wire import (
     KEY_ARRAYS,
     KEY_EXPERIMENT,
+    KEY_RUN_ID,
     KEY_SECAGG,
     record_to_state,
     state_to_record,
@@ -390,3 +392,64 @@ def test_bad_secure_aggregation_settings_are_named(tiny_bert):
     for key in ("secure_aggregation.threshold", "secure_aggregation.neighbours"):
         assert key in text
     assert "distributed noise" in text
+
+
+# --- what must never reach the server (review findings) ---
+def test_a_split_masking_graph_fails_the_round_before_any_share_is_asked(
+    tiny_bert, client_inputs, monkeypatch
+):
+    """Ring 1-2-3-4-5-6 with one neighbour a side; 2 and 5 drop after sharing: the
+    survivors split into {3, 4} and {6, 1}, whose sums the revealed seeds would
+    unmask one by one. The round fails before the unmasking stage."""
+    from strategies import secagg as server_secagg
+
+    class InOrder:  # the server's shuffle of the ring, made a sort
+        def shuffle(self, order):
+            order.sort()
+
+    monkeypatch.setattr(server_secagg.secrets, "SystemRandom", InOrder)
+    grid = ClientGrid(6, lost={(TRAIN, 2), (TRAIN, 5)})
+    neighbours = "secure_aggregation.neighbours=2"
+    cfg = experiment(tiny_bert, "fedavg_lora", neighbours, clients=6)
+    run = Run(cfg, grid)
+    _, new, entry = run.round(1)
+    assert new is None and "split" in entry["secagg_failure"]
+    assert not [r for r in grid.received if r.metadata.message_type == UNMASK]
+    assert sorted(client_inputs) == [1, 3, 4, 6]  # their inputs had arrived
+
+
+def test_under_dp_sgd_the_masked_replies_say_nothing_of_the_example_counts(
+    tiny_bert, client_inputs, tmp_path, monkeypatch
+):
+    """DP-SGD's delta (0.1 / examples by default) and noise multiplier (calibrated
+    to batch / examples) would give each client's example count away: the masked
+    replies carry neither."""
+    monkeypatch.setenv(CLIENT_DIR_ENV, str(tmp_path))  # the clients' ledgers
+    grid = ClientGrid(4)
+    run = Run(experiment(tiny_bert, "fedavg_lora", "privacy=dp_sgd"), grid)
+    run.config[KEY_RUN_ID] = "secagg-dp"
+    run.round(1)
+    masked = [r for r in grid.received if r.metadata.message_type == TRAIN]
+    assert len(masked) == 4
+    for reply in masked:
+        metrics = dict(reply.content["metrics"])
+        assert "epsilon" in metrics
+        assert not {"delta", "noise_multiplier", "num-examples"} & set(metrics)
+
+
+def test_an_update_that_fails_its_clients_check_is_not_described(
+    tiny_bert, client_inputs
+):
+    """An update above ``max_update_norm`` is not sent, and the error the server
+    gets names the check, not the update's norm."""
+    grid = ClientGrid(4)
+    tiny = "secure_aggregation.max_update_norm=1e-9"
+    cfg = experiment(tiny_bert, "fedavg_lora", tiny)
+    run = Run(cfg, grid)
+    _, new, _ = run.round(1)
+    assert new is None
+    errors = [r for r in grid.received if r.has_error()]
+    assert len(errors) == 4
+    for reply in errors:
+        assert "failed the client's own check" in reply.error.reason
+        assert "L2 norm" not in reply.error.reason
