@@ -599,8 +599,10 @@ def _component(plain: Mapping[str, Any], key: str) -> Frozen | None:
 #: only where the user left the key null; a value set by hand is kept, and the
 #: validator refuses one the mode cannot take.
 PRIVACY_DEFAULTS: dict[str, tuple[dict[str, Any], Any]] = {
-    # clients' exact metrics on their own examples are outside DP-SGD's accountant
-    "federation.fraction_evaluate": ({"dp_sgd": 0.0}, 1.0),
+    # clients' exact metrics on their own examples are outside DP-SGD's accountant,
+    # and would reach a server that secure aggregation keeps from every update
+    # (secaggplus counts as a mode here, after the privacy mode)
+    "federation.fraction_evaluate": ({"dp_sgd": 0.0, "secaggplus": 0.0}, 1.0),
     # central DP's noise is calibrated to a uniform mean of the updates
     "strategy.weighting": ({"central": "uniform"}, "num_examples"),
 }
@@ -608,16 +610,19 @@ PRIVACY_DEFAULTS: dict[str, tuple[dict[str, Any], Any]] = {
 
 def with_privacy_defaults(plain: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of the plain settings whose null :data:`PRIVACY_DEFAULTS` keys hold
-    the value its ``privacy.mode`` takes (a key set by hand, or absent, is left
-    alone)."""
+    the value its ``privacy.mode`` takes, else its ``secure_aggregation.mode`` (a
+    key set by hand, or absent, is left alone)."""
     out = dict(plain)
-    privacy = out.get("privacy")
-    mode = privacy.get("mode") if isinstance(privacy, Mapping) else None
+    modes = [
+        section.get("mode") if isinstance(section, Mapping) else None
+        for section in (out.get("privacy"), out.get("secure_aggregation"))
+    ]
     for dotted, (by_mode, otherwise) in PRIVACY_DEFAULTS.items():
         section, key = dotted.split(".")
         inner = out.get(section)
         if isinstance(inner, Mapping) and key in inner and inner[key] is None:
-            out[section] = {**inner, key: by_mode.get(mode, otherwise)}
+            value = next((by_mode[m] for m in modes if m in by_mode), otherwise)
+            out[section] = {**inner, key: value}
     return out
 
 

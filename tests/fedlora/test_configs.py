@@ -135,6 +135,18 @@ def test_the_privacy_mode_fills_the_keys_left_null(
     assert plain["strategy"]["weighting"] == weighting
 
 
+@pytest.mark.parametrize("privacy", ["none", "dp_sgd"])
+def test_secure_aggregation_turns_federated_evaluation_off_unless_set(privacy):
+    """The clients' own evaluation metrics would reach the server in plaintext."""
+    secure = ["secure_aggregation=secaggplus", f"privacy={privacy}"]
+    plain = settings(compose(secure))
+    assert plain["federation"]["fraction_evaluate"] == 0.0
+    assert plain["strategy"]["weighting"] == "num_examples"
+    if privacy == "none":  # set by hand: kept (the docs say what it shows)
+        plain = settings(compose([*secure, "federation.fraction_evaluate=0.5"]))
+        assert plain["federation"]["fraction_evaluate"] == 0.5
+
+
 def test_a_value_set_by_hand_is_kept_or_refused_never_replaced():
     plain = settings(compose(["privacy=dp_sgd", "federation.fraction_evaluate=0"]))
     assert plain["federation"]["fraction_evaluate"] == 0
