@@ -62,12 +62,13 @@ def test_a_run_attaches_to_a_running_cluster_and_leaves_it_running(
 
 
 def test_a_sweep_starts_one_ray_head_for_all_its_runs(tiny_bert, tmp_path):
-    cmd = front_door_command(tmp_path / "unused", tiny_bert)
-    cmd = [a for a in cmd if not a.startswith("hydra.run.dir=")]
+    drop = ("federation.rounds", "hydra.run.dir")
+    cmd = front_door_command(tmp_path / "unused", tiny_bert, drop=drop)
     cmd.insert(cmd.index("experiments.run") + 1, "-m")  # Hydra's flags first
     cmd += [
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
         "federation.seed=0,1",
+        "federation.rounds=1",
         "simulation.ray_num_cpus=2",
     ]
     code, stdout, stderr = run_in_group(cmd)
