@@ -22,23 +22,10 @@ from fedlora.settings import with_
 from fedlora.train import collate, train_local
 from strategies.server_app import compose
 from tests.conftest import REPO
+from tests.fedlora.test_train import llama
 
 CPU = torch.device("cpu")
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine")
-
-
-def llama(settings, tiny_llama, *changes):
-    """The unit tests' settings on the tiny Llama (causal LM on q and v)."""
-    return with_(
-        settings,
-        "model.name",
-        str(tiny_llama),
-        "model.task",
-        "causal_lm",
-        "adapter.target_modules",
-        ["q_proj", "v_proj"],
-        *changes,
-    )
 
 
 def test_the_options_compose_and_validate():

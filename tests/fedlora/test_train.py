@@ -110,8 +110,9 @@ def test_training_on_minilm_learns_the_synthetic_task(settings):
     assert after["eval_accuracy"] >= 0.8
 
 
-def test_causal_lm_instruction_tuning_lowers_response_loss(settings, tiny_llama):
-    settings = with_(
+def llama(settings, tiny_llama, *changes):
+    """The unit tests' settings on the tiny Llama (causal LM on q and v)."""
+    return with_(
         settings,
         "model.name",
         str(tiny_llama),
@@ -119,11 +120,12 @@ def test_causal_lm_instruction_tuning_lowers_response_loss(settings, tiny_llama)
         "causal_lm",
         "adapter.target_modules",
         ["q_proj", "v_proj"],
-        "train.lr",
-        5e-2,
-        "train.local_epochs",
-        4,
+        *changes,
     )
+
+
+def test_causal_lm_instruction_tuning_lowers_response_loss(settings, tiny_llama):
+    settings = llama(settings, tiny_llama, "train.lr", 5e-2, "train.local_epochs", 4)
     model, tok = build(settings)
     table = synthetic_table(64, seed=2)
     ex = tokenise(table, tok, settings.data, "causal_lm", 48)

@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Error, Message, RecordDict
 
 from clients import client_app
 from clients import secagg as client_secagg
@@ -34,6 +34,7 @@ from strategies.wire import (
     record_to_state,
     state_to_record,
 )
+from tests.fedlora.methods.test_methods import node_context
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 KEYS, SHARE, TRAIN, UNMASK = (
@@ -68,17 +69,7 @@ class ClientGrid:
             if node in self.gone:
                 continue
             context = self.contexts.setdefault(
-                node,
-                Context(
-                    run_id=1,
-                    node_id=node,
-                    node_config={
-                        "partition-id": node - 1,
-                        "num-partitions": len(self.nodes),
-                    },
-                    state=RecordDict(),
-                    run_config={},
-                ),
+                node, node_context(node, len(self.nodes))
             )
             try:
                 reply = client_app.app(msg, context)

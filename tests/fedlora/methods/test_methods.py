@@ -128,6 +128,17 @@ def edit_experiment(nodes, edit):
     return tamper
 
 
+def node_context(node: int, num_nodes: int) -> Context:
+    """A fresh Flower context of simulated node ``node`` (partition ``node - 1``)."""
+    return Context(
+        run_id=1,
+        node_id=node,
+        node_config={"partition-id": node - 1, "num-partitions": num_nodes},
+        state=RecordDict(),
+        run_config={},
+    )
+
+
 def federated_round(cfg, client_frozen, tamper=None, previous=None):
     """Initialise the real strategy, send its train messages to the real ClientApp
     ``train`` (one node per partition, each with its own Flower context) and
@@ -155,19 +166,7 @@ def federated_round(cfg, client_frozen, tamper=None, previous=None):
         node = msg.metadata.dst_node_id
         if tamper is not None:
             msg = tamper(node, msg)
-        context = contexts.setdefault(
-            node,
-            Context(
-                run_id=1,
-                node_id=node,
-                node_config={
-                    "partition-id": node - 1,
-                    "num-partitions": len(grid.nodes),
-                },
-                state=RecordDict(),
-                run_config={},
-            ),
-        )
+        context = contexts.setdefault(node, node_context(node, len(grid.nodes)))
         reply = client_app.train(msg, context)
         reply.metadata.__dict__["_src_node_id"] = node
         replies.append(reply)
