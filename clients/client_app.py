@@ -469,9 +469,10 @@ def _train_dp(
 def _refuse_under_dp(cfg: Settings, what: str) -> None:
     """Raise when a DP-SGD client is asked to release an unaccounted statistic of
     its data (the server's config is checked too; this holds on the client)."""
-    if cfg.privacy.mode == "dp_sgd":
+    mode = cfg.privacy.mode
+    if mode in ("dp_sgd", "distributed"):
         raise PermissionError(
-            f"privacy.mode=dp_sgd: this client will not {what}; the DP-SGD "
+            f"privacy.mode={mode}: this client will not {what}; the privacy "
             "accountant does not cover it (set federation.fraction_evaluate=0 and "
             "strategy.init=random_orthogonal)"
         )

@@ -22,6 +22,7 @@ from flwr.app import (
     RecordDict,
 )
 
+from fedlora import distributed_dp
 from fedlora.adapters import FROZEN_CRC_KEY, check_state
 from fedlora.secagg import (
     ClientSession,
@@ -142,7 +143,11 @@ def masked_reply(
     """Stage 2, after training: check the update ``update - start`` (shapes,
     finite values, ``secure_aggregation.max_update_norm``), then reply with it
     masked: ``[w (update - start), w]`` with ``w`` 1 (uniform weighting) or
-    ``min(n_k, max_weight) / max_weight``, as uint32 arrays of the update's
+    ``min(n_k, max_weight) / max_weight`` (under ``privacy=distributed``: the
+    update clipped, rounded and noised by
+    :meth:`~fedlora.distributed_dp.DistributedGaussian.encode`, and this node
+    then reveals nothing for a sum of fewer survivors than its noise is
+    calibrated for), as uint32 arrays of the update's
     shapes (the plain upload's size) and the three words of
     :data:`~strategies.wire.KEY_SECAGG_META`; the metrics only what
     :data:`PUBLIC_METRICS` allows.
@@ -173,16 +178,23 @@ def masked_reply(
             f"log; secure_aggregation.max_update_norm={sec.max_update_norm})"
         )
     clients = int(config["clients"])
-    n_k = float(public[KEY_NUM_EXAMPLES])
-    cap = float(sec.max_weight or 1)
-    weight = 1.0 if weighting == "uniform" else min(n_k, cap) / cap
-    vector, _ = encode_input(
-        delta,
-        weight,
-        weighting != "uniform" and n_k > cap,
-        Quantiser(float(sec.clip or 0), clients),
-        Quantiser(1.0, clients),
-    )
+    noise = distributed_dp.for_round(cfg.privacy, sec, clients)
+    if noise is not None:  # client-level DP: clip, round, add this node's noise
+        vector, norm = noise.encode(delta)
+        if norm > noise.clipping_norm:  # the client's own log only
+            log.info("update L2 norm %.4g clipped to privacy.clipping_norm", norm)
+        session.min_alive = noise.min_clients
+    else:
+        n_k = float(public[KEY_NUM_EXAMPLES])
+        cap = float(sec.max_weight or 1)
+        weight = 1.0 if weighting == "uniform" else min(n_k, cap) / cap
+        vector, _ = encode_input(
+            delta,
+            weight,
+            weighting != "uniform" and n_k > cap,
+            Quantiser(float(sec.clip or 0), clients),
+            Quantiser(1.0, clients),
+        )
     masked = session.masked(vector)
     _save(context, session)
     arrays, at = {}, 0
@@ -208,8 +220,9 @@ def unmask(msg: Message, context: Context) -> Message:
     session = _session(context, int(config["round"]))
     alive = unpack_ids(bytes(config["alive"]))
     dropped = unpack_ids(bytes(config["dropped"]))
+    survivors = int(config["survivors"]) if "survivors" in config else None
     try:
-        shares = session.reveal(alive, dropped)
+        shares = session.reveal(alive, dropped, survivors)
     finally:
         del context.state[KEY_STATE_SECAGG]
     of = sorted(shares)

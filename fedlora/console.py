@@ -134,6 +134,9 @@ class Progress:
             parts.append(f"| agg_error {err:.3g}")
         if row.get("epsilon_max") is not None:
             parts.append(f"| eps {row['epsilon_max']:.2f}")
+        for mode in ("central", "distributed"):  # client-level DP
+            if row.get(f"{mode}_epsilon") is not None:
+                parts.append(f"| {mode} eps {row[f'{mode}_epsilon']:.2f}")
         parts.append(f"| {self._mb:.2f} MB | {_fmt_seconds(wall)}")
         first_round, first_wall = self._first
         ran = rnd - first_round
@@ -175,6 +178,11 @@ def summary_table(summary: Mapping[str, Any], run_dir: str) -> str:
     add("failed client rounds", summary.get("failures") or None)
     add("epsilon (max over clients)", summary.get("epsilon_max"), "{:.3f}")
     add("central epsilon", summary.get("central_epsilon"), "{:.3f}")
+    add(
+        "client-level epsilon (distributed)",
+        summary.get("distributed_epsilon"),
+        "{:.3f}",
+    )
     add("wall time", summary.get("wall_time"), "{:.0f} s")
     rows.append(("run directory", str(run_dir)))
     width = max(len(label) for label, _ in rows)

@@ -88,16 +88,18 @@ def summarise(rounds: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, 
 
 
 def _privacy_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """Final epsilon per client and its maximum (DP-SGD); central epsilon."""
+    """Final epsilon per client and its maximum (DP-SGD); client-level epsilon
+    (central or distributed DP)."""
     out: dict[str, Any] = {}
     with_eps = [r for r in rounds if r.get("epsilon")]
     if with_eps:
         out["epsilon_per_client"] = with_eps[-1]["epsilon"]
         out["epsilon_max"] = with_eps[-1]["epsilon_max"]
-    central = [r for r in rounds if r.get("central_epsilon") is not None]
-    if central:
-        out["central_epsilon"] = central[-1]["central_epsilon"]
-        out["central_delta"] = central[-1]["central_delta"]
+    for mode in ("central", "distributed"):
+        spent = [r for r in rounds if r.get(f"{mode}_epsilon") is not None]
+        if spent:
+            out[f"{mode}_epsilon"] = spent[-1][f"{mode}_epsilon"]
+            out[f"{mode}_delta"] = spent[-1][f"{mode}_delta"]
     return out
 
 

@@ -341,6 +341,9 @@ class ClientSession:
     held: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
     masked_with: list[int] = field(default_factory=list)
     threshold: int = 0
+    #: reveal nothing unless at least this many inputs survived (distributed DP's
+    #: noise is calibrated for that many; 0: no such floor)
+    min_alive: int = 0
 
     @classmethod
     def start(cls, node: int, server_round: int, fraction: float) -> ClientSession:
@@ -413,14 +416,22 @@ class ClientSession:
         q = np.asarray(q, dtype=np.uint32)
         return q + self.mask_vector(q.size)
 
-    def reveal(self, alive: Iterable[int], dropped: Iterable[int]) -> dict[int, bytes]:
+    def reveal(
+        self, alive: Iterable[int], dropped: Iterable[int], survivors: int | None = None
+    ) -> dict[int, bytes]:
         """One share per holder of whose secrets this node holds a share: of
         ``b_v`` for ``v`` in ``alive`` (its input arrived), of ``v``'s mask key for
         ``v`` in ``dropped``. Refuses a node in both, this node in ``dropped``,
-        and fewer live holders than the threshold (a near-empty sum)."""
+        fewer live holders than the threshold (a near-empty sum), and fewer
+        ``survivors`` in all (the server's count) than :attr:`min_alive`."""
         alive, dropped = set(alive), set(dropped)
         if alive & dropped or self.node in dropped:
             raise ProtocolError("a node announced both alive and dropped")
+        if self.min_alive and (survivors is None or survivors < self.min_alive):
+            raise ProtocolError(
+                f"{survivors} inputs survived, fewer than the {self.min_alive} "
+                "this node's noise is calibrated for; no share revealed"
+            )
         live = [v for v in self.peers if v in alive]
         if len(live) < self.threshold:
             raise ProtocolError(
@@ -454,6 +465,7 @@ class ClientSession:
             "held-seed": [self.held[v][0] for v in held],
             "held-key": [self.held[v][1] for v in held],
             "masked-with": pack_ids(self.masked_with),
+            "min-alive": pack_ids([self.min_alive]),
         }
 
     @classmethod
@@ -478,6 +490,7 @@ class ClientSession:
             },
             unpack_ids(d["masked-with"]),
             unpack_ids(d["threshold"])[0],
+            unpack_ids(d["min-alive"])[0] if "min-alive" in d else 0,
         )
 
 

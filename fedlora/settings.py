@@ -320,13 +320,15 @@ class TrainSettings(_Section):
 
 @dataclass(frozen=True)
 class PrivacySettings(_Section):
-    """``conf/privacy/``: none, DP-SGD in the clients, or central DP at the server.
+    """``conf/privacy/``: none, DP-SGD in the clients, central DP at the server,
+    or client-level DP with noise the clients add under secure aggregation.
 
     Every field but ``mode`` is optional: ``privacy=none`` defines none of them,
-    ``central`` only ``target_delta`` and ``wrapper``.
+    ``central`` only ``target_delta`` and ``wrapper``, ``distributed``
+    ``target_delta``, ``noise_multiplier``, ``clipping_norm`` and ``min_clients``.
     """
 
-    mode: str  # none | dp_sgd | central
+    mode: str  # none | dp_sgd | central | distributed
     target_epsilon: float | None = optional()
     target_delta: float | None = optional()
     max_grad_norm: float | None = optional()
@@ -337,6 +339,13 @@ class PrivacySettings(_Section):
     reproducible_noise: bool | None = optional()
     #: central: the server-side DP wrapper's constructor arguments, ``_target_``
     wrapper: Mapping[str, Any] | None = optional()
+    #: distributed (fedlora.distributed_dp): z of a sum of min_clients survivors
+    noise_multiplier: float | None = optional()
+    #: distributed: the L2 bound each client clips its whole update to
+    clipping_norm: float | None = optional()
+    #: distributed: the fewest survivors the noise is calibrated for (None: more
+    #: than secure_aggregation.threshold of the clients asked)
+    min_clients: int | None = optional()
 
 
 @dataclass(frozen=True)
@@ -602,9 +611,15 @@ PRIVACY_DEFAULTS: dict[str, tuple[dict[str, Any], Any]] = {
     # clients' exact metrics on their own examples are outside DP-SGD's accountant,
     # and would reach a server that secure aggregation keeps from every update
     # (secaggplus counts as a mode here, after the privacy mode)
-    "federation.fraction_evaluate": ({"dp_sgd": 0.0, "secaggplus": 0.0}, 1.0),
-    # central DP's noise is calibrated to a uniform mean of the updates
-    "strategy.weighting": ({"central": "uniform"}, "num_examples"),
+    "federation.fraction_evaluate": (
+        {"dp_sgd": 0.0, "distributed": 0.0, "secaggplus": 0.0},
+        1.0,
+    ),
+    # client-level DP's noise is calibrated to a uniform mean of the updates
+    "strategy.weighting": (
+        {"central": "uniform", "distributed": "uniform"},
+        "num_examples",
+    ),
 }
 
 

@@ -417,8 +417,80 @@ def _privacy_problems(s: Settings) -> list[ConfigError]:
         out.extend(from_settings(s).problems(s))
     except ConfigError as exc:
         out.append(exc)
-    if mode not in ("none", "dp_sgd", "central"):
-        out.append(ConfigError("privacy.mode", mode, "choose none, dp_sgd or central"))
+    if mode == "distributed":
+        out.extend(_distributed_problems(s))
+    if mode not in ("none", "dp_sgd", "central", "distributed"):
+        out.append(
+            ConfigError(
+                "privacy.mode", mode, "choose none, dp_sgd, central or distributed"
+            )
+        )
+    return out
+
+
+def _distributed_problems(s: Settings) -> list[ConfigError]:
+    """``privacy=distributed``: its values, and secure aggregation, without which
+    each client's own share of the noise would reach the server alone."""
+    p = s.privacy
+    out: list[ConfigError] = []
+    if not s.secure:
+        out.append(
+            ConfigError(
+                "secure_aggregation",
+                "none",
+                "privacy=distributed has each client add only its share of the "
+                "noise, which is enough in the sum alone; add "
+                "secure_aggregation=secaggplus (or use privacy=central, where the "
+                "server adds the noise)",
+            )
+        )
+    number = (int, float)
+    checks = [
+        (
+            isinstance(p.noise_multiplier, number) and p.noise_multiplier > 0,
+            "noise_multiplier",
+            p.noise_multiplier,
+            "a positive noise multiplier, e.g. 1.0 (without noise no epsilon holds)",
+        ),
+        (
+            isinstance(p.clipping_norm, number) and p.clipping_norm > 0,
+            "clipping_norm",
+            p.clipping_norm,
+            "a positive L2 norm each client clips its update to, e.g. 0.5",
+        ),
+        (
+            isinstance(p.target_delta, number) and 0 < p.target_delta < 1,
+            "target_delta",
+            p.target_delta,
+            "a delta in (0, 1), below 1 / num_clients, e.g. 1e-5",
+        ),
+        (
+            p.min_clients is None
+            or (
+                isinstance(p.min_clients, int)
+                and not isinstance(p.min_clients, bool)
+                and 2 <= p.min_clients <= s.federation.sampled_clients
+            ),
+            "min_clients",
+            p.min_clients,
+            "an integer from 2 to the clients sampled a round "
+            f"({s.federation.sampled_clients}), or null",
+        ),
+    ]
+    for ok, key, value, fix in checks:
+        if not ok:
+            out.append(ConfigError(f"privacy.{key}", value, fix))
+    if float(s.federation.fraction_evaluate or 0) > 0:
+        out.append(
+            ConfigError(
+                "federation.fraction_evaluate",
+                s.federation.fraction_evaluate,
+                "with privacy=distributed the clients would report their exact "
+                "loss and accuracy on their own examples, which the accountant "
+                "does not cover; set federation.fraction_evaluate=0 or leave it "
+                "null (the server still evaluates on its own data every round)",
+            )
+        )
     return out
 
 
@@ -472,10 +544,10 @@ def _secure_problems(s: Settings) -> list[ConfigError]:
             ConfigError(
                 "privacy",
                 "central",
-                "client-level DP with secure aggregation needs noise the clients "
-                "add themselves (distributed noise), not implemented yet: the "
-                "server would add its noise to a sum it has seen. Use privacy=dp_sgd "
-                "(works unchanged) or secure_aggregation=none",
+                "the server would add its noise to a sum it has seen; for "
+                "client-level DP with secure aggregation use privacy=distributed "
+                "(the clients add the noise), or privacy=dp_sgd (works unchanged), "
+                "or secure_aggregation=none",
             )
         )
     if s.adapter.client_ranks:

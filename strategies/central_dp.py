@@ -47,6 +47,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 
+from fedlora.distributed_dp import SAMPLE_RATE, ReleaseAccountant
 from fedlora.errors import ConfigError
 from fedlora.updates import check_update
 from strategies.strategy import LoRAStrategy
@@ -59,11 +60,6 @@ from strategies.wire import (
 )
 
 log = logging.getLogger(__name__)
-
-#: Flower samples a fixed-size set of clients without replacement, for which
-#: amplification by (Poisson) subsampling does not hold: each release is accounted
-#: as if every client took part.
-SAMPLE_RATE = 1.0
 
 
 class CentralDP(DifferentialPrivacyServerSideFixedClipping):
@@ -121,10 +117,13 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
                 "uniform average)",
             )
         super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients)
-        from opacus.accountants import RDPAccountant
-
-        self.rdp = RDPAccountant()
+        self.ledger = ReleaseAccountant(delta)
         self.delta = float(delta)
+
+    @property
+    def rdp(self) -> Any:
+        """The accountant's Opacus RDP accountant."""
+        return self.ledger.rdp
 
     # --- what the ServerApp asks of a strategy besides Flower's hooks: the
     # wrapped strategy's, delegated explicitly
@@ -171,9 +170,7 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
                 )
             std = self.noise_multiplier * self.clipping_norm / averaged
             arrays = add_noise(arrays, std)
-            self.rdp.step(
-                noise_multiplier=self.noise_multiplier, sample_rate=SAMPLE_RATE
-            )
+            self.ledger.release(self.noise_multiplier)
             entry.update(
                 central_noise_multiplier=std * averaged / self.clipping_norm,
                 central_noise_std=std,
@@ -185,11 +182,11 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
                 std,
             )
         entry.update(
-            central_epsilon=float(self.rdp.get_epsilon(self.delta)),
+            central_epsilon=self.ledger.epsilon,
             central_delta=self.delta,
             central_accountant="rdp",
             central_sample_rate=SAMPLE_RATE,
-            central_releases=sum(steps for _, _, steps in self.rdp.history),
+            central_releases=self.ledger.releases,
             central_updates=averaged,
         )
         return arrays, metrics
@@ -222,7 +219,7 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
     def checkpoint_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """The wrapped strategy's checkpoint state plus the RDP history."""
         arrays, state = self.strategy.checkpoint_state()
-        state["central_rdp_history"] = [list(h) for h in self.rdp.history]
+        state["central_rdp_history"] = self.ledger.history()
         return arrays, state
 
     def restore_state(self, arrays: dict[str, Any], state: dict[str, Any]) -> None:
@@ -232,10 +229,7 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
         before that fix recorded with the (unfounded) rate ``m / num_clients``.
         """
         self.strategy.restore_state(arrays, state)
-        self.rdp.history = [
-            (float(sigma), SAMPLE_RATE, int(steps))
-            for sigma, _, steps in state.get("central_rdp_history", [])
-        ]
+        self.ledger.load(state.get("central_rdp_history", []))
 
 
 def add_noise(arrays: ArrayRecord, std: float) -> ArrayRecord:

@@ -15,6 +15,11 @@ A round in four exchanges, all through the strategy's grid:
 Then the server rebuilds the secrets it needs, removes the masks and decodes the
 weighted mean of the survivors' updates. A node that fails or declines at any
 stage is a dropout; too few shares end the round without an update.
+
+Under ``privacy=distributed`` (:mod:`fedlora.distributed_dp`) the inputs are the
+clients' clipped and noised updates: a round with fewer survivors than the noise
+is calibrated for fails before any share is asked for, and each unmasked sum is
+a release the accountant here composes.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
+from fedlora import distributed_dp
 from fedlora.secagg import (
     META_WORDS,
     ProtocolError,
@@ -39,7 +45,7 @@ from fedlora.secagg import (
     unmask,
     unpack_ids,
 )
-from fedlora.settings import SecureAggregationSettings
+from fedlora.settings import PrivacySettings, SecureAggregationSettings
 from strategies.holdings import with_records
 from strategies.wire import (
     KEY_ARRAYS,
@@ -104,14 +110,27 @@ class SecAggPlus:
     timeout : float or None
         Seconds each protocol exchange waits for replies
         (``federation.round_timeout``).
+    privacy : PrivacySettings or None
+        ``privacy``; under ``distributed`` the clients' inputs carry their noise
+        and :attr:`accountant` composes the releases.
     """
 
     def __init__(
-        self, settings: SecureAggregationSettings, timeout: float | None = None
+        self,
+        settings: SecureAggregationSettings,
+        timeout: float | None = None,
+        privacy: PrivacySettings | None = None,
     ) -> None:
         self.settings = settings
         self.timeout = timeout
+        self.privacy = privacy
         self.pending: Pending | None = None
+        distributed = privacy is not None and privacy.mode == "distributed"
+        self.accountant = (
+            distributed_dp.ReleaseAccountant(float(privacy.target_delta))
+            if distributed and privacy is not None
+            else None
+        )
 
     def _exchange(
         self, grid: Any, stage: str, requests: dict[int, dict[str, Any]]
@@ -199,7 +218,23 @@ class SecAggPlus:
 
     def finish(self, grid: Any, replies: list[Message], expected: State) -> SecureSum:
         """Stage 3 and the decoding: the weighted mean of the update of each node
-        whose masked input of ``expected``'s keys and shapes arrived."""
+        whose masked input of ``expected``'s keys and shapes arrived (under
+        ``privacy=distributed`` their noisy mean, accounted as a release)."""
+        result = self._finish(grid, replies, expected)
+        if self.accountant is not None:
+            if result.mean is not None:
+                multiplier = result.record["distributed_noise_multiplier"]
+                self.accountant.release(multiplier)
+            result.record.update(
+                distributed_epsilon=self.accountant.epsilon,
+                distributed_delta=self.accountant.delta,
+                distributed_accountant="rdp",
+                distributed_sample_rate=distributed_dp.SAMPLE_RATE,
+                distributed_releases=self.accountant.releases,
+            )
+        return result
+
+    def _finish(self, grid: Any, replies: list[Message], expected: State) -> SecureSum:
         started = time.perf_counter()
         pending = self.pending
         if pending is None:
@@ -229,6 +264,15 @@ class SecAggPlus:
                 "neighbouring clients dropped); no share was asked for",
                 alive,
             )
+        noise = distributed_dp.for_round(self.privacy, self.settings, pending.clients)
+        if noise is not None and len(alive) < noise.min_clients:
+            return self._failed(
+                record,
+                f"{len(alive)} masked inputs arrived, fewer than the "
+                f"{noise.min_clients} the clients' noise is calibrated for "
+                "(privacy.min_clients); no share was asked for",
+                alive,
+            )
         total = np.zeros(next(iter(inputs.values())).size, dtype=np.uint32)
         for vector in inputs.values():
             total += vector
@@ -239,6 +283,7 @@ class SecAggPlus:
                 "round": pending.server_round,
                 "alive": pack_ids([v for v in alive if v in mine]),
                 "dropped": pack_ids([v for v in dropped if v in mine]),
+                "survivors": len(alive),
             }
         shares: dict[int, list[bytes]] = {}
         for m in self._exchange(grid, SECAGG_UNMASK, requests).values():
@@ -264,6 +309,19 @@ class SecAggPlus:
             )
         except ProtocolError as exc:
             return self._failed(record, str(exc), alive)
+        if noise is not None:
+            try:
+                mean, info = noise.decode_mean(codes, shapes, len(alive))
+            except ValueError as exc:
+                return self._failed(record, str(exc), alive)
+            record.update(
+                info,
+                # rounding to integer steps only; the noise is recorded apart
+                secagg_error_bound=noise.step / 2,
+                secagg_clipped=None,  # each client logs its own clipping
+                secagg_unmask_time=time.perf_counter() - started,
+            )
+            return SecureSum(mean, alive, record)
         k = pending.clients
         mean, info = decode_mean(
             codes,

@@ -173,7 +173,9 @@ class LoRAStrategy(FedAvg):
             max_failed_rounds=fed.max_failed_rounds,
             wait_timeout=fed.wait_timeout,
             diagnostics_every=diagnostics.every,
-            secure=SecAggPlus(settings.secure_aggregation, fed.round_timeout)
+            secure=SecAggPlus(
+                settings.secure_aggregation, fed.round_timeout, settings.privacy
+            )
             if settings.secure and settings.secure_aggregation
             else None,
             fraction_train=fed.fraction_train,
@@ -454,8 +456,16 @@ class LoRAStrategy(FedAvg):
                 "method": self.method.state_dict(),
                 "failed_rounds": self.failed_rounds,
                 "epsilon": {str(k): v for k, v in sorted(self.epsilon.items())},
+                **self._accountant_state(),
             },
         )
+
+    def _accountant_state(self) -> dict[str, Any]:
+        """The distributed-DP accountant's history (none without one)."""
+        accountant = self.secure.accountant if self.secure is not None else None
+        if accountant is None:
+            return {}
+        return {"distributed_rdp_history": accountant.history()}
 
     def restore_state(self, arrays: dict[str, State], state: dict[str, Any]) -> None:
         """Take back what :meth:`checkpoint_state` saved (instead of initialising).
@@ -485,6 +495,15 @@ class LoRAStrategy(FedAvg):
             )
         self.failed_rounds = int(state.get("failed_rounds", 0))
         self.epsilon = {int(k): float(v) for k, v in state.get("epsilon", {}).items()}
+        accountant = self.secure.accountant if self.secure is not None else None
+        if accountant is not None:
+            if "distributed_rdp_history" not in state:
+                raise ValueError(
+                    "the checkpoint holds no privacy=distributed ledger (it was "
+                    "written under another privacy mode), so the privacy already "
+                    "spent is unknown; start a new run instead"
+                )
+            accountant.load(state["distributed_rdp_history"])
         self.holdings.forget()
         base = BaseDelta.from_state(arrays.get("base", {}))
         self.folds.restart(base, int(state.get("base_round", 0)))

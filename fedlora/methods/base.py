@@ -228,12 +228,12 @@ class Method:
                     "step towards; use server_optimizer=none",
                 )
             )
-        if mode == "central" and self.weighting != "uniform":
+        if mode in ("central", "distributed") and self.weighting != "uniform":
             out.append(
                 ConfigError(
                     "strategy.weighting",
                     self.weighting,
-                    "privacy=central needs strategy.weighting=uniform, or null, "
+                    f"privacy={mode} needs strategy.weighting=uniform, or null, "
                     "which it turns into uniform (the noise scale assumes a "
                     "uniform average)",
                 )

@@ -50,16 +50,17 @@ class FedSALoRA(Method):
         return not self.share_head and ".lora_" not in key
 
     def problems(self, settings: Settings) -> list[ConfigError]:
-        """Central DP does not cover the personal ``B`` each node keeps and is
-        evaluated with."""
+        """Client-level DP (central or distributed) does not cover the personal
+        ``B`` each node keeps and is evaluated with."""
         out = super().problems(settings)
-        if settings.privacy.mode == "central":
+        mode = settings.privacy.mode
+        if mode in ("central", "distributed"):
             out.append(
                 ConfigError(
                     "privacy",
-                    "central",
+                    mode,
                     "fedsa_lora keeps each client's B on its node, outside the "
-                    "server's client-level DP noise, and the clients evaluate with "
+                    "client-level DP noise, and the clients evaluate with "
                     "it; use privacy=dp_sgd (it covers B's training) or another "
                     "strategy",
                 )

@@ -85,7 +85,8 @@ class FedSB(Method):
         ``server_data`` needs a file the server holds."""
         out = super().problems(settings)
         mode = settings.privacy.mode
-        if mode in ("dp_sgd", "central") and self.init == "federated_gradient":
+        private = mode in ("dp_sgd", "central", "distributed")
+        if private and self.init == "federated_gradient":
             out.append(
                 ConfigError(
                     "strategy.init",

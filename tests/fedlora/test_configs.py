@@ -19,6 +19,8 @@ GROUPS = {  # files starting with _ are bases the options extend, not options
     for g in Path(CONF_DIR).iterdir()
     if g.is_dir() and g.name != "experiment"  # presets: +experiment=<name>, below
 }
+#: what an option cannot run without (it writes nothing outside its own group)
+NEEDS = {("privacy", "distributed"): ["secure_aggregation=secaggplus"]}
 PRESETS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
 #: the multirun presets and the sweep each holds in hydra.sweeper.params
 SWEEPS = {
@@ -46,6 +48,7 @@ def test_contract_groups_exist():
 def test_every_group_option_composes_and_validates(group, option, data_folder):
     local = (group, option) in (("data", "sst2"), ("data", "local"))
     extra = [f"data.path={data_folder}"] if local else []  # validation reads it
+    extra += NEEDS.get((group, option), [])
     cfg = compose([f"{group}={option}", *extra])
     plain = settings(cfg)
     assert "${" not in str(plain)  # every interpolation resolved

@@ -12,7 +12,7 @@ from fedlora.errors import ConfigError
 from fedlora.settings import Settings, with_
 from strategies.server_app import compose, settings
 from tests.conftest import REPO
-from tests.fedlora.test_configs import GROUPS
+from tests.fedlora.test_configs import GROUPS, NEEDS
 
 
 @pytest.mark.parametrize(
@@ -23,6 +23,7 @@ def test_every_option_composes_into_settings_and_round_trips(
 ):
     local = (group, option) in (("data", "sst2"), ("data", "local"))
     extra = [f"data.path={data_folder}"] if local else []  # validation reads it
+    extra += NEEDS.get((group, option), [])
     plain = settings(compose([f"{group}={option}", *extra]))
     typed = Settings.from_dict(plain)
     assert typed.to_dict() == plain  # exactly what travels to the clients

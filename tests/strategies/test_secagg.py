@@ -16,7 +16,6 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flwr.app import ConfigRecord, Error, Message, RecordDict
 
 from clients import client_app
-from clients import secagg as client_secagg
 from fedlora import secagg
 from fedlora.adapters import get_frozen_state, get_state
 from fedlora.build import build
@@ -79,21 +78,6 @@ class ClientGrid:
             self.received.append(copy.deepcopy(reply))
             replies.append(reply)
         return replies
-
-
-@pytest.fixture
-def client_inputs(monkeypatch):
-    """Each client's update and example count, as its train handler masks them."""
-    seen = {}
-    real = client_secagg.masked_reply
-
-    def spy(msg, context, cfg, start, update, public, weighting):
-        delta = {k: v.astype(np.float64) - start[k] for k, v in update.items()}
-        seen[context.node_id] = (delta, float(public["num-examples"]))
-        return real(msg, context, cfg, start, update, public, weighting)
-
-    monkeypatch.setattr(client_secagg, "masked_reply", spy)
-    return seen
 
 
 def experiment(model_dir, strategy, *extra, clients=4):
@@ -382,7 +366,7 @@ def test_bad_secure_aggregation_settings_are_named(tiny_bert):
     text = str(info.value)
     for key in ("secure_aggregation.threshold", "secure_aggregation.neighbours"):
         assert key in text
-    assert "distributed noise" in text
+    assert "privacy=distributed" in text
 
 
 # --- what must never reach the server (review findings) ---
