@@ -50,15 +50,16 @@ class FedSALoRA(Method):
         return not self.share_head and ".lora_" not in key
 
     def problems(self, settings: Settings) -> list[ConfigError]:
-        """Client-level DP (central or distributed) does not cover the personal
-        ``B`` each node keeps and is evaluated with."""
+        """Central DP does not cover the personal ``B`` each node keeps and is
+        evaluated with. (Under ``privacy=distributed`` federated evaluation is
+        refused, so ``B`` never leaves its node: only the noised sum of ``A``
+        does.)"""
         out = super().problems(settings)
-        mode = settings.privacy.mode
-        if mode in ("central", "distributed"):
+        if settings.privacy.mode == "central":
             out.append(
                 ConfigError(
                     "privacy",
-                    mode,
+                    "central",
                     "fedsa_lora keeps each client's B on its node, outside the "
                     "client-level DP noise, and the clients evaluate with "
                     "it; use privacy=dp_sgd (it covers B's training) or another "

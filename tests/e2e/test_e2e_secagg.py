@@ -1,7 +1,10 @@
 """End to end with secure_aggregation=secaggplus: the simulation runs the protocol
-through Flower's own grid, and lands where the plain run on the same seeds does."""
+through Flower's own grid, and lands where the plain run on the same seeds does;
+with DP-SGD, and with client-level DP whose noise the clients add."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -42,3 +45,27 @@ def test_secure_aggregation_composes_with_dp_sgd(tiny_bert, tmp_path):
     for row in rows[1:]:
         assert row["secure_aggregation"] is True and row["clients"] == 3
         assert set(row["epsilon"]) == {"0", "1", "2"}
+
+
+def test_client_level_dp_with_distributed_noise_accounts_every_release(
+    tiny_bert, tmp_path
+):
+    rows = run_front_door(
+        tmp_path / "run",
+        tiny_bert,
+        "secure_aggregation=secaggplus",
+        "federation.min_train_clients=3",
+        "privacy=distributed",
+        "privacy.noise_multiplier=2.0",
+        "privacy.clipping_norm=0.1",
+    )
+    spent = [row["distributed_epsilon"] for row in rows[1:]]
+    assert 0 < spent[0] < spent[1]  # one release a round, composed
+    for row in rows[1:]:
+        assert row["secure_aggregation"] is True and row["clients"] == 3
+        assert row["distributed_min_clients"] == 2  # more than half of 3
+        assert row["distributed_noise_multiplier"] == pytest.approx(2.0 * 1.5**0.5)
+        assert row["secagg_clipped"] is None
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["privacy"] == "distributed"
+    assert summary["distributed_epsilon"] == spent[-1]

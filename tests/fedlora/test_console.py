@@ -88,6 +88,14 @@ def test_the_summary_table_names_the_figures_and_the_run_directory():
     }
 
 
+def test_client_level_epsilon_shows_in_the_line_and_the_table():
+    line = Progress(rounds=2).line(row(1, 5.0, distributed_epsilon=1.234))
+    assert "| distributed eps 1.23 |" in line
+    table = summary_table({"distributed_epsilon": 1.5, "central_epsilon": 0.5}, "/x")
+    assert "client-level epsilon (distributed)  1.500" in table
+    assert "central epsilon" in table
+
+
 @pytest.fixture
 def restored_logging():
     """Undo what :func:`hush_libraries` sets (warning filters, logger levels)."""
