@@ -428,6 +428,19 @@ def _privacy_problems(s: Settings) -> list[ConfigError]:
     return out
 
 
+#: privacy keys of the other modes (dp_sgd; central's wrapper)
+DP_SGD_ONLY = (
+    "target_epsilon",
+    "max_grad_norm",
+    "clipping",
+    "accountant",
+    "max_physical_batch_size",
+    "planned_rounds",
+    "reproducible_noise",
+    "wrapper",
+)
+
+
 def _distributed_problems(s: Settings) -> list[ConfigError]:
     """``privacy=distributed``: its values, and secure aggregation, without which
     each client's own share of the noise would reach the server alone."""
@@ -480,6 +493,28 @@ def _distributed_problems(s: Settings) -> list[ConfigError]:
     for ok, key, value, fix in checks:
         if not ok:
             out.append(ConfigError(f"privacy.{key}", value, fix))
+    for key in DP_SGD_ONLY:  # a key of another mode would do nothing here
+        if getattr(p, key) is not None:
+            out.append(
+                ConfigError(
+                    f"privacy.{key}",
+                    getattr(p, key),
+                    "not a privacy=distributed setting (no budget stop: the run "
+                    "spends what its rounds spend, reported as "
+                    "distributed_epsilon); remove it",
+                )
+            )
+    if s.secure and s.secure_aggregation.max_update_norm is not None:
+        out.append(
+            ConfigError(
+                "secure_aggregation.max_update_norm",
+                s.secure_aggregation.max_update_norm,
+                "under privacy=distributed each client clips its update to "
+                "privacy.clipping_norm; a client refusing to send above a norm "
+                "would tell the server its norm is larger, outside the "
+                "accountant. Set it to null",
+            )
+        )
     if float(s.federation.fraction_evaluate or 0) > 0:
         out.append(
             ConfigError(

@@ -199,6 +199,19 @@ class SecAggPlus:
                 if v in inbox and v in pending.holders[u]:
                     inbox[v][u] = bytes(ct)
         pending.clients = len(inbox)
+        privacy = self.privacy
+        if privacy is not None and privacy.mode == "distributed":
+            fraction = float(self.settings.threshold)
+            t = distributed_dp.noise_clients(
+                pending.clients, fraction, privacy.min_clients
+            )
+            if pending.clients < t:  # no sum could carry the noise: no training
+                pending.record["secagg_failure"] = (
+                    f"{pending.clients} clients completed the protocol's setup, "
+                    f"fewer than the {t} the noise is calibrated for "
+                    "(privacy.min_clients); the round trains nowhere"
+                )
+                return []
         out = []
         for msg in messages:
             u = msg.metadata.dst_node_id
@@ -222,9 +235,6 @@ class SecAggPlus:
         ``privacy=distributed`` their noisy mean, accounted as a release)."""
         result = self._finish(grid, replies, expected)
         if self.accountant is not None:
-            if result.mean is not None:
-                multiplier = result.record["distributed_noise_multiplier"]
-                self.accountant.release(multiplier)
             result.record.update(
                 distributed_epsilon=self.accountant.epsilon,
                 distributed_delta=self.accountant.delta,
@@ -276,6 +286,11 @@ class SecAggPlus:
         total = np.zeros(next(iter(inputs.values())).size, dtype=np.uint32)
         for vector in inputs.values():
             total += vector
+        if noise is not None and self.accountant is not None:
+            # accounted before any share is asked for: whatever happens next
+            # (too few shares, a sum that does not decode), the server may hold
+            # the noisy sum from here on
+            self.accountant.release(noise.effective_multiplier(len(alive)))
         requests = {}
         for u in alive:
             mine = set(pending.holders[u])
@@ -341,7 +356,7 @@ class SecAggPlus:
 
     @staticmethod
     def _failed(record: dict[str, Any], why: str, alive: list[int]) -> SecureSum:
-        record["secagg_failure"] = why
+        why = record.setdefault("secagg_failure", why)  # the first cause stays
         log.warning("secure aggregation failed: %s; the global adapter is kept", why)
         return SecureSum(None, alive, record)
 

@@ -22,7 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fedlora import checkpoint, results, tracking
+from fedlora import checkpoint, distributed_dp, results, tracking
 from fedlora.adapters import (
     get_frozen_state,
     get_state,
@@ -144,6 +144,13 @@ def _serve(
             num_sampled_clients=s.federation.sampled_clients,
             delta=s.privacy.target_delta,
         )
+    ledger = method.secure.accountant if method.secure is not None else None
+    if ledger is not None:  # privacy=distributed: releases on disk as they happen
+        kept = run_dir / distributed_dp.LEDGER_FILE
+        if ckpt is None:
+            kept.unlink(missing_ok=True)  # a new run spends from nothing
+        resumed = Path(s.resume) / distributed_dp.LEDGER_FILE if s.resume else None
+        ledger.keep_at(kept, resumed)
     rounds = int(s.federation.rounds)
     done = ckpt.round if ckpt is not None else 0
     progress = Progress(rounds, quiet=s.quiet)

@@ -69,3 +69,5 @@ def test_client_level_dp_with_distributed_noise_accounts_every_release(
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["privacy"] == "distributed"
     assert summary["distributed_epsilon"] == spent[-1]
+    ledger = tmp_path / "run" / "distributed_releases.jsonl"  # on disk, per release
+    assert len(ledger.read_text().splitlines()) == 2

@@ -132,9 +132,16 @@ def test_a_client_reveals_nothing_for_a_sum_below_its_noise_floor():
 
 
 def test_too_coarse_a_noise_is_refused():
-    noise = ddp.DistributedGaussian(1.0, C, clients=10**6, min_clients=10**5)
+    """z = 1: 20,000 clients a round still get 1e3 integer steps of noise;
+    30,000 would not (near the guard's edge on both sides)."""
+    fine = ddp.DistributedGaussian(1.0, C, 20_000, ddp.noise_clients(20_000, 0.5, None))
+    assert fine.client_std(4) > ddp.MIN_INTEGER_STD
+    fine.encode({"b": np.zeros(4)})
+    coarse = ddp.DistributedGaussian(
+        1.0, C, 30_000, ddp.noise_clients(30_000, 0.5, None)
+    )
     with pytest.raises(ValueError, match="too coarse"):
-        noise.encode({"b": np.zeros(4)})
+        coarse.encode({"b": np.zeros(4)})
 
 
 def exact_gaussian_epsilon(mu, delta):
@@ -169,3 +176,25 @@ def test_the_accountant_bounds_the_exact_gaussian_epsilon(multipliers):
     again = ddp.ReleaseAccountant(delta)
     again.load(accountant.history())
     assert again.epsilon == accountant.epsilon
+
+
+def test_releases_reach_the_disk_and_a_resume_takes_those_after_its_checkpoint(
+    tmp_path,
+):
+    """A server that crashed after unmasking round 3 but before checkpointing it:
+    the checkpoint holds 2 releases, the file 3; the resumed run counts 3."""
+    kept = tmp_path / "old" / ddp.LEDGER_FILE
+    kept.parent.mkdir()
+    first = ddp.ReleaseAccountant(1e-5)
+    first.keep_at(kept)
+    first.release(1.0)
+    first.release(1.2)
+    checkpointed = first.history()
+    first.release(0.9)  # then the crash
+    resumed = ddp.ReleaseAccountant(1e-5)
+    resumed.keep_at(tmp_path / ddp.LEDGER_FILE, previous=kept)
+    resumed.load(checkpointed)
+    assert resumed.releases == 3 and resumed.epsilon == first.epsilon
+    resumed.release(1.0)  # the resumed run goes on in its own file
+    assert len((tmp_path / ddp.LEDGER_FILE).read_text().splitlines()) == 4
+    assert len(kept.read_text().splitlines()) == 3

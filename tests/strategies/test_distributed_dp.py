@@ -19,7 +19,14 @@ from strategies import secagg as server_secagg
 from strategies.server_app import compose_settings
 from strategies.wire import KEY_ARRAYS, record_to_state
 from tests.fedlora.test_distributed_dp import exact_gaussian_epsilon
-from tests.strategies.test_secagg import TRAIN, UNMASK, ClientGrid, Run, experiment
+from tests.strategies.test_secagg import (
+    KEYS,
+    TRAIN,
+    UNMASK,
+    ClientGrid,
+    Run,
+    experiment,
+)
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 Z, C = 0.8, 0.05  # C about the norm of a tiny BERT's adapter update: some clip
@@ -75,6 +82,10 @@ def test_the_unmasked_mean_is_the_clipped_mean_plus_the_calibrated_noise(
     mu = 1 / entry["distributed_noise_multiplier"]
     exact = exact_gaussian_epsilon(mu, 1e-5)
     assert exact <= entry["distributed_epsilon"] <= 1.5 * exact
+    # against the noise measured: sensitivity C over the sum's std (n times the
+    # mean's), with 10% for the std's sampling error
+    measured = exact_gaussian_epsilon(0.9 * C / (4 * np.std(err)), 1e-5)
+    assert entry["distributed_epsilon"] >= measured
     assert entry["secagg_clipped"] is None  # no count computed from the data
     # the masked upload: uint32 of the plain upload's shapes, nothing in plaintext
     for r in grid.received:
@@ -82,6 +93,48 @@ def test_the_unmasked_mean_is_the_clipped_mean_plus_the_calibrated_noise(
             assert not {"num-examples", "train_loss"} & set(r.content["metrics"])
             for k, a in r.content[KEY_ARRAYS].items():
                 assert a.dtype == "uint32" and tuple(a.shape) == sent[k].shape
+
+
+def test_a_dropout_is_accounted_for_the_survivors(tiny_bert, client_inputs):
+    """Node 2 drops before its masked input arrives: 3 of 4 survive, t = 3; the
+    release has multiplier z sqrt(3/3), its mean the 3 survivors' clipped mean
+    plus that noise."""
+    grid = ClientGrid(4, lost={(TRAIN, 2)})
+    run = Run(distributed(tiny_bert), grid)
+    sent, new, entry = run.round(1)
+    assert new is not None and entry["distributed_updates"] == 3
+    assert entry["distributed_noise_multiplier"] == pytest.approx(Z)
+    ref = clipped_mean(sent, client_inputs, [1, 3, 4])
+    err = np.concatenate([(new[k] - ref[k]).ravel() for k in ref])
+    assert np.std(err) == pytest.approx(Z * C / 3, rel=0.1)
+    assert entry["distributed_releases"] == 1
+
+
+def test_a_sum_that_does_not_decode_after_unmasking_is_still_accounted(
+    tiny_bert, client_inputs, monkeypatch
+):
+    """The server may hold the noisy sum once the clients revealed their
+    shares: a failure after that (here the decoding) still spends a release."""
+
+    def broken(self, total, shapes, survivors):
+        raise ValueError("the sum's meta words do not count the survivors")
+
+    monkeypatch.setattr(distributed_dp.DistributedGaussian, "decode_mean", broken)
+    grid = ClientGrid(4)
+    run = Run(distributed(tiny_bert), grid)
+    _, new, entry = run.round(1)
+    assert new is None and "meta words" in entry["secagg_failure"]
+    assert [r for r in grid.received if r.metadata.message_type == UNMASK]
+    assert entry["distributed_releases"] == 1 and entry["distributed_epsilon"] > 0
+
+
+def test_too_few_clients_after_setup_train_nowhere(tiny_bert, client_inputs):
+    grid = ClientGrid(4, lost={(KEYS, 3)})  # 3 complete the setup; t = 4
+    run = Run(distributed(tiny_bert, "privacy.min_clients=4"), grid)
+    _, new, entry = run.round(1)
+    assert new is None and "setup" in entry["secagg_failure"]
+    assert not client_inputs  # no client trained
+    assert not [r for r in grid.received if r.metadata.message_type == TRAIN]
 
 
 def test_a_round_below_the_noise_floor_is_never_unmasked(tiny_bert, client_inputs):
@@ -150,9 +203,11 @@ def test_distributed_dp_settings_are_checked(tiny_bert):
             "privacy.min_clients=1",
             "strategy.weighting=num_examples",
             "federation.fraction_evaluate=0.5",
+            "+privacy.target_epsilon=1.0",
         )
     text = str(info.value)
     for key in (
+        "privacy.target_epsilon",
         "secure_aggregation",
         "privacy.noise_multiplier",
         "privacy.min_clients",
@@ -160,6 +215,8 @@ def test_distributed_dp_settings_are_checked(tiny_bert):
         "federation.fraction_evaluate",
     ):
         assert key in text, key
+    with pytest.raises(ConfigError, match="secure_aggregation.max_update_norm"):
+        distributed(tiny_bert, "secure_aggregation.max_update_norm=0.01")
     # FedSA-LoRA's personal B never leaves its node (no federated evaluation)
     experiment(tiny_bert, "fedsa_lora", "privacy=distributed")
     typed = compose_settings(  # null weighting and evaluation: uniform, off
