@@ -42,6 +42,27 @@ QUIET_ENV = {
 }
 
 
+def backend_config(sim: Any) -> dict[str, Any]:
+    """Flower's Ray backend config for ``simulation`` settings ``sim``. Without an
+    address to attach to, a Ray of the run's own (``address: local``): Ray alone
+    would join any cluster it finds on the machine (``RAY_ADDRESS``, or the latest
+    ``ray start`` head), without the clients' environment."""
+    init_args: dict[str, Any] = {
+        "include_dashboard": False,
+        "logging_level": "error",
+        "address": "local",
+    }
+    if sim.ray_num_cpus:
+        init_args["num_cpus"] = int(sim.ray_num_cpus)
+    return {
+        "client_resources": {
+            "num_cpus": float(sim.client_num_cpus),
+            "num_gpus": float(sim.client_num_gpus),
+        },
+        "init_args": init_args,
+    }
+
+
 def simulate(
     cfg: DictConfig, run_dir: Path, ray_address: str | None = None
 ) -> dict[str, Any]:
@@ -69,28 +90,15 @@ def simulate(
         out["summary"] = run_server(grid, cfg, run_dir)
 
     sim = s.simulation
-    init_args: dict[str, Any] = {
-        "include_dashboard": False,
-        "logging_level": "error",
-    }
     address = sim.ray_address or ray_address
     if address:  # a running cluster: attach (the run's end only detaches)
         ray_head.attach(str(address))
-    elif sim.ray_num_cpus:
-        init_args["num_cpus"] = int(sim.ray_num_cpus)
-    backend_config = {
-        "client_resources": {
-            "num_cpus": float(sim.client_num_cpus),
-            "num_gpus": float(sim.client_num_gpus),
-        },
-        "init_args": init_args,
-    }
     try:
         run_simulation(
             server_app=server_app,
             client_app=client_app,
             num_supernodes=int(s.federation.num_clients),
-            backend_config=backend_config,
+            backend_config=backend_config(sim),
         )
     finally:
         import ray
