@@ -53,6 +53,21 @@ def test_iid_partitions_are_disjoint_equal_and_cover_the_data(settings):
     assert sorted(np.concatenate(parts).tolist()) == list(range(1000))
 
 
+@pytest.mark.parametrize("n,k", [(1000, 4), (1003, 7), (5000, 1000), (10, 10)])
+def test_iid_partitions_are_flwr_datasets_iid_partitions(settings, n, k):
+    """Taken without a Dataset per client, they are the library's own, row for row
+    (the reference: flwr-datasets' IidPartitioner on the same table)."""
+    import datasets
+    from flwr_datasets.partitioner import IidPartitioner
+
+    ours = partition_indices(np.zeros(n, dtype=int), k, part(settings, type="iid"))
+    theirs = IidPartitioner(k)
+    theirs.dataset = datasets.Dataset.from_dict({"idx": np.arange(n)})
+    assert len(ours) == k
+    for i in range(k):
+        assert ours[i].tolist() == theirs.load_partition(i)["idx"]
+
+
 def test_dirichlet_respects_min_size_and_skews_more_with_smaller_alpha(settings):
     y = labels(2000, classes=4)
     cfg = part(settings, type="dirichlet", min_partition_size=20, seed=0)
