@@ -205,7 +205,9 @@ def _serve(
             "clients": 0,
             "failures": 0,
             "aggregation_error": None,
-            **strategy.round_log.get(server_round, {}),
+            # the round's log goes to its metrics row and is dropped: the server
+            # keeps no client's record past its round
+            **strategy.round_log.pop(server_round, {}),
         }
         results.append_metrics(run_dir, row)
         tracker.log_round(row)

@@ -67,7 +67,9 @@ class LoRAStrategy(FedAvg):
     ``bytes_down_by_rank``/``bytes_up_by_rank``), ``params_down``/``params_up``
     (analytic), the
     ``aggregation_error`` overall and by module, the client replies, failures,
-    rejections, declines, epsilon and the method's own record.
+    rejections, declines, epsilon and the method's own record. The ServerApp
+    moves each entry into the round's metrics row and drops it, so the clients'
+    records of past rounds are not kept.
 
     Parameters
     ----------
