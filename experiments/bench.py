@@ -34,12 +34,15 @@ Measurements (``--only name,name`` runs a subset):
 7. ``scale``: a 100-client simulation (10% sampled per round) of a tiny BERT:
    seconds per round and peak RSS of the process tree, against a 10-client
    simulation training the same 10 clients per round.
-8. ``causal_lm``: tokens/s of our trainer on a Llama-shaped causal LM (4 layers,
+8. ``scale_memory``: peak RSS of the server's process (the ServerApp and
+   Flower's simulation engine) and of the process tree with 1,000 registered
+   clients against 100, 10 trained per round in both (goal: ratio <= 1.1).
+9. ``causal_lm``: tokens/s of our trainer on a Llama-shaped causal LM (4 layers,
    hidden 512, up to 128 tokens) over a plain PyTorch + PEFT loop on the very same
    batches (``experiments/bench_lm.py``).
-9. ``gradient_checkpointing``: activation memory (peak RSS of the training steps
-   above the RSS before them, a fresh process per arm) and seconds of the same
-   Llama's training with ``train.gradient_checkpointing=true`` over without.
+10. ``gradient_checkpointing``: activation memory (peak RSS of the training steps
+    above the RSS before them, a fresh process per arm) and seconds of the same
+    Llama's training with ``train.gradient_checkpointing=true`` over without.
 
 SST-2 is read from ``--data`` (default ``../shared/data/sst2``); without it the
 built-in synthetic task is used.
@@ -88,6 +91,7 @@ MEASUREMENTS = (
     "bytes",
     "memory",
     "scale",
+    "scale_memory",
     "causal_lm",
     "gradient_checkpointing",
 )
@@ -120,11 +124,13 @@ def plain_settings(overrides: list[str]) -> dict[str, Any]:
     return with_(compose_settings(overrides), "train.device", "cpu")
 
 
-def _status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
+def _status_mb(field: str, pid: int | str = "self") -> float:
+    """A memory ``field`` of ``/proc/<pid>/status`` (MB)."""
+    status = Path(f"/proc/{pid}/status")
+    for line in status.read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
+    raise RuntimeError(f"{status} has no {field}")
 
 
 def reset_peak_rss() -> float:
@@ -143,10 +149,12 @@ def peak_rss_mb() -> float:
 
 
 class TreeMemory:
-    """Samples the summed RSS of a process and its descendants in the background."""
+    """Samples the summed RSS of a process and its descendants in the background;
+    ``root_peak``: the process's own peak RSS (its kernel mark ``VmHWM``, exact up
+    to the last sample, Linux)."""
 
     def __init__(self, pid: int, every: float = 0.2) -> None:
-        self.pid, self.every, self.peak = pid, every, 0
+        self.pid, self.every, self.peak, self.root_peak = pid, every, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -174,6 +182,11 @@ class TreeMemory:
                 except psutil.Error:
                     continue
             self.peak = max(self.peak, total)
+            try:
+                hwm = _status_mb("VmHWM", self.pid) * 2**20
+            except (OSError, RuntimeError):  # gone, or a zombie: no memory fields
+                hwm = 0
+            self.root_peak = max(self.root_peak, hwm)
             self._stop.wait(self.every)
 
 
@@ -206,7 +219,12 @@ def run_front_door(overrides: list[str], run_dir: Path) -> dict[str, Any]:
         for line in (run_dir / "metrics.jsonl").read_text().splitlines()
         if line.strip()
     ]
-    return {"wall": wall, "peak_rss_mb": mem.peak / 2**20, "rows": rows}
+    return {
+        "wall": wall,
+        "peak_rss_mb": mem.peak / 2**20,
+        "server_peak_rss_mb": mem.root_peak / 2**20,
+        "rows": rows,
+    }
 
 
 def child(
@@ -1014,6 +1032,48 @@ def measure_memory(base: list[str], n: int, layers: int, clients: int) -> dict:
 
 
 # --- 7. scale ------------------------------------------------------------------------
+#: the server's peak RSS with 10x the registered clients, over the smaller run's
+SCALE_MEMORY_GOAL = 1.1
+
+
+def scale_run(
+    model: Path, num: int, sampled: int, rounds: int, per_client: int, run_dir: Path
+) -> dict[str, Any]:
+    """A simulation of ``num`` clients of the tiny BERT ``model`` (``per_client``
+    synthetic examples each), ``sampled`` of them trained per round: seconds per
+    round, the peak RSS of the server's process (the ServerApp with Flower's
+    simulation engine) and of the whole process tree (Ray and its workers)."""
+    res = run_front_door(
+        [
+            f"model.name={model}",
+            "data=synthetic",
+            f"data.num_examples={num * per_client}",
+            "data.num_eval_examples=64",
+            "data.client_eval_fraction=0",
+            f"federation.num_clients={num}",
+            f"federation.fraction_train={sampled / num}",
+            f"federation.min_train_clients={sampled}",
+            "federation.fraction_evaluate=0",
+            f"federation.rounds={rounds}",
+            "train.batch_size=16",
+        ],
+        run_dir,
+    )
+    rows = res["rows"]
+    per_round = (rows[-1]["wall_time"] - rows[0]["wall_time"]) / rounds
+    return {
+        "per_round_s": per_round,
+        # without round 1, whose time includes the Ray workers' start
+        "later_rounds_s": (rows[-1]["wall_time"] - rows[1]["wall_time"]) / (rounds - 1)
+        if rounds > 1
+        else None,
+        "peak_rss_mb": res["peak_rss_mb"],
+        "server_peak_rss_mb": res["server_peak_rss_mb"],
+        "process_wall_s": res["wall"],
+        "clients_per_round": [r.get("clients") for r in rows[1:]],
+    }
+
+
 def measure_scale(clients: int, rounds: int, per_client: int, work: Path) -> dict:
     """Seconds per round and peak memory with ``clients`` nodes, 10% sampled,
     against ``clients // 10`` nodes all sampled (the same work per round)."""
@@ -1021,35 +1081,8 @@ def measure_scale(clients: int, rounds: int, per_client: int, work: Path) -> dic
 
     model = save_tiny_bert(work / "tiny_bert")
     sampled = max(clients // 10, 2)
-
-    def sim(num: int, fraction: float, tag: str) -> dict[str, Any]:
-        res = run_front_door(
-            [
-                f"model.name={model}",
-                "data=synthetic",
-                f"data.num_examples={num * per_client}",
-                "data.num_eval_examples=64",
-                "data.client_eval_fraction=0",
-                f"federation.num_clients={num}",
-                f"federation.fraction_train={fraction}",
-                f"federation.min_train_clients={sampled}",
-                "federation.fraction_evaluate=0",
-                f"federation.rounds={rounds}",
-                "train.batch_size=16",
-            ],
-            work / tag,
-        )
-        rows = res["rows"]
-        per_round = (rows[-1]["wall_time"] - rows[0]["wall_time"]) / rounds
-        return {
-            "per_round_s": per_round,
-            "peak_rss_mb": res["peak_rss_mb"],
-            "process_wall_s": res["wall"],
-            "clients_per_round": [r.get("clients") for r in rows[1:]],
-        }
-
-    big = sim(clients, 0.1, "scale_big")
-    small = sim(sampled, 1.0, "scale_small")
+    big = scale_run(model, clients, sampled, rounds, per_client, work / "scale_big")
+    small = scale_run(model, sampled, sampled, rounds, per_client, work / "scale_small")
     return {
         "clients": clients,
         "sampled_per_round": sampled,
@@ -1060,6 +1093,38 @@ def measure_scale(clients: int, rounds: int, per_client: int, work: Path) -> dic
         "memory_ratio": big["peak_rss_mb"] / small["peak_rss_mb"],
         "goal": "completes",
         "met": all(c == sampled for c in big["clients_per_round"]),
+    }
+
+
+def measure_scale_memory(
+    clients: int, sampled: int, rounds: int, per_client: int, work: Path
+) -> dict:
+    """The server's peak RSS with ``clients`` registered clients against
+    ``clients // 10``, ``sampled`` trained per round in both (the same work per
+    round): what the server holds per registered client that it need not."""
+    from fedlora.testing import save_tiny_bert
+
+    model = save_tiny_bert(work / "tiny_bert")
+    fewer = clients // 10
+    runs = {
+        n: scale_run(model, n, sampled, rounds, per_client, work / f"scale_mem_{n}")
+        for n in (fewer, clients)
+    }
+    big, small = runs[clients], runs[fewer]
+    ratio = big["server_peak_rss_mb"] / small["server_peak_rss_mb"]
+    return {
+        "clients": clients,
+        "baseline_clients": fewer,
+        "sampled_per_round": sampled,
+        "rounds": rounds,
+        "big": big,
+        "baseline": small,
+        "ratio": ratio,
+        "tree_ratio": big["peak_rss_mb"] / small["peak_rss_mb"],
+        "per_round_ratio": big["per_round_s"] / small["per_round_s"],
+        "goal": f"<= {SCALE_MEMORY_GOAL:g}",
+        "met": ratio <= SCALE_MEMORY_GOAL
+        and all(c == sampled for r in runs.values() for c in r["clients_per_round"]),
     }
 
 
@@ -1201,6 +1266,20 @@ def table(results: dict[str, Any]) -> str:
             "completes",
             c["met"],
         )
+    if "scale_memory" in results:
+        c = results["scale_memory"]
+        big, small = c["big"], c["baseline"]
+        row(
+            f"server peak RSS, {c['clients']} clients ({c['sampled_per_round']} a "
+            "round) (MB)",
+            f"{big['server_peak_rss_mb']:.0f} (tree {big['peak_rss_mb']:.0f}; "
+            f"{big['per_round_s']:.2f} s/round)",
+            f"{small['server_peak_rss_mb']:.0f} (tree {small['peak_rss_mb']:.0f}; "
+            f"{small['per_round_s']:.2f} s/round; {c['baseline_clients']} clients)",
+            c["ratio"],
+            f"{c['goal']} (tree {c['tree_ratio']:.3f})",
+            c["met"],
+        )
     if "causal_lm" in results:
         c = results["causal_lm"]
         row(
@@ -1291,6 +1370,8 @@ def main(argv: list[str] | None = None) -> None:
         if q
         else RankCase("llama-2-7b", 1, (8, 16, 32, 64), 1),
         "scale": (20, 1, 10) if q else (100, 3, 20),
+        # registered clients (against a tenth of them), sampled, rounds, examples
+        "scale_memory": (100, 2, 1, 10) if q else (1000, 10, 3, 20),
     }
     from experiments import bench_lm
 
@@ -1317,6 +1398,7 @@ def main(argv: list[str] | None = None) -> None:
                 base, sizes["trainer_n"], sizes["layers"], sizes["server_clients"]
             ),
             "scale": lambda: measure_scale(*sizes["scale"], work),
+            "scale_memory": lambda: measure_scale_memory(*sizes["scale_memory"], work),
             "causal_lm": lambda: bench_lm.measure_causal_lm(work, lm_case),
             "gradient_checkpointing": lambda: bench_lm.measure_checkpointing(
                 work, lm_case

@@ -145,3 +145,44 @@ def test_dp_overhead_times_both_trainers_on_the_same_batches(tiny_bert, monkeypa
     assert out["examples"] == 40 and out["repeats"] == 1
     plain = seen["plain"][-5:]  # after the warm-up epoch on 32 examples
     assert len(plain) == 5 and seen["dp"] == plain
+
+
+def test_tree_memory_reports_the_roots_own_peak_even_after_it_freed_it():
+    """The server's figure is its process's kernel peak mark: a spike freed
+    between two samples still counts (the child's own VmHWM is the reference)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import time\n"
+        "time.sleep(0.3)\n"  # between the samples at 0 and 1 s
+        "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096]); del b\n"
+        "time.sleep(1.5)\n"
+        "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True
+    ) as proc:
+        with bench.TreeMemory(proc.pid, every=1.0) as mem:  # fewer samples
+            out, _ = proc.communicate()
+    own = int(out.split()[1]) * 1024  # kB
+    assert own > 300 * 2**20
+    assert mem.root_peak == pytest.approx(own, rel=0.02)
+
+
+def test_scale_memory_row_flags_a_server_that_grows_with_registered_clients():
+    run = {"server_peak_rss_mb": 700.0, "peak_rss_mb": 2600.0, "per_round_s": 1.0}
+    out = {
+        "clients": 1000,
+        "baseline_clients": 100,
+        "sampled_per_round": 10,
+        "big": {**run, "server_peak_rss_mb": 900.0},
+        "baseline": run,
+        "ratio": 900 / 700,
+        "tree_ratio": 1.0,
+        "goal": "<= 1.1",
+        "met": False,
+    }
+    rows = bench.table({"scale_memory": out}).splitlines()
+    assert len(rows) == 3 and "1000 clients" in rows[2]
+    assert "| 1.286 | <= 1.1 (tree 1.000) | **no** |" in rows[2]
