@@ -384,9 +384,11 @@ def train(msg: Message, context: Context) -> Message:
         return secagg.masked_reply(
             msg, context, cfg, start, update, public, method.weighting
         )
-    content = RecordDict(
-        {KEY_ARRAYS: state_to_record(update), KEY_METRICS: MetricRecord(public)}
-    )
+    try:  # in wire.dtype: the server widens it back before aggregating
+        arrays = state_to_record(update, cfg.wire_dtype)
+    except ValueError as exc:  # float16's range
+        raise ConfigError("wire.dtype", cfg.wire_dtype, str(exc)) from exc
+    content = RecordDict({KEY_ARRAYS: arrays, KEY_METRICS: MetricRecord(public)})
     return Message(content=content, reply_to=msg)
 
 

@@ -429,6 +429,18 @@ class DiagnosticsSettings(_Section):
         return self.every > 0 and server_round % self.every == 0
 
 
+@dataclass(frozen=True)
+class WireSettings(_Section):
+    """``wire``: how adapter states travel between the server and the clients."""
+
+    #: the dtype of the adapter arrays sent both ways, one of :data:`WIRE_DTYPES`
+    dtype: str
+
+
+#: ``wire.dtype``'s choices: float32, or a 16-bit float (half the bytes)
+WIRE_DTYPES = ("float32", "bfloat16", "float16")
+
+
 _SECTIONS: dict[str, type[_Section]] = {
     "model": ModelSettings,
     "adapter": AdapterSettings,
@@ -477,6 +489,13 @@ class Settings:
     #: (:mod:`fedlora.tracking`); None when absent (settings written before the
     #: section existed: no tracking)
     logger: Mapping[str, Any] | None = None
+    #: None when absent (settings written before the section existed: float32)
+    wire: WireSettings | None = None
+
+    @property
+    def wire_dtype(self) -> str:
+        """The dtype adapter states travel in (``wire.dtype``; absent: float32)."""
+        return "float32" if self.wire is None else str(self.wire.dtype)
 
     @property
     def secure(self) -> bool:
@@ -505,6 +524,7 @@ class Settings:
             "verbose",
             "secure_aggregation",
             "logger",
+            "wire",
         ]
         for key in plain:
             if key not in known:
@@ -542,6 +562,9 @@ class Settings:
             if "secure_aggregation" in plain
             else None,
             logger=_component(plain, "logger"),
+            wire=WireSettings.from_dict(plain["wire"], "wire")
+            if "wire" in plain
+            else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -562,6 +585,8 @@ class Settings:
             out["verbose"] = self.verbose
         if self.secure_aggregation is not None:
             out["secure_aggregation"] = self.secure_aggregation.to_dict()
+        if self.wire is not None:
+            out["wire"] = self.wire.to_dict()
         return out
 
     @property
@@ -664,6 +689,8 @@ def with_(settings: Settings, *changes: Any) -> Settings:
                 value = DiagnosticsSettings.from_dict(value, section)
             elif section == "secure_aggregation" and isinstance(value, Mapping):
                 value = SecureAggregationSettings.from_dict(value, section)
+            elif section == "wire" and isinstance(value, Mapping):
+                value = WireSettings.from_dict(value, section)
             elif section == "strategy":
                 value = Frozen(value)
             elif section in _COMPONENTS and value is not None:
@@ -680,6 +707,8 @@ def with_(settings: Settings, *changes: Any) -> Settings:
                 inner = ExportSettings(rank=None)
             if inner is None and section == "diagnostics":
                 inner = DiagnosticsSettings(every=1)
+            if inner is None and section == "wire":
+                inner = WireSettings(dtype="float32")
             inner = dataclasses.replace(inner, **{key: _freeze(value)})
             settings = dataclasses.replace(settings, **{section: inner})
     return settings

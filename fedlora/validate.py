@@ -15,7 +15,7 @@ from typing import Any
 
 from fedlora import layouts, server_opt, tracking
 from fedlora.errors import ConfigError
-from fedlora.settings import Settings
+from fedlora.settings import WIRE_DTYPES, Settings
 
 
 def _problems(s: Settings) -> list[ConfigError]:
@@ -56,6 +56,13 @@ def _problems(s: Settings) -> list[ConfigError]:
             "error every round, N every N-th round (rounds N, 2N, ...), 0 never; "
             "e.g. diagnostics.every=10",
         )
+    need(
+        s.wire_dtype in WIRE_DTYPES,
+        "wire.dtype",
+        s.wire_dtype,
+        f"choose one of {', '.join(WIRE_DTYPES)} (the 16-bit ones halve the bytes "
+        "of the adapters on the wire)",
+    )
     ranks = adapter.client_ranks
     if ranks is not None:
         need(
@@ -583,6 +590,15 @@ def _secure_problems(s: Settings) -> list[ConfigError]:
                 "client-level DP with secure aggregation use privacy=distributed "
                 "(the clients add the noise), or privacy=dp_sgd (works unchanged), "
                 "or secure_aggregation=none",
+            )
+        )
+    if s.wire_dtype != "float32":
+        out.append(
+            ConfigError(
+                "wire.dtype",
+                s.wire_dtype,
+                "secure aggregation sends masked 32-bit words, which no cast may "
+                "touch; set wire.dtype=float32 or secure_aggregation=none",
             )
         )
     if s.adapter.client_ranks:

@@ -55,6 +55,7 @@ from strategies.wire import (
     KEY_ARRAYS,
     KEY_METRICS,
     KEY_NUM_EXAMPLES,
+    payload_bytes,
     record_to_state,
     state_to_record,
 )
@@ -157,7 +158,10 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
         noise for the ``m'`` updates it averaged and account the release."""
         reference = record_to_state(self.current_arrays)
         replies = [self._clip(m, reference) for m in replies]
-        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        try:
+            arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        finally:
+            self.strategy.arrived.clear()
         real_round = server_round + self.strategy.round_offset
         entry = self.strategy.round_log.setdefault(real_round, {})
         averaged = int(entry.get("clients", 0)) if arrays is not None else 0
@@ -211,6 +215,9 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
         update = {k: state[k].astype(np.float64) - reference[k] for k in reference}
         norm = float(np.sqrt(sum(np.sum(u * u) for u in update.values())))
         scale = min(1.0, self.clipping_norm / norm) if norm > 0 else 1.0
+        # its bytes as sent (in wire.dtype); the clipped update goes on in float32:
+        # rounding it to 16 bits again could take it past the clipping norm
+        self.strategy.arrived[id(msg)] = payload_bytes(msg.content)
         msg.content[KEY_ARRAYS] = state_to_record(
             {k: reference[k] + scale * update[k] for k in state}
         )

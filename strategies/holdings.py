@@ -99,18 +99,20 @@ class Holdings:
         sent: dict[str, Any],
         changed: dict[str, int],
         server_round: int,
+        encode: Callable[[dict[str, Any]], ArrayRecord] = state_to_record,
     ) -> list[Message]:
         """``messages`` carrying, as arrays, only the keys of ``sent`` that changed
         (``changed[key]``: the round whose aggregation last set it, 0: never) since
         the global state each one's node holds; all of them for a node the server
-        knows nothing of. Nodes holding the same round share one record."""
+        knows nothing of. Nodes holding the same round share one record,
+        ``encode`` making it (default float32)."""
         records: dict[int, ArrayRecord] = {}
         out = []
         for msg in messages:
             start = self.globals.get(msg.metadata.dst_node_id, 0)
             if start not in records:
                 keys = [k for k in sent if start == 0 or changed.get(k, 0) >= start]
-                records[start] = state_to_record({k: sent[k] for k in keys})
+                records[start] = encode({k: sent[k] for k in keys})
             sync = ConfigRecord({KEY_BASE_FROM: start, KEY_BASE_TO: server_round})
             out.append(
                 with_records(msg, {KEY_ARRAYS: records[start], KEY_GLOBAL_SYNC: sync})

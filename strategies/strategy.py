@@ -91,6 +91,10 @@ class LoRAStrategy(FedAvg):
     secure : SecAggPlus or None
         Secure aggregation (``secure_aggregation=secaggplus``): the server sees
         only the clients' weighted sum (:mod:`strategies.secagg`); None: off.
+    wire_dtype : str
+        The dtype of the adapter arrays the train and evaluate messages carry
+        (``wire.dtype``: float32, bfloat16 or float16; the server's own state
+        stays float32). The frozen factors and base-weight folds go exact.
     diagnostics_every : int
         Measure the aggregation error in every ``diagnostics_every``-th round
         (rounds N, 2N, ...; 0: never). Other rounds record ``aggregation_error``
@@ -124,6 +128,7 @@ class LoRAStrategy(FedAvg):
         wait_timeout: float | None = None,
         diagnostics_every: int = 1,
         secure: SecAggPlus | None = None,
+        wire_dtype: str = "float32",
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(**fedavg_kwargs)
@@ -159,6 +164,11 @@ class LoRAStrategy(FedAvg):
         self.folds = FoldLog()
         self.changed: dict[str, int] = {}  # key -> round whose aggregation set it
         self.secure = secure
+        #: id(reply) -> its bytes as it arrived, measured by a wrapper that
+        #: rewrites replies before this strategy sees them (central DP's clip)
+        self.arrived: dict[int, int] = {}
+        self.wire_dtype = wire_dtype
+        state_to_record({}, wire_dtype)  # an unknown dtype: a ValueError now
         self._grid: Any = None  # the round's grid, for secure aggregation's unmasking
 
     @classmethod
@@ -175,6 +185,7 @@ class LoRAStrategy(FedAvg):
             max_failed_rounds=fed.max_failed_rounds,
             wait_timeout=fed.wait_timeout,
             diagnostics_every=diagnostics.every,
+            wire_dtype=settings.wire_dtype,
             secure=SecAggPlus(
                 settings.secure_aggregation, fed.round_timeout, settings.privacy
             )
@@ -245,8 +256,8 @@ class LoRAStrategy(FedAvg):
         size."""
         server_round += self.round_offset
         method = self.method
-        if self.begin_round(server_round, record_to_state(arrays)):
-            arrays = state_to_record(self.sent)
+        if self.begin_round(server_round, record_to_state(arrays)) or self.compresses:
+            arrays = self.encode(self.sent)
         if self.fraction_train > 0:
             grid = self._wait(grid, self.min_train_nodes, f"round {server_round}")
         messages = list(super().configure_train(server_round, arrays, config, grid))
@@ -259,7 +270,7 @@ class LoRAStrategy(FedAvg):
             messages = self.holdings.with_folds(messages, self.folds, train=True)
         if method.nodes_keep_global:  # only what changed since a node's last copy
             messages = self.holdings.with_changes(
-                messages, self.sent, self.changed, server_round
+                messages, self.sent, self.changed, server_round, self.encode
             )
         sampled = len(messages)
         if self.secure is not None:  # stages 0 and 1; the replies: masked inputs
@@ -397,9 +408,13 @@ class LoRAStrategy(FedAvg):
                 log.warning("%s: %s; no federated evaluation", what, skipped)
                 self.round_log.setdefault(server_round, {})["eval_skipped"] = skipped
                 return []
+        state = None
+        if self.compresses:  # the global in the wire dtype, as for training
+            state = record_to_state(arrays)
+            arrays = self.encode(state)
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         if self.method.accepts_client_ranks:
-            messages = self._at_ranks(messages, arrays)
+            messages = self._at_ranks(messages, arrays, state)
         if self.method.folds_into_base:
             messages = self.holdings.with_folds(messages, self.folds, train=False)
             sizes = [fold_bytes([m]) for m in messages]
@@ -630,7 +645,7 @@ class LoRAStrategy(FedAvg):
             self.method.folds_into_base,
             server_round if self.method.nodes_keep_global else None,
         )
-        sizes = [payload_bytes(m.content) for m in ok]
+        sizes = [self.arrived_bytes(m) for m in ok]
         if self.method.accepts_client_ranks:  # per rank tier, keyed by rank
             entry["bytes_up_by_rank"] = checks.by_rank(ok, sizes)
             # a message whose node's rank was unknown: the rank its reply reports
@@ -656,7 +671,7 @@ class LoRAStrategy(FedAvg):
         missing = max(entry.get("clients_sampled", 0) - len(replies), 0)
         self.epsilon.update(checks.epsilons(ok))
         if sizes is None:
-            sizes = [payload_bytes(m.content) for m in ok]
+            sizes = [self.arrived_bytes(m) for m in ok]
         entry.update(
             failures=len(replies) - len(ok) + missing,
             failure_reasons=checks.failures(replies, self.sampled, missing),
@@ -723,10 +738,25 @@ class LoRAStrategy(FedAvg):
         def cut(rank: int) -> ArrayRecord | None:
             if rank not in cuts:  # None: the method sends it all
                 part = self.method.downlink(whole, rank)
-                cuts[rank] = None if part is whole else state_to_record(part)
+                cuts[rank] = None if part is whole else self.encode(part)
             return cuts[rank]
 
         return self.holdings.at_ranks(messages, cut)
+
+    def arrived_bytes(self, reply: Message) -> int:
+        """Measured bytes of ``reply`` as it came over the wire (see
+        :attr:`arrived`)."""
+        size = self.arrived.pop(id(reply), None)
+        return payload_bytes(reply.content) if size is None else size
+
+    @property
+    def compresses(self) -> bool:
+        """Whether the adapter arrays travel in a 16-bit wire dtype."""
+        return self.wire_dtype != "float32"
+
+    def encode(self, state: State) -> ArrayRecord:
+        """``state`` as the messages carry it, in :attr:`wire_dtype`."""
+        return state_to_record(state, self.wire_dtype)
 
     def _known_ranks(self, messages: list[Message]) -> list[int | None]:
         """The rank the server knows each message's node to train (None: unknown)."""

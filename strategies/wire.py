@@ -17,6 +17,7 @@ from flwr.common.constant import SType
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedlora.ranks import RANK_KEY
+from fedlora.settings import WIRE_DTYPES
 from strategies.wire_size import content_bytes
 
 KEY_ARRAYS = "arrays"  # the ArrayRecord of a message (Flower's default key)
@@ -35,14 +36,74 @@ KEY_REASON = "reason"  # a declined reply's config: why
 ERROR_CONFIG = 4001
 
 
-def state_to_record(state: dict[str, np.ndarray]) -> ArrayRecord:
-    """Wire state -> ArrayRecord (float32 contiguous arrays, keys kept)."""
-    return ArrayRecord(
-        {
-            k: to_array(np.ascontiguousarray(v, dtype=np.float32))
-            for k, v in state.items()
-        }
-    )
+#: the ``Array.dtype`` tag of a bfloat16 array: numpy has no bfloat16 (nor does
+#: Flower's ``Array``), so its data is the ``.npy`` of the bits as uint16
+BFLOAT16 = "bfloat16"
+
+
+def state_to_record(
+    state: dict[str, np.ndarray], dtype: str = "float32"
+) -> ArrayRecord:
+    """Wire state -> ArrayRecord (contiguous arrays, keys kept), each array cast
+    to ``dtype`` (one of :data:`WIRE_DTYPES`; rounded to nearest, ties to even).
+
+    Raises
+    ------
+    ValueError
+        An unknown ``dtype``, or a value beyond float16's range (65504) when
+        ``dtype`` is float16.
+    """
+    try:
+        encode = _ENCODERS[dtype]
+    except KeyError:
+        raise ValueError(
+            f"wire dtype {dtype!r}: choose one of {', '.join(WIRE_DTYPES)}"
+        ) from None
+    return ArrayRecord({k: encode(k, v) for k, v in state.items()})
+
+
+def _float32(key: str, value: np.ndarray) -> Array:
+    return to_array(np.ascontiguousarray(value, dtype=np.float32))
+
+
+def _float16(key: str, value: np.ndarray) -> Array:
+    value = np.asarray(value)
+    with np.errstate(over="ignore"):
+        half = np.ascontiguousarray(value, dtype=np.float16)
+    overflow = np.isinf(half) & np.isfinite(value)
+    if overflow.any():
+        big = float(np.abs(value[overflow]).max())
+        raise ValueError(
+            f"{key}: an entry of magnitude {big:.4g} overflows float16 (largest "
+            "65504); send it as bfloat16 (float32's range) or float32"
+        )
+    return to_array(half)
+
+
+def _bfloat16(key: str, value: np.ndarray) -> Array:
+    bits = to_array(bfloat16_bits(np.asarray(value, dtype=np.float32)))
+    # tagged: its data is the .npy of the uint16 bits
+    return Array(dtype=BFLOAT16, shape=bits.shape, stype=bits.stype, data=bits.data)
+
+
+_ENCODERS = {"float32": _float32, "float16": _float16, "bfloat16": _bfloat16}
+
+
+def bfloat16_bits(value: np.ndarray) -> np.ndarray:
+    """float32 -> the bits of the nearest bfloat16 (ties to even) as uint16, a
+    new C-contiguous array; NaN stays NaN, overflow gives infinity."""
+    bits = np.ascontiguousarray(value, dtype=np.float32).view(np.uint32)
+    odd = (bits >> np.uint32(16)) & np.uint32(1)
+    rounded = ((bits + np.uint32(0x7FFF) + odd) >> np.uint32(16)).astype(np.uint16)
+    nan = np.isnan(value)
+    if nan.any():  # the carry could turn a NaN's payload into a sign
+        rounded[nan] = np.uint16(0x7FC0)
+    return rounded
+
+
+def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """The uint16 bits of bfloat16 values -> those values as float32 (exact)."""
+    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
 def exact_record(state: dict[str, np.ndarray]) -> ArrayRecord:
@@ -53,14 +114,37 @@ def exact_record(state: dict[str, np.ndarray]) -> ArrayRecord:
 
 
 def record_to_state(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """ArrayRecord -> wire state (arrays of their own, writable)."""
-    return {k: from_array(v).copy() for k, v in record.items()}
+    """ArrayRecord -> wire state (arrays of their own, writable; 16-bit floats
+    widened to float32)."""
+    return {k: decode_array(v, copy=True) for k, v in record.items()}
 
 
 def record_to_views(record: ArrayRecord) -> dict[str, np.ndarray]:
     """ArrayRecord -> wire state as read-only views of the record's bytes: no
-    copy (the server reading a round's replies)."""
-    return {k: from_array(v) for k, v in record.items()}
+    copy (the server reading a round's replies), but for 16-bit floats, widened
+    to float32 arrays of their own."""
+    return {k: decode_array(v) for k, v in record.items()}
+
+
+def decode_array(array: Array, copy: bool = False) -> np.ndarray:
+    """An adapter array as sent (:func:`state_to_record`): float16 and bfloat16
+    (:data:`BFLOAT16`) widened to float32 (exactly), a new array; others as
+    :func:`from_array` reads them, a read-only view of the bytes (``copy``: a
+    writable copy).
+
+    Raises
+    ------
+    ValueError
+        A bfloat16 tag on data that is not uint16.
+    """
+    value = from_array(array)
+    if array.dtype == BFLOAT16:
+        if value.dtype != np.uint16:
+            raise ValueError(f"a bfloat16 array carried as {value.dtype}, not uint16")
+        return bfloat16_to_float32(value)
+    if value.dtype == np.float16:
+        return value.astype(np.float32)
+    return value.copy() if copy else value
 
 
 def to_array(value: np.ndarray) -> Array:
