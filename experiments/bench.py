@@ -43,6 +43,9 @@ Measurements (``--only name,name`` runs a subset):
 10. ``gradient_checkpointing``: activation memory (peak RSS of the training steps
     above the RSS before them, a fresh process per arm) and seconds of the same
     Llama's training with ``train.gradient_checkpointing=true`` over without.
+11. ``wire16``: bytes of a FedAvg-LoRA round (r = 16) through the real strategy
+    with ``wire.dtype=bfloat16`` and ``float16`` over ``float32``, the train message
+    (down) and the reply (up) apart, at MiniLM's and Llama-2-7B's shapes.
 
 SST-2 is read from ``--data`` (default ``../shared/data/sst2``); without it the
 built-in synthetic task is used.
@@ -94,6 +97,7 @@ MEASUREMENTS = (
     "scale_memory",
     "causal_lm",
     "gradient_checkpointing",
+    "wire16",
 )
 ENV = {
     **os.environ,
@@ -606,11 +610,17 @@ def numpy_mean(states: Sequence[dict[str, np.ndarray]], p: np.ndarray) -> dict:
 
 
 def make_strategy(
-    method: str, frozen: dict[str, np.ndarray], *, diagnostics_every: int = 1, **params
+    method: str,
+    frozen: dict[str, np.ndarray],
+    *,
+    diagnostics_every: int = 1,
+    wire_dtype: str = "float32",
+    **params,
 ) -> Any:
     """The Flower strategy around the method called ``method`` (its defaults;
     Fed-SB with the data-free init), holding ``frozen``; the aggregation-error
-    diagnostic every ``diagnostics_every`` rounds (1, the default: every round)."""
+    diagnostic every ``diagnostics_every`` rounds (1, the default: every round);
+    the adapters on the wire in ``wire_dtype``."""
     from fedlora.methods import available
     from strategies.strategy import LoRAStrategy
 
@@ -620,6 +630,7 @@ def make_strategy(
         available()[method](**params),
         min_available_nodes=1,
         diagnostics_every=diagnostics_every,
+        wire_dtype=wire_dtype,
     )
     strategy.frozen = frozen
     return strategy
@@ -630,20 +641,19 @@ def replies(
     sent: dict[str, np.ndarray],
     frozen: dict[str, np.ndarray],
     ranks: Sequence[int],
+    dtype: str = "float32",
 ) -> list:
-    """Flower reply messages carrying ``states``, as the ClientApp reports them (a
-    fake run identity): the digest of the ``frozen`` factors the clients trained
-    with, each client's rank (``ranks``) and base weights without folds (round 0,
-    as a node reports it in round 1)."""
+    """Flower reply messages carrying ``states`` (in the wire ``dtype``), as the
+    ClientApp reports them (a fake run identity): the digest of the ``frozen``
+    factors the clients trained with, each client's rank (``ranks``) and base
+    weights without folds (round 0, as a node reports it in round 1)."""
     from flwr.app import Message, MetricRecord, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
 
     from fedlora.adapters import FROZEN_CRC_KEY, frozen_digest
     from fedlora.ranks import RANK_KEY
     from strategies.wire import KEY_BASE_ROUND, state_to_record
 
-    for field in ("_run_id", "_task_id", "_node_id"):
-        setattr(TaskIdentity, field, 1)
+    fake_identity()
     sent_record = state_to_record(sent)
     crc = frozen_digest(frozen)
     out = []
@@ -655,7 +665,7 @@ def replies(
         )
         content = RecordDict(
             {
-                "arrays": state_to_record(state),
+                "arrays": state_to_record(state, dtype),
                 "metrics": MetricRecord(
                     {
                         "num-examples": 100 + node,
@@ -671,6 +681,14 @@ def replies(
         reply.metadata.__dict__["_src_node_id"] = node
         out.append(reply)
     return out
+
+
+def fake_identity() -> None:
+    """The run identity Flower's runtime would set, which its messages need."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for field in ("_run_id", "_task_id", "_node_id"):
+        setattr(TaskIdentity, field, 1)
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> float:
@@ -970,6 +988,73 @@ def fedex_residual_bytes(layers: int, clients: int = 10, r: int = 16) -> dict:
         "goal": "report (factored / dense)",
         "met": None,
     }
+
+
+# --- 10. 16-bit adapters on the wire -------------------------------------------------
+WIRE16_GOAL = 0.52  # bytes in 16 bits over float32: half, plus the framing that
+#   does not shrink (a few hundred bytes an array, the settings in a train message)
+
+
+class OneNode:
+    """A grid of one connected node, as far as a strategy's sampling needs one."""
+
+    def get_node_ids(self) -> list[int]:
+        return [1]
+
+
+def wire16_round(
+    model: str, layers: int, dtype: str, config: dict[str, Any]
+) -> dict[str, int]:
+    """One FedAvg-LoRA round (r = 16) of one client on ``model``'s shapes through
+    the real strategy with ``wire.dtype=dtype``: its measured ``bytes_down`` (the
+    train message: the global adapter and the experiment ``config``) and
+    ``bytes_up`` (the client's reply, aggregated)."""
+    from flwr.app import ConfigRecord
+
+    from strategies.wire import KEY_EXPERIMENT, state_to_record
+
+    states, sent, frozen = llm_states("fedavg_lora", 16, 1, layers, model=model)
+    strategy = make_strategy(
+        "fedavg_lora", frozen, diagnostics_every=0, wire_dtype=dtype
+    )
+    strategy.min_train_nodes = 1  # Flower's default, 2, would wait for another
+    fake_identity()
+    record = ConfigRecord({KEY_EXPERIMENT: json.dumps(config)})
+    list(strategy.configure_train(1, state_to_record(sent), record, OneNode()))
+    new, _ = strategy.aggregate_train(1, replies(states, sent, frozen, [16], dtype))
+    if new is None:
+        raise RuntimeError(f"wire16 {model} {dtype}: the reply was not aggregated")
+    log = strategy.round_log[1]
+    return {"bytes_down": int(log["bytes_down"]), "bytes_up": int(log["bytes_up"])}
+
+
+def measure_wire16(layers: int) -> dict[str, Any]:
+    """Bytes of a round's train message (down) and reply (up) with the adapters in
+    bfloat16 and float16 over float32 (``wire.dtype``), measured by the strategy
+    (Flower's serialization, :mod:`strategies.wire_size`), at MiniLM's shapes
+    (6 layers, query and value) and Llama-2-7B's (``layers`` decoder layers)."""
+    from fedlora.settings import WIRE_DTYPES  # float32 first: the baseline
+
+    config = plain_settings(["data=synthetic"]).to_dict()
+    out: dict[str, Any] = {}
+    for model, n in (("minilm", 6), ("llama-2-7b", layers)):
+        sizes = {d: wire16_round(model, n, d, config) for d in WIRE_DTYPES}
+        tag = "llama" if model.startswith("llama") else model
+        for dtype in WIRE_DTYPES[1:]:
+            for way in ("down", "up"):
+                full, half = (
+                    sizes["float32"][f"bytes_{way}"],
+                    sizes[dtype][f"bytes_{way}"],
+                )
+                out[f"{tag}_r16_{way}_{dtype}"] = {
+                    "layers": n,
+                    "bytes": half,
+                    "float32_bytes": full,
+                    "ratio": half / full,
+                    "goal": f"<= {WIRE16_GOAL}",
+                    "met": half / full <= WIRE16_GOAL,
+                }
+    return out
 
 
 # --- 6. memory -----------------------------------------------------------------------
@@ -1308,6 +1393,15 @@ def table(results: dict[str, Any]) -> str:
             "report",
             None,
         )
+    for name, v in results.get("wire16", {}).items():
+        row(
+            f"wire16 {name} ({v['layers']} layers)",
+            f"{v['bytes']:,}",
+            f"{v['float32_bytes']:,} (float32)",
+            v["ratio"],
+            v["goal"],
+            v["met"],
+        )
     return "\n".join(lines)
 
 
@@ -1403,6 +1497,7 @@ def main(argv: list[str] | None = None) -> None:
             "gradient_checkpointing": lambda: bench_lm.measure_checkpointing(
                 work, lm_case
             ),
+            "wire16": lambda: measure_wire16(sizes["layers"]),
         }
         for name in only:
             say(f"{name} ...")

@@ -186,3 +186,31 @@ def test_scale_memory_row_flags_a_server_that_grows_with_registered_clients():
     rows = bench.table({"scale_memory": out}).splitlines()
     assert len(rows) == 3 and "1000 clients" in rows[2]
     assert "| 1.286 | <= 1.1 (tree 1.000) | **no** |" in rows[2]
+
+
+def test_wire16_bytes_are_measured_through_the_strategy_each_way():
+    """The step's figures are the strategy's own ``bytes_down``/``bytes_up``; the
+    16-bit ones save half the float32 arrays' data (one Llama layer, r = 16)."""
+    from fedlora.comm import raw_bytes
+
+    config = bench.plain_settings(["data=synthetic"]).to_dict()
+    sizes = {
+        d: bench.wire16_round("llama-2-7b", 1, d, config)
+        for d in ("float32", "bfloat16")
+    }
+    _, sent, _ = bench.llm_states("fedavg_lora", 16, 1, 1)
+    for way in ("down", "up"):
+        saved = sizes["float32"][f"bytes_{way}"] - sizes["bfloat16"][f"bytes_{way}"]
+        assert saved == pytest.approx(raw_bytes(sent) / 2, abs=100)  # + dtype tags
+    out = bench.measure_wire16(1)
+    assert set(out) == {
+        f"{m}_r16_{w}_{d}"
+        for m in ("minilm", "llama")
+        for w in ("down", "up")
+        for d in ("bfloat16", "float16")
+    }
+    for v in out.values():
+        assert v["ratio"] == pytest.approx(v["bytes"] / v["float32_bytes"])
+        assert v["met"] == (v["ratio"] <= bench.WIRE16_GOAL)
+    assert out["llama_r16_up_bfloat16"]["ratio"] < 0.505
+    assert "wire16 llama_r16_down_float16 (1 layers)" in bench.table({"wire16": out})
