@@ -300,3 +300,33 @@ def test_no_noise_or_a_weighted_mean_is_refused():
             num_sampled_clients=3,
             delta=DELTA,
         )
+
+
+def test_16_bit_replies_are_clipped_in_float32_and_counted_as_they_arrived():
+    """``wire.dtype=bfloat16``: the clipped update goes on in float32 (rounding it
+    again could take it past the clipping norm), and ``bytes_up`` counts the
+    replies as they came, in 16 bits."""
+    from strategies.wire import payload_bytes
+
+    dp = central(2, 2, noise_multiplier=1e-9, wire_dtype="bfloat16")  # ~no noise
+    global_state = state(SMALL, 0)
+    far = {k: v + 10.0 for k, v in global_state.items()}  # far beyond C: clipped
+    arrived = []
+
+    def answer(i, node):
+        content = RecordDict(
+            {
+                "arrays": state_to_record(far, "bfloat16"),
+                "metrics": MetricRecord({"num-examples": 10, "partition-id": node}),
+            }
+        )
+        arrived.append(payload_bytes(content))
+        return content
+
+    out = play(dp, Grid(2), 1, global_state, answer)
+    log = dp.strategy.round_log[1]
+    assert log["bytes_up"] == sum(arrived)
+    assert not dp.strategy.arrived  # nothing left for the next round
+    # the mean of two updates clipped to C, widened from bfloat16 exactly
+    norm = np.sqrt(sum(np.sum((out[k] - global_state[k]) ** 2.0) for k in out))
+    assert norm == pytest.approx(C, rel=1e-5)
