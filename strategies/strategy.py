@@ -36,7 +36,7 @@ from fedlora.errors import ClientConfigError, NodesUnavailableError
 from fedlora.heterogeneous import hetero_aggregation_error, stack
 from fedlora.methods import InitInputs, Method, from_settings
 from fedlora.ranks import RANK_KEY, rank_of
-from fedlora.settings import DiagnosticsSettings, Settings
+from fedlora.settings import WIRE_DTYPES, DiagnosticsSettings, Settings
 from strategies import replies as checks
 from strategies.holdings import Holdings, fold_bytes
 from strategies.nodes import Snapshot, wait_for_nodes
@@ -167,8 +167,11 @@ class LoRAStrategy(FedAvg):
         #: id(reply) -> its bytes as it arrived, measured by a wrapper that
         #: rewrites replies before this strategy sees them (central DP's clip)
         self.arrived: dict[int, int] = {}
+        if wire_dtype not in WIRE_DTYPES:
+            raise ValueError(
+                f"wire_dtype={wire_dtype!r}: choose one of {', '.join(WIRE_DTYPES)}"
+            )
         self.wire_dtype = wire_dtype
-        state_to_record({}, wire_dtype)  # an unknown dtype: a ValueError now
         self._grid: Any = None  # the round's grid, for secure aggregation's unmasking
 
     @classmethod

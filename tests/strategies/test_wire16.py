@@ -16,6 +16,8 @@ from fedlora.settings import Settings, with_
 from fedlora.validate import validate
 from strategies.wire import (
     KEY_ARRAYS,
+    KEY_BASE,
+    KEY_FROZEN,
     KEY_NUM_EXAMPLES,
     deflated_bytes,
     payload_bytes,
@@ -223,3 +225,36 @@ def test_a_bfloat16_round_through_the_client_app_and_the_strategy(tiny_bert):
             assert abs(saved - raw / 2) <= 2 * n + 8, (way, saved, raw)
     # the server's own state stays float32: what it returns is not rounded
     assert all(v.dtype == np.float32 for v in rnd.new.values())
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("method", ["fedsb", "rolora", "fedex_lora"])
+def test_what_must_match_bit_for_bit_stays_exact(tiny_bert, method):
+    """Two bfloat16 rounds of methods that ship more than the adapter: Fed-SB's
+    frozen factors stay float32 (the clients' digests match: nothing rejected),
+    FedEx-LoRA's base-weight folds as the server holds them, RoLoRA's changes go
+    as bfloat16."""
+    extra = ["strategy.init=random_orthogonal"] if method == "fedsb" else []
+    cfg = experiment(tiny_bert, method, "wire.dtype=bfloat16", *extra)
+    first = federated_round(cfg, [])
+    second = federated_round(cfg, [], previous=first)
+    for rnd in (first, second):
+        log = rnd.strategy.round_log[rnd.server_round]
+        assert rnd.new is not None and log["rejected"] == [] and log["clients"] == 3
+        for msg in rnd.messages:
+            dtypes = {a.dtype for a in msg.content[KEY_ARRAYS].values()}
+            assert dtypes == {"bfloat16"}
+            if KEY_FROZEN in msg.content:
+                frozen = {a.dtype for a in msg.content[KEY_FROZEN].values()}
+                assert frozen == {"float32"}
+            if KEY_BASE in msg.content and len(msg.content[KEY_BASE]):
+                # in the dtype the server holds them (exact_record), never cast
+                folds = {a.dtype for a in msg.content[KEY_BASE].values()}
+                assert folds and folds <= {"float32", "float64"}
+        for reply in rnd.replies:
+            dtypes = {a.dtype for a in reply.content[KEY_ARRAYS].values()}
+            assert dtypes == {"bfloat16"}
+    if method == "fedsb":
+        assert any(KEY_FROZEN in m.content for m in first.messages)
+    if method == "fedex_lora":  # the second round carries the first's folds
+        assert any(len(m.content[KEY_BASE]) for m in second.messages)
