@@ -258,3 +258,23 @@ def test_what_must_match_bit_for_bit_stays_exact(tiny_bert, method):
         assert any(KEY_FROZEN in m.content for m in first.messages)
     if method == "fedex_lora":  # the second round carries the first's folds
         assert any(len(m.content[KEY_BASE]) for m in second.messages)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_float16_overflow_stops_the_run_with_the_key_and_the_fix(
+    tiny_bert, monkeypatch
+):
+    """A client whose update leaves float16's range replies with a configuration
+    error naming ``wire.dtype``; with every client so, the run stops with it."""
+    from clients import client_app
+    from fedlora.errors import ClientConfigError
+
+    real = client_app.get_state
+
+    def huge(model):  # an update beyond float16's range (a diverged client)
+        return {k: v + 1e5 for k, v in real(model).items()}
+
+    monkeypatch.setattr(client_app, "get_state", huge)
+    cfg = experiment(tiny_bert, "fedavg_lora", "wire.dtype=float16")
+    with pytest.raises(ClientConfigError, match=r"wire.dtype='float16'.*bfloat16"):
+        federated_round(cfg, [])
