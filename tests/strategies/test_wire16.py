@@ -1,6 +1,7 @@
 """16-bit adapters on the wire (``wire.dtype``): the casts against torch's and a
-float64 reference, the bytes by Flower's own serialization, float32 unchanged, and
-a round of the real ClientApp and strategy in bfloat16."""
+float64 reference, the bytes by Flower's own serialization, float32 unchanged, the
+setting's checks, and rounds of the real ClientApp and strategy in 16 bits (what
+must stay exact stays so; a float16 overflow stops the run with the fix)."""
 
 from __future__ import annotations
 
