@@ -45,7 +45,7 @@ from fedlora.adapters import (
 from fedlora.base_delta import BaseDelta
 from fedlora.build import build_cached, initial_state
 from fedlora.console import hush_libraries
-from fedlora.data import client_examples
+from fedlora.data import client_examples, resolve_labels
 from fedlora.errors import ConfigError
 from fedlora.lora_sb import gradient_sums
 from fedlora.methods import Method, from_settings
@@ -132,6 +132,9 @@ def _setup(msg: Message, context: Context) -> tuple[Any, ...]:
     threads = int(cfg.train.num_threads or 0)
     if threads > 0:
         torch.set_num_threads(threads)
+    # the labels as this node's data gives them: from its disk after the first
+    # message, so a fresh process neither reads the data nor imports pandas
+    cfg = resolve_labels(cfg, _cache_dir(context))
     model, tokenizer = build_cached(cfg)
     device = resolve_device(str(cfg.train.device))
     model.to(device)  # move before any optimizer exists (opacus#820)

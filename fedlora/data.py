@@ -23,15 +23,19 @@ import json
 import logging
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from fedlora.errors import ConfigError
 from fedlora.layouts import encode, resolve_layout
 from fedlora.settings import DataSettings, PartitionSettings, Settings, with_
+
+if TYPE_CHECKING:  # pandas is imported where a table is read or built: a ClientApp
+    #   whose partition and labels are cached on its disk never loads it (0.4 s)
+    import pandas as pd
 
 log = logging.getLogger("fedlora")
 
@@ -81,6 +85,8 @@ def synthetic_table(n: int, seed: int) -> pd.DataFrame:
     neg = ["bad", "awful", "boring", "dull", "clumsy", "tedious", "weak"]
     subjects = ["the film", "this movie", "the story", "the cast", "the script"]
     filler = ["honestly", "overall", "at times", "from start to end", "mostly", ""]
+    import pandas as pd
+
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
@@ -102,6 +108,8 @@ def synthetic_table(n: int, seed: int) -> pd.DataFrame:
 
 def read_table(path: Path) -> pd.DataFrame:
     """Read one local file by its suffix (tsv, csv, jsonl/json, parquet)."""
+    import pandas as pd
+
     kind = FORMATS.get(path.suffix.lower())
     if kind == "tsv":
         return pd.read_csv(path, sep="\t", quoting=3, keep_default_na=False)
@@ -307,6 +315,8 @@ def found_labels(values: pd.Series, column: str) -> tuple[tuple[str, ...] | None
     ConfigError
         ``data.label_column``: empty labels, or negative integer ones.
     """
+    import pandas as pd
+
     if values.empty:
         raise ConfigError("data.label_column", column, "the data has no rows")
     if values.isna().any():
@@ -332,7 +342,7 @@ def found_labels(values: pd.Series, column: str) -> tuple[tuple[str, ...] | None
     return names, len(names)
 
 
-def resolve_labels(settings: Settings) -> Settings:
+def resolve_labels(settings: Settings, cache_dir: str | Path | None = None) -> Settings:
     """``settings`` with the label mapping fixed for every party (classification).
 
     ``data.labels`` (the names in id order) is kept when given; else string labels
@@ -340,7 +350,9 @@ def resolve_labels(settings: Settings) -> Settings:
     splits, never one client's partition, so a client lacking a label cannot shift
     the ids). ``model.num_labels`` is inferred when null, and checked when given.
     The server sends the result to every client. The labels found are cached
-    in-process, by the data and model settings.
+    in-process, by the data and model settings and the data files' sizes and times
+    (and in ``cache_dir`` when given: a deployment's fresh ClientApp processes then
+    read neither the data nor import pandas).
 
     Raises
     ------
@@ -353,13 +365,18 @@ def resolve_labels(settings: Settings) -> Settings:
     if s.model.task != "seq_cls":
         return s
     key = json.dumps(
-        [s.data.to_dict(), s.model.to_dict(), _files_stamp(s.data.path)],
+        ["labels", s.data.to_dict(), s.model.to_dict(), _files_stamp(s.data.path)],
         sort_keys=True,
         default=str,
     )
-    if key not in _LABELS:
-        _LABELS[key] = _resolved_labels(s)
-    names, count = _LABELS[key]
+    names, count = _cached(
+        _LABELS,
+        key,
+        cache_dir,
+        "labels",
+        lambda: _resolved_labels(s),
+        lambda v: (None if v[0] is None else tuple(v[0]), int(v[1])),
+    )
     changes: list[Any] = ["model.num_labels", count]
     if names is not None:
         changes += ["data.labels", list(names)]
@@ -381,6 +398,8 @@ def _resolved_labels(s: Settings) -> tuple[tuple[str, ...] | None, int]:
         count = len(names)
         source = f"data.labels names {count} labels"
     else:
+        import pandas as pd
+
         train, evals = _tables(data)  # the validation rows too
         values = pd.concat([_label_column(train, data), _label_column(evals, data)])
         names, count = found_labels(values, data.label_column)
@@ -673,12 +692,15 @@ def client_examples(
     cache_dir: str | Path | None = None,
 ) -> tuple[list[Example], list[Example]]:
     """``(train, local_eval)`` tokenised examples of one client, cached in-process
-    (and in ``cache_dir`` when given: a deployment's fresh ClientApp processes).
+    (and in ``cache_dir`` when given: a deployment's fresh ClientApp processes),
+    keyed by every setting that shapes them and the sizes and times of the data
+    files and of a model folder's files (its tokenizer).
 
     The partition is computed from the shared seeds, so every process agrees on it;
     ``data.client_eval_fraction`` of it is held out for federated evaluation.
     """
-    s = resolve_labels(settings)  # the whole data set's labels, not the partition's
+    # the whole data set's labels, not the partition's
+    s = resolve_labels(settings, cache_dir)
     key = json.dumps(
         [
             s.data.to_dict(),
@@ -688,49 +710,72 @@ def client_examples(
             s.train.max_length,
             partition_id,
             num_partitions,
+            _files_stamp(s.data.path),  # a data file rewritten in place
+            _files_stamp(s.model.name),  # a model folder's tokenizer changed
         ],
         sort_keys=True,
         default=str,
     )
-    cached = read_cache(cache_dir, key) if cache_dir and key not in _TOKENISED else None
-    if cached is not None:
-        _TOKENISED[key] = (cached[0], cached[1])
-    if key not in _TOKENISED:
+
+    def compute() -> tuple[list[Example], list[Example]]:
         train, parts = _partitioned(s, num_partitions)
-        task = s.model.task
         rows = train.iloc[parts[partition_id]]
-        examples = tokenise(rows, tokenizer, s.data, task, int(s.train.max_length))
+        examples = tokenise(
+            rows, tokenizer, s.data, s.model.task, int(s.train.max_length)
+        )
         n_eval = int(len(examples) * float(s.data.client_eval_fraction))
-        _TOKENISED[key] = (examples[n_eval:], examples[:n_eval])
-        if cache_dir:
-            write_cache(cache_dir, key, _TOKENISED[key])
-    return _TOKENISED[key]
+        return examples[n_eval:], examples[:n_eval]
+
+    found: tuple[list[Example], list[Example]]
+    found = _cached(_TOKENISED, key, cache_dir, "tokenised", compute, tuple)
+    return found
 
 
-def read_cache(cache_dir: str | Path, key: str) -> Any:
+def _cached(
+    memory: dict[str, Any],
+    key: str,
+    cache_dir: str | Path | None,
+    kind: str,
+    compute: Callable[[], Any],
+    decode: Callable[[Any], Any],
+) -> Any:
+    """``memory[key]``: kept in this process, else read from ``cache_dir`` (as
+    ``decode`` turns the JSON back), else computed; written to ``cache_dir`` (when
+    given) if its file is not there yet."""
+    if key not in memory:
+        stored = read_cache(cache_dir, key, kind) if cache_dir else None
+        memory[key] = compute() if stored is None else decode(stored)
+    if cache_dir and not _cache_file(cache_dir, key, kind).is_file():
+        write_cache(cache_dir, key, memory[key], kind)
+    return memory[key]
+
+
+def read_cache(cache_dir: str | Path, key: str, kind: str = "tokenised") -> Any:
     """The value :func:`write_cache` stored under ``key`` in ``cache_dir``, or None."""
-    path = _cache_file(cache_dir, key)
+    path = _cache_file(cache_dir, key, kind)
     if not path.is_file():
         return None
     entry = json.loads(path.read_text())
     return entry["value"] if entry.get("key") == key else None
 
 
-def write_cache(cache_dir: str | Path, key: str, value: Any) -> None:
-    """Store a JSON-able ``value`` as ``<cache_dir>/tokenised-<sha256(key)>.json``.
+def write_cache(
+    cache_dir: str | Path, key: str, value: Any, kind: str = "tokenised"
+) -> None:
+    """Store a JSON-able ``value`` as ``<cache_dir>/<kind>-<sha256(key)>.json``.
 
     Written to a temporary file and renamed, so a reader never sees half a file.
     """
-    path = _cache_file(cache_dir, key)
+    path = _cache_file(cache_dir, key, kind)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"key": key, "value": value}))
     os.replace(tmp, path)
 
 
-def _cache_file(cache_dir: str | Path, key: str) -> Path:
+def _cache_file(cache_dir: str | Path, key: str, kind: str) -> Path:
     digest = hashlib.sha256(key.encode()).hexdigest()[:32]
-    return Path(cache_dir).expanduser() / f"tokenised-{digest}.json"
+    return Path(cache_dir).expanduser() / f"{kind}-{digest}.json"
 
 
 def _partitioned(

@@ -25,13 +25,15 @@ import json
 import math
 from collections.abc import Sequence
 from itertools import accumulate
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from fedlora.errors import ConfigError
 from fedlora.settings import DataSettings
+
+if TYPE_CHECKING:  # annotations only: a ClientApp with cached data never loads pandas
+    import pandas as pd
 
 Pieces = list[tuple[str, bool]]  # (text, is it trained on)
 IGNORE = -100  # the label of a token the loss skips
