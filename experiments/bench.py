@@ -46,6 +46,11 @@ Measurements (``--only name,name`` runs a subset):
 11. ``wire16``: bytes of a FedAvg-LoRA round (r = 16) through the real strategy
     with ``wire.dtype=bfloat16`` and ``float16`` over ``float32``, the train message
     (down) and the reply (up) apart, at MiniLM's and Llama-2-7B's shapes.
+12. ``deployment``: a deployed ClientApp process's CPU before it trains (process
+    start, imports, model build, data; ``experiments/startup.py``) against a bare
+    ``import torch``, on the tiny BERT and MiniLM; seconds per round of the loopback
+    deployment (``deploy.launch``) against the simulation of the same experiment.
+    ``--quick``: the tiny BERT's start-up only.
 
 SST-2 is read from ``--data`` (default ``../shared/data/sst2``); without it the
 built-in synthetic task is used.
@@ -98,6 +103,7 @@ MEASUREMENTS = (
     "causal_lm",
     "gradient_checkpointing",
     "wire16",
+    "deployment",
 )
 ENV = {
     **os.environ,
@@ -1213,6 +1219,88 @@ def measure_scale_memory(
     }
 
 
+# --- 12. deployment -------------------------------------------------------------------
+#: the deployment's experiment (the deploy tests' task, on the tiny BERT): 2 SuperNodes
+DEPLOY_TASK = [
+    "data=synthetic",
+    "data.num_examples=240",
+    "data.num_eval_examples=60",
+    "federation.num_clients=2",
+    "federation.min_train_clients=2",
+    "train.lr=5e-3",
+    "train.batch_size=16",
+]
+
+
+def round_seconds(rows: list[dict[str, Any]]) -> list[float]:
+    """Seconds of each round after the first (the first pays one-time starts: Ray,
+    the SuperNodes' first ClientApp processes)."""
+    wall = [float(r["wall_time"]) for r in rows]
+    return [b - a for a, b in zip(wall[1:], wall[2:], strict=False)]
+
+
+def run_deployment(overrides: list[str], work: Path) -> dict[str, Any]:
+    """``python -m deploy.launch`` (SuperLink + SuperNodes on 127.0.0.1) in a
+    subprocess; wall time and the metrics rows."""
+    out = work / "run"
+    cmd = [sys.executable, "-m", "deploy.launch", "--work", str(work / "services")]
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [*cmd, "--out", str(out), *overrides],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"deploy.launch failed:\n{proc.stdout[-3000:]}")
+    rows = [
+        json.loads(line)
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
+    return {"wall": time.perf_counter() - start, "rows": rows}
+
+
+def measure_deployment(base: list[str], quick: bool, work: Path) -> dict[str, Any]:
+    """A deployed ClientApp process's CPU before it trains, by phase
+    (:mod:`experiments.startup`), on the tiny BERT and (full run) MiniLM on
+    ``base``'s data; then (full run) seconds per round of the loopback deployment
+    against the simulation of the same experiment (tiny BERT, 2 clients x 3
+    rounds). ``quick``: the tiny BERT's start-up only, one later process."""
+    from experiments.startup import measure_startup
+    from fedlora.testing import save_tiny_bert
+
+    tiny = save_tiny_bert(work / "deploy_tiny_bert")
+    task = [*DEPLOY_TASK, f"model.name={tiny}"]
+    out: dict[str, Any] = {
+        "startup_tiny": measure_startup(task, work / "startup_tiny", 1 if quick else 3)
+    }
+    if quick:
+        return out
+    minilm = [*base, "model.name=minilm", "federation.num_clients=10"]
+    out["startup_minilm"] = measure_startup(minilm, work / "startup_minilm", 3)
+    experiment = [*task, "federation.rounds=3"]
+    sim = run_front_door(experiment, work / "deploy_sim")
+    dep = run_deployment(experiment, work / "deploy_loopback")
+    sim_round, dep_round = (
+        median(round_seconds(sim["rows"])),
+        median(round_seconds(dep["rows"])),
+    )
+    out["rounds"] = {
+        "experiment": experiment,
+        "simulation_round_s": round_seconds(sim["rows"]),
+        "deployment_round_s": round_seconds(dep["rows"]),
+        "simulation_wall_s": sim["wall"],
+        "deployment_wall_s": dep["wall"],
+        "ratio": dep_round / sim_round,
+        "goal": "report",
+        "met": None,
+    }
+    return out
+
+
 # --- report --------------------------------------------------------------------------
 def table(results: dict[str, Any]) -> str:
     """One markdown row per figure: value, baseline, ratio, goal, met."""
@@ -1402,6 +1490,28 @@ def table(results: dict[str, Any]) -> str:
             v["goal"],
             v["met"],
         )
+    for name, res in results.get("deployment", {}).items():
+        if name.startswith("startup_"):
+            cpu = res["warm_cpu_s"]
+            row(
+                f"deployed ClientApp CPU before training, {name[8:]} (s)",
+                f"{res['warm_total_s']:.2f} (process {cpu['process']:.2f}, imports "
+                f"{cpu['imports']:.2f}, model {cpu['model']:.2f}, data "
+                f"{cpu['data']:.2f})",
+                f"{res['bare_torch_cpu_s']:.2f} (bare `import torch`)",
+                res["ratio"],
+                res["goal"],
+                res["met"],
+            )
+        elif name == "rounds":
+            row(
+                "loopback deployment, s/round (tiny BERT, 2 nodes)",
+                f"{median(res['deployment_round_s']):.1f}",
+                f"{median(res['simulation_round_s']):.2f} (simulation)",
+                res["ratio"],
+                res["goal"],
+                res["met"],
+            )
     return "\n".join(lines)
 
 
@@ -1498,6 +1608,7 @@ def main(argv: list[str] | None = None) -> None:
                 work, lm_case
             ),
             "wire16": lambda: measure_wire16(sizes["layers"]),
+            "deployment": lambda: measure_deployment(base, q, work),
         }
         for name in only:
             say(f"{name} ...")
