@@ -1249,12 +1249,17 @@ def run_deployment(overrides: list[str], work: Path) -> dict[str, Any]:
         [*cmd, "--out", str(out), *overrides],
         cwd=REPO,
         env=ENV,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
         check=False,
     )
     if proc.returncode != 0:
-        raise RuntimeError(f"deploy.launch failed:\n{proc.stdout[-3000:]}")
+        log = work / "services" / "run.log"
+        run_log = log.read_text()[-3000:] if log.is_file() else ""
+        raise RuntimeError(
+            f"deploy.launch failed:\n{proc.stdout[-3000:]}\nrun.log:\n{run_log}"
+        )
     rows = [
         json.loads(line)
         for line in (out / "metrics.jsonl").read_text().splitlines()

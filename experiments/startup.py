@@ -7,10 +7,10 @@ interpreter per measurement does what such a process does before training:
 1. ``process``: the interpreter starts and imports Flower's ClientApp runtime (the
    ``flwr-clientapp`` entry point's module);
 2. ``imports``: ``import clients.client_app`` (the app itself);
-3. ``model``: ``fedlora.build.build_cached`` for the message's settings;
-4. ``setup``: the rest of the ClientApp's ``_setup`` (settings, the global adapter
-   loaded from the message's arrays, the trainable set);
-5. ``data``: ``fedlora.data.client_examples`` with the node's ``<data-dir>/cache``.
+3. ``model``: the ClientApp's ``_setup`` (settings, labels, the model built by
+   ``fedlora.build.build_cached``, the global adapter loaded from the message's
+   arrays, the trainable set);
+4. ``data``: ``fedlora.data.client_examples`` with the node's ``<data-dir>/cache``.
 
 CPU seconds are ``time.process_time`` of the child (all its threads) at the phase
 boundaries; ``total`` is the child's CPU when training would start.
@@ -34,7 +34,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-PHASES = ("process", "imports", "model", "setup", "data")
+PHASES = ("process", "imports", "model", "data")
 #: the issue's goal for one ClientApp process's CPU before it trains (seconds)
 GOAL_S = 3.0
 ENV = {
@@ -59,8 +59,6 @@ def child_main(request: Path) -> dict[str, Any]:
     from flwr.app import ConfigRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedlora.build import build_cached
-    from fedlora.settings import Settings
     from strategies.wire import (
         KEY_ARRAYS,
         KEY_CONFIG,
@@ -93,10 +91,8 @@ def child_main(request: Path) -> dict[str, Any]:
         run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={}
     )
     marks["message"] = time.process_time()  # stands in for Flower's pull (untimed)
-    build_cached(Settings.from_dict(json.loads(args["settings"])))
-    marks["model"] = time.process_time()
     cfg, *_, tokenizer, _, pid, num_parts = client_app._setup(msg, context)
-    marks["setup"] = time.process_time()
+    marks["model"] = time.process_time()
     examples, _ = client_app.client_examples(
         cfg, tokenizer, pid, num_parts, client_app._cache_dir(context)
     )
@@ -105,10 +101,10 @@ def child_main(request: Path) -> dict[str, Any]:
         "process": marks["process"],
         "imports": marks["imports"] - marks["process"],
         "model": marks["model"] - marks["message"],
-        "setup": marks["setup"] - marks["model"],
-        "data": marks["data"] - marks["setup"],
+        "data": marks["data"] - marks["model"],
     }
     unused = ("opacus", "matplotlib", "mlflow", "optuna", "ray", "hydra", "omegaconf")
+    unused += ("pandas",)  # only to read or partition data (cached after the first)
     return {
         "cpu_s": phases,
         "total_s": sum(phases.values()),
@@ -117,11 +113,14 @@ def child_main(request: Path) -> dict[str, Any]:
     }
 
 
-def _run_child(request: Path) -> dict[str, Any]:
+def _run_child(request: Path, tree: Path = REPO) -> dict[str, Any]:
+    """:func:`child_main` in a fresh interpreter that imports the code of ``tree``
+    (this checkout, or an older one to compare against)."""
+    path = os.pathsep.join(p for p in (str(tree), ENV.get("PYTHONPATH")) if p)
     proc = subprocess.run(
-        [sys.executable, "-m", "experiments.startup", "--child", str(request)],
-        cwd=REPO,
-        env=ENV,
+        [sys.executable, __file__, "--child", str(request)],
+        cwd=tree,
+        env={**ENV, "PYTHONPATH": path},
         capture_output=True,
         text=True,
         check=False,
@@ -146,12 +145,17 @@ def bare_torch_cpu() -> float:
 
 
 def measure_startup(
-    overrides: list[str], work: Path, repeats: int = 3
+    overrides: list[str], work: Path, repeats: int = 3, against: Path | None = None
 ) -> dict[str, Any]:
     """A ClientApp process's CPU before training, by phase: the first process on a
     node (no cached partition: ``cold``), then ``repeats`` later ones (``warm``, the
     per-message cost; per phase the median), against a bare ``import torch`` measured
-    between them. The node holds partition 0 of ``federation.num_clients``."""
+    between them. The node holds partition 0 of ``federation.num_clients``.
+
+    ``against``: another checkout (e.g. ``git archive`` of an older commit) whose
+    ClientApp is measured the same way, its processes interleaved with ours on a
+    node of its own; ``against_ratio`` is ours over its (warm totals).
+    """
     import numpy as np
 
     from fedlora.build import build, initial_state
@@ -162,38 +166,56 @@ def measure_startup(
     s = resolve_labels(compose_settings(overrides))  # as the server sends them
     model, _ = build(s)
     np.savez(work / "arrays.npz", **initial_state(model))
-    request = work / "request.json"
-    request.write_text(
-        json.dumps(
-            {
-                "settings": json.dumps(s.to_dict()),
-                "arrays": str(work / "arrays.npz"),
-                "partition": 0,
-                "partitions": int(s.federation.num_clients),
-                "data_dir": str(work / "node"),
-            }
+    trees = {"ours": REPO} if against is None else {"ours": REPO, "against": against}
+    requests = {}
+    for name in trees:  # a node (data-dir) per checkout
+        requests[name] = work / f"request-{name}.json"
+        requests[name].write_text(
+            json.dumps(
+                {
+                    "settings": json.dumps(s.to_dict()),
+                    "arrays": str(work / "arrays.npz"),
+                    "partition": 0,
+                    "partitions": int(s.federation.num_clients),
+                    "data_dir": str(work / f"node-{name}"),
+                }
+            )
         )
-    )
-    cold = _run_child(request)
-    warm, torch_only = [], []
+    cold = {name: _run_child(requests[name], tree) for name, tree in trees.items()}
+    warm: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
+    torch_only = []
     for _ in range(repeats):
-        warm.append(_run_child(request))
+        for name, tree in trees.items():
+            warm[name].append(_run_child(requests[name], tree))
         torch_only.append(bare_torch_cpu())
-    phases = {p: float(np.median([w["cpu_s"][p] for w in warm])) for p in PHASES}
-    total = float(np.median([w["total_s"] for w in warm]))
     floor = float(np.median(torch_only))
-    return {
+
+    def summary(name: str) -> dict[str, Any]:
+        runs = warm[name]
+        total = float(np.median([w["total_s"] for w in runs]))
+        return {
+            "cold": cold[name],
+            "warm_cpu_s": {
+                p: float(np.median([w["cpu_s"][p] for w in runs])) for p in PHASES
+            },
+            "warm_total_s": total,
+            "warm_runs": [w["total_s"] for w in runs],
+            "imported_unused": runs[-1]["imported_unused"],
+        }
+
+    ours = summary("ours")
+    out = {
         "overrides": overrides,
-        "cold": cold,
-        "warm_cpu_s": phases,
-        "warm_total_s": total,
-        "warm_runs": [w["total_s"] for w in warm],
-        "imported_unused": warm[-1]["imported_unused"],
+        **ours,
         "bare_torch_cpu_s": floor,
-        "ratio": total / floor,  # over a process that only imports torch
+        "ratio": ours["warm_total_s"] / floor,  # over a process importing torch only
         "goal": f"<= {GOAL_S} s of CPU",
-        "met": total <= GOAL_S,
+        "met": ours["warm_total_s"] <= GOAL_S,
     }
+    if against is not None:
+        out["against"] = {"tree": str(against), **summary("against")}
+        out["against_ratio"] = ours["warm_total_s"] / out["against"]["warm_total_s"]
+    return out
 
 
 def startup_table(name: str, res: dict[str, Any]) -> str:
@@ -205,11 +227,13 @@ def startup_table(name: str, res: dict[str, Any]) -> str:
         lines.append(
             f"  {p:8s} | {res['cold']['cpu_s'][p]:6.2f} | {res['warm_cpu_s'][p]:6.2f}"
         )
+    total = res["warm_total_s"]
     lines.append(
-        f"  {'total':8s} | {res['cold']['total_s']:6.2f} | {res['warm_total_s']:6.2f}"
-        f"   (bare `import torch`: {res['bare_torch_cpu_s']:.2f}; goal <= {GOAL_S}: "
-        f"{'met' if res['met'] else 'not met'})"
+        f"  {'total':8s} | {res['cold']['total_s']:6.2f} | {total:6.2f}"
+        f"   (goal <= {GOAL_S}: {'met' if total <= GOAL_S else 'not met'})"
     )
+    if "bare_torch_cpu_s" in res:
+        lines.append(f"  a bare `import torch`: {res['bare_torch_cpu_s']:.2f}")
     if res["imported_unused"]:
         lines.append(f"  imported but unused: {', '.join(res['imported_unused'])}")
     return "\n".join(lines)
@@ -219,6 +243,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="minilm", help="minilm, tiny or a folder")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--against",
+        type=Path,
+        help="another checkout to measure the same way, interleaved (its ClientApp "
+        "before a change: git archive <commit> | tar -x -C DIR)",
+    )
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args, overrides = ap.parse_known_args(argv)
     if args.child:
@@ -232,9 +262,12 @@ def main(argv: list[str] | None = None) -> None:
 
             name = str(save_tiny_bert(work / "tiny_bert"))
         res = measure_startup(
-            [f"model.name={name}", *overrides], work / "run", args.repeats
+            [f"model.name={name}", *overrides], work / "run", args.repeats, args.against
         )
     print(startup_table(args.model, res))
+    if "against" in res:
+        print(startup_table(f"{args.model}, {args.against}", res["against"]))
+        print(f"ours / against (later processes): {res['against_ratio']:.3f}")
     print(json.dumps(res, indent=2))
 
 
