@@ -224,17 +224,21 @@ def run_front_door(overrides: list[str], run_dir: Path) -> dict[str, Any]:
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out[-3000:]}")
-    rows = [
-        json.loads(line)
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-        if line.strip()
-    ]
     return {
         "wall": wall,
         "peak_rss_mb": mem.peak / 2**20,
         "server_peak_rss_mb": mem.root_peak / 2**20,
-        "rows": rows,
+        "rows": metrics_rows(run_dir),
     }
+
+
+def metrics_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of a run directory's ``metrics.jsonl``."""
+    return [
+        json.loads(line)
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
 
 
 def child(
@@ -1260,12 +1264,7 @@ def run_deployment(overrides: list[str], work: Path) -> dict[str, Any]:
         raise RuntimeError(
             f"deploy.launch failed:\n{proc.stdout[-3000:]}\nrun.log:\n{run_log}"
         )
-    rows = [
-        json.loads(line)
-        for line in (out / "metrics.jsonl").read_text().splitlines()
-        if line.strip()
-    ]
-    return {"wall": time.perf_counter() - start, "rows": rows}
+    return {"wall": time.perf_counter() - start, "rows": metrics_rows(out)}
 
 
 def measure_deployment(base: list[str], quick: bool, work: Path) -> dict[str, Any]:
