@@ -199,11 +199,10 @@ class SecAggPlus:
                 if v in inbox and v in pending.holders[u]:
                     inbox[v][u] = bytes(ct)
         pending.clients = len(inbox)
-        privacy = self.privacy
-        if privacy is not None and privacy.mode == "distributed":
+        if self.accountant is not None and self.privacy is not None:  # distributed
             fraction = float(self.settings.threshold)
             t = distributed_dp.noise_clients(
-                pending.clients, fraction, privacy.min_clients
+                pending.clients, fraction, self.privacy.min_clients
             )
             if pending.clients < t:  # no sum could carry the noise: no training
                 pending.record["secagg_failure"] = (
