@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -42,6 +43,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from fedlora.ports import free_ports
 
 if TYPE_CHECKING:
     from fedlora.settings import Settings
@@ -104,14 +107,22 @@ class Plan:
     prefix: dict[str, list[str]] = field(default_factory=dict)
     node_config: dict[int, str] = field(default_factory=dict)
 
+    drawn: set[str] = field(default_factory=set, init=False, repr=False)
+
     def __post_init__(self) -> None:
         self.work = Path(self.work).resolve()
         self.tls = self.tls or self.auth  # Flower's node authentication needs TLS
-        if not self.fleet_port:
+        self.drawn = {"service"} if not self.fleet_port else set()
+        self.drawn |= {"health"} if not self.health_ports else set()
+        self.draw_ports()
+
+    def draw_ports(self) -> None:
+        """Draw free ports again for those the plan was not given (0 or empty)."""
+        if "service" in self.drawn:
             self.fleet_port, self.control_port, *self.node_ports = free_ports(
                 2 + self.num_supernodes
             )
-        if not self.health_ports:
+        if "health" in self.drawn:
             self.health_ports = free_ports(1 + self.num_supernodes)
 
     @property
@@ -132,18 +143,6 @@ class Plan:
         ``supernode-<i>``."""
         index = 0 if service == "superlink" else 1 + int(service.rsplit("-", 1)[1])
         return f"127.0.0.1:{self.health_ports[index]}"
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct TCP ports that were free on 127.0.0.1 (bound to port 0)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def commands(plan: Plan) -> dict[str, list[str]]:
@@ -513,6 +512,38 @@ def start(plan: Plan, services: Services, timeout: float = 120) -> None:
         )
 
 
+#: start-ups one launch tries when a service finds a drawn port taken meanwhile
+PORT_ATTEMPTS = 3
+
+#: what a service's log says when its port is taken (uvicorn, gRPC, Python)
+PORT_TAKEN = re.compile(
+    r"address already in use|Errno 98|Failed to bind|Failed to add port", re.I
+)
+
+
+def start_on_free_ports(
+    plan: Plan, services: Services, attempts: int = PORT_ATTEMPTS
+) -> None:
+    """:func:`start`; when a service dies at start-up because a port the plan drew
+    was taken between the draw and its bind (another program's listener), stop what
+    started, draw new ports and start again, up to ``attempts`` times. Ports the
+    plan was given are never changed: that failure is raised."""
+    for attempt in range(1, attempts + 1):
+        try:
+            start(plan, services)
+            return
+        except RuntimeError as err:
+            if not (plan.drawn and PORT_TAKEN.search(str(err)) and attempt < attempts):
+                raise
+            print(
+                f"[deploy] a port was taken while the services started (attempt "
+                f"{attempt} of {attempts}); starting again on new ports",
+                flush=True,
+            )
+            services.stop()
+            plan.draw_ports()
+
+
 #: ``watch(services, lines)``: called about once a second while a run is going, with
 #: the complete lines its log (the ServerApp's output) gained since the last call
 #: (often none); e.g. ``[fedlora] round 1/3: ...`` once round 1 has ended
@@ -707,7 +738,7 @@ def deploy(
     services = Services(plan)
     started = time.perf_counter()
     try:
-        start(plan, services)
+        start_on_free_ports(plan, services)
         ready = time.perf_counter()
         row = run_experiment(plan, services, overrides, out, timeout, watch)
         check_run_dir(out)

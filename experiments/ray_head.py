@@ -18,12 +18,13 @@ from __future__ import annotations
 import atexit
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from fedlora.ports import free_ports
 
 #: environment variables the simulated clients read, forwarded to a cluster's
 #: workers: their own folder (privacy ledgers, node state), offline hubs, quiet
@@ -55,13 +56,6 @@ def attach(address: str) -> None:
     )
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def cluster_up(address: str) -> bool:
     """Whether ``ray status`` reaches a cluster at ``address``."""
     proc = subprocess.run(
@@ -83,7 +77,7 @@ class RayHead:
     """
 
     def __init__(self, num_cpus: int | None = None, temp_dir: str | None = None):
-        self.port = free_port()
+        self.port = free_ports(1)[0]
         self.address = f"127.0.0.1:{self.port}"
         self.temp_dir = Path(temp_dir or tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
         self.num_cpus = num_cpus

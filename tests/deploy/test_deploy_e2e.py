@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -148,11 +149,49 @@ def test_deploy_grpc_loopback_completes_and_matches_the_simulation(
     assert_same_adapter(out, simulated)
 
 
+def test_deploy_a_drawn_port_taken_before_its_service_binds_is_drawn_again(
+    tmp_path, capsys
+):
+    """Another program starts listening on the port drawn for SuperNode 0's
+    Runtime API before the SuperNode binds it: the SuperNode dies with "address
+    already in use" and the launcher starts again on new ports. A port the plan
+    was given is never changed: the same conflict is raised."""
+    drawn = deploy.Plan(tmp_path / "drawn", 1)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", drawn.node_ports[0]))
+        held.listen()
+        services = deploy.Services(drawn)
+        try:
+            deploy.start_on_free_ports(drawn, services)
+            assert "SuperNode ID" in services.log("supernode-0").read_text()
+        finally:
+            services.stop()
+        assert drawn.node_ports[0] != held.getsockname()[1]
+        assert "address already in use" in services.log("supernode-0").read_text()
+        assert "starting again on new ports" in capsys.readouterr().out
+
+        fleet, control, node = deploy.free_ports(3)
+        given = deploy.Plan(
+            tmp_path / "given",
+            1,
+            fleet_port=fleet,
+            control_port=control,
+            node_ports=[held.getsockname()[1]],
+        )
+        services = deploy.Services(given)
+        try:
+            with pytest.raises(RuntimeError, match="supernode-0 exited"):
+                deploy.start_on_free_ports(given, services)
+        finally:
+            services.stop()
+        assert given.node_ports == [held.getsockname()[1]]
+
+
 def test_deploy_refuses_a_supernode_without_registered_key_or_without_the_ca(tmp_path):
     plan = deploy.Plan(tmp_path, 1, auth=True)
     services = deploy.Services(plan)
     try:
-        deploy.start(plan, services)  # SuperLink; node 0 registered, connects
+        deploy.start_on_free_ports(plan, services)  # node 0 registered, connects
         assert "SuperNode ID" in services.log("supernode-0").read_text()
         subprocess.run(
             [

@@ -261,7 +261,7 @@ def test_deploy_compose_healthchecks_see_a_live_superlink_and_supernode(tmp_path
         "supernode-0": (healthcheck("supernode-0"), "127.0.0.1:9081"),
     }
     try:
-        deploy.start(plan, services)
+        deploy.start_on_free_ports(plan, services)
         for name, (argv, address) in checks.items():
             assert argv[0] == "python"
             live = plan.health_address(name)

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from deploy.launch import BIN, ENV, free_ports
+from deploy.launch import BIN, ENV
 from experiments.flwr_home import stop_local
+from fedlora.ports import free_ports
 from tests.conftest import REPO, front_door_command, run_front_door
 from tests.deploy.test_deploy import leftovers
 
