@@ -72,6 +72,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 import numpy as np
@@ -81,6 +82,9 @@ STRATEGIES = ("fedavg_lora", "ffa_lora", "fedsb", "lora_fair")  # the server arm
 #: server arms whose whole round (``aggregate_train``) has a goal: <= 2x the mean
 ROUND_GOAL_ARMS = ("fedavg_lora_r16", "ffa_lora_r16", "fedsb_r16")
 ROUND_GOAL = 2.0
+#: rounds of the default schedule (``diagnostics.every=auto``) whose mean
+#: ``aggregate_train`` is the server arms' ``round_ratio``, after a first round
+AUTO_ROUNDS = 20
 #: server arms with a rank per client (fedavg_lora: the zero-padding baseline)
 HETERO_STRATEGIES = ("fedavg_lora", "hetlora", "flexlora", "flora")
 #: the adapted modules of a decoder layer, in fedlora.comm.MODEL_SHAPES' order
@@ -772,26 +776,38 @@ def server_arm(
         return time.perf_counter() - start
 
     hetero = ranks is not None
-    # the default (the diagnostic every round), and without the diagnostic
-    # (diagnostics.every=0), interleaved so that both see the same load
+    # the diagnostic every round (diagnostics.every=1), never (0) and as the
+    # default schedules it (auto: a run of rounds, averaged), interleaved so that
+    # all three see the same load
     quiet = make_strategy(method, frozen, diagnostics_every=0, **params)
-    rounds: dict[str, list[float]] = {"default": [], "no_diagnostic": []}
-    for _ in range(repeats):
-        rounds["default"].append(server_round(strategy))
-        if not hetero:
+    auto = make_strategy(method, frozen, diagnostics_every="auto", **params)
+    auto_rounds = 0 if hetero else AUTO_ROUNDS if repeats > 1 else 2
+    rounds: dict[str, list[float]] = {"every": [], "no_diagnostic": [], "auto": []}
+    for warm in [] if hetero else [strategy, quiet, auto]:  # a run's first round:
+        server_round(warm)  # once-a-run set-up (the frozen factors' QR), and auto's
+        # first diagnostic, which it always runs to learn the cost
+    for i in range(max(repeats, auto_rounds)):
+        if i < repeats:
+            rounds["every"].append(server_round(strategy))
+        if i < repeats and not hetero:
             rounds["no_diagnostic"].append(server_round(quiet))
-    t_round = median(rounds["default"])
+        if i < auto_rounds:
+            rounds["auto"].append(server_round(auto))
+    t_round = median(rounds["every"])
+    measured = auto.diagnostics.measured - (not hetero)  # the first round's
     entry = strategy.round_log[1]
     if entry.get("rejected"):
         raise RuntimeError(f"server {method}: replies rejected: {entry['rejected']}")
     name = f"{method}_r{r}" + (f"_{solver}" if solver else "")
     goal = ROUND_GOAL if name in ROUND_GOAL_ARMS and not hetero else None
 
-    def round_ratio(seconds: list[float], diagnostic: str) -> dict[str, Any]:
-        ratio = median(seconds) / t_mean
+    def round_ratio(
+        seconds: list[float], diagnostic: str, average: Callable = median
+    ) -> dict[str, Any]:
+        ratio = average(seconds) / t_mean
         return {
             "ratio": ratio,
-            "aggregate_train_s": median(seconds),
+            "aggregate_train_s": average(seconds),
             "numpy_mean_s": t_mean,
             "diagnostic": diagnostic,
             "goal": goal if goal is not None else "report",
@@ -818,8 +834,20 @@ def server_arm(
             {}
             if hetero
             else {
-                "round_ratio": round_ratio(
-                    rounds["default"], "every round (diagnostics.every=1, default)"
+                # the default: the mean of a run of rounds (the diagnostic's
+                # first round included), as a run's server time averages them
+                "round_ratio": {
+                    **round_ratio(
+                        rounds["auto"],
+                        f"auto, the default: measured in {measured} of "
+                        f"{auto_rounds} rounds after the first",
+                        fmean,
+                    ),
+                    "rounds": auto_rounds,
+                    "measured_rounds": measured,
+                },
+                "round_ratio_every_round": round_ratio(
+                    rounds["every"], "every round (diagnostics.every=1)"
                 ),
                 "round_ratio_no_diagnostic": round_ratio(
                     rounds["no_diagnostic"], "never (diagnostics.every=0)"
@@ -1381,7 +1409,11 @@ def table(results: dict[str, Any]) -> str:
                 "report (round / mean)" if hetero else v["goal"],
                 v["met"],
             )
-            for key in ("round_ratio", "round_ratio_no_diagnostic"):
+            for key in (
+                "round_ratio",
+                "round_ratio_every_round",
+                "round_ratio_no_diagnostic",
+            ):
                 if key not in v:
                     continue
                 rr = v[key]

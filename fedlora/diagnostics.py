@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -230,3 +231,72 @@ def _ratios(
 
     by_module = {m: ratio(num[m], den[m]) for m in sorted(num)}
     return ratio(sum(num.values()), sum(den.values())), by_module
+
+
+#: ``diagnostics.every=auto``: a diagnostic that took at most this long the last
+#: time it ran runs again in the next round, whatever the budget says
+AUTO_FREE_SECONDS = 0.25
+
+
+@dataclass
+class DiagnosticSchedule:
+    """Which rounds measure the aggregation error (``diagnostics.every``).
+
+    ``every`` N >= 1: rounds N, 2N, ...; 0: never; ``"auto"``: every round while
+    the diagnostic costs the server little, otherwise as often as keeps the
+    seconds it has spent within the seconds the rest of the server's aggregation
+    has (decoding, checks, the method's aggregation, byte accounting, encoding):
+    on average the diagnostic at most doubles the server's aggregation time. A
+    diagnostic is due when it has not run yet, when its last run took at most
+    :data:`AUTO_FREE_SECONDS`, or when its seconds so far are at most the rest's.
+    The seconds are measured (:meth:`record`), so with ``auto`` which rounds
+    measure can differ from run to run: on a model of MiniLM's size it is every
+    round; on LLM shapes, where one diagnostic costs seconds, fewer.
+    """
+
+    every: int | str
+    free_seconds: float = AUTO_FREE_SECONDS
+    spent: float = 0.0  #: seconds of the diagnostics so far (``auto``)
+    rest: float = 0.0  #: seconds of the rest of the aggregations so far
+    last: float | None = None  #: seconds of the latest diagnostic
+    measured: int = 0  #: rounds whose diagnostic ran
+
+    @property
+    def auto(self) -> bool:
+        return self.every == "auto"
+
+    def due(self, server_round: int) -> bool:
+        """Whether the aggregation error is measured in ``server_round``."""
+        if self.auto:
+            return (
+                self.last is None
+                or self.last <= self.free_seconds
+                or self.spent <= self.rest
+            )
+        assert isinstance(self.every, int)
+        return self.every > 0 and server_round % self.every == 0
+
+    def skipped(self) -> str:
+        """Why a round that is not :meth:`due` records no aggregation error."""
+        if self.auto:
+            return (
+                f"diagnostics.every=auto: skipped to keep the diagnostic's "
+                f"{self.spent:.1f} s so far within the rest of the server's "
+                f"aggregation ({self.rest:.1f} s; the last diagnostic took "
+                f"{self.last:.2f} s); diagnostics.every=1 measures every round"
+            )
+        if self.every:
+            return (
+                f"diagnostics.every={self.every}: measured in rounds {self.every}, "
+                f"{2 * self.every}, ..."
+            )
+        return "diagnostics.every=0: never measured"
+
+    def record(self, total: float, diagnostic: float | None) -> None:
+        """Account a server aggregation of ``total`` seconds, of which
+        ``diagnostic`` (None: it did not run) were the diagnostic's."""
+        if diagnostic is not None:
+            self.spent += diagnostic
+            self.last = diagnostic
+            self.measured += 1
+        self.rest += total - (diagnostic or 0.0)

@@ -421,12 +421,9 @@ class DiagnosticsSettings(_Section):
     """``diagnostics``: what the server measures beyond the round itself."""
 
     #: the aggregation-error diagnostic in every ``every``-th round (rounds
-    #: ``every``, ``2 every``, ...); 0: never
-    every: int
-
-    def measures(self, server_round: int) -> bool:
-        """Whether the aggregation error is measured in ``server_round``."""
-        return self.every > 0 and server_round % self.every == 0
+    #: ``every``, ``2 every``, ...); 0: never; ``"auto"``: every round while it
+    #: is cheap (:class:`~fedlora.diagnostics.DiagnosticSchedule`)
+    every: int | str
 
 
 @dataclass(frozen=True)

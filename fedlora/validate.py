@@ -49,12 +49,13 @@ def _problems(s: Settings) -> list[ConfigError]:
     if s.diagnostics is not None:  # absent in settings from before the section
         every = s.diagnostics.every
         need(
-            is_int(every) and every >= 0,
+            every == "auto" or (is_int(every) and every >= 0),
             "diagnostics.every",
             every,
-            "must be a whole number of rounds >= 0: 1 measures the aggregation "
-            "error every round, N every N-th round (rounds N, 2N, ...), 0 never; "
-            "e.g. diagnostics.every=10",
+            "must be auto or a whole number of rounds >= 0: auto measures the "
+            "aggregation error every round while it is cheap, 1 every round, N "
+            "every N-th round (rounds N, 2N, ...), 0 never; e.g. "
+            "diagnostics.every=10",
         )
     need(
         s.wire_dtype in WIRE_DTYPES,

@@ -31,7 +31,12 @@ from fedlora import server_opt
 from fedlora.adapters import frozen_digest, lora_layers, module_name
 from fedlora.base_delta import BaseDelta, Fold, FoldLog
 from fedlora.comm import num_parameters
-from fedlora.diagnostics import aggregation_error, frozen_triangles, shared_factor_error
+from fedlora.diagnostics import (
+    DiagnosticSchedule,
+    aggregation_error,
+    frozen_triangles,
+    shared_factor_error,
+)
 from fedlora.errors import ClientConfigError, NodesUnavailableError
 from fedlora.heterogeneous import hetero_aggregation_error, stack
 from fedlora.methods import InitInputs, Method, from_settings
@@ -95,10 +100,11 @@ class LoRAStrategy(FedAvg):
         The dtype of the adapter arrays the train and evaluate messages carry
         (``wire.dtype``: float32, bfloat16 or float16; the server's own state
         stays float32). The frozen factors and base-weight folds go exact.
-    diagnostics_every : int
+    diagnostics_every : int or "auto"
         Measure the aggregation error in every ``diagnostics_every``-th round
-        (rounds N, 2N, ...; 0: never). Other rounds record ``aggregation_error``
-        None and say why in ``aggregation_error_skipped``.
+        (rounds N, 2N, ...; 0: never; ``"auto"``: every round while it is cheap,
+        :class:`~fedlora.diagnostics.DiagnosticSchedule`). Other rounds record
+        ``aggregation_error`` None and say why in ``aggregation_error_skipped``.
     **fedavg_kwargs
         Flower's FedAvg sampling settings (``fraction_train``, ``min_train_nodes``...).
 
@@ -126,22 +132,22 @@ class LoRAStrategy(FedAvg):
         min_replies: int = 1,
         max_failed_rounds: int = 3,
         wait_timeout: float | None = None,
-        diagnostics_every: int = 1,
+        diagnostics_every: int | str = 1,
         secure: SecAggPlus | None = None,
         wire_dtype: str = "float32",
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(**fedavg_kwargs)
-        if (
+        if diagnostics_every != "auto" and (
             isinstance(diagnostics_every, bool)
             or not isinstance(diagnostics_every, int)
             or diagnostics_every < 0
         ):
             raise ValueError(
-                f"diagnostics_every={diagnostics_every!r}: give a whole number of "
-                "rounds >= 0 (1: every round, 0: never)"
+                f"diagnostics_every={diagnostics_every!r}: give 'auto' or a whole "
+                "number of rounds >= 0 (1: every round, 0: never)"
             )
-        self.diagnostics = DiagnosticsSettings(every=diagnostics_every)
+        self.diagnostics = DiagnosticSchedule(diagnostics_every)
         self.method = method
         self.wait_timeout = None if wait_timeout is None else float(wait_timeout)
         self.optimizer = optimizer or server_opt.NoOptimizer()
@@ -155,6 +161,7 @@ class LoRAStrategy(FedAvg):
         self._frozen: State = {}
         self._digest: int | None = None
         self._triangles: dict[str, Any] | None = None  # frozen factors' QR, cached
+        self._diagnostic_setup = 0.0  # seconds the diagnostic spent computing them
         self.current: State = {}  # this round's global state, all of it
         self.sent: State = {}  # what of it this round's train messages carried
         self.expected: State = {}  # what of it the clients train and send back
@@ -334,8 +341,14 @@ class LoRAStrategy(FedAvg):
         # optimizer then moves deliberately from the sent state towards it
         new.update(self.optimizer.step(self.sent, {k: new[k] for k in self.expected}))
         self.changed.update(dict.fromkeys(self.expected, server_round))
+        record = state_to_record(new)
         entry["server_aggregate_time"] = time.perf_counter() - started
-        return state_to_record(new), MetricRecord(summary)
+        setup = entry.get("diagnostic_setup_time", 0.0)  # once a run, not a round's
+        self.diagnostics.record(
+            entry["server_aggregate_time"] - setup,
+            entry["diagnostic_time"] - setup if "diagnostic_time" in entry else None,
+        )
+        return record, MetricRecord(summary)
 
     def _aggregate_secure(
         self,
@@ -559,9 +572,11 @@ class LoRAStrategy(FedAvg):
                 after,
                 self.scaling,
             )
-        if self._triangles is None:
+        if self._triangles is None:  # once a run: not the diagnostic's round cost
+            started = time.perf_counter()
             outer = {layer: (left, right) for layer, (left, right, _) in layers.items()}
             self._triangles = frozen_triangles(self.frozen, outer)
+            self._diagnostic_setup = time.perf_counter() - started
 
         def middle(state: State) -> dict[str, np.ndarray]:
             return {layer: state[x] for layer, (_, _, x) in layers.items()}
@@ -699,15 +714,10 @@ class LoRAStrategy(FedAvg):
         summary metrics (the mean training loss only where every client sent one:
         not under DP-SGD)."""
         ranks = [int(c.get(RANK_KEY, 0)) for c in accepted.metrics]
-        if not self.diagnostics.measures(server_round):
-            every = self.diagnostics.every
+        started, due = time.perf_counter(), self.diagnostics.due(server_round)
+        if not due:
             overall, by_module = None, {}
-            entry["aggregation_error_skipped"] = (
-                f"diagnostics.every={every}: measured in rounds {every}, "
-                f"{2 * every}, ..."
-                if every
-                else "diagnostics.every=0: never measured"
-            )
+            entry["aggregation_error_skipped"] = self.diagnostics.skipped()
         elif self.method.accepts_client_ranks and set(ranks) != {rank_of(self.sent)}:
             overall, by_rank, by_module = self.diagnose_ranks(
                 accepted.states, weights, new, fold, ranks
@@ -715,6 +725,11 @@ class LoRAStrategy(FedAvg):
             entry["aggregation_error_by_rank"] = {str(r): v for r, v in by_rank.items()}
         else:
             overall, by_module = self.diagnose(accepted.states, weights, new, fold)
+        if due:
+            entry["diagnostic_time"] = time.perf_counter() - started
+            if self._diagnostic_setup:
+                entry["diagnostic_setup_time"] = self._diagnostic_setup
+                self._diagnostic_setup = 0.0
         entry.update(
             aggregation_error=overall,
             aggregation_error_by_module=by_module,

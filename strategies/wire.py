@@ -59,7 +59,17 @@ def state_to_record(
         raise ValueError(
             f"wire dtype {dtype!r}: choose one of {', '.join(WIRE_DTYPES)}"
         ) from None
-    return ArrayRecord({k: encode(k, v) for k, v in state.items()})
+    return _record({k: encode(k, v) for k, v in state.items()})
+
+
+def _record(arrays: dict[str, Array]) -> ArrayRecord:
+    """``ArrayRecord(arrays)`` without Flower's copy of every ``Array`` (its
+    ``from_array_dict`` builds each one again: a third of a round's encoding time
+    for Fed-SB's many small arrays)."""
+    record = ArrayRecord()
+    for key, array in arrays.items():
+        record[key] = array
+    return record
 
 
 def _float32(key: str, value: np.ndarray) -> Array:
@@ -110,7 +120,7 @@ def exact_record(state: dict[str, np.ndarray]) -> ArrayRecord:
     """Wire state -> ArrayRecord, each array in its own dtype (float64 stays
     float64): for what every party must hold bit for bit, such as the summed
     base-weight folds, whose dense form is float64 (:mod:`fedlora.base_delta`)."""
-    return ArrayRecord({k: to_array(np.ascontiguousarray(v)) for k, v in state.items()})
+    return _record({k: to_array(np.ascontiguousarray(v)) for k, v in state.items()})
 
 
 def record_to_state(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -158,8 +168,14 @@ def to_array(value: np.ndarray) -> Array:
     body = memoryview(value).cast("B") if value.size else b""
     data = b"".join([header, body])
     return Array(
-        dtype=str(value.dtype), shape=value.shape, stype=SType.NUMPY, data=data
+        dtype=_dtype_name(value.dtype), shape=value.shape, stype=SType.NUMPY, data=data
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _dtype_name(dtype: np.dtype) -> str:
+    """``str(dtype)`` (numpy builds it anew each time), cached."""
+    return str(dtype)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -21,7 +21,8 @@ def test_server_round_on_llama_shapes_runs_every_strategy(method):
 def test_the_whole_round_is_reported_against_the_goal_with_and_without_diagnostic():
     out = bench.server_arm("fedsb", 16, None, clients=2, layers=1, repeats=1)
     for key, diagnostic in [
-        ("round_ratio", "every round"),
+        ("round_ratio", "auto, the default: measured in 2 of 2 rounds after"),
+        ("round_ratio_every_round", "every round"),
         ("round_ratio_no_diagnostic", "never"),
     ]:
         rr = out[key]

@@ -1,5 +1,6 @@
 """``diagnostics.every``: the aggregation-error diagnostic in every N-th round only,
-through the real strategy and ClientApp; the rounds without it say so."""
+or while it is cheap (``auto``), through the real strategy and ClientApp; the rounds
+without it say so."""
 
 from __future__ import annotations
 
@@ -63,6 +64,44 @@ def test_every_zero_never_measures(
         )
 
 
+def test_auto_measures_every_round_while_cheap_and_skips_while_over_budget(
+    tiny_bert,
+    task_identity,
+    client_frozen,  # noqa: F811 - the fixture
+):
+    """On the tiny BERT the diagnostic is cheap: ``auto`` measures every round and
+    times it. A schedule whose diagnostics have cost more than the rest of the
+    aggregation (and whose last one was not cheap) skips the next round, says
+    why, and goes on counting the round's time as the rest's."""
+    played = rounds(tiny_bert, client_frozen, "auto", 2)
+    schedule = played[-1].strategy.diagnostics
+    for rnd in played:
+        entry = rnd.strategy.round_log[rnd.server_round]
+        assert entry["aggregation_error"] == pytest.approx(
+            dense_check(rnd).error, rel=1e-4
+        )
+        assert 0 < entry["diagnostic_time"] < entry["server_aggregate_time"]
+    assert schedule.spent == pytest.approx(
+        sum(r.strategy.round_log[r.server_round]["diagnostic_time"] for r in played)
+    )
+    total = sum(
+        r.strategy.round_log[r.server_round]["server_aggregate_time"] for r in played
+    )
+    assert schedule.rest == pytest.approx(total - schedule.spent)
+
+    rest = schedule.rest
+    schedule.free_seconds, schedule.spent = 0.0, rest + 100.0  # a costly past
+    cfg = experiment(tiny_bert, "fedavg_lora", "diagnostics.every=auto")
+    skipped = federated_round(cfg, client_frozen, previous=played[-1])
+    entry = skipped.strategy.round_log[skipped.server_round]
+    assert entry["aggregation_error"] is None and "diagnostic_time" not in entry
+    assert entry["aggregation_error_skipped"].startswith(
+        "diagnostics.every=auto: skipped to keep the diagnostic's"
+    )
+    assert schedule.rest == pytest.approx(rest + entry["server_aggregate_time"])
+    assert entry["clients"] == 3  # the round itself is unchanged
+
+
 @pytest.mark.parametrize("value", ["-1", "1.5", "often", "true"])
 def test_a_bad_every_is_refused_naming_the_key_the_value_and_the_fix(value):
     with pytest.raises(ConfigError, match=r"^diagnostics\.every=") as err:
@@ -74,5 +113,33 @@ def test_a_bad_every_is_refused_naming_the_key_the_value_and_the_fix(value):
 def test_the_strategy_refuses_a_bad_every_itself():
     from fedlora.methods.fedavg_lora import FedAvgLoRA
 
-    with pytest.raises(ValueError, match=r"diagnostics_every=-2: give a whole"):
+    with pytest.raises(
+        ValueError, match=r"diagnostics_every=-2: give 'auto' or a whole"
+    ):
         LoRAStrategy(FedAvgLoRA(), diagnostics_every=-2)
+
+
+def test_auto_does_not_charge_the_frozen_factors_one_time_qr_to_the_rounds(
+    tiny_bert,
+    task_identity,
+    client_frozen,  # noqa: F811 - the fixture
+):
+    """Fed-SB's diagnostic first factors the frozen B and A (once a run): round 1
+    records that as ``diagnostic_setup_time``, and the schedule counts neither it
+    as the diagnostic's nor as the rest's seconds."""
+    cfg = experiment(
+        tiny_bert, "fedsb", "strategy.init=random_orthogonal", "diagnostics.every=auto"
+    )
+    first = federated_round(cfg, client_frozen)
+    second = federated_round(cfg, client_frozen, previous=first)
+    log, schedule = second.strategy.round_log, second.strategy.diagnostics
+    setup = log[1]["diagnostic_setup_time"]
+    assert 0 < setup < log[1]["diagnostic_time"]
+    assert "diagnostic_setup_time" not in log[2]
+    assert schedule.spent == pytest.approx(
+        log[1]["diagnostic_time"] - setup + log[2]["diagnostic_time"]
+    )
+    assert schedule.rest == pytest.approx(
+        sum(log[r]["server_aggregate_time"] - log[r]["diagnostic_time"] for r in (1, 2))
+    )
+    assert log[2]["aggregation_error"] < 1e-5  # Fed-SB is exact
