@@ -230,6 +230,32 @@ def _label_count(batch: dict[str, torch.Tensor]) -> int:
     return labels.shape[0] if labels.dim() == 1 else int((labels[:, 1:] != -100).sum())
 
 
+def batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's mean loss on ``batch``. Causal LM: the logits only at the
+    positions that predict a label (the response tokens, not the prompt's or the
+    padding's), through the model's own head (transformers' ``logits_to_keep``
+    with a boolean mask), and the mean cross-entropy over those labels, which is
+    the loss ``model(**batch).loss`` computes from every position's logits: the
+    same value without the ``batch x tokens x vocabulary`` logits of the positions
+    the loss ignores, often most of a step's activation memory. Models whose head
+    does not take such a mask compute every position's logits, as before."""
+    labels = batch["labels"]
+    if labels.dim() == 1 or getattr(model, "_fedlora_full_logits", False):
+        return model(**batch).loss
+    targets = labels[:, 1:]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = targets != -100  # position p predicts token p + 1
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    try:
+        logits = model(**inputs, logits_to_keep=keep).logits
+    except TypeError:  # no logits_to_keep argument
+        logits = None
+    if logits is None or logits.dim() != 2 or logits.shape[0] != int(keep.sum()):
+        model._fedlora_full_logits = True  # type: ignore[assignment]
+        return model(**batch).loss
+    return torch.nn.functional.cross_entropy(logits.float(), targets[keep[:, :-1]])
+
+
 def _accumulate(
     model: torch.nn.Module,
     examples: Sequence[Example],
@@ -252,7 +278,7 @@ def _accumulate(
         if count == 0 and len(pieces) > 1:
             continue  # no response tokens here: nothing to learn, and a NaN mean
         with _autocast(device, model):
-            loss = model(**batch).loss
+            loss = batch_loss(model, batch)
         share = count / total if len(pieces) > 1 else 1.0
         (loss * share).backward()
         loss_value += float(loss.detach()) * share

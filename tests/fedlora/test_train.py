@@ -15,7 +15,7 @@ from fedlora.data import client_examples, synthetic_table, tokenise
 from fedlora.errors import ConfigError
 from fedlora.models import resolve_device
 from fedlora.settings import with_
-from fedlora.train import batch_indices, collate, evaluate, train_local
+from fedlora.train import batch_indices, batch_loss, collate, evaluate, train_local
 
 CPU = torch.device("cpu")
 
@@ -135,6 +135,72 @@ def test_causal_lm_instruction_tuning_lowers_response_loss(settings, tiny_llama)
     assert set(after) == {"eval_loss", "eval_perplexity", "eval_examples"}
     assert after["eval_perplexity"] == pytest.approx(np.exp(after["eval_loss"]))
     assert after["eval_loss"] < before["eval_loss"] - 0.2
+
+
+def _loss_and_grads(model, batch, loss_fn):
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn(model, batch)
+    loss.backward()
+    grads = {
+        n: p.grad.detach().double().clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
+    return float(loss), grads
+
+
+def test_causal_lm_loss_keeps_only_the_logits_of_response_positions(
+    settings, tiny_llama
+):
+    """``batch_loss`` asks the head for the response positions' logits alone and
+    gives the loss and the gradients of ``model(**batch).loss`` (every position's
+    logits): prompts of different lengths, right padding, a row of prompt only."""
+    model, tok = build(llama(settings, tiny_llama))
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():  # a trained adapter's scale
+        if "lora_B" in name:
+            param.data.normal_(0.0, 1e-3)
+    ex = tokenise(synthetic_table(8, seed=3), tok, settings.data, "causal_lm", 48)
+    batch = collate(ex[:6], tok.pad_token_id)
+    batch["labels"][5, :] = -100  # a row without a response token
+    head = model.get_output_embeddings()
+    shapes = []
+    hook = head.register_forward_hook(lambda m, i, out: shapes.append(out.shape))
+    ours, ours_grads = _loss_and_grads(model, batch, batch_loss)
+    hook.remove()
+    want, want_grads = _loss_and_grads(model, batch, lambda m, b: m(**b).loss)
+    responses = int((batch["labels"][:, 1:] != -100).sum())
+    assert 0 < responses < batch["labels"].numel() // 2
+    assert shapes == [torch.Size([responses, head.out_features])]
+    assert ours == pytest.approx(want, rel=1e-6)
+    assert ours_grads.keys() == want_grads.keys()
+    for name, grad in want_grads.items():
+        scale = float(grad.abs().max())
+        assert scale > 0, name
+        torch.testing.assert_close(ours_grads[name], grad, rtol=0, atol=1e-5 * scale)
+
+
+def test_causal_lm_loss_falls_back_to_every_logit_without_logits_to_keep(
+    settings, tiny_llama
+):
+    class NoMask(torch.nn.Module):  # a model whose forward has no such argument
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, labels=None):
+            return self.inner(
+                input_ids=input_ids, attention_mask=attention_mask, labels=labels
+            )
+
+    model, tok = build(llama(settings, tiny_llama))
+    ex = tokenise(synthetic_table(4, seed=3), tok, settings.data, "causal_lm", 48)
+    batch = collate(ex, tok.pad_token_id)
+    wrapped = NoMask(model)
+    assert float(batch_loss(wrapped, batch)) == pytest.approx(
+        float(model(**batch).loss), rel=1e-6
+    )
+    assert wrapped._fedlora_full_logits
 
 
 def test_empty_partition_and_bad_device_give_clear_errors(settings):
