@@ -55,6 +55,12 @@ def initial_state(model: torch.nn.Module) -> dict[str, Any]:
     return _INITIAL[model]
 
 
+def clear_cache() -> None:
+    """Forget the models :func:`build_cached` kept in this process (a node's
+    long-lived worker does so when a message of another run arrives)."""
+    _CACHE.clear()
+
+
 def build_cached(settings: Settings) -> tuple[torch.nn.Module, Any]:
     """Like :func:`build`, but reuse the model built for the same settings in this
     process (a simulation worker serves many nodes and rounds: each message resets
