@@ -1539,6 +1539,19 @@ def table(results: dict[str, Any]) -> str:
                 res["goal"],
                 res["met"],
             )
+            if "forwarded" in res:  # the deployment's ClientApp: a node's worker
+                fwd, cpu = res["forwarded"], res["forwarded"]["warm_cpu_s"]
+                row(
+                    f"deployed ClientApp CPU, forwarded to the node's worker, "
+                    f"{name[8:]} (s)",
+                    f"{fwd['warm_total_s']:.2f} (process {cpu['process']:.2f}, "
+                    f"imports {cpu['imports']:.2f}, exchange {cpu['exchange']:.2f}; "
+                    f"worker per message {median(fwd['worker_cpu_s'][1:]):.2f})",
+                    f"{res['warm_total_s']:.2f} (in-process ClientApp)",
+                    fwd["ratio"],
+                    res["goal"],
+                    fwd["met"],
+                )
         elif name == "rounds":
             row(
                 "loopback deployment, s/round (tiny BERT, 2 nodes)",

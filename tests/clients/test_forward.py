@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
@@ -257,9 +258,9 @@ def test_forward_a_worker_killed_mid_message_fails_that_message_only(
         assert time.monotonic() < deadline and child.poll() is None
         time.sleep(0.2)
     workers = [
-        p
-        for p in _children_of(os.getpid())
-        if "clients.worker" in Path(f"/proc/{p}/cmdline").read_text()
+        p.pid
+        for p in psutil.Process(child.pid).children(recursive=True)
+        if "clients.worker" in p.cmdline()
     ]
     assert len(workers) == 1
     superexec[1].append(workers[0])
@@ -272,13 +273,6 @@ def test_forward_a_worker_killed_mid_message_fails_that_message_only(
     )
     assert again.get("started") is True and again["pid"] != workers[0]
     assert not reply.has_error()
-
-
-def _children_of(pid: int) -> list[int]:
-    out = subprocess.run(
-        ["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True
-    ).stdout
-    return [int(p) for p in out.split()]
 
 
 def test_forward_the_worker_exits_when_idle_and_when_its_superexec_is_gone(
