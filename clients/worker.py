@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import struct
 import sys
@@ -64,12 +65,23 @@ class Worker:
         self.threads = 0
 
     def remove_socket(self) -> None:
-        """Unlink the socket if it is still this worker's."""
+        """Unlink the socket if it is still this worker's, and its lock and (empty)
+        log: a worker that exits leaves nothing behind but what it logged."""
         try:
-            if os.stat(self.path).st_ino == self.inode:
-                os.unlink(self.path)
+            if os.stat(self.path).st_ino != self.inode:
+                return
+            os.unlink(self.path)
+            stem = str(self.path).removesuffix(".sock")
+            Path(f"{stem}.lock").unlink(missing_ok=True)
+            if os.path.getsize(f"{stem}.log") == 0:
+                os.unlink(f"{stem}.log")
         except OSError:
             pass
+
+    def on_sigterm(self, signum: int, frame: Any) -> None:
+        """SIGTERM (its SuperExec's process group stopped): exit now, tidily."""
+        self.remove_socket()
+        os._exit(128 + signum)
 
     def watch_superexec(self) -> None:
         """Exit (at once, even mid-message) when the SuperExec is gone."""
@@ -89,6 +101,7 @@ class Worker:
 
     def serve_forever(self) -> None:
         """Serve connections one at a time until idle for ``idle`` seconds."""
+        signal.signal(signal.SIGTERM, self.on_sigterm)
         threading.Thread(target=self.watch_superexec, daemon=True).start()
         self.listener.settimeout(self.idle)
         try:
