@@ -129,15 +129,7 @@ def _setup(msg: Message, context: Context) -> tuple[Any, ...]:
     overrides = method.client_overrides(pid)  # a method's own per-client settings
     if overrides:
         cfg = replace(cfg, adapter=replace(cfg.adapter, **overrides))
-    threads = int(cfg.train.num_threads or 0)
-    if threads > 0:
-        torch.set_num_threads(threads)
-    # the labels as this node's data gives them: from its disk after the first
-    # message, so a fresh process neither reads the data nor imports pandas
-    cfg = resolve_labels(cfg, _cache_dir(context))
-    model, tokenizer = build_cached(cfg)
-    device = resolve_device(str(cfg.train.device))
-    model.to(device)  # move before any optimizer exists (opacus#820)
+    cfg, model, tokenizer, device = node_model(cfg, _cache_dir(context))
     if KEY_FROZEN in msg.content:  # Fed-SB's B and A arrive once; keep them
         context.state[KEY_STATE_FROZEN] = msg.content[KEY_FROZEN]
     if KEY_STATE_FROZEN in context.state:
@@ -146,6 +138,23 @@ def _setup(msg: Message, context: Context) -> tuple[Any, ...]:
     if method.folds_into_base:
         _sync_base(msg, context, model)
     return cfg, method, model, tokenizer, device, pid, num_parts
+
+
+def node_model(
+    cfg: Settings, cache_dir: str | None = None
+) -> tuple[Settings, Any, Any, Any]:
+    """This process's model for ``cfg`` (built once, :func:`build_cached`), on its
+    device, with torch's threads set: ``(settings with labels, model, tokenizer,
+    device)``. The labels come from ``cache_dir`` after the first message, so a
+    fresh process neither reads the data nor imports pandas."""
+    threads = int(cfg.train.num_threads or 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    cfg = resolve_labels(cfg, cache_dir)  # as this node's data gives them
+    model, tokenizer = build_cached(cfg)
+    device = resolve_device(str(cfg.train.device))
+    model.to(device)  # move before any optimizer exists (opacus#820)
+    return cfg, model, tokenizer, device
 
 
 def _client_rank(

@@ -22,7 +22,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from fedlora.ports import free_ports
 
@@ -54,6 +57,50 @@ def attach(address: str) -> None:
         logging_level="error",
         include_dashboard=False,
     )
+
+
+#: what Ray runs in each worker process of a run's own Ray as it starts
+WARM_HOOK = "clients.warmup.warm"
+#: Ray's driver-side hook on the job's runtime environment (a function's path)
+RUNTIME_ENV_HOOK = "RAY_RUNTIME_ENV_HOOK"
+_WARM_ENV: dict[str, str] = {}  # the variables the warm-up reads, this run's
+
+
+def warm_runtime_env(runtime_env: dict[str, Any] | None) -> dict[str, Any]:
+    """``runtime_env`` (Flower's, for the Ray it starts) with the warm-up added:
+    :data:`WARM_HOOK` as each worker's setup hook, the variables it reads among
+    the workers' environment. Ray calls it in ``ray.init`` under
+    :func:`warm_workers`."""
+    env = dict(runtime_env or {})
+    env["env_vars"] = {**(env.get("env_vars") or {}), **_WARM_ENV}
+    env["worker_process_setup_hook"] = WARM_HOOK
+    return env
+
+
+@contextmanager
+def warm_workers(warm_settings: str | None) -> Iterator[None]:
+    """Within it, a Ray that Flower starts warms each worker as it starts
+    (:mod:`clients.warmup`: the ClientApp's imports, and with ``warm_settings``,
+    the settings as JSON, its model and data), while the server starts and
+    evaluates round 0, so the first round does not pay for them. Flower still
+    starts Ray (beside the server's start, as before) with its own arguments;
+    this only adds to the job's runtime environment, through Ray's
+    ``RAY_RUNTIME_ENV_HOOK`` (a hook of the user's own is left alone: no
+    warm-up)."""
+    from clients.warmup import SETTINGS_ENV
+
+    if os.environ.get(RUNTIME_ENV_HOOK):
+        yield
+        return
+    _WARM_ENV.clear()
+    if warm_settings is not None:
+        _WARM_ENV[SETTINGS_ENV] = warm_settings
+    os.environ[RUNTIME_ENV_HOOK] = f"{__name__}.warm_runtime_env"
+    try:
+        yield
+    finally:
+        del os.environ[RUNTIME_ENV_HOOK]
+        _WARM_ENV.clear()
 
 
 def cluster_up(address: str) -> bool:

@@ -10,8 +10,10 @@ this process, :func:`simulate`) and leaves everything in Hydra's output director
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,31 @@ def backend_config(sim: Any) -> dict[str, Any]:
     }
 
 
+#: the longest settings JSON handed to the workers in their environment (Linux
+#: refuses a variable over 128 kB); longer: they warm their imports only
+WARM_SETTINGS_MAX = 64 * 1024
+
+
+def warm_settings(s: Settings, plain: dict[str, Any]) -> str | None:
+    """The settings ``plain`` (of ``s``) as JSON, for the workers of a run's own Ray
+    to build their model and read their data with as they start; None (imports
+    only) when a worker could go without a client in a round (it would hold a
+    model it never uses: an LLM's memory for nothing) or the JSON is too long."""
+    sim = s.simulation
+    workers = int(sim.ray_num_cpus or os.cpu_count() or 1)
+    if float(sim.client_num_cpus) > 0:
+        workers = int(workers // float(sim.client_num_cpus))
+    if float(sim.client_num_gpus) > 0:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        workers = min(workers, int(gpus // float(sim.client_num_gpus)))
+    if workers > s.federation.sampled_clients:
+        return None
+    text = json.dumps(plain)
+    return text if len(text) <= WARM_SETTINGS_MAX else None
+
+
 def simulate(
     cfg: DictConfig, run_dir: Path, ray_address: str | None = None
 ) -> dict[str, Any]:
@@ -78,7 +105,8 @@ def simulate(
         os.environ.setdefault(key, value)
     # the simulated clients' own folder (privacy ledgers), as a deployed node's
     # data-dir; Ray's workers inherit the environment
-    s = Settings.from_dict(settings(cfg))  # validated by the caller
+    plain = settings(cfg)
+    s = Settings.from_dict(plain)  # validated by the caller
     if s.simulation.client_dir:
         os.environ[CLIENT_DIR_ENV] = str(Path(s.simulation.client_dir).resolve())
     hush_libraries(bool(s.verbose))
@@ -93,13 +121,15 @@ def simulate(
     address = sim.ray_address or ray_address
     if address:  # a running cluster: attach (the run's end only detaches)
         ray_head.attach(str(address))
+    warm = not address and sim.warm_workers is not False  # a Ray of our own
     try:
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=int(s.federation.num_clients),
-            backend_config=backend_config(sim),
-        )
+        with ray_head.warm_workers(warm_settings(s, plain)) if warm else nullcontext():
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=int(s.federation.num_clients),
+                backend_config=backend_config(sim),
+            )
     finally:
         import ray
 

@@ -379,6 +379,9 @@ class SimulationSettings(_Section):
     ray_address: str | None = optional()
     #: a sweep (``-m``) starts one Ray head for all its runs (absent: true)
     shared_ray: bool | None = optional()
+    #: a Ray of the run's own warms each worker as it starts (imports, model,
+    #: data) while the server starts (absent: true)
+    warm_workers: bool | None = optional()
 
 
 @dataclass(frozen=True)

@@ -122,6 +122,13 @@ def _problems(s: Settings) -> list[ConfigError]:
         "must be true (a sweep shares one Ray head) or false (a Ray per run)",
     )
     need(
+        sim.warm_workers is None or isinstance(sim.warm_workers, bool),
+        "simulation.warm_workers",
+        sim.warm_workers,
+        "must be true (each Ray worker imports, builds the model and reads the "
+        "data as it starts) or false (at its first message)",
+    )
+    need(
         address is None or not sim.ray_num_cpus,
         "simulation.ray_num_cpus",
         sim.ray_num_cpus,
