@@ -316,7 +316,10 @@ def drill(
     try:
         summary = deploy.deploy(
             [f"model.name={model}", *DRILL, *overrides],
-            deploy.Plan(work, 3),
+            # the node the drills kill runs its ClientApp in-process: its reply
+            # then comes seconds after the message (the imports), not the worker's
+            # fraction of a second, so the kill lands before it
+            deploy.Plan(work, 3, node_config={2: "worker=false"}),
             out,
             timeout=600,
             watch=watch,
@@ -439,7 +442,7 @@ def test_deploy_wait_timeout_ends_the_run(tiny_bert, tmp_path):
                     *TASK,
                     *NO_FEDERATED_EVAL,
                 ],
-                deploy.Plan(work, 2, tls=True),
+                deploy.Plan(work, 2, tls=True, node_config={1: "worker=false"}),
                 out,
                 timeout=600,
                 watch=watch,
