@@ -165,59 +165,16 @@ def peak_rss_mb() -> float:
     return _status_mb("VmHWM")
 
 
-class TreeMemory:
-    """Samples the summed RSS of a process and its descendants in the background;
-    ``root_peak``: the process's own peak RSS (its kernel mark ``VmHWM``, exact up
-    to the last sample, Linux)."""
+class _Sampler:
+    """Calls :meth:`sample` every ``every`` seconds on a background thread while
+    the context is active, until it returns False."""
 
-    def __init__(self, pid: int, every: float = 0.2) -> None:
-        self.pid, self.every, self.peak, self.root_peak = pid, every, 0, 0
+    def __init__(self, every: float) -> None:
+        self.every = every
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> TreeMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        import psutil
-
-        while not self._stop.is_set():
-            try:
-                root = psutil.Process(self.pid)
-                procs = [root, *root.children(recursive=True)]
-            except psutil.Error:
-                return
-            total = 0
-            for p in procs:
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    continue
-            self.peak = max(self.peak, total)
-            try:
-                hwm = _status_mb("VmHWM", self.pid) * 2**20
-            except (OSError, RuntimeError):  # gone, or a zombie: no memory fields
-                hwm = 0
-            self.root_peak = max(self.root_peak, hwm)
-            self._stop.wait(self.every)
-
-
-class FirstRow:
-    """Watches for a run directory's first metrics row (round 0 done) in the
-    background; ``seconds``: from entering to when it appeared (None: never)."""
-
-    def __init__(self, run_dir: Path, every: float = 0.05) -> None:
-        self.path, self.every = run_dir / "metrics.jsonl", every
-        self.seconds: float | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> FirstRow:
+    def __enter__(self) -> Any:
         self._start = time.perf_counter()
         self._thread.start()
         return self
@@ -227,15 +184,62 @@ class FirstRow:
         self._thread.join()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                complete = b"\n" in self.path.read_bytes()
-            except OSError:
-                complete = False
-            if complete:
-                self.seconds = time.perf_counter() - self._start
-                return
+        while not self._stop.is_set() and self.sample():
             self._stop.wait(self.every)
+
+    def sample(self) -> bool:
+        raise NotImplementedError
+
+
+class TreeMemory(_Sampler):
+    """Samples the summed RSS of a process and its descendants in the background;
+    ``root_peak``: the process's own peak RSS (its kernel mark ``VmHWM``, exact up
+    to the last sample, Linux)."""
+
+    def __init__(self, pid: int, every: float = 0.2) -> None:
+        super().__init__(every)
+        self.pid, self.peak, self.root_peak = pid, 0, 0
+
+    def sample(self) -> bool:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return False
+        total = 0
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                continue
+        self.peak = max(self.peak, total)
+        try:
+            hwm = _status_mb("VmHWM", self.pid) * 2**20
+        except (OSError, RuntimeError):  # gone, or a zombie: no memory fields
+            hwm = 0
+        self.root_peak = max(self.root_peak, hwm)
+        return True
+
+
+class FirstRow(_Sampler):
+    """Watches for a run directory's first metrics row (round 0 done) in the
+    background; ``seconds``: from entering to when it appeared (None: never)."""
+
+    def __init__(self, run_dir: Path, every: float = 0.05) -> None:
+        super().__init__(every)
+        self.path = run_dir / "metrics.jsonl"
+        self.seconds: float | None = None
+
+    def sample(self) -> bool:
+        try:
+            complete = b"\n" in self.path.read_bytes()
+        except OSError:
+            complete = False
+        if complete:
+            self.seconds = time.perf_counter() - self._start
+        return not complete
 
 
 def run_front_door(overrides: list[str], run_dir: Path) -> dict[str, Any]:
