@@ -235,7 +235,11 @@ def _ratios(
 
 #: ``diagnostics.every=auto``: a diagnostic that took at most this long the last
 #: time it ran runs again in the next round, whatever the budget says
-AUTO_FREE_SECONDS = 0.25
+AUTO_FREE_SECONDS = 0.05
+#: ``diagnostics.every=auto``: otherwise its seconds stay within this share of the
+#: seconds of the rest of the server's aggregation (so on average the diagnostic
+#: adds at most half to the server's aggregation time)
+AUTO_SHARE = 0.5
 
 
 @dataclass
@@ -244,11 +248,12 @@ class DiagnosticSchedule:
 
     ``every`` N >= 1: rounds N, 2N, ...; 0: never; ``"auto"``: every round while
     the diagnostic costs the server little, otherwise as often as keeps the
-    seconds it has spent within the seconds the rest of the server's aggregation
-    has (decoding, checks, the method's aggregation, byte accounting, encoding):
-    on average the diagnostic at most doubles the server's aggregation time. A
-    diagnostic is due when it has not run yet, when its last run took at most
-    :data:`AUTO_FREE_SECONDS`, or when its seconds so far are at most the rest's.
+    seconds it has spent within :data:`AUTO_SHARE` of the seconds the rest of the
+    server's aggregation has (decoding, checks, the method's aggregation, byte
+    accounting, encoding): on average the diagnostic adds at most half to the
+    server's aggregation time. A diagnostic is due when it has not run yet, when
+    its last run took at most :data:`AUTO_FREE_SECONDS`, or when its seconds so
+    far are at most that share of the rest's.
     The seconds are measured (:meth:`record`), so with ``auto`` which rounds
     measure can differ from run to run: on a model of MiniLM's size it is every
     round; on LLM shapes, where one diagnostic costs seconds, fewer.
@@ -256,6 +261,7 @@ class DiagnosticSchedule:
 
     every: int | str
     free_seconds: float = AUTO_FREE_SECONDS
+    share: float = AUTO_SHARE
     spent: float = 0.0  #: seconds of the diagnostics so far (``auto``)
     rest: float = 0.0  #: seconds of the rest of the aggregations so far
     last: float | None = None  #: seconds of the latest diagnostic
@@ -271,7 +277,7 @@ class DiagnosticSchedule:
             return (
                 self.last is None
                 or self.last <= self.free_seconds
-                or self.spent <= self.rest
+                or self.spent <= self.share * self.rest
             )
         assert isinstance(self.every, int)
         return self.every > 0 and server_round % self.every == 0
@@ -281,9 +287,9 @@ class DiagnosticSchedule:
         if self.auto:
             return (
                 f"diagnostics.every=auto: skipped to keep the diagnostic's "
-                f"{self.spent:.1f} s so far within the rest of the server's "
-                f"aggregation ({self.rest:.1f} s; the last diagnostic took "
-                f"{self.last:.2f} s); diagnostics.every=1 measures every round"
+                f"{self.spent:.1f} s so far within {self.share:g} of the rest of "
+                f"the server's aggregation ({self.rest:.1f} s; the last diagnostic "
+                f"took {self.last:.2f} s); diagnostics.every=1 measures every round"
             )
         if self.every:
             return (

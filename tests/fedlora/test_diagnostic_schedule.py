@@ -1,6 +1,6 @@
 """``diagnostics.every``'s schedule: every N-th round, never, or ``auto`` (every
-round while the diagnostic is cheap, else within the rest of the aggregation's
-seconds)."""
+round while the diagnostic is cheap, else within half the rest of the
+aggregation's seconds)."""
 
 from __future__ import annotations
 
@@ -30,8 +30,10 @@ def play(schedule: DiagnosticSchedule, rest: float, diagnostic: float, rounds: i
 
 
 def test_auto_measures_every_round_while_the_diagnostic_is_cheap():
-    # a diagnostic five times the rest of the round, but of 50 ms: every round
-    assert play(DiagnosticSchedule("auto"), 0.01, 0.05, 20) == list(range(1, 21))
+    # a diagnostic five times the rest of the round, but of 40 ms: every round
+    assert play(DiagnosticSchedule("auto"), 0.008, 0.04, 20) == list(range(1, 21))
+    # of 70 ms (over AUTO_FREE_SECONDS): within half the rest only
+    assert play(DiagnosticSchedule("auto"), 0.012, 0.07, 20) == [1, 13]
 
 
 def test_auto_holds_a_costly_diagnostic_within_the_rest_of_the_aggregation():
@@ -39,12 +41,12 @@ def test_auto_holds_a_costly_diagnostic_within_the_rest_of_the_aggregation():
     schedule = DiagnosticSchedule("auto")
     measured = play(schedule, 0.5, 3.0, 60)
     assert measured[0] == 1  # the first round measures, to learn its cost
-    assert measured == list(range(1, 61, 6))  # six rounds of rest pay for one
-    # on average the diagnostic at most doubles the server's time, plus one run
-    assert schedule.spent <= schedule.rest + 3.0
+    assert measured == list(range(1, 61, 12))  # twelve rounds of rest pay for one
+    # on average the diagnostic adds at most half the server's time, plus one run
+    assert schedule.spent <= 0.5 * schedule.rest + 3.0
     assert schedule.skipped().startswith(
-        "diagnostics.every=auto: skipped to keep the diagnostic's 30.0 s so far "
-        "within the rest of the server's aggregation (30.0 s"
+        "diagnostics.every=auto: skipped to keep the diagnostic's 15.0 s so far "
+        "within 0.5 of the rest of the server's aggregation (30.0 s"
     )
 
 
