@@ -19,12 +19,16 @@ Partitioning (``partition.*``): ``type`` = ``iid`` | ``dirichlet`` | ``shard`` |
 from __future__ import annotations
 
 import hashlib
+import importlib.machinery
+import importlib.util
 import json
 import logging
 import os
 import random
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -532,6 +536,52 @@ def check_table(table: pd.DataFrame, s: Settings) -> None:
 
 
 # ---------------------------------------------------------------------- partitioning
+#: flwr-datasets' plotting package, which its ``__init__`` imports (matplotlib and
+#: seaborn: about 2 s of every start that partitions data and never plots)
+_FLWR_PLOTS = "flwr_datasets.visualization"
+
+
+def _load_on_first_use(spec: importlib.machinery.ModuleSpec) -> ModuleType:
+    """A module standing in for ``spec``'s until one of its names is used
+    (PEP 562's module ``__getattr__``): then the real one is executed, takes
+    its place in ``sys.modules`` and in its package, and answers."""
+    stand_in = ModuleType(spec.name)
+    stand_in.__spec__ = spec
+    stand_in.__path__ = list(spec.submodule_search_locations or [])
+    stand_in.__package__ = spec.name
+
+    def load(name: str) -> Any:
+        real = sys.modules.get(spec.name)
+        if real is stand_in:
+            real = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = real
+            assert spec.loader is not None
+            spec.loader.exec_module(real)
+            package, _, child = spec.name.rpartition(".")
+            if package in sys.modules:
+                setattr(sys.modules[package], child, real)
+        return getattr(real, name)
+
+    stand_in.__getattr__ = load  # type: ignore[method-assign]
+    return stand_in
+
+
+def flwr_partitioners() -> ModuleType:
+    """``flwr_datasets.partitioner``, without executing the package's plotting
+    module as its ``__init__`` imports it: a stand-in module takes its place
+    and loads it (and matplotlib) at the first use of one of its names. Nothing
+    else changes: the partitioners are flwr-datasets' own."""
+    if "flwr_datasets" not in sys.modules and _FLWR_PLOTS not in sys.modules:
+        package = importlib.machinery.PathFinder.find_spec("flwr_datasets")
+        where = package.submodule_search_locations if package is not None else None
+        spec = importlib.machinery.PathFinder.find_spec(_FLWR_PLOTS, where)
+        if spec is not None and spec.loader is not None:
+            sys.modules[_FLWR_PLOTS] = _load_on_first_use(spec)
+    from flwr_datasets import partitioner
+
+    return partitioner
+
+
 def partition_indices(
     labels: np.ndarray,
     num_partitions: int,
@@ -548,11 +598,8 @@ def partition_indices(
     sorted order.
     """
     import datasets
-    from flwr_datasets.partitioner import (
-        DirichletPartitioner,
-        NaturalIdPartitioner,
-        ShardPartitioner,
-    )
+
+    flwr = flwr_partitioners()
 
     kind = part.type
     seed = int(part.seed)
@@ -576,7 +623,7 @@ def partition_indices(
                 f"{num_partitions} clients x {min_size} > {len(labels)} examples; "
                 "lower partition.min_partition_size or use fewer clients",
             )
-        part = DirichletPartitioner(
+        part = flwr.DirichletPartitioner(
             num_partitions,
             "label",
             alpha=float(part.alpha),
@@ -600,9 +647,9 @@ def partition_indices(
                 f"federation.num_clients={len(found)}",
             )
         ds = ds.add_column("natural", [str(x) for x in natural_ids])
-        part = NaturalIdPartitioner("natural")
+        part = flwr.NaturalIdPartitioner("natural")
     elif kind == "shard":
-        part = ShardPartitioner(
+        part = flwr.ShardPartitioner(
             num_partitions,
             "label",
             num_shards_per_partition=int(part.shards_per_client),

@@ -183,3 +183,39 @@ def test_client_examples_are_tokenised_once_and_cached(settings):
     assert client_examples(settings, tok, 0, 2) is first
     train, held_out = first
     assert len(train) + len(held_out) == 100 and len(held_out) == 10
+
+
+def test_partitioning_does_not_import_plotting_until_a_plot_is_asked_for():
+    """flwr-datasets' ``__init__`` imports its plotting (matplotlib, seaborn:
+    seconds of every start); fedlora's partitioning loads it lazily, in a fresh
+    interpreter: same partitions as flwr-datasets' partitioner used directly, no
+    matplotlib, and the plotting module still works when used."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+import numpy as np
+import datasets
+from fedlora.data import partition_indices
+from fedlora.settings import PartitionSettings
+y = np.random.default_rng(0).integers(0, 3, 500)
+cfg = PartitionSettings(type="dirichlet", alpha=0.3, min_partition_size=10,
+                        shards_per_client=2, seed=4, column=None)
+ours = partition_indices(y, 6, cfg)
+assert "matplotlib" not in sys.modules and "seaborn" not in sys.modules
+from flwr_datasets.partitioner import DirichletPartitioner
+theirs = DirichletPartitioner(6, "label", alpha=0.3, min_partition_size=10,
+                              self_balancing=False, shuffle=True, seed=4)
+theirs.dataset = datasets.Dataset.from_dict({"label": y, "idx": np.arange(500)})
+for k in range(6):
+    assert ours[k].tolist() == theirs.load_partition(k)["idx"], k
+import flwr_datasets
+assert callable(flwr_datasets.visualization.plot_label_distributions)
+assert "matplotlib" in sys.modules
+print("ok")
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
