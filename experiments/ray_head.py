@@ -21,9 +21,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,85 @@ def warm_workers(warm_settings: str | None) -> Iterator[None]:
     finally:
         del os.environ[RUNTIME_ENV_HOOK]
         _WARM_ENV.clear()
+
+
+class EarlyRay:
+    """A run's own Ray, started in a background thread as soon as the settings
+    are known, so that Ray's processes (and with :func:`warm_workers`, the
+    workers' warm-up) start on the other cores while this process checks the
+    model and data and builds the server's model, instead of after. Flower's
+    backend then finds Ray initialised and uses it; what Ray is started with is
+    what Flower's backend would start it with (``init_args``, the driver's
+    import path in the workers' environment and in ``PYTHONPATH``).
+
+    Use it as a context manager; :meth:`ready` waits for Ray (raising what
+    ``ray.init`` raised); leaving shuts Ray down (also when the run never
+    started: a configuration error found meanwhile)."""
+
+    def __init__(self, init_args: dict[str, Any], warm: str | None | bool) -> None:
+        self.init_args = dict(init_args)
+        self.init_args.setdefault("include_dashboard", False)
+        #: the settings JSON to warm with, None for the imports only, False: no
+        #: warm-up
+        self.warm = warm
+        self._stack = ExitStack()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._up, self._release = threading.Event(), threading.Event()
+        self.seconds: float | None = None  #: how long ``ray.init`` took
+
+    def __enter__(self) -> EarlyRay:
+        if self.warm is not False:
+            self._stack.enter_context(warm_workers(self.warm or None))
+        pythonpath = os.pathsep.join(sys.path)  # as Flower's backend passes it
+        if os.environ.get("PYTHONPATH"):
+            pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+        os.environ["PYTHONPATH"] = pythonpath
+        env = {"env_vars": {"PYTHONPATH": pythonpath}}
+        self._thread = threading.Thread(
+            target=self._init, args=(env,), name="fedlora-ray-init", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def _init(self, runtime_env: dict[str, Any]) -> None:
+        import ray
+
+        start = time.perf_counter()
+        try:
+            ray.init(runtime_env=runtime_env, **self.init_args)
+        except BaseException as exc:  # noqa: BLE001 - raised again in ready()
+            self._error = exc
+        self.seconds = time.perf_counter() - start
+        self._up.set()
+        # Ray's processes die with the thread that started them (Linux's
+        # parent-death signal is per thread): this one lives until Ray is shut
+        self._release.wait()
+
+    def ready(self) -> None:
+        """Wait until Ray is up.
+
+        Raises
+        ------
+        Exception
+            What ``ray.init`` raised.
+        """
+        self._up.wait()
+        if self._error is not None:
+            raise self._error
+
+    def __exit__(self, *exc: object) -> None:
+        import ray
+
+        try:
+            self._up.wait()
+            if ray.is_initialized():
+                ray.shutdown()
+        finally:
+            self._release.set()
+            if self._thread is not None:
+                self._thread.join()
+            self._stack.close()
 
 
 def cluster_up(address: str) -> bool:

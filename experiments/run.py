@@ -90,25 +90,45 @@ def warm_settings(s: Settings, plain: dict[str, Any]) -> str | None:
     return text if len(text) <= WARM_SETTINGS_MAX else None
 
 
+def client_environment(s: Settings) -> None:
+    """This process's environment as the simulated clients need it, set before
+    Ray starts (its workers inherit it): quiet libraries and, with
+    ``simulation.client_dir``, the clients' own folder (privacy ledgers, node
+    state), as a deployed node's data-dir."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    if s.simulation.client_dir:
+        os.environ[CLIENT_DIR_ENV] = str(Path(s.simulation.client_dir).resolve())
+
+
+def early_ray(s: Settings, plain: dict[str, Any]) -> ray_head.EarlyRay:
+    """The run's own Ray (not a cluster's), started now in the background with
+    what Flower's backend would start it with, its workers warmed
+    (``simulation.warm_workers``) as they start; :func:`simulate` waits for it."""
+    client_environment(s)
+    sim = s.simulation
+    warm = warm_settings(s, plain) if sim.warm_workers is not False else False
+    return ray_head.EarlyRay(backend_config(sim)["init_args"], warm)
+
+
 def simulate(
-    cfg: DictConfig, run_dir: Path, ray_address: str | None = None
+    cfg: DictConfig,
+    run_dir: Path,
+    ray_address: str | None = None,
+    early: ray_head.EarlyRay | None = None,
 ) -> dict[str, Any]:
     """Simulate ``federation.num_clients`` SuperNodes; return the run's summary.
 
     Ray is shut down afterwards, also on failure, so no worker outlives the run;
     on a running cluster (``simulation.ray_address``, else ``ray_address``: a
     sweep's shared head) the run only detaches from it, and it goes on running.
+    ``early``: the run's own Ray, already starting (:func:`early_ray`).
     """
     from flwr.simulation import run_simulation
 
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
-    # the simulated clients' own folder (privacy ledgers), as a deployed node's
-    # data-dir; Ray's workers inherit the environment
     plain = settings(cfg)
     s = Settings.from_dict(plain)  # validated by the caller
-    if s.simulation.client_dir:
-        os.environ[CLIENT_DIR_ENV] = str(Path(s.simulation.client_dir).resolve())
+    client_environment(s)
     hush_libraries(bool(s.verbose))
     out: dict[str, Any] = {}
     server_app = ServerApp()
@@ -121,8 +141,11 @@ def simulate(
     address = sim.ray_address or ray_address
     if address:  # a running cluster: attach (the run's end only detaches)
         ray_head.attach(str(address))
-    warm = not address and sim.warm_workers is not False  # a Ray of our own
+    # a Ray of our own, started by Flower's backend (unless started early)
+    warm = not address and early is None and sim.warm_workers is not False
     try:
+        if early is not None:
+            early.ready()  # Flower's backend finds Ray initialised
         with ray_head.warm_workers(warm_settings(s, plain)) if warm else nullcontext():
             run_simulation(
                 server_app=server_app,
@@ -150,23 +173,29 @@ def main(cfg: DictConfig) -> float | None:
     it, ends it with one line on stderr and exit status 2 (no traceback)."""
     try:
         # 1. check the configuration before any work (a resumed run: the
-        #    checkpoint's settings, more rounds allowed), then the model's modules
-        #    and the data the simulated clients will read
+        #    checkpoint's settings, more rounds allowed), then (Ray starting
+        #    meanwhile) the model's modules and the data the simulated clients
+        #    will read
         if validate(settings(cfg)).resume:
             cfg = resume_config(cfg, list(HydraConfig.get().overrides.task))
-        preflight(Settings.from_dict(settings(cfg)), data=True)
-        # 2. the run directory is Hydra's output directory
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
-        quiet = bool(cfg.quiet)
-        if not quiet:
-            print(f"[fedlora] run directory: {run_dir}", flush=True)
-        # 3. simulate and report (a sweep's runs share one Ray head)
-        shared = None
-        sim = Settings.from_dict(settings(cfg)).simulation
+        plain = settings(cfg)
+        s = Settings.from_dict(plain)
+        sim = s.simulation
         sweep = HydraConfig.get().mode == RunMode.MULTIRUN
-        if sweep and sim.shared_ray is not False and not sim.ray_address:
-            shared = ray_head.sweep_address(sim.ray_num_cpus)
-        summary = simulate(cfg, run_dir, shared)
+        shared_head = sweep and sim.shared_ray is not False and not sim.ray_address
+        # a Ray of the run's own starts now, beside the checks and the server's
+        # start (a cluster's or a sweep's head is already running)
+        own = not sim.ray_address and not shared_head
+        with early_ray(s, plain) if own else nullcontext() as early:
+            preflight(s, data=True)
+            # 2. the run directory is Hydra's output directory
+            run_dir = Path(HydraConfig.get().runtime.output_dir)
+            quiet = bool(cfg.quiet)
+            if not quiet:
+                print(f"[fedlora] run directory: {run_dir}", flush=True)
+            # 3. simulate and report (a sweep's runs share one Ray head)
+            shared = ray_head.sweep_address(sim.ray_num_cpus) if shared_head else None
+            summary = simulate(cfg, run_dir, shared, early)
     except (ConfigError, ClientConfigError) as exc:
         print(f"[fedlora] configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
