@@ -33,12 +33,29 @@ def client_weights(num_examples: Sequence[float], weighting: str) -> np.ndarray:
     return n / n.sum()
 
 
+#: arrays of at most this many entries are averaged stacked with the others of
+#: their shape and dtype (one numpy call a client instead of two per array:
+#: Fed-SB's hundreds of r x r matrices); larger ones one by one
+SMALL_ENTRIES = 4096
+
+
 def weighted_average(states: Sequence[State], weights: np.ndarray) -> State:
-    """``sum_k p_k x_k`` for every key, in the dtype of the inputs."""
+    """``sum_k p_k x_k`` for every key, in the dtype of the inputs (the same
+    operations in the same order for each entry, stacked or not: the same bits).
+    """
     out: State = {}
-    for key in states[0]:
-        acc = np.zeros_like(states[0][key])
+    small: dict[tuple, list[str]] = {}
+    for key, first in states[0].items():
+        if first.size <= SMALL_ENTRIES:
+            small.setdefault((first.shape, first.dtype), []).append(key)
+            continue
+        acc = np.zeros_like(first)
         for state, p in zip(states, weights, strict=True):
             acc += state[key] * acc.dtype.type(p)
         out[key] = acc
-    return out
+    for (shape, dtype), keys in small.items():
+        acc = np.zeros((len(keys), *shape), dtype)
+        for state, p in zip(states, weights, strict=True):
+            acc += np.stack([state[k] for k in keys]) * acc.dtype.type(p)
+        out.update(zip(keys, acc, strict=True))
+    return {key: out[key] for key in states[0]}  # the keys' order

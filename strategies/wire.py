@@ -72,6 +72,41 @@ def _record(arrays: dict[str, Array]) -> ArrayRecord:
     return record
 
 
+def _array(dtype: str, shape: tuple[int, ...], data: bytes) -> Array:
+    """``Array(dtype=dtype, shape=shape, stype=SType.NUMPY, data=data)``: the
+    same object, built in a fifth of the time where :data:`_FAST_ARRAY` holds
+    (Flower's constructor sorts out its three call forms and marks each field
+    as it is set: 5 us of a Fed-SB round's 224 arrays each)."""
+    if not _FAST_ARRAY:
+        return Array(dtype=dtype, shape=shape, stype=SType.NUMPY, data=data)
+    array = Array.__new__(Array)
+    array.__dict__.update(
+        _is_dirty=True, dtype=dtype, shape=shape, stype=SType.NUMPY, data=data
+    )
+    return array
+
+
+def _fast_array_matches() -> bool:
+    """Whether :func:`_array`'s direct build leaves what Flower's constructor
+    leaves (checked once, at import, against the installed Flower): the same
+    fields and flags, the same object id once deflated."""
+    shape, data = (2,), b"\x93NUMPY-stand-in"
+    flowers = Array(dtype="float32", shape=shape, stype=SType.NUMPY, data=data)
+    ours = Array.__new__(Array)
+    ours.__dict__.update(
+        _is_dirty=True, dtype="float32", shape=shape, stype=SType.NUMPY, data=data
+    )
+    try:
+        return ours.__dict__ == flowers.__dict__ and ours.object_id == (
+            flowers.object_id
+        )
+    except Exception:  # noqa: BLE001 - a Flower that differs: its constructor
+        return False
+
+
+_FAST_ARRAY = _fast_array_matches()
+
+
 def _float32(key: str, value: np.ndarray) -> Array:
     return to_array(np.ascontiguousarray(value, dtype=np.float32))
 
@@ -166,10 +201,7 @@ def to_array(value: np.ndarray) -> Array:
     if header is None:  # a header too long for format 1.0 (np.save takes 2.0)
         return Array(value)
     body = memoryview(value).cast("B") if value.size else b""
-    data = b"".join([header, body])
-    return Array(
-        dtype=_dtype_name(value.dtype), shape=value.shape, stype=SType.NUMPY, data=data
-    )
+    return _array(_dtype_name(value.dtype), value.shape, b"".join([header, body]))
 
 
 @functools.lru_cache(maxsize=64)

@@ -41,6 +41,7 @@ _STAND_IN_ID = "0" * ID_LEN
 INT64_MAX = (1 << 63) - 1
 _SAMPLE = 32  # bytes of a chunk sampled at its start, middle and end
 _SMALL = 4096  # a chunk of at most this many bytes is keyed by its bytes
+_ONE_CHUNK = (0,)  # the chunk ids of an array of one chunk
 
 # protobuf field numbers of ConfigRecordValue / MetricRecordValue (recorddict.proto)
 _SCALAR_FIELD = {"double": 1, "sint64": 2, "uint64": 3, "bool": 4, "string": 5}
@@ -248,14 +249,18 @@ class _Objects:
             return self.arrays[id(array)]
         data = memoryview(array.data)
         step = FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
-        chunks = tuple(
-            self.chunk(data[i : i + step]) for i in range(0, len(data), step)
-        )
-        distinct = tuple(dict.fromkeys(chunks))
-        index = {token: i for i, token in enumerate(distinct)}
-        ids = tuple(index[t] for t in chunks)  # (0,) for most arrays: one chunk
+        if 0 < len(data) <= step:  # one chunk: most arrays
+            chunks: tuple[int, ...] = (self.chunk(data),)
+            ids, distinct = _ONE_CHUNK, 1
+        else:
+            chunks = tuple(
+                self.chunk(data[i : i + step]) for i in range(0, len(data), step)
+            )
+            unique = tuple(dict.fromkeys(chunks))
+            index = {token: i for i, token in enumerate(unique)}
+            ids, distinct = tuple(index[t] for t in chunks), len(unique)
         shape = tuple(array.shape)
-        size = _array_size(array.dtype, shape, array.stype, ids, len(distinct))
+        size = _array_size(array.dtype, shape, array.stype, ids, distinct)
         key = ("Array", array.dtype, shape, array.stype, chunks)
         token = self.arrays[id(array)] = self.token(key, size)
         return token

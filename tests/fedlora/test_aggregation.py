@@ -182,3 +182,34 @@ def test_shared_factor_error_equals_the_general_diagnostic(fedsb):
         ly: sum(w * c[ly] for w, c in zip(p, clients, strict=True)) for ly in LAYERS
     }
     assert shared_factor_error(clients, p, old, mean, triangles)[0] < 1e-12
+
+
+def test_weighted_average_of_many_small_arrays_is_bit_for_bit_the_per_array_sum():
+    """Small arrays are averaged stacked by shape and dtype (Fed-SB's hundreds of
+    r x r matrices): the same bits as ``sum_k p_k x_k`` array by array in the
+    inputs' dtype, close to a float64 reference, keys in their order, large
+    arrays and mixed shapes and dtypes included, at LoRA's scale (1e-3)."""
+    from fedlora.aggregation import SMALL_ENTRIES, weighted_average
+
+    rng = np.random.default_rng(11)
+    shapes = [(16, 16), (8, 4), (16, 16), (SMALL_ENTRIES + 1,), (2, 3), (16, 16)]
+    dtypes = [np.float32, np.float32, np.float32, np.float32, np.float64, np.float32]
+    keys = [f"layers.{i}.lora_R.weight" for i in range(len(shapes))]
+    states = [
+        {
+            k: (rng.standard_normal(s) * 1e-3).astype(d)
+            for k, s, d in zip(keys, shapes, dtypes, strict=True)
+        }
+        for _ in range(5)
+    ]
+    p = client_weights([30, 10, 25, 5, 17], "num_examples")
+    out = weighted_average(states, p)
+    assert list(out) == keys
+    for k in keys:
+        one_by_one = np.zeros_like(states[0][k])
+        for state, pk in zip(states, p, strict=True):
+            one_by_one += state[k] * one_by_one.dtype.type(pk)
+        assert out[k].dtype == states[0][k].dtype and out[k].shape == one_by_one.shape
+        assert np.array_equal(out[k], one_by_one)  # bit for bit
+        ref = sum(pk * s[k].astype(np.float64) for s, pk in zip(states, p, strict=True))
+        np.testing.assert_allclose(out[k], ref, rtol=1e-5, atol=1e-9)
