@@ -247,19 +247,25 @@ class _Objects:
     def array(self, array: Array) -> int:
         if id(array) in self.arrays:  # the same object again (a shared record)
             return self.arrays[id(array)]
-        data = memoryview(array.data)
+        raw = array.data
         step = FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
-        if 0 < len(data) <= step:  # one chunk: most arrays
-            chunks: tuple[int, ...] = (self.chunk(data),)
+        if 0 < len(raw) <= _SMALL and type(raw) is bytes:  # one small chunk
+            # (most arrays): its bytes are its key, as in chunk()
+            chunk = self.token(("ArrayChunk", raw), _chunk_size(len(raw)))
+            chunks: tuple[int, ...] = (chunk,)
+            ids, distinct = _ONE_CHUNK, 1
+        elif 0 < len(raw) <= step:  # one chunk
+            chunks = (self.chunk(memoryview(raw)),)
             ids, distinct = _ONE_CHUNK, 1
         else:
+            data = memoryview(raw)
             chunks = tuple(
                 self.chunk(data[i : i + step]) for i in range(0, len(data), step)
             )
             unique = tuple(dict.fromkeys(chunks))
             index = {token: i for i, token in enumerate(unique)}
             ids, distinct = tuple(index[t] for t in chunks), len(unique)
-        shape = tuple(array.shape)
+        shape = array.shape if type(array.shape) is tuple else tuple(array.shape)
         size = _array_size(array.dtype, shape, array.stype, ids, distinct)
         key = ("Array", array.dtype, shape, array.stype, chunks)
         token = self.arrays[id(array)] = self.token(key, size)

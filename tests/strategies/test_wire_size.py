@@ -83,6 +83,8 @@ def contents() -> dict[str, RecordDict]:
                         "exact": Array("u8", (CHUNK,), "raw", b"\x01" * CHUNK),
                         "more": Array("u8", (CHUNK + 1,), "raw", b"\x01" * (CHUNK + 1)),
                         "none": Array("u8", (0,), "raw", b""),
+                        # an array whose one chunk is the last chunk of "more"
+                        "tail": Array("u8", (1,), "raw", b"\x01"),
                     }
                 )
             }
