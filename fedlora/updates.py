@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 
 MAX_EXAMPLES = 10**9  # an example count above this is taken as garbage
+#: arrays of at most this many entries are checked for NaN and Inf together
+SMALL_ENTRIES = 4096
 
 
 def check_update(
@@ -26,6 +28,7 @@ def check_update(
     extra = sorted(set(state) - set(expected))
     if missing or extra:
         return f"keys differ: missing {missing[:3]}, unexpected {extra[:3]}"
+    small: list[str] = []  # checked for NaN and Inf together: one call, not two each
     for key, shape in expected.items():
         value = state[key]
         if not isinstance(value, np.ndarray) or value.dtype.kind != "f":
@@ -35,14 +38,29 @@ def check_update(
             )
         if value.shape != tuple(shape):
             return f"{key}: expected shape {tuple(shape)}, got {value.shape}"
-        if not np.isfinite(value).all():  # the method: no dispatch wrapper
-            return f"{key}: contains NaN or Inf"
+        if value.size <= SMALL_ENTRIES:
+            small.append(key)
+        elif not np.isfinite(value).all():  # the method: no dispatch wrapper
+            return _first_not_finite(state, [*small, key])
+    if (
+        small
+        and not np.isfinite(np.concatenate([state[k].ravel() for k in small])).all()
+    ):
+        return _first_not_finite(state, small)
     if isinstance(num_examples, bool) or not isinstance(
         num_examples, (int, np.integer)
     ):
         return f"num-examples must be an integer, got {num_examples!r}"
     if not 0 < int(num_examples) < MAX_EXAMPLES:
         return f"num-examples {num_examples} is not in (0, {MAX_EXAMPLES})"
+    return None
+
+
+def _first_not_finite(state: dict[str, Any], keys: list[str]) -> str | None:
+    """The reason naming the first of ``keys`` whose array holds NaN or Inf."""
+    for key in keys:
+        if not np.isfinite(state[key]).all():
+            return f"{key}: contains NaN or Inf"
     return None
 
 

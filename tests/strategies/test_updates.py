@@ -237,3 +237,21 @@ def test_an_error_the_superlink_writes_for_a_lost_node_names_that_node():
         (2, "Node Unavailable"),
         (3, "boom"),
     }
+
+
+@pytest.mark.parametrize("bad", ["layers.3.R", "layers.0.R", "big", "layers.7.R"])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_check_update_names_the_array_holding_nan_or_inf(bad, value):
+    """Small arrays are checked together (Fed-SB's hundreds of r x r matrices),
+    large ones alone: either way the reason names the array, the first in the
+    expected order, and a clean update passes."""
+    shapes = {f"layers.{i}.R": (16, 16) for i in range(8)} | {"big": (5000, 2)}
+    rng = np.random.default_rng(5)
+    update = {
+        k: rng.standard_normal(s).astype(np.float32) * 1e-3 for k, s in shapes.items()
+    }
+    assert check_update(update, shapes, 7) is None
+    update[bad][3, 1] = value
+    update["layers.7.R"][0, 0] = value  # a later one too: the first is named
+    first = bad if bad != "big" else "layers.7.R"
+    assert check_update(update, shapes, 7) == f"{first}: contains NaN or Inf"
