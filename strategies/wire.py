@@ -79,6 +79,12 @@ def _array(dtype: str, shape: tuple[int, ...], data: bytes) -> Array:
     as it is set: 5 us of a Fed-SB round's 224 arrays each)."""
     if not _FAST_ARRAY:
         return Array(dtype=dtype, shape=shape, stype=SType.NUMPY, data=data)
+    return _direct_array(dtype, shape, data)
+
+
+def _direct_array(dtype: str, shape: tuple[int, ...], data: bytes) -> Array:
+    """An ``Array`` with the fields and the dirty flag Flower's constructor sets,
+    set directly."""
     array = Array.__new__(Array)
     array.__dict__.update(
         _is_dirty=True, dtype=dtype, shape=shape, stype=SType.NUMPY, data=data
@@ -87,15 +93,12 @@ def _array(dtype: str, shape: tuple[int, ...], data: bytes) -> Array:
 
 
 def _fast_array_matches() -> bool:
-    """Whether :func:`_array`'s direct build leaves what Flower's constructor
-    leaves (checked once, at import, against the installed Flower): the same
-    fields and flags, the same object id once deflated."""
+    """Whether :func:`_direct_array` leaves what Flower's constructor leaves
+    (checked once, at import, against the installed Flower): the same fields and
+    flags, the same object id once deflated."""
     shape, data = (2,), b"\x93NUMPY-stand-in"
     flowers = Array(dtype="float32", shape=shape, stype=SType.NUMPY, data=data)
-    ours = Array.__new__(Array)
-    ours.__dict__.update(
-        _is_dirty=True, dtype="float32", shape=shape, stype=SType.NUMPY, data=data
-    )
+    ours = _direct_array("float32", shape, data)
     try:
         return ours.__dict__ == flowers.__dict__ and ours.object_id == (
             flowers.object_id
