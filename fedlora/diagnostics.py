@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -191,18 +192,46 @@ def _small_layers(
     for layer in layers:
         by_shape[clients[0][layer].shape].append(layer)
     for group in by_shape.values():
+        t_left, t_right_t, mods, index = _stacked_triangles(triangles, tuple(group))
         # sum_k p_k X_k in float64, (layers, r, r)
         total = sum(
-            w * np.stack([c[ly] for ly in group]).astype(np.float64)
+            np.multiply(np.stack([c[ly] for ly in group]), w, dtype=np.float64)
             for c, w in zip(clients, p, strict=True)
         )
-        t_left = np.stack([triangles[ly][0] for ly in group])
-        t_right_t = np.stack([triangles[ly][1].T for ly in group])
-        mods = [module_name(ly) for ly in group]
         for acc, ref in ((num, new), (den, old)):
             d = t_left @ (total - np.stack([ref[ly] for ly in group])) @ t_right_t
-            for mod, value in zip(mods, np.einsum("lij,lij->l", d, d), strict=True):
+            per_layer = np.einsum("lij,lij->l", d, d)
+            per_module = np.bincount(index, weights=per_layer, minlength=len(mods))
+            for mod, value in zip(mods, per_module, strict=True):
                 acc[mod] += float(value)
+
+
+def _stacked_triangles(
+    triangles: dict[str, tuple[np.ndarray | None, np.ndarray]], group: tuple[str, ...]
+) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
+    """``group``'s ``T_L`` and ``T_R^T`` stacked, its modules and each layer's
+    module index: frozen, so built once a run (kept with ``triangles``)."""
+    stacks = getattr(triangles, "stacks", None)
+    if stacks is not None and group in stacks:
+        return stacks[group]
+    t_left = np.stack([triangles[ly][0] for ly in group])
+    t_right_t = np.stack([triangles[ly][1].T for ly in group])
+    names = [module_name(ly) for ly in group]
+    mods = list(dict.fromkeys(names))
+    index = np.array([mods.index(m) for m in names], dtype=np.intp)
+    out = (t_left, t_right_t, mods, index)
+    if stacks is not None:
+        stacks[group] = out
+    return out
+
+
+class FrozenTriangles(dict):
+    """:func:`frozen_triangles`' ``{layer: (T_L, T_R)}``, with room for the
+    stacks :func:`_small_layers` builds from them once (``stacks``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stacks: dict[tuple[str, ...], Any] = {}
 
 
 def frozen_triangles(
@@ -210,7 +239,7 @@ def frozen_triangles(
 ) -> dict[str, tuple[np.ndarray | None, np.ndarray]]:
     """``{layer: (T_L, T_R)}`` for :func:`shared_factor_error`, from the frozen
     factors named in ``layers`` (``{layer: (left key or None, right key)}``)."""
-    out = {}
+    out = FrozenTriangles()
     for layer, (left, right) in layers.items():
         t_right = np.linalg.qr(frozen[right].astype(np.float64).T, mode="r")
         t_left = (

@@ -156,30 +156,32 @@ def test_shared_factor_error_equals_the_general_diagnostic(fedsb):
     # FFA: delta = B A (A frozen); Fed-SB: delta = B R A (B, A frozen)
     rng = np.random.default_rng(6)
     d_out, d_in, r = 12, 10, 3
-    a = {layer: rng.standard_normal((r, d_in)) for layer in LAYERS}
-    b = {layer: rng.standard_normal((d_out, r)) for layer in LAYERS}
+    # modules of unequal layer counts, interleaved: each module's own error
+    layers = (*LAYERS, "enc.2.attn.query")
+    a = {layer: rng.standard_normal((r, d_in)) for layer in layers}
+    b = {layer: rng.standard_normal((d_out, r)) for layer in layers}
     shape = (r, r) if fedsb else (d_out, r)
     p = client_weights([1, 2, 3], "num_examples")
-    clients = [{ly: rng.standard_normal(shape) for ly in LAYERS} for _ in p]
-    old = {ly: rng.standard_normal(shape) for ly in LAYERS}
-    new = {ly: rng.standard_normal(shape) for ly in LAYERS}  # not the mean: error > 0
+    clients = [{ly: rng.standard_normal(shape) for ly in layers} for _ in p]
+    old = {ly: rng.standard_normal(shape) for ly in layers}
+    new = {ly: rng.standard_normal(shape) for ly in layers}  # not the mean: error > 0
 
     def factors(x):
-        return {ly: ((b[ly] @ x[ly]) if fedsb else x[ly], a[ly]) for ly in LAYERS}
+        return {ly: ((b[ly] @ x[ly]) if fedsb else x[ly], a[ly]) for ly in layers}
 
     general = aggregation_error(
         [factors(c) for c in clients], p, factors(old), factors(new), 2.0
     )
-    frozen = {f"{ly}.A": a[ly] for ly in LAYERS} | {f"{ly}.B": b[ly] for ly in LAYERS}
+    frozen = {f"{ly}.A": a[ly] for ly in layers} | {f"{ly}.B": b[ly] for ly in layers}
     triangles = frozen_triangles(
-        frozen, {ly: (f"{ly}.B" if fedsb else None, f"{ly}.A") for ly in LAYERS}
+        frozen, {ly: (f"{ly}.B" if fedsb else None, f"{ly}.A") for ly in layers}
     )
     shared = shared_factor_error(clients, p, old, new, triangles)
     assert shared[0] > 0.1
     assert shared[0] == pytest.approx(general[0], rel=1e-9)
     assert shared[1] == pytest.approx(general[1], rel=1e-9)
     mean = {
-        ly: sum(w * c[ly] for w, c in zip(p, clients, strict=True)) for ly in LAYERS
+        ly: sum(w * c[ly] for w, c in zip(p, clients, strict=True)) for ly in layers
     }
     assert shared_factor_error(clients, p, old, mean, triangles)[0] < 1e-12
 
