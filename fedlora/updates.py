@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from fedlora.aggregation import SMALL_ENTRIES  # checked for NaN and Inf together
+
 MAX_EXAMPLES = 10**9  # an example count above this is taken as garbage
-#: arrays of at most this many entries are checked for NaN and Inf together
-SMALL_ENTRIES = 4096
 
 
 def check_update(

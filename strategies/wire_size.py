@@ -229,10 +229,15 @@ class _Objects:
             self.total += size
         return token
 
+    def _small_chunk(self, data: bytes) -> int:
+        """A chunk of at most :data:`_SMALL` bytes: its bytes are its key
+        (hashed, compared by the dict)."""
+        return self.token(("ArrayChunk", data), _chunk_size(len(data)))
+
     def chunk(self, data: memoryview) -> int:
         n = len(data)
-        if n <= _SMALL:  # its bytes are its key: hashed, compared by the dict
-            return self.token(("ArrayChunk", bytes(data)), _chunk_size(n))
+        if n <= _SMALL:
+            return self._small_chunk(bytes(data))
         half = n // 2
         sample = (n, bytes(data[:_SAMPLE]), bytes(data[half : half + _SAMPLE]))
         sample += (bytes(data[-_SAMPLE:]),)
@@ -251,8 +256,7 @@ class _Objects:
         step = FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
         if 0 < len(raw) <= _SMALL and type(raw) is bytes:  # one small chunk
             # (most arrays): its bytes are its key, as in chunk()
-            chunk = self.token(("ArrayChunk", raw), _chunk_size(len(raw)))
-            chunks: tuple[int, ...] = (chunk,)
+            chunks: tuple[int, ...] = (self._small_chunk(raw),)
             ids, distinct = _ONE_CHUNK, 1
         elif 0 < len(raw) <= step:  # one chunk
             chunks = (self.chunk(memoryview(raw)),)
